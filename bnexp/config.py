@@ -1,0 +1,348 @@
+"""Typed, frozen views of each config section.
+
+The defaults live in ``conf/config.yaml`` (one place, with comments); these dataclasses give the
+sections types and check them once, at the door. ``parse_config`` takes the plain ``dict`` that the
+entry point resolves from Hydra and raises ``ConfigError`` naming the setting and the allowed values
+for unknown keys, unknown choices and values out of range. Builders then take their own section.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, fields
+from typing import Any, Optional
+
+
+class ConfigError(ValueError):
+    """A setting is unknown or has a value outside what bnexp accepts."""
+
+
+DATASETS = ("synthetic", "cifar10", "cifar100")
+SHIFTS = ("noise", "blur", "contrast", "brightness")
+SAMPLERS = ("iid", "pk", "sorted", "dirichlet")
+MODELS = ("vgg", "resnet")
+NORMS = ("bn", "none", "gn", "ln", "ghost_bn", "batch_renorm", "noisy_bn")
+DROPOUT_PLACEMENTS = ("before_norm", "after_norm", "classifier")
+SCHEDULES = ("cosine", "step", "constant")
+EVAL_MODES = ("ema", "precise", "batch", "adapted")
+PROBES = ("noise", "discrepancy", "calibration", "activations", "variance_shift", "weight_norm")
+FINETUNE_BN = ("train", "frozen_stats", "frozen_all", "adapt")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    name: str
+    root: str
+    download: bool
+    verify_checksums: bool
+    batch_size: int
+    train_size: Optional[int]
+    test_size: Optional[int]
+    classes: Optional[tuple]
+    shift: Optional[str]
+    shift_severity: int
+    augment: bool
+    synthetic_train: int
+    synthetic_test: int
+    synthetic_classes: int
+    synthetic_seed: int
+    label_noise: float
+
+    def check(self) -> None:
+        _choice("data.name", self.name, DATASETS)
+        _positive("data.batch_size", self.batch_size)
+        for key in ("train_size", "test_size"):
+            if getattr(self, key) is not None:
+                _positive(f"data.{key}", getattr(self, key))
+        if self.shift is not None:
+            _choice("data.shift", self.shift, SHIFTS)
+        _range("data.shift_severity", self.shift_severity, 1, 5)
+        _positive("data.synthetic_train", self.synthetic_train)
+        _positive("data.synthetic_test", self.synthetic_test)
+        _range("data.synthetic_classes", self.synthetic_classes, 2, 100)
+        if not 0.0 <= self.label_noise < 1.0:
+            raise ConfigError(f"data.label_noise={self.label_noise} must be in [0, 1)")
+        if self.classes is not None and len(set(self.classes)) != len(self.classes):
+            raise ConfigError(f"data.classes={list(self.classes)} has repeated labels")
+
+
+@dataclass(frozen=True)
+class SamplerConfig:
+    name: str
+    p: int
+    k: int
+    alpha: float
+
+    def check(self) -> None:
+        _choice("sampler.name", self.name, SAMPLERS)
+        _positive("sampler.p", self.p)
+        _positive("sampler.k", self.k)
+        if self.alpha <= 0:
+            raise ConfigError(f"sampler.alpha={self.alpha} must be > 0")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str
+    width: int
+    depth: int
+    dropout: float
+    dropout_placement: str
+
+    def check(self) -> None:
+        _choice("model.name", self.name, MODELS)
+        _positive("model.width", self.width)
+        _positive("model.depth", self.depth)
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"model.dropout={self.dropout} must be in [0, 1)")
+        _choice("model.dropout_placement", self.dropout_placement, DROPOUT_PLACEMENTS)
+
+
+@dataclass(frozen=True)
+class NormConfig:
+    name: str
+    momentum: float  # PyTorch convention: running = (1 - momentum) * running + momentum * batch
+    eps: float
+    groups: int
+    virtual_batch: int
+    r_max: float
+    d_max: float
+    renorm_warmup: float
+    renorm_ramp: float
+    noise_mul: float
+    noise_add: float
+    freeze_after: Optional[float]
+
+    def check(self) -> None:
+        _choice("norm.name", self.name, NORMS)
+        if not 0.0 < self.momentum <= 1.0:
+            raise ConfigError(
+                f"norm.momentum={self.momentum} must be in (0, 1] (PyTorch convention: "
+                "running = (1 - momentum) * running + momentum * batch; Keras' 0.99 is 0.01 here)")
+        if self.eps <= 0:
+            raise ConfigError(f"norm.eps={self.eps} must be > 0")
+        _positive("norm.groups", self.groups)
+        _positive("norm.virtual_batch", self.virtual_batch)
+        if self.r_max < 1.0 or self.d_max < 0.0:
+            raise ConfigError(f"norm.r_max={self.r_max} must be >= 1 and norm.d_max={self.d_max} >= 0")
+        if self.noise_mul < 0 or self.noise_add < 0:
+            raise ConfigError("norm.noise_mul and norm.noise_add are standard deviations: must be >= 0")
+        for key in ("renorm_warmup", "renorm_ramp"):
+            if not 0.0 <= getattr(self, key) <= 1.0:
+                raise ConfigError(f"norm.{key}={getattr(self, key)} must be a fraction in [0, 1]")
+        if self.freeze_after is not None and not 0.0 <= self.freeze_after <= 1.0:
+            raise ConfigError(f"norm.freeze_after={self.freeze_after} must be a fraction of training in [0, 1]")
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    name: str
+    lr: float
+    scale_lr: bool
+    ref_batch_size: int
+    momentum: float
+    nesterov: bool
+    weight_decay: float
+    epochs: int
+    schedule: str
+    warmup_epochs: float
+    milestones: tuple
+    gamma: float
+    label_smoothing: float
+    grad_clip: Optional[float]
+
+    def check(self) -> None:
+        _choice("optim.name", self.name, ("sgd",))
+        if not self.lr > 0:
+            raise ConfigError(f"optim.lr={self.lr} must be > 0")
+        _positive("optim.ref_batch_size", self.ref_batch_size)
+        if not 0.0 <= self.momentum < 1.0:
+            raise ConfigError(f"optim.momentum={self.momentum} must be in [0, 1)")
+        if self.weight_decay < 0:
+            raise ConfigError(f"optim.weight_decay={self.weight_decay} must be >= 0")
+        _positive("optim.epochs", self.epochs)
+        _choice("optim.schedule", self.schedule, SCHEDULES)
+        if not 0.0 <= self.warmup_epochs <= self.epochs:
+            raise ConfigError(f"optim.warmup_epochs={self.warmup_epochs} must be in [0, optim.epochs]")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ConfigError(f"optim.label_smoothing={self.label_smoothing} must be in [0, 1)")
+        if self.grad_clip is not None and self.grad_clip <= 0:
+            raise ConfigError(f"optim.grad_clip={self.grad_clip} must be > 0 or null")
+        if any(not 0.0 < m < 1.0 for m in self.milestones):
+            raise ConfigError(f"optim.milestones={list(self.milestones)} must be fractions of training in (0, 1)")
+
+    def effective_lr(self, batch_size: int) -> float:
+        """The peak learning rate, after the linear scaling rule when ``scale_lr`` is on."""
+        return self.lr * batch_size / self.ref_batch_size if self.scale_lr else self.lr
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    modes: tuple
+    default_mode: str
+    every_epoch: bool
+    batch_size: int
+    precise_samples: int
+    precise_batch_size: Optional[int]
+    adapt_samples: Optional[int]
+
+    def check(self) -> None:
+        for mode in self.modes:
+            _choice("eval.modes", mode, EVAL_MODES)
+        _choice("eval.default_mode", self.default_mode, EVAL_MODES)
+        _positive("eval.batch_size", self.batch_size)
+        _positive("eval.precise_samples", self.precise_samples)
+        if self.precise_batch_size is not None:
+            _positive("eval.precise_batch_size", self.precise_batch_size)
+        if self.adapt_samples is not None:
+            _positive("eval.adapt_samples", self.adapt_samples)
+
+
+@dataclass(frozen=True)
+class ProbeConfig:
+    enabled: bool
+    every_steps: int
+    names: tuple
+    noise_sizes: tuple
+    noise_batches: int
+    layer: Optional[str]
+
+    def check(self) -> None:
+        for name in self.names:
+            _choice("probes.names", name, PROBES)
+        if self.every_steps < 0:
+            raise ConfigError(f"probes.every_steps={self.every_steps} must be >= 0 (0 = once per epoch)")
+        for size in self.noise_sizes:
+            _range("probes.noise_sizes", size, 2, 1 << 20)
+        _range("probes.noise_batches", self.noise_batches, 2, 1 << 20)
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    # YAML key `from` (a Python keyword) maps to this field; see parse_config.
+    from_: Optional[str]
+    bn: str
+    reinit_head: Any  # "auto" | True | False
+
+    def check(self) -> None:
+        _choice("finetune.bn", self.bn, FINETUNE_BN)
+        if self.reinit_head not in ("auto", True, False):
+            raise ConfigError(f"finetune.reinit_head={self.reinit_head!r}: allowed values are auto, true, false")
+
+
+@dataclass(frozen=True)
+class Config:
+    seed: int
+    device: str
+    precision: str
+    channels_last: bool
+    compile: bool
+    threads: int
+    checkpoint: bool
+    rerun_failed: bool
+    progress: str
+    results_dir: str
+    study_name: str
+    scale_name: str
+    grid: dict
+    data: DataConfig
+    sampler: SamplerConfig
+    model: ModelConfig
+    norm: NormConfig
+    optim: OptimConfig
+    eval: EvalConfig
+    probes: ProbeConfig
+    finetune: FinetuneConfig
+
+    def check(self) -> None:
+        _choice("device", self.device, ("auto", "cpu", "cuda"))
+        _choice("precision", self.precision, ("auto", "fp32", "bf16"))
+        _choice("progress", self.progress, ("auto", "on", "off"))
+        if self.threads < 0:
+            raise ConfigError(f"threads={self.threads} must be >= 0 (0 = torch's default)")
+        for section in SECTIONS:
+            getattr(self, section).check()
+        if self.sampler.name == "pk" and self.sampler.p * self.sampler.k != self.data.batch_size:
+            raise ConfigError(
+                f"sampler=pk needs sampler.p * sampler.k == data.batch_size, got "
+                f"{self.sampler.p} * {self.sampler.k} = {self.sampler.p * self.sampler.k} "
+                f"!= {self.data.batch_size}")
+
+
+SECTIONS = {
+    "data": DataConfig, "sampler": SamplerConfig, "model": ModelConfig, "norm": NormConfig,
+    "optim": OptimConfig, "eval": EvalConfig, "probes": ProbeConfig, "finetune": FinetuneConfig,
+}
+_RENAMED = {("finetune", "from"): "from_"}
+
+
+def parse_config(raw: dict) -> Config:
+    """Build and check a ``Config`` from a plain, fully resolved dict (Hydra's composed config)."""
+    raw = {k: v for k, v in raw.items() if k != "hydra"}
+    top = {f.name for f in fields(Config)} - set(SECTIONS)
+    _reject_unknown("", raw, top | set(SECTIONS))
+    kwargs = {k: raw[k] for k in top if k in raw}
+    _require("", kwargs, top)
+    for name, cls in SECTIONS.items():
+        kwargs[name] = _section(name, cls, raw.get(name) or {})
+    cfg = Config(**kwargs)
+    cfg.check()
+    return cfg
+
+
+def to_dict(cfg: Config) -> dict:
+    """The inverse of ``parse_config``: plain JSON-able dict with the YAML key names."""
+    out = dataclasses.asdict(cfg)
+    for (section, key), attr in _RENAMED.items():
+        out[section][key] = out[section].pop(attr)
+    return out
+
+
+def _section(name: str, cls: type, raw: dict):
+    known = {f.name for f in fields(cls)}
+    values = {}
+    for key, value in raw.items():
+        attr = _RENAMED.get((name, key), key)
+        if attr not in known:
+            allowed = sorted(_yaml_key(name, f) for f in known)
+            raise ConfigError(f"unknown setting {name}.{key}; allowed keys in {name}: {', '.join(allowed)}")
+        values[attr] = _freeze(value)
+    _require(name + ".", values, known)
+    return cls(**values)
+
+
+def _yaml_key(section: str, attr: str) -> str:
+    for (s, yaml_key), a in _RENAMED.items():
+        if s == section and a == attr:
+            return yaml_key
+    return attr
+
+
+def _freeze(value):
+    return tuple(value) if isinstance(value, list) else value
+
+
+def _reject_unknown(prefix: str, raw: dict, allowed: set) -> None:
+    unknown = sorted(set(raw) - allowed)
+    if unknown:
+        raise ConfigError(f"unknown setting {prefix}{unknown[0]}; allowed top-level keys: {', '.join(sorted(allowed))}")
+
+
+def _require(prefix: str, values: dict, needed: set) -> None:
+    missing = sorted(needed - set(values))
+    if missing:
+        raise ConfigError(f"missing setting {prefix}{missing[0]} (conf/config.yaml defines every key)")
+
+
+def _choice(key: str, value, allowed) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{key}={value!r} is not an option; allowed values: {', '.join(map(str, allowed))}")
+
+
+def _positive(key: str, value) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ConfigError(f"{key}={value!r} must be a positive integer")
+
+
+def _range(key: str, value, lo, hi) -> None:
+    if not isinstance(value, int) or not lo <= value <= hi:
+        raise ConfigError(f"{key}={value!r} must be an integer in [{lo}, {hi}]")
