@@ -1,0 +1,44 @@
+# bnexp: every target sets itself up (creates .venv and installs bnexp into it when needed).
+SHELL := /bin/bash
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+S ?= demo
+ARGS ?=
+
+.PHONY: help setup test test-all demo study smoke bench lint clean
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+	@echo "  make study S=<name> ARGS=\"data=synthetic scale=smoke\"   run a study's sweep, then its analysis"
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	# PIP_FIND_LINKS= : ignore a machine-local CPU-only torch wheel that cannot load torchvision
+	PIP_FIND_LINKS= $(BIN)/pip install --quiet --upgrade pip
+	PIP_FIND_LINKS= $(BIN)/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+setup: $(STAMP)  ## create .venv and install bnexp with its test tools
+
+test: $(STAMP)  ## run the fast test suite (CPU, synthetic data)
+	$(BIN)/python -m pytest -q -m "not slow and not gpu"
+
+test-all: $(STAMP)  ## every test, the slow end-to-end studies included
+	$(BIN)/python -m pytest -q -m "not gpu"
+
+demo: $(STAMP)  ## the quick tour: demo study on offline synthetic data, figures + report in results/demo/
+	$(BIN)/python experiments/demo.py $(ARGS)
+
+study: $(STAMP)  ## make study S=<name> ARGS="..."
+	$(BIN)/python experiments/$(S).py $(ARGS)
+
+smoke: $(STAMP)  ## every study end to end at smoke scale on synthetic data
+	$(BIN)/python -m pytest -q -m slow tests/test_studies.py
+
+bench: $(STAMP)  ## throughput: naive PyTorch CIFAR script vs bnexp, batch 8/32/128
+	$(BIN)/python -m bnexp.bench
+
+clean:  ## remove scratch runs (keeps .venv and study results)
+	rm -rf results/scratch

@@ -1,0 +1,89 @@
+"""Where and how a run executes: device, precision, seeds, threads, and provenance for the record."""
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+import random
+import subprocess
+from pathlib import Path
+
+import torch
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` picks CUDA when available; asking for ``cuda`` without one is an error, not a fallback."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device=cuda but no CUDA device is visible; use device=auto or device=cpu")
+    return torch.device(name)
+
+
+def resolve_precision(name: str, device: torch.device) -> str:
+    """``auto`` = bf16 where it is fast: CUDA with bf16 support, or a CPU with AMX tiles (oneDNN)."""
+    if name != "auto":
+        return name
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
+    return "bf16" if amx else "fp32"
+
+
+def autocast(device: torch.device, precision: str):
+    """Autocast context for the forward pass. BN layers keep fp32 statistics under it (see norms)."""
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python and torch (CPU and CUDA); samplers and augmentation take their own generators."""
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def set_threads(threads: int) -> None:
+    if threads > 0:
+        torch.set_num_threads(threads)
+
+
+def git_commit(start: Path | None = None) -> str | None:
+    """The commit of the bnexp checkout (with ``-dirty`` when it has local changes), if any."""
+    where = start or Path(__file__).resolve().parent
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=where, capture_output=True,
+                             text=True, timeout=5, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=where,
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+        return sha + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def versions() -> dict:
+    out = {"python": platform.python_version(), "torch": torch.__version__}
+    for module in ("torchvision", "hydra", "omegaconf", "numpy"):
+        try:
+            out[module] = __import__(module).__version__
+        except Exception:  # a missing optional package is not worth failing a run over
+            out[module] = None
+    out["bnexp"] = _bnexp_version()
+    out["host"] = platform.node()
+    out["cuda"] = torch.version.cuda if torch.cuda.is_available() else None
+    return out
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+
+
+def _bnexp_version() -> str | None:
+    try:
+        from importlib.metadata import version
+
+        return version("bnexp")
+    except Exception:
+        return None

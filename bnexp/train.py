@@ -1,0 +1,206 @@
+"""``fit()``: build the model, train it, evaluate it, and record everything in the run folder."""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from . import records
+from .config import Config, OptimConfig, to_dict
+from .data import DataBundle, augment, load_data, normalize
+from .models import build_model
+from .norms import make_norm, set_progress
+from .runtime import (autocast, device_name, git_commit, resolve_device, resolve_precision,
+                      seed_everything, set_threads, versions)
+from .sampling import build_sampler
+
+log = logging.getLogger(__name__)
+CHECK_EVERY = 50  # steps between non-finite checks: each check is a host sync on CUDA
+TRAIN_EVAL_MAX = 10_000  # training images scored in eval mode for the final train_acc / gen_gap
+
+
+@dataclass
+class Pipeline:
+    """How uint8 images become model inputs, and the precision of the forward pass."""
+
+    device: torch.device
+    precision: str
+    mean: torch.Tensor
+    std: torch.Tensor
+    channels_last: bool
+    augment: bool
+    generator: torch.Generator
+
+    def prep(self, x: torch.Tensor, train: bool = False) -> torch.Tensor:
+        if train and self.augment:
+            x = augment(x, self.generator)
+        return normalize(x, self.mean, self.std, channels_last=self.channels_last)
+
+    def amp(self):
+        return autocast(self.device, self.precision)
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, pipe: Pipeline,
+             batch_size: int) -> dict:
+    """Loss and accuracy of ``model`` as it is (the caller sets train/eval mode) over (x, y)."""
+    loss_sum = torch.zeros((), device=x.device)
+    correct = torch.zeros((), device=x.device, dtype=torch.long)
+    for start in range(0, len(x), batch_size):
+        xb, yb = x[start:start + batch_size], y[start:start + batch_size]
+        with pipe.amp():
+            logits = model(pipe.prep(xb)).float()
+        loss_sum += F.cross_entropy(logits, yb, reduction="sum")
+        correct += (logits.argmax(1) == yb).sum()
+    n = max(len(x), 1)
+    return {"loss": loss_sum.item() / n, "acc": correct.item() / n}
+
+
+def make_optimizer(model: torch.nn.Module, cfg: OptimConfig, batch_size: int) -> torch.optim.Optimizer:
+    """SGD; weight decay skips norm affine parameters and biases (1-d tensors), as is standard."""
+    decay = [p for p in model.parameters() if p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.ndim <= 1]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.SGD(groups, lr=cfg.effective_lr(batch_size), momentum=cfg.momentum,
+                           nesterov=cfg.nesterov and cfg.momentum > 0)
+
+
+def lr_factor(cfg: OptimConfig, steps_per_epoch: int) -> Callable[[int], float]:
+    """Multiplier of the peak lr at each step: linear warmup, then cosine / step / constant."""
+    total = cfg.epochs * steps_per_epoch
+    warmup = round(cfg.warmup_epochs * steps_per_epoch)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(total - warmup, 1)
+        if cfg.schedule == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+        if cfg.schedule == "step":
+            return cfg.gamma ** sum(step >= m * total for m in cfg.milestones)
+        return 1.0
+
+    return factor
+
+
+def train_epoch(model, optimizer, scheduler, data: DataBundle, batches, pipe: Pipeline,
+                cfg: Config, first_step: int, total_steps: int) -> dict:
+    """One pass over ``batches``. Returns running loss/acc, or ``diverged`` on a non-finite loss."""
+    model.train()
+    device = pipe.device
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device, dtype=torch.long)
+    seen = 0
+    for i, idx in enumerate(batches):
+        set_progress(model, (first_step + i) / total_steps)
+        idx = idx.to(device, non_blocking=True)
+        x = pipe.prep(data.train.x.index_select(0, idx), train=True)
+        y = data.train.y.index_select(0, idx)
+        with pipe.amp():
+            logits = model(x)
+        loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.optim.label_smoothing)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.optim.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        loss_sum += loss.detach() * len(idx)
+        correct += (logits.detach().argmax(1) == y).sum()
+        seen += len(idx)
+        if (i + 1) % CHECK_EVERY == 0 and not torch.isfinite(loss_sum):
+            return {"diverged": True, "step": first_step + i + 1}
+    if not torch.isfinite(loss_sum):
+        return {"diverged": True, "step": first_step + len(batches)}
+    return {"diverged": False, "loss": loss_sum.item() / seen, "acc": correct.item() / seen,
+            "step": first_step + len(batches), "images": seen}
+
+
+def build(cfg: Config, num_classes: int, device: torch.device) -> torch.nn.Module:
+    """The model of ``cfg`` on ``device``, seeded, in channels_last when asked."""
+    model = build_model(cfg.model, make_norm(cfg.norm), num_classes).to(device)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def fit(cfg: Config, run_dir: Path) -> dict:
+    """Train one model as ``cfg`` says and write its records into ``run_dir``; return the summary.
+
+    A non-finite training loss ends the run with status ``diverged`` (a result, not an error).
+    Exceptions propagate; the entry point records them as ``failed``.
+    """
+    run_dir = Path(run_dir)
+    started = time.time()
+    device = resolve_device(cfg.device)
+    precision = resolve_precision(cfg.precision, device)
+    set_threads(cfg.threads)
+    seed_everything(cfg.seed)
+    data = load_data(cfg.data, device, seed=cfg.seed)
+    sampler = build_sampler(cfg.sampler, data.train.y.cpu(), cfg.data.batch_size, cfg.seed)
+    model = build(cfg, data.num_classes, device)
+    generator = torch.Generator(device=device).manual_seed(cfg.seed + 1)
+    pipe = Pipeline(device, precision, data.mean, data.std, cfg.channels_last, cfg.data.augment, generator)
+    optimizer = make_optimizer(model, cfg.optim, cfg.data.batch_size)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg.optim, len(sampler)))
+    forward = torch.compile(model) if cfg.compile else model
+    total_steps = cfg.optim.epochs * len(sampler)
+    log.info("%s on %s, %s, %d train / %d test images, %d steps per epoch", cfg.model.name,
+             device_name(device), precision, len(data.train.y), len(data.test.y), len(sampler))
+
+    status, step, diverged_at, train_seconds, train_images = "ok", 0, None, 0.0, 0
+    for epoch in range(cfg.optim.epochs):
+        tic = time.perf_counter()
+        lr = optimizer.param_groups[0]["lr"]
+        result = train_epoch(forward, optimizer, scheduler, data, sampler.batches(epoch), pipe, cfg,
+                             step, total_steps)
+        step = result["step"]
+        if result["diverged"]:
+            status, diverged_at = "diverged", {"epoch": epoch, "step": step}
+            log.warning("non-finite loss in epoch %d (by step %d): run diverged", epoch, step)
+            break
+        seconds = time.perf_counter() - tic
+        train_seconds += seconds
+        train_images += result["images"]
+        model.eval()
+        test = evaluate(model, data.test.x, data.test.y, pipe, cfg.eval.batch_size)
+        row = {"epoch": epoch, "step": step, "lr": lr, "train_loss": result["loss"],
+               "train_acc": result["acc"], "test_loss": test["loss"], "test_acc": test["acc"],
+               "seconds": seconds, "images_per_s": result["images"] / seconds}
+        records.write_epoch(run_dir, row)
+        log.info("epoch %d/%d  loss %.3f  train %.1f%%  test %.1f%%  %.0f img/s", epoch + 1,
+                 cfg.optim.epochs, row["train_loss"], 100 * row["train_acc"], 100 * row["test_acc"],
+                 row["images_per_s"])
+
+    metrics = {} if status == "diverged" else final_metrics(model, data, pipe, cfg)
+    summary = {
+        "status": status, "metrics": metrics, "config": to_dict(cfg),
+        "wall_time_s": time.time() - started,
+        "train_images_per_s": train_images / train_seconds if train_seconds else None,
+        "git_commit": git_commit(), "versions": versions(), "device": device_name(device),
+        "precision": precision, "skipped_modes": {}, "error": None, "diverged_at": diverged_at,
+        "started_at": started, "finished_at": time.time(),
+    }
+    if cfg.checkpoint:
+        torch.save({"model": model.state_dict(), "config": to_dict(cfg),
+                    "num_classes": data.num_classes}, run_dir / "model.pt")
+    records.write_json_atomic(run_dir / records.SUMMARY, summary)
+    return summary
+
+
+def final_metrics(model, data: DataBundle, pipe: Pipeline, cfg: Config) -> dict:
+    """Train and test loss/accuracy in eval mode (EMA statistics), and the generalization gap."""
+    model.eval()
+    n = min(len(data.train.y), TRAIN_EVAL_MAX)
+    train = evaluate(model, data.train.x[:n], data.train.y[:n], pipe, cfg.eval.batch_size)
+    test = evaluate(model, data.test.x, data.test.y, pipe, cfg.eval.batch_size)
+    return {"train_acc": train["acc"], "train_loss": train["loss"], "test_acc": test["acc"],
+            "test_loss": test["loss"], "gen_gap": train["acc"] - test["acc"],
+            "test_acc.ema": test["acc"], "test_loss.ema": test["loss"]}
