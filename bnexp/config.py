@@ -8,6 +8,7 @@ for unknown keys, unknown choices and values out of range. Builders then take th
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass, fields
 from typing import Any, Optional
 
@@ -291,7 +292,7 @@ def parse_config(raw: dict) -> Config:
 
 def to_dict(cfg: Config) -> dict:
     """The inverse of ``parse_config``: plain JSON-able dict with the YAML key names."""
-    out = dataclasses.asdict(cfg)
+    out = json.loads(json.dumps(dataclasses.asdict(cfg)))  # tuples -> lists, as in the YAML
     for (section, key), attr in _RENAMED.items():
         out[section][key] = out[section].pop(attr)
     return out

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from . import records
+from .checkpoint import clear_last, load_last, save_last, save_model
 from .config import Config, OptimConfig, to_dict
 from .data import DataBundle, augment, load_data, normalize
 from .models import build_model
@@ -155,8 +156,17 @@ def fit(cfg: Config, run_dir: Path) -> dict:
     log.info("%s on %s, %s, %d train / %d test images, %d steps per epoch", cfg.model.name,
              device_name(device), precision, len(data.train.y), len(data.test.y), len(sampler))
 
-    status, step, diverged_at, train_seconds, train_images = "ok", 0, None, 0.0, 0
-    for epoch in range(cfg.optim.epochs):
+    resumed = load_last(run_dir, model=model, optimizer=optimizer, scheduler=scheduler,
+                        generator=generator) if cfg.checkpoint else None
+    history = resumed["history"] if resumed else []
+    timing = resumed["timing"] if resumed else {"train_seconds": 0.0, "train_images": 0, "wall": 0.0}
+    step = resumed["step"] if resumed else 0
+    start_epoch = resumed["epoch"] + 1 if resumed else 0
+    prior_wall = timing["wall"]  # wall time spent before an interruption counts too
+    if resumed:
+        log.info("resuming %s after epoch %d", run_dir, start_epoch)
+    status, diverged_at = "ok", None
+    for epoch in range(start_epoch, cfg.optim.epochs):
         tic = time.perf_counter()
         lr = optimizer.param_groups[0]["lr"]
         result = train_epoch(forward, optimizer, scheduler, data, sampler.batches(epoch), pipe, cfg,
@@ -167,31 +177,37 @@ def fit(cfg: Config, run_dir: Path) -> dict:
             log.warning("non-finite loss in epoch %d (by step %d): run diverged", epoch, step)
             break
         seconds = time.perf_counter() - tic
-        train_seconds += seconds
-        train_images += result["images"]
+        timing["train_seconds"] += seconds
+        timing["train_images"] += result["images"]
         model.eval()
         test = evaluate(model, data.test.x, data.test.y, pipe, cfg.eval.batch_size)
         row = {"epoch": epoch, "step": step, "lr": lr, "train_loss": result["loss"],
                "train_acc": result["acc"], "test_loss": test["loss"], "test_acc": test["acc"],
                "seconds": seconds, "images_per_s": result["images"] / seconds}
+        history.append(row)
         records.write_epoch(run_dir, row)
         log.info("epoch %d/%d  loss %.3f  train %.1f%%  test %.1f%%  %.0f img/s", epoch + 1,
                  cfg.optim.epochs, row["train_loss"], 100 * row["train_acc"], 100 * row["test_acc"],
                  row["images_per_s"])
+        if cfg.checkpoint:
+            timing["wall"] = prior_wall + time.time() - started
+            save_last(run_dir, model=model, optimizer=optimizer, scheduler=scheduler,
+                      generator=generator, epoch=epoch, step=step, history=history, timing=timing)
 
     metrics = {} if status == "diverged" else final_metrics(model, data, pipe, cfg)
     summary = {
         "status": status, "metrics": metrics, "config": to_dict(cfg),
-        "wall_time_s": time.time() - started,
-        "train_images_per_s": train_images / train_seconds if train_seconds else None,
+        "wall_time_s": prior_wall + time.time() - started,
+        "train_images_per_s": (timing["train_images"] / timing["train_seconds"]
+                               if timing["train_seconds"] else None),
         "git_commit": git_commit(), "versions": versions(), "device": device_name(device),
         "precision": precision, "skipped_modes": {}, "error": None, "diverged_at": diverged_at,
-        "started_at": started, "finished_at": time.time(),
+        "resumed": bool(resumed), "started_at": started, "finished_at": time.time(),
     }
     if cfg.checkpoint:
-        torch.save({"model": model.state_dict(), "config": to_dict(cfg),
-                    "num_classes": data.num_classes}, run_dir / "model.pt")
+        save_model(run_dir, model, to_dict(cfg), data.num_classes)
     records.write_json_atomic(run_dir / records.SUMMARY, summary)
+    clear_last(run_dir)
     return summary
 
 

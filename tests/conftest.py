@@ -1,0 +1,40 @@
+"""Shared test helpers: compose real configs through Hydra, keep torch small and quiet."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+# Two cores: tests that train should not fight each other or oversubscribe.
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+def compose_config(overrides=(), return_hydra_config: bool = False):
+    """The composed DictConfig for ``overrides``, exactly as ``bnexp`` would build it."""
+    from hydra import compose, initialize_config_module
+
+    with initialize_config_module(config_module="bnexp.conf", version_base="1.3"):
+        return compose(config_name="config", overrides=list(overrides),
+                       return_hydra_config=return_hydra_config)
+
+
+def make_config(overrides=()):
+    """A parsed, checked ``bnexp.config.Config`` for ``overrides``."""
+    from omegaconf import OmegaConf
+
+    from bnexp.config import parse_config
+
+    cfg = compose_config(overrides)
+    return parse_config(OmegaConf.to_container(cfg, resolve=True))
+
+
+# Small and fast: a few hundred synthetic images, a narrow net, fp32 for exact comparisons.
+TINY = ["data=synthetic", "data.synthetic_train=512", "data.synthetic_test=256",
+        "data.batch_size=64", "model.width=8", "optim.epochs=2", "precision=fp32",
+        "device=cpu", "eval.precise_samples=256", "eval.batch_size=128"]
+
+
+@pytest.fixture
+def tiny_overrides():
+    return list(TINY)
