@@ -1,0 +1,107 @@
+"""The runner end to end on tiny synthetic data: learning, records, divergence, failure, resume."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bnexp import records, train
+from conftest import TINY, make_config
+
+TIMING = {"seconds", "images_per_s"}
+
+
+def run_fit(tmp_path, overrides, name="run"):
+    run_dir = tmp_path / name
+    run_dir.mkdir()
+    return train.fit(make_config([*TINY, *overrides]), run_dir), run_dir
+
+
+def test_training_lowers_loss_and_writes_records(tmp_path):
+    summary, run_dir = run_fit(tmp_path, ["optim.epochs=3"])
+    rows = records.read_jsonl(run_dir / records.METRICS)
+    assert [r["epoch"] for r in rows] == [0, 1, 2]
+    assert all(set(records.EPOCH_KEYS) <= set(r) for r in rows)
+    assert rows[-1]["train_loss"] < rows[0]["train_loss"]
+    on_disk = json.loads((run_dir / records.SUMMARY).read_text())
+    assert on_disk["status"] == "ok" and on_disk == json.loads(json.dumps(summary))
+    m = on_disk["metrics"]
+    assert m["gen_gap"] == pytest.approx(m["train_acc"] - m["test_acc"])
+    assert m["test_acc"] > 0.2  # 10 classes: clearly above chance after 3 tiny epochs
+    assert on_disk["config"]["norm"]["name"] == "bn" and on_disk["precision"] == "fp32"
+    assert on_disk["versions"]["torch"] and on_disk["train_images_per_s"] > 0
+    assert (run_dir / "model.pt").exists() and not (run_dir / "last.pt").exists()
+
+
+def test_same_seed_same_numbers_different_seed_differs(tmp_path):
+    a, _ = run_fit(tmp_path, ["optim.epochs=1", "checkpoint=false"], "a")
+    b, _ = run_fit(tmp_path, ["optim.epochs=1", "checkpoint=false"], "b")
+    c, _ = run_fit(tmp_path, ["optim.epochs=1", "checkpoint=false", "seed=1"], "c")
+    assert a["metrics"] == b["metrics"]
+    assert a["metrics"]["train_loss"] != c["metrics"]["train_loss"]
+
+
+def test_non_finite_loss_is_recorded_as_diverged(tmp_path):
+    summary, run_dir = run_fit(tmp_path, ["norm=none", "optim.lr=1e6", "optim.epochs=2"])
+    assert summary["status"] == "diverged"
+    assert summary["diverged_at"]["epoch"] == 0
+    assert json.loads((run_dir / records.SUMMARY).read_text())["status"] == "diverged"
+
+
+def test_interrupted_run_resumes_to_identical_records(tmp_path, monkeypatch):
+    full, full_dir = run_fit(tmp_path, ["optim.epochs=3", "model.dropout=0.2"], "full")
+
+    calls = {"n": 0}
+    real_save = train.save_last
+
+    def save_then_die(*args, **kwargs):
+        real_save(*args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == 2:  # killed right after epoch 1 was checkpointed
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "save_last", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        run_fit(tmp_path, ["optim.epochs=3", "model.dropout=0.2"], "cut")
+    monkeypatch.setattr(train, "save_last", real_save)
+    cut_dir = tmp_path / "cut"
+    assert not (cut_dir / records.SUMMARY).exists() and (cut_dir / "last.pt").exists()
+    resumed = train.fit(make_config([*TINY, "optim.epochs=3", "model.dropout=0.2"]), cut_dir)
+
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in TIMING} for r in rows]
+    assert strip(records.read_jsonl(cut_dir / records.METRICS)) == strip(records.read_jsonl(full_dir / records.METRICS))
+    assert resumed["resumed"] and resumed["metrics"] == pytest.approx(full["metrics"], abs=1e-6)
+
+
+def cli(args, cwd, check=True):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "bnexp", *args], cwd=cwd, capture_output=True,
+                          text=True, env=env, check=check, timeout=300)
+
+
+def test_cli_sweep_folders_are_stable_and_failures_do_not_stop_it(tmp_path):
+    args = ["-m", *TINY, "optim.epochs=1", f"results_dir={tmp_path}", "study_name=t",
+            "data.train_size=100,100000"]
+    out = cli(args, cwd=tmp_path)
+    runs = sorted(p.name for p in (tmp_path / "t" / "runs").iterdir())
+    assert len(runs) == 2, out.stderr
+    statuses = {name: records.read_summary(tmp_path / "t" / "runs" / name)["status"] for name in runs}
+    bad = [n for n in runs if "data.train_size=100000" in n][0]
+    assert statuses[bad] == "failed" and "data.train_size" in records.read_summary(tmp_path / "t" / "runs" / bad)["error"]
+    assert statuses[[n for n in runs if n != bad][0]] == "ok"
+    # the same command again skips both (finished folders are never retrained)
+    again = cli(args, cwd=tmp_path)
+    assert again.stderr.count("skip") + again.stdout.count("skip") >= 2
+
+
+def test_cli_single_run_bad_input_exits_nonzero_with_clear_message(tmp_path):
+    out = cli(["data=cifar10", f"data.root={tmp_path}/nowhere", "data.download=false",
+               f"results_dir={tmp_path}", "device=cpu"], cwd=tmp_path, check=False)
+    assert out.returncode != 0
+    assert "data=synthetic" in out.stderr
+    [summary] = list((tmp_path / "scratch").glob("*/summary.json"))
+    assert json.loads(summary.read_text())["status"] == "failed"
