@@ -1,0 +1,188 @@
+"""Analysis of a study folder: collect -> tables -> figures -> a statement -> report.md.
+
+The public face of the analysis half (pandas + matplotlib). It reads run folders through
+``bnexp.records`` only and never imports the training code. The building blocks live in
+``bnexp.tables`` (collect, summarize, sweep status), ``bnexp.plots`` (figure recipes, LABELS,
+style) and ``bnexp.report`` (statements, markdown, report.md) and are re-exported here, so a study
+script needs one import::
+
+    from bnexp import analysis as A
+    runs, curves = A.collect_runs("results/batch_size")
+    fig = A.plot_metric_vs(runs, x="data.batch_size", y="test_acc", hue="norm")
+    A.save_figure(fig, "results/batch_size/figures", "acc_vs_batch")
+
+``analyze`` is the generic pipeline behind ``bnexp-analyze RESULTS_DIR``: it does not know the
+study, so it plots the default metric against the first numeric swept key, coloured by the next.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+from .plots import (LABELS, is_percent, knob_label, label, plot_bars, plot_curves, plot_heatmap,
+                    plot_metric_vs, plot_probe, save_figure, set_style)
+from .report import (LOWER_IS_BETTER, compare_statement, format_summary, markdown_table,
+                     welch_difference, write_report)
+from .tables import (collect_probes, collect_runs, eval_modes_long, expected_run_names, flatten,
+                     mean_ci, override_dirname, select, status_counts, summarize, swept_columns,
+                     t_cdf, t_quantile)
+
+MAX_CURVE_GROUPS = 8  # more lines than this on one curve plot stop being readable
+MAX_PROBE_FIGURES = 4
+
+
+def analyze(study_dir, metric: str | None = None, x: str | None = None, hue: str | None = None,
+            question: str | None = None, command: str | None = None) -> Path:
+    """Write runs.csv, curves.csv (probes.csv), figures/*.png|pdf and report.md; return report.md.
+
+    ``metric`` defaults to ``test_acc``; ``x`` to the first numeric swept override key (else the
+    first swept key), ``hue`` to the next swept key. ``command`` defaults to the sweep's command
+    line rebuilt from multirun.yaml.
+    """
+    study_dir = Path(study_dir)
+    runs, curves = collect_runs(study_dir)
+    probes = collect_probes(study_dir)
+    study_dir.mkdir(parents=True, exist_ok=True)
+    runs.to_csv(study_dir / "runs.csv", index=False)
+    curves.to_csv(study_dir / "curves.csv", index=False)
+    if len(probes):
+        probes.to_csv(study_dir / "probes.csv", index=False)
+    question = question or f"Generic analysis of {study_dir.name}: how do the swept settings change the metrics?"
+    command = command or sweep_command(study_dir)
+    if "test_acc" not in runs and metric is None and not runs.attrs.get("metric_keys"):
+        return write_report(study_dir, study_dir.name, question, command, [], runs[["run", "status"]],
+                            "No finished run has metrics yet.")
+    swept = swept_columns(runs)
+    metric = metric or ("test_acc" if "test_acc" in runs else runs.attrs["metric_keys"][0])
+    x, hue = default_axes(runs, swept, x, hue)
+    figures = default_figures(runs, curves, probes, study_dir / "figures", metric, x, hue, swept)
+    by = list(dict.fromkeys(c for c in (x, hue, *swept) if c))
+    metrics = [metric] + [m for m in runs.attrs["metric_keys"]
+                          if m.startswith(metric + ".") or m == "gen_gap" != metric]
+    summary = summarize(runs, by, metrics)
+    notes = ""
+    if len(by) > 2:
+        notes = (f"Figures average over the swept keys not on their axes ({', '.join(by[2:])}); "
+                 "the table keeps every combination.")
+    return write_report(study_dir, study_dir.name, question, command, figures,
+                        format_summary(summary, by, metrics), generic_statement(runs, by, metric), notes)
+
+
+def default_axes(runs: pd.DataFrame, swept: list[str], x=None, hue=None) -> tuple:
+    """``(x, hue)``: the given ones, else the first numeric swept key and the next swept key."""
+    if x is None and swept:
+        numeric = [c for c in swept if pd.api.types.is_numeric_dtype(runs[c])]
+        x = (numeric or swept)[0]
+    if hue is None:
+        hue = next((c for c in swept if c != x), None)
+    return x, hue
+
+
+def default_figures(runs, curves, probes, fig_dir: Path, metric: str, x, hue, swept) -> list[Path]:
+    """Metric vs x (line or bars), heatmap of x by hue, eval modes, curves, probes; PNG paths."""
+    figs = {}
+    numeric_x = x is not None and pd.api.types.is_numeric_dtype(runs[x])
+    if x is not None:
+        plot = plot_metric_vs if numeric_x else plot_bars
+        figs[f"{metric}_vs_{x}"] = plot(runs, x, metric, hue)
+    if x is not None and hue is not None:
+        figs[f"{metric}_heatmap"] = plot_heatmap(runs, row=hue, col=x, value=metric)
+    modes = eval_modes_long(runs, metric)
+    if len(modes) and x is not None:
+        figs[f"{metric}_by_eval_mode"] = (plot_metric_vs(modes, x, metric, "eval_mode") if numeric_x
+                                          else plot_bars(modes, "eval_mode", metric, x))
+    if len(curves) and metric in curves:
+        keys = [c for c in swept if c in curves]
+        curves = _with_config_column(curves, keys) if keys else curves
+        hue_c = "config" if keys and curves["config"].nunique() <= MAX_CURVE_GROUPS else x
+        figs[f"{metric}_curves"] = plot_curves(curves, "epoch", metric, hue_c)
+    for name in list(dict.fromkeys(probes["name"]))[:MAX_PROBE_FIGURES] if len(probes) else []:
+        panel = x if x in probes and probes[x].nunique() <= 4 else None
+        figs[f"probe_{name}"] = plot_probe(probes, name, col=panel)
+    return [save_figure(fig, fig_dir, stem.replace(".", "-"))[0] for stem, fig in figs.items()]
+
+
+def generic_statement(runs: pd.DataFrame, by: list[str], metric: str) -> str:
+    """Best group, its margin over the runner-up (Welch CI), and how many runs diverged."""
+    n_div = int((runs["status"] == "diverged").sum())
+    tail = f" {n_div} of {len(runs)} runs diverged (excluded from means, marked x in figures)." if n_div else ""
+    if not by:
+        mean, _, n, half = mean_ci(runs.loc[runs["status"] == "ok", metric])
+        scale = 100.0 if is_percent(metric) else 1.0
+        return f"{metric} = {mean * scale:.2f} +/- {half * scale:.2f} over n={n} runs.{tail}"
+    summary = summarize(_with_config_column(runs, by), ["config"], [metric])
+    summary = summary.dropna(subset=[f"{metric}.mean"])
+    if summary.empty:
+        return f"No run finished with {metric}.{tail}"
+    lower = any(w in metric for w in LOWER_IS_BETTER)
+    ranked = summary.sort_values(f"{metric}.mean", ascending=lower)["config"].tolist()
+    best = f"Best on {metric}: {ranked[0]}."
+    if len(ranked) > 1:
+        best += " " + compare_statement(summary, metric, "config", ranked[0], ranked[1]) + "."
+    return best + tail
+
+
+def _with_config_column(df: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
+    """Adds ``config``: the combination of ``keys`` as ``k=v, k=v`` (one label per group)."""
+    text = df[keys].astype(str)
+    return df.assign(config=text.apply(lambda r: ", ".join(f"{k}={v}" for k, v in r.items()), axis=1))
+
+
+def sweep_command(study_dir) -> str:
+    """``bnexp -m <overrides>`` as the sweep was launched (from multirun.yaml), else a hint."""
+    from omegaconf import OmegaConf
+
+    path = Path(study_dir) / "multirun.yaml"
+    if not path.exists():
+        return f"(no multirun.yaml in {study_dir}: command unknown)"
+    task = OmegaConf.load(path).hydra.overrides.task
+    return "bnexp -m " + " ".join(str(t) for t in task)
+
+
+def _study_dirs(path: Path) -> list[Path]:
+    """``path`` when it is a study folder, else its children that are (results/ holds many)."""
+    def is_study(p: Path) -> bool:
+        return (p / "multirun.yaml").exists() or (p / "runs").is_dir()
+
+    if is_study(path):
+        return [path]
+    return sorted(p for p in path.iterdir() if p.is_dir() and is_study(p)) or [path]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``bnexp-analyze RESULTS_DIR`` (report per study) / ``bnexp-analyze --status RESULTS_DIR``."""
+    parser = argparse.ArgumentParser(prog="bnexp-analyze", description=main.__doc__)
+    parser.add_argument("results_dir", type=Path, help="a study folder (results/<name>) or results/")
+    parser.add_argument("--status", action="store_true",
+                        help="print done/diverged/failed/incomplete/pending counts and exit")
+    parser.add_argument("--metric", help="metric to plot and rank (default test_acc)")
+    parser.add_argument("--x", help="x-axis column (default: first numeric swept override key)")
+    parser.add_argument("--hue", help="line colour column (default: next swept override key)")
+    args = parser.parse_args(argv)
+    if not args.results_dir.is_dir():
+        parser.error(f"{args.results_dir} is not a directory")
+    for study in _study_dirs(args.results_dir):
+        if args.status:
+            counts = status_counts(study)
+            print(f"{study}: " + " ".join(f"{k}={'?' if v is None else v}" for k, v in counts.items()))
+        else:
+            import matplotlib
+
+            matplotlib.use("Agg")  # the CLI only writes files; never open a window
+            print(analyze(study, args.metric, args.x, args.hue))
+    return 0
+
+
+__all__ = ["LABELS", "LOWER_IS_BETTER", "analyze", "collect_probes", "collect_runs",
+           "compare_statement", "default_axes", "default_figures", "eval_modes_long",
+           "expected_run_names", "flatten", "format_summary", "generic_statement", "is_percent",
+           "knob_label", "label", "main", "markdown_table", "mean_ci", "override_dirname",
+           "plot_bars", "plot_curves", "plot_heatmap", "plot_metric_vs", "plot_probe",
+           "save_figure", "select", "set_style", "status_counts", "summarize", "swept_columns",
+           "sweep_command", "t_cdf", "t_quantile", "welch_difference", "write_report"]
+
+if __name__ == "__main__":
+    sys.exit(main())

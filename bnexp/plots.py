@@ -1,0 +1,361 @@
+"""Figure recipes: each takes a DataFrame and column names and returns a matplotlib Figure.
+
+The caller saves (``save_figure`` writes PNG + PDF). Figures are built with the object API
+(``matplotlib.figure.Figure``), never pyplot, so nothing here picks a backend or keeps figures
+alive: scripts and tests can run headless, notebooks display the returned Figure. Lines are means
+over runs (seeds) with a shaded t-based confidence band; accuracies are drawn in percent;
+diverged runs are excluded from means and marked with an ``x`` at the top of the axes.
+``LABELS`` is the one table of axis labels; ``set_style`` the one place that sets rcParams.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import matplotlib as mpl
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+
+from .tables import summarize
+
+EVAL_MODES = ("ema", "precise", "batch", "adapted", "frozen")  # display names of records' modes
+LABELS: dict[str, str] = {
+    "test_acc": "test accuracy (%)", "train_acc": "train accuracy (%)",
+    "test_loss": "test loss", "train_loss": "train loss",
+    "gen_gap": "generalization gap (train - test, points)",
+    **{f"test_acc.{m}": f"test accuracy, {m} stats (%)" for m in EVAL_MODES},
+    **{f"test_loss.{m}": f"test loss, {m} stats" for m in EVAL_MODES},
+    "epoch": "epoch", "step": "training step", "lr": "learning rate", "seed": "seed",
+    "seconds": "epoch time (s)", "images_per_s": "training throughput (images/s)",
+    "wall_time_s": "wall time (s)", "train_images_per_s": "training throughput (images/s)",
+    "norm": "normalization", "norm.name": "normalization",
+    "norm.virtual_batch": "normalization batch size", "norm.momentum": "BN momentum",
+    "norm.freeze_after": "BN frozen after (fraction of training)",
+    "data.batch_size": "batch size", "data.name": "dataset", "data": "dataset",
+    "optim.lr": "learning rate", "model.dropout": "dropout probability",
+    "model.dropout_placement": "dropout placement", "model.name": "model",
+    "sampler": "batch sampler", "sampler.name": "batch sampler",
+    "eval_mode": "eval mode", "eval.precise_samples": "precise-BN samples",
+    "finetune.bn": "BN during fine-tuning", "layer": "layer",
+}
+# Okabe-Ito: distinguishable in colour-blind vision and in greyscale print.
+PALETTE = ["#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#000000", "#F0E442"]
+
+
+def set_style() -> None:
+    """The house look of every figure (rcParams); the recipes call it, so callers need not."""
+    mpl.rcParams.update({
+        "figure.figsize": (6.0, 3.8), "figure.dpi": 100, "savefig.dpi": 150,
+        "figure.constrained_layout.use": True, "font.size": 9, "axes.titlesize": 10,
+        "axes.labelsize": 9, "legend.fontsize": 8, "legend.title_fontsize": 8,
+        "axes.spines.top": False, "axes.spines.right": False, "axes.grid": True,
+        "grid.alpha": 0.3, "grid.linewidth": 0.6, "legend.frameon": False,
+        "lines.linewidth": 1.6, "lines.markersize": 4.5, "pdf.fonttype": 42,
+        "axes.prop_cycle": mpl.cycler(color=PALETTE),
+    })
+
+
+def label(col: str) -> str:
+    """Axis label of a column: LABELS, else the column name itself."""
+    return LABELS.get(col, col)
+
+
+def knob_label(col: str) -> str:
+    """Label that also names the knob, so a legend title maps back to the override key."""
+    text = label(col)
+    return text if text.replace(" ", "_") == col else f"{text} [{col}]"
+
+
+def is_percent(col: str) -> bool:
+    """Accuracy-like fractions (and their gap) are drawn and tabulated in percent points."""
+    base = col.split(".")[0]
+    return base.endswith("acc") or base == "gen_gap"
+
+
+def save_figure(fig: Figure, directory, stem: str) -> list[Path]:
+    """Write ``<directory>/<stem>.png`` and ``.pdf``; return both paths (PNG first)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = [directory / f"{stem}.png", directory / f"{stem}.pdf"]
+    for path in paths:
+        fig.savefig(path)
+    return paths
+
+
+# ----------------------------------------------------------------------------- recipes
+def plot_metric_vs(df: pd.DataFrame, x: str, y: str, hue: str | None = None, logx=None,
+                   ci: float = 0.95, hue_order=None, title: str | None = None) -> Figure:
+    """Mean of ``y`` against ``x``, one line + CI band per ``hue`` value, over per-run rows.
+
+    ``logx``: None picks log2 for powers of two spanning >= 8x (batch sizes), log10 for other
+    positive ranges >= 100x (learning rates); False forces linear; 2 or 10 force that base.
+    Non-numeric ``x`` is drawn as categories. Diverged runs: ``x`` markers at the top.
+    """
+    set_style()
+    fig = Figure()
+    ax = fig.subplots()
+    hue_col, df = _hue_column(df, hue)
+    stats = summarize(df, [hue_col, x], [y], ci)
+    xs_all, xpos = _positions(stats[x])
+    groups = _groups(stats, hue_col, hue_order)
+    for i, (color, (value, g)) in enumerate(zip(_colors(stats[hue_col], hue_order), groups)):
+        g = g.assign(_x=g[x].map(xpos)).sort_values("_x")
+        _line_band(ax, g["_x"], g, y, color, _fmt(value))
+        _mark_diverged(ax, g["_x"][g["n_diverged"] > 0], color, level=i)
+    _x_axis(ax, x, xs_all, xpos, logx)
+    _finish(ax, label(x) if x in ("epoch", "step") else knob_label(x), label(y), hue, title,
+            diverged=bool(stats["n_diverged"].sum()))
+    return fig
+
+
+def plot_curves(curves: pd.DataFrame, x: str = "epoch", y: str = "test_acc", hue: str | None = None,
+                ci: float = 0.95, hue_order=None, title: str | None = None) -> Figure:
+    """Per-epoch (or per-step) curves: mean over runs with CI band, one line per ``hue`` value."""
+    set_style()
+    fig = Figure()
+    ax = fig.subplots()
+    hue_col, curves = _hue_column(curves, hue)
+    stats = summarize(curves, [hue_col, x], [y], ci)
+    for color, (value, g) in zip(_colors(stats[hue_col], hue_order), _groups(stats, hue_col, hue_order)):
+        _line_band(ax, g[x], g.sort_values(x), y, color, _fmt(value), marker=None)
+    _finish(ax, label(x), label(y), hue, title, diverged=False)
+    return fig
+
+
+def plot_bars(df: pd.DataFrame, x: str, y: str, hue: str | None = None, ci: float = 0.95,
+              hue_order=None, title: str | None = None) -> Figure:
+    """Grouped bars of the mean of ``y`` per ``x`` category and ``hue``; CI error bars, runs as dots."""
+    set_style()
+    n_bars = df[x].nunique() * max(1, _nuniq(df, hue))
+    fig = Figure(figsize=(min(11.0, max(5.5, 0.3 * n_bars + 3.0)), 3.6))
+    ax = fig.subplots()
+    hue_col, df = _hue_column(df, hue)
+    stats = summarize(df, [hue_col, x], [y], ci)
+    xs_all, xpos = _positions(stats[x], categorical=True)
+    groups = list(_groups(stats, hue_col, hue_order))
+    width = 0.8 / max(1, len(groups))
+    scale = 100.0 if is_percent(y) else 1.0
+    for i, (color, (value, g)) in enumerate(zip(_colors(stats[hue_col], hue_order), groups)):
+        pos = g[x].map(xpos) - 0.4 + width * (i + 0.5)
+        mean = g[f"{y}.mean"] * scale
+        err = np.vstack([mean - g[f"{y}.ci_lo"] * scale, g[f"{y}.ci_hi"] * scale - mean])
+        ax.bar(pos, mean, width * 0.9, yerr=np.nan_to_num(err), color=color, alpha=0.85,
+               capsize=2, ecolor="0.2", error_kw={"elinewidth": 1}, label=_fmt(value))
+        _dots(ax, df[df[hue_col].astype(str) == str(value)], x, y, pos, g, scale, width)
+        _mark_diverged(ax, pos[g["n_diverged"] > 0], color)
+    ticks = [_fmt(v) for v in xs_all]
+    crowded = sum(len(t) + 2 for t in ticks) > 8 * fig.get_figwidth()
+    ax.set_xticks(range(len(xs_all)), ticks, rotation=30 if crowded else 0,
+                  ha="right" if crowded else "center")
+    ax.grid(axis="x", visible=False)
+    _finish(ax, knob_label(x), label(y), hue, title, diverged=bool(stats["n_diverged"].sum()))
+    return fig
+
+
+def plot_heatmap(df: pd.DataFrame, row: str, col: str, value: str, ci: float = 0.95,
+                 title: str | None = None, cmap: str = "viridis") -> Figure:
+    """Grid of the mean of ``value`` over runs per (row, col); cells annotated mean +/- CI, n."""
+    set_style()
+    stats = summarize(df, [row, col], [value], ci)
+    rows, cols = sorted(stats[row].unique(), key=_sort_key), sorted(stats[col].unique(), key=_sort_key)
+    fig = Figure(figsize=(max(4.5, 1.1 * len(cols) + 2.5), max(2.8, 0.6 * len(rows) + 1.6)))
+    ax = fig.subplots()
+    scale = 100.0 if is_percent(value) else 1.0
+    grid = np.full((len(rows), len(cols)), np.nan)
+    cells = {}
+    for _, s in stats.iterrows():
+        i, j = rows.index(s[row]), cols.index(s[col])
+        grid[i, j] = s[f"{value}.mean"] * scale
+        cells[i, j] = s
+    colormap = mpl.colormaps[cmap].with_extremes(bad="0.88")  # cells without a finished run
+    image = ax.imshow(grid, cmap=colormap, aspect="auto")
+    norm = image.norm
+    for (i, j), s in cells.items():
+        dark = not math.isnan(grid[i, j]) and norm(grid[i, j]) < 0.5
+        ax.text(j, i, _cell_text(s, value, scale), ha="center", va="center", fontsize=7.5,
+                color="white" if dark else "black")
+    ax.set_xticks(range(len(cols)), [_fmt(c) for c in cols])
+    ax.set_yticks(range(len(rows)), [_fmt(r) for r in rows])
+    ax.grid(False)
+    ax.set_xlabel(knob_label(col))
+    ax.set_ylabel(knob_label(row))
+    fig.colorbar(image, ax=ax, label=label(value) + ", mean")
+    if title:
+        ax.set_title(title)
+    return fig
+
+
+def plot_probe(probes: pd.DataFrame, name: str | None = None, x: str = "step", y: str = "value",
+               hue: str = "layer", col: str | None = None, ci: float = 0.95,
+               title: str | None = None) -> Figure:
+    """Probe values (rows of probes.jsonl) against ``x``: one line per ``hue`` (layer) with a CI
+    band over runs; one panel per ``col`` value (e.g. ``norm``) sharing the y axis."""
+    set_style()
+    if name is not None:
+        probes = probes[probes["name"] == name]
+    panels = sorted(probes[col].unique(), key=_sort_key) if col else [None]
+    ncols = min(3, len(panels))
+    nrows = math.ceil(len(panels) / ncols)
+    fig = Figure(figsize=(3.8 * ncols + 1.8, 3.0 * nrows + 0.4))
+    axes = fig.subplots(nrows, ncols, sharey=True, squeeze=False).ravel()
+    for ax in axes[len(panels):]:
+        ax.set_visible(False)
+    order = list(dict.fromkeys(probes[hue]))  # layers in the order the model has them
+    colors = _colors(pd.Series(order), order)
+    for ax, panel in zip(axes, panels):
+        part = probes if col is None else probes[probes[col] == panel]
+        stats = summarize(part, [hue, x], [y], ci)
+        for color, value in zip(colors, order):
+            g = stats[stats[hue] == value].sort_values(x)
+            if len(g):
+                _line_band(ax, g[x], g, y, color, _fmt(value), marker=None,
+                           alpha=0.2 if len(order) <= 3 else 0.1)
+        ax.set_xlabel(label(x))
+        ax.set_title(f"{col} = {_fmt(panel)}" if col else (title or ""))
+    for ax in axes[::ncols]:
+        ax.set_ylabel(label(name) if name else label(y))
+    _legend(axes[ncols - 1], knob_label(hue), many=len(order) > 4 or len(panels) > 1)
+    if title and col:
+        fig.suptitle(title)
+    return fig
+
+
+# ----------------------------------------------------------------------------- helpers
+def _hue_column(df: pd.DataFrame, hue: str | None) -> tuple[str, pd.DataFrame]:
+    """Group column for lines: ``hue``, or a constant one when no hue is asked for."""
+    if hue:
+        return hue, df
+    return "_all", df.assign(_all="all runs")
+
+
+def _groups(stats: pd.DataFrame, hue: str, order=None):
+    values = order if order is not None else sorted(stats[hue].unique(), key=_sort_key)
+    for value in values:
+        g = stats[stats[hue].astype(str) == str(value)]
+        if len(g):
+            yield value, g
+
+
+def _colors(values: pd.Series, order=None) -> list:
+    """Okabe-Ito for a few categories; an ordered colormap for many (layers, lr grids)."""
+    n = len(order) if order is not None else values.nunique()
+    if n <= len(PALETTE) - 1:
+        return PALETTE[:n]
+    return [mpl.colormaps["viridis"](v) for v in np.linspace(0.0, 0.9, n)]
+
+
+def _line_band(ax, xs, g: pd.DataFrame, y: str, color, text: str, marker="o",
+               alpha: float = 0.2) -> None:
+    """Mean line with markers and a translucent CI band (absent where n < 2)."""
+    scale = 100.0 if is_percent(y) else 1.0
+    ax.plot(xs, g[f"{y}.mean"] * scale, color=color, marker=marker, label=text)
+    ax.fill_between(xs, g[f"{y}.ci_lo"] * scale, g[f"{y}.ci_hi"] * scale, color=color,
+                    alpha=alpha, linewidth=0)
+
+
+def _mark_diverged(ax, xs, color, level: int = 0) -> None:
+    """An ``x`` near the top edge of the axes (axes-fraction y) above each diverged position;
+    each hue group on its own row (``level``) so that marks at the same x stay visible."""
+    if len(xs):
+        ax.plot(xs, [0.97 - 0.045 * level] * len(xs), ls="none", marker="x", ms=7, mew=2,
+                color=color, transform=ax.get_xaxis_transform(), clip_on=False)
+
+
+def _dots(ax, runs, x, y, pos, g, scale, width) -> None:
+    """Each run's value as a small dot on its bar (claims are distributions), spread across the
+    bar (deterministic jitter) so that dots neither hide each other nor the error bar."""
+    ok = runs[runs["status"] == "ok"] if "status" in runs else runs
+    where = dict(zip(g[x].astype(str), pos))
+    rank = ok.groupby(ok[x].astype(str)).cumcount().to_numpy()
+    jitter = width * 0.28 * np.where(rank % 2 == 0, 1, -1) * (0.4 + 0.6 * (rank % 3) / 2)
+    xs = ok[x].astype(str).map(where).to_numpy(dtype=float) + jitter
+    ax.plot(xs, ok[y] * scale, ls="none", marker="o", ms=2.5, color="black", alpha=0.6)
+
+
+def _positions(values: pd.Series, categorical: bool = False) -> tuple[list, dict]:
+    """Sorted distinct x values and their plot positions (themselves if numeric, else 0..n-1)."""
+    xs = sorted(values.dropna().unique(), key=_sort_key)
+    numeric = all(isinstance(v, (int, float, np.number)) for v in xs)
+    return xs, {v: (v if numeric and not categorical else i) for i, v in enumerate(xs)}
+
+
+def _x_axis(ax, x: str, xs: list, xpos: dict, logx) -> None:
+    numeric = all(xpos[v] == v for v in xs)
+    base = _log_base(xs, logx) if numeric else None
+    if base:
+        ax.set_xscale("log", base=base)
+        ax.minorticks_off()
+    if len(xs) <= 12:
+        ax.set_xticks([xpos[v] for v in xs], [_fmt(v) for v in xs])
+
+
+def _log_base(xs: list, logx):
+    if logx is False or not xs or min(xs) <= 0:
+        return None
+    if logx in (2, 10):
+        return logx
+    powers_of_two = all(float(v).is_integer() and int(v) & (int(v) - 1) == 0 for v in xs)
+    if logx is True:
+        return 2 if powers_of_two else 10
+    span = max(xs) / min(xs)
+    return 2 if powers_of_two and span >= 8 else 10 if span >= 100 else None
+
+
+def _finish(ax, xlabel, ylabel, hue, title, diverged) -> None:
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title)
+    if diverged:
+        ax.margins(y=0.15)  # headroom: the x marks sit at the top edge, above the data
+        ax.plot([], [], ls="none", marker="x", mew=2, color="0.3", label="diverged runs")
+    handles, _ = ax.get_legend_handles_labels()
+    if hue or diverged:
+        _legend(ax, knob_label(hue) if hue else None, many=len(handles) > 4)
+
+
+def _legend(ax, title, many: bool) -> None:
+    """Inside when it is small, outside on the right when it would cover the data; the
+    'diverged runs' entry last (matplotlib would list line handles before bars)."""
+    pairs = list(zip(*ax.get_legend_handles_labels()))
+    pairs.sort(key=lambda hl: hl[1] == "diverged runs")
+    handles, labels = zip(*pairs) if pairs else ((), ())
+    where = {"loc": "upper left", "bbox_to_anchor": (1.01, 1.0)} if many else {}
+    ax.legend(handles, labels, title=title, **where)
+
+
+def _cell_text(s: pd.Series, value: str, scale: float) -> str:
+    mean, lo, n = s[f"{value}.mean"] * scale, s[f"{value}.ci_lo"] * scale, s[f"{value}.n"]
+    diverged = f"\n{int(s['n_diverged'])} diverged" if s["n_diverged"] else ""
+    if n == 0:
+        return (diverged or "\nno run").strip()
+    text = f"{mean:.1f}" if scale != 1.0 else f"{mean:.3g}"
+    if not math.isnan(lo):
+        text += f"\n±{mean - lo:.1f}" if scale != 1.0 else f"\n±{mean - lo:.2g}"
+    return text + f"\nn={n}" + diverged
+
+
+def _nuniq(df, col) -> int:
+    return df[col].nunique() if col else 1
+
+
+def _sort_key(v):
+    """Numbers by value before strings, eval modes in their usual order (ema, precise, batch,
+    adapted, frozen) before other strings; None/NaN last (mixed columns must still sort)."""
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return (2, 0, "")
+    if isinstance(v, (int, float, np.number)):
+        return (0, float(v), "")
+    return (1, EVAL_MODES.index(v), "") if v in EVAL_MODES else (1, len(EVAL_MODES), str(v))
+
+
+def _fmt(v) -> str:
+    if isinstance(v, (float, np.floating)):
+        return f"{v:g}"
+    return str(v)
+
+
+__all__ = ["LABELS", "set_style", "label", "knob_label", "is_percent", "save_figure",
+           "plot_metric_vs", "plot_curves", "plot_bars", "plot_heatmap", "plot_probe"]

@@ -1,0 +1,310 @@
+"""Run folders of a study as pandas tables, and their aggregation over seeds.
+
+Reads only what ``bnexp.records`` defines (never the training code). ``collect_runs`` gives one
+row per run folder; columns are named exactly as the knobs are on the command line (``norm``,
+``data.batch_size``, ``optim.lr``) and as the metrics are in ``summary.json`` (``test_acc``,
+``test_acc.ema``). ``summarize`` aggregates over seeds with t-based confidence intervals;
+``status_counts`` compares the folders with the sweep that ``multirun.yaml`` defines.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Iterable
+
+import pandas as pd
+
+from . import records
+
+STATUS_ORDER = ("done", "diverged", "failed", "incomplete", "pending")
+SUMMARY_SCALARS = ("wall_time_s", "train_images_per_s", "git_commit", "device", "precision")
+
+
+# ----------------------------------------------------------------------------- reading runs
+def collect_runs(study_dir) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """``(runs, curves)`` of every run folder below ``study_dir``.
+
+    ``runs``: one row per folder with ``run`` (folder name), ``status`` (ok | diverged | failed |
+    incomplete: no summary.json yet), one column per override key as written in
+    ``.hydra/overrides.yaml`` (``+``/``~`` prefixes dropped), every final metric, the scalar
+    summary fields (``wall_time_s``, ``git_commit``, ...) and every flattened resolved-config key.
+    Override columns win over config columns of the same name. ``runs.attrs`` lists
+    ``override_keys`` and ``metric_keys``. ``curves``: one row per (run, epoch) of metrics.jsonl,
+    with ``run``, ``status`` and the override columns.
+    """
+    rows, curves, override_keys, metric_keys = [], [], {}, {}
+    for run_dir in records.iter_run_dirs(study_dir):
+        summary = records.read_summary(run_dir)
+        overrides = _parse_overrides(records.read_overrides(run_dir)
+                                     or (summary or {}).get("overrides") or [])
+        override_keys.update(dict.fromkeys(overrides))
+        head = {"run": run_dir.name, "status": (summary or {}).get("status", "incomplete"), **overrides}
+        metrics = dict((summary or {}).get("metrics") or {})
+        metric_keys.update(dict.fromkeys(metrics))
+        scalars = {k: (summary or {}).get(k) for k in SUMMARY_SCALARS}
+        config = flatten(summary["config"] if summary and summary.get("config") else
+                         _read_hydra_config(run_dir))
+        config = {k: v for k, v in config.items() if k not in overrides}
+        rows.append({**head, **metrics, **scalars, **config})
+        curves.extend({**head, **row} for row in records.read_jsonl(run_dir / records.METRICS))
+    runs = _typed(pd.DataFrame(rows, columns=None if rows else ["run", "status"]))
+    runs.attrs.update(override_keys=list(override_keys), metric_keys=list(metric_keys))
+    curves_df = _typed(pd.DataFrame(curves, columns=None if curves else ["run", "status"]))
+    return runs, curves_df
+
+
+def collect_probes(study_dir) -> pd.DataFrame:
+    """Every run's probes.jsonl (step, epoch, layer, name, value) with run, status and overrides."""
+    rows = []
+    for run_dir in records.iter_run_dirs(study_dir):
+        summary = records.read_summary(run_dir)
+        head = {"run": run_dir.name, "status": (summary or {}).get("status", "incomplete"),
+                **_parse_overrides(records.read_overrides(run_dir))}
+        rows.extend({**head, **row} for row in records.read_jsonl(run_dir / records.PROBES))
+    return _typed(pd.DataFrame(rows, columns=None if rows else ["run", "status"]))
+
+
+def swept_columns(runs: pd.DataFrame, exclude: Iterable[str] = ("seed",)) -> list[str]:
+    """Override keys whose value differs between runs (the axes of the sweep), seed excluded."""
+    keys = runs.attrs.get("override_keys") or []
+    return [k for k in keys if k in runs and k not in exclude
+            and runs[k].astype(str).nunique(dropna=False) > 1]
+
+
+def eval_modes_long(runs: pd.DataFrame, metric: str = "test_acc") -> pd.DataFrame:
+    """Runs x eval modes: the ``<metric>.<mode>`` columns stacked into ``metric`` with an
+    ``eval_mode`` column, so one plot can draw a line or bar per eval mode. Empty when none."""
+    modes = [c for c in runs.columns if c.startswith(metric + ".")]
+    if not modes:
+        return pd.DataFrame(columns=["run", "status", "eval_mode", metric])
+    keep = [c for c in runs.columns if c not in modes and c != metric]
+    long = runs.drop(columns=[metric], errors="ignore").melt(id_vars=keep, value_vars=modes, var_name="eval_mode", value_name=metric)
+    long["eval_mode"] = long["eval_mode"].str.removeprefix(metric + ".")
+    return long
+
+
+def select(df: pd.DataFrame, where: dict | None = None) -> pd.DataFrame:
+    """Rows of ``df`` whose columns equal the values in ``where`` (keys may contain dots)."""
+    mask = pd.Series(True, index=df.index)
+    for key, value in (where or {}).items():
+        mask &= _equals(df[key], value)
+    return df[mask]
+
+
+def flatten(tree: Any, prefix: str = "") -> dict:
+    """Nested dicts as one dict with dotted keys; lists become JSON strings (hashable cells)."""
+    if not isinstance(tree, dict):
+        return {prefix: json.dumps(tree) if isinstance(tree, (list, tuple)) else tree}
+    out = {}
+    for key, value in tree.items():
+        out.update(flatten(value, f"{prefix}{key}" if not prefix else f"{prefix}.{key}"))
+    return out
+
+
+def _parse_overrides(lines: list[str]) -> dict:
+    """``{key: typed value}`` for override strings, parsed with Hydra's own grammar."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    out = {}
+    for ov in OverridesParser.create().parse_overrides(list(lines)):
+        key = ov.key_or_group + (f"@{ov.package}" if ov.package else "")
+        value = ov.value()
+        out[key] = json.dumps(value) if isinstance(value, (list, dict)) else value
+    return out
+
+
+def _read_hydra_config(run_dir: Path) -> dict:
+    """The run's composed config from .hydra/config.yaml, resolved where OmegaConf can."""
+    from omegaconf import OmegaConf
+
+    path = Path(run_dir) / ".hydra" / "config.yaml"
+    if not path.exists():
+        return {}
+    cfg = OmegaConf.load(path)
+    try:
+        return OmegaConf.to_container(cfg, resolve=True)
+    except Exception:  # an interpolation needing Hydra's runtime: keep it as written
+        return OmegaConf.to_container(cfg, resolve=False)
+
+
+def _typed(df: pd.DataFrame) -> pd.DataFrame:
+    """Numeric columns as numbers (ints with missing values become floats); bools stay bools."""
+    for col in df.columns:
+        values = df[col].dropna()
+        if len(values) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+            df[col] = pd.to_numeric(df[col])
+    return df
+
+
+def _equals(column: pd.Series, value) -> pd.Series:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return column.isna()
+    mask = column == value
+    return mask if mask.any() else column.astype(str) == str(value)
+
+
+# ----------------------------------------------------------------------------- sweep status
+def expected_run_names(study_dir) -> list[str] | None:
+    """Folder names of every run the sweep in ``multirun.yaml`` defines (None if unknowable).
+
+    Mirrors Hydra 1.3's BasicSweeper and ``get_overrides_dirname``: sweeper params then the
+    command-line task overrides (a later key replaces an earlier one), cartesian product of the
+    discrete sweeps, then per job the non-excluded ``input_line``s sorted and joined.
+    """
+    from omegaconf import OmegaConf
+
+    path = Path(study_dir) / "multirun.yaml"
+    if not path.exists():
+        return None
+    cfg = OmegaConf.load(path)
+    try:
+        params = [f"{k}={v}" for k, v in (cfg.hydra.sweeper.get("params") or {}).items()]
+        jobs = _sweep_jobs(params + list(cfg.hydra.overrides.task))
+        naming = cfg.hydra.job.config.override_dirname
+        return [override_dirname(job, list(naming.exclude_keys), naming.item_sep, naming.kv_sep)
+                for job in jobs]
+    except Exception:  # e.g. glob() sweeps need the config repository; say "unknown", not 0
+        return None
+
+
+def _sweep_jobs(arguments: list[str]) -> list[list[str]]:
+    import itertools
+
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    choices: dict[str, list[str]] = {}
+    for ov in OverridesParser.create().parse_overrides(arguments):
+        key = ov.get_key_element()
+        if ov.is_sweep_override():
+            choices[key] = [f"{key}={v}" for v in ov.sweep_string_iterator()]
+        else:
+            choices[key] = [f"{key}={ov.get_value_element_as_str()}"]
+    return [list(job) for job in itertools.product(*choices.values())]
+
+
+def override_dirname(job: list[str], exclude_keys: list[str], item_sep: str = ",",
+                     kv_sep: str = "=") -> str:
+    """Hydra's ``hydra.job.override_dirname`` of one job's override strings."""
+    import re
+
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    lines = sorted(ov.input_line for ov in OverridesParser.create().parse_overrides(job)
+                   if ov.key_or_group not in exclude_keys)
+    return re.sub("[=]", kv_sep, item_sep.join(lines))
+
+
+def status_counts(study_dir) -> dict:
+    """``{done, diverged, failed, incomplete, pending}`` run counts of a study folder.
+
+    ``done`` counts status ok; ``incomplete`` folders have no summary (running or killed);
+    ``pending`` counts runs of the sweep with no folder yet, None when multirun.yaml is missing
+    or cannot be expanded.
+    """
+    counts = dict.fromkeys(STATUS_ORDER, 0)
+    names = set()
+    for run_dir in records.iter_run_dirs(study_dir):
+        status = (records.read_summary(run_dir) or {}).get("status", "incomplete")
+        key = "done" if status == "ok" else status
+        counts[key] = counts.get(key, 0) + 1
+        names.add(run_dir.name)
+    expected = expected_run_names(study_dir)
+    counts["pending"] = None if expected is None else len(set(expected) - names)
+    return counts
+
+
+# ----------------------------------------------------------------------------- statistics
+def t_quantile(p: float, df: float) -> float:
+    """Quantile of Student's t with ``df`` (> 0, may be fractional) degrees of freedom.
+
+    Bisection on the CDF, which comes from the regularized incomplete beta function: no scipy.
+    """
+    if not 0.0 < p < 1.0 or not df > 0:
+        raise ValueError(f"t_quantile needs 0 < p < 1 and df > 0, got p={p}, df={df}")
+    if p < 0.5:
+        return -t_quantile(1.0 - p, df)
+    lo, hi = 0.0, 1.0
+    while t_cdf(hi, df) < p:
+        lo, hi = hi, hi * 2.0
+    for _ in range(200):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if t_cdf(mid, df) < p else (lo, mid)
+        if hi - lo <= 1e-12 * max(1.0, hi):
+            break
+    return 0.5 * (lo + hi)
+
+
+def t_cdf(t: float, df: float) -> float:
+    """P(T <= t) for Student's t: 1 - I_x(df/2, 1/2) / 2 with x = df / (df + t^2), for t > 0."""
+    tail = 0.5 * _betainc(0.5 * df, 0.5, df / (df + t * t))
+    return 1.0 - tail if t > 0 else tail
+
+
+def _betainc(a: float, b: float, x: float) -> float:
+    """Regularized incomplete beta I_x(a, b) (continued fraction, Numerical Recipes 6.4)."""
+    if x <= 0.0 or x >= 1.0:
+        return 0.0 if x <= 0.0 else 1.0
+    log_front = (math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b)
+                 + a * math.log(x) + b * math.log1p(-x))
+    if x < (a + 1.0) / (a + b + 2.0):  # the fraction converges fast on this side
+        return math.exp(log_front) * _betacf(a, b, x) / a
+    return 1.0 - math.exp(log_front) * _betacf(b, a, 1.0 - x) / b
+
+
+def _betacf(a: float, b: float, x: float, tiny: float = 1e-300) -> float:
+    """Modified Lentz evaluation of the continued fraction of I_x(a, b)."""
+    c, d = 1.0, 1.0 - (a + b) * x / (a + 1.0)
+    d = 1.0 / (d if abs(d) > tiny else tiny)
+    h = d
+    for m in range(1, 500):
+        for num in (m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
+                    -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))):
+            d = 1.0 + num * d
+            d = 1.0 / (d if abs(d) > tiny else tiny)
+            c = 1.0 + num / c
+            c = c if abs(c) > tiny else tiny
+            h *= d * c
+        if abs(d * c - 1.0) < 1e-15:
+            break
+    return h
+
+
+def mean_ci(values, ci: float = 0.95) -> tuple[float, float, int, float]:
+    """``(mean, std, n, half_width)`` of finite ``values``; std and half-width NaN when n < 2."""
+    vals = [float(v) for v in values if v is not None and math.isfinite(float(v))]
+    n = len(vals)
+    if n == 0:
+        return math.nan, math.nan, 0, math.nan
+    mean = math.fsum(vals) / n
+    if n < 2:
+        return mean, math.nan, 1, math.nan
+    std = math.sqrt(math.fsum((v - mean) ** 2 for v in vals) / (n - 1))
+    return mean, std, n, t_quantile(0.5 + ci / 2, n - 1) * std / math.sqrt(n)
+
+
+def summarize(runs: pd.DataFrame, by: list[str], metrics: list[str], ci: float = 0.95,
+              include_diverged: bool = False) -> pd.DataFrame:
+    """One row per group of ``by`` with ``<metric>.{mean,std,n,ci_lo,ci_hi}`` for each metric.
+
+    Aggregates over every column not in ``by`` (seeds). Only ``ok`` runs enter the statistics
+    (``diverged`` too with ``include_diverged``); ``n_runs``, ``n_diverged``, ``n_failed`` and
+    ``n_incomplete`` count the group's folders so a figure can mark what is missing. The interval
+    is mean +/- t_{(1+ci)/2, n-1} * std / sqrt(n) (std with n - 1); NaN when n < 2.
+    """
+    by = [by] if isinstance(by, str) else list(by)
+    status = runs["status"] if "status" in runs else pd.Series("ok", index=runs.index)
+    used = ("ok", "diverged") if include_diverged else ("ok",)
+    out = []
+    for key, group in runs.groupby(by, dropna=False, sort=True) if by else [((), runs)]:
+        st = status.loc[group.index]
+        row = dict(zip(by, key if isinstance(key, tuple) else (key,)))
+        row.update(n_runs=len(group), **{f"n_{s}": int((st == s).sum())
+                                         for s in ("diverged", "failed", "incomplete")})
+        kept = group[st.isin(used)]
+        for m in metrics:
+            mean, std, n, half = mean_ci(kept[m] if m in kept else [], ci)
+            row.update({f"{m}.mean": mean, f"{m}.std": std, f"{m}.n": n,
+                        f"{m}.ci_lo": mean - half, f"{m}.ci_hi": mean + half})
+        out.append(row)
+    return pd.DataFrame(out)

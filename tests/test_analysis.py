@@ -1,0 +1,345 @@
+"""Analysis half: run folders -> tables, statistics, figures and report, against hand computations.
+
+A fake study is written through ``bnexp.records`` with known numbers: batch {8, 128} x norm
+{bn, none} x seeds {0, 1, 2}, one diverged, one failed, one incomplete (no summary) and one run
+of the sweep that has no folder yet (pending).
+"""
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import pytest  # noqa: E402
+import yaml  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+
+from bnexp import analysis as A  # noqa: E402
+from bnexp import records  # noqa: E402
+
+# (batch, norm, seed, status, test_acc); (128, none, 1) is pending: in the sweep, no folder.
+RUNS = [(8, "bn", 0, "ok", 0.80), (8, "bn", 1, "ok", 0.82), (8, "bn", 2, "ok", 0.87),
+        (128, "bn", 0, "ok", 0.90), (128, "bn", 1, "ok", 0.91), (128, "bn", 2, "failed", None),
+        (8, "none", 0, "ok", 0.70), (8, "none", 1, "ok", 0.72), (8, "none", 2, "diverged", None),
+        (128, "none", 0, "ok", 0.75), (128, "none", 2, "incomplete", None)]
+EPOCHS = 3
+T975 = {1: 12.706, 2: 4.303, 4: 2.776, 30: 2.042}  # two-sided 95% t table
+
+
+def write_run(study: Path, batch: int, norm: str, seed: int, status: str, acc) -> Path:
+    """One run folder as bnexp writes it; accuracy curves rise linearly to ``acc``."""
+    overrides = [f"data.batch_size={batch}", f"norm={norm}", f"seed={seed}", "study=toy", "scale=smoke"]
+    name = ",".join(sorted(o for o in overrides if not o.startswith("study=")))
+    run = study / "runs" / name
+    (run / ".hydra").mkdir(parents=True)
+    config = {"seed": seed, "scale": "full",  # scale: a config key that the override must win over
+              "data": {"name": "synthetic", "batch_size": batch},
+              "norm": {"name": norm, "momentum": 0.1}, "optim": {"lr": 0.1, "milestones": [0.5, 0.75]}}
+    (run / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
+    (run / ".hydra" / "config.yaml").write_text(yaml.safe_dump(config))
+    for epoch in range(1, EPOCHS + 1):
+        value = (acc if acc is not None else 0.1) * epoch / EPOCHS
+        records.write_epoch(run, {"epoch": epoch, "step": 10 * epoch, "test_acc": value,
+                                  "train_loss": 1.0 - value})
+    records.write_probes(run, [{"step": s, "epoch": 1, "layer": layer, "name": "noise",
+                                "value": (i + 1) * 0.1 * (s + 1) + 0.01 * seed}
+                               for s in range(3) for i, layer in enumerate(["conv1", "conv2"])])
+    if status == "incomplete":
+        return run
+    metrics = {} if acc is None else {
+        "test_acc": acc, "train_acc": acc + 0.05, "gen_gap": 0.05, "test_loss": 1.0 - acc,
+        "test_acc.ema": acc, "test_acc.precise": acc + 0.01}
+    records.write_json_atomic(run / records.SUMMARY, {
+        "status": status, "metrics": metrics, "config": config, "overrides": overrides,
+        "wall_time_s": 12.5, "git_commit": "abc123", "error": "boom" if status == "failed" else None})
+    return run
+
+
+def write_multirun(study: Path) -> None:
+    """multirun.yaml as Hydra saves it: sweeper params (one interpolated) + task overrides."""
+    cfg = {"scale_name": "smoke", "grid": {"smoke": {"batch": "8,128"}},
+           "hydra": {"sweeper": {"params": {"data.batch_size": "${grid.${scale_name}.batch}",
+                                            "norm": "bn,none", "seed": "0,1,2"}},
+                     "overrides": {"hydra": ["hydra.mode=MULTIRUN"], "task": ["study=toy", "scale=smoke"]},
+                     "job": {"config": {"override_dirname": {
+                         "kv_sep": "=", "item_sep": ",", "exclude_keys": ["study", "threads"]}}}}}
+    (study / "multirun.yaml").write_text(yaml.safe_dump(cfg))
+
+
+@pytest.fixture
+def study(tmp_path) -> Path:
+    study = tmp_path / "toy"
+    for row in RUNS:
+        write_run(study, *row)
+    write_multirun(study)
+    return study
+
+
+@pytest.fixture
+def runs(study) -> pd.DataFrame:
+    return A.collect_runs(study)[0]
+
+
+def ok_accs(batch, norm) -> list[float]:
+    return [acc for b, n, _, st, acc in RUNS if (b, n, st) == (batch, norm, "ok")]
+
+
+# ----------------------------------------------------------------------------- collecting
+def test_collect_runs_columns_statuses_and_types(runs):
+    assert len(runs) == len(RUNS)
+    by_key = {(r["data.batch_size"], r["norm"], r["seed"]): r for _, r in runs.iterrows()}
+    for batch, norm, seed, status, acc in RUNS:
+        row = by_key[batch, norm, seed]
+        assert row["status"] == status
+        assert (math.isnan(row["test_acc"]) if acc is None else row["test_acc"] == pytest.approx(acc))
+    for col in ("run", "status", "data.batch_size", "norm", "seed", "study", "scale", "test_acc",
+                "test_acc.ema", "test_acc.precise", "gen_gap", "wall_time_s", "norm.name",
+                "norm.momentum", "optim.lr", "data.name", "optim.milestones"):
+        assert col in runs, col
+    assert list(runs.columns).count("seed") == 1
+    assert set(runs["scale"]) == {"smoke"}  # the override beats config's scale=full
+    assert runs["data.batch_size"].dtype.kind == "i" and runs["test_acc"].dtype.kind == "f"
+    assert json.loads(runs["optim.milestones"].iloc[0]) == [0.5, 0.75]
+    incomplete = runs[runs["status"] == "incomplete"].iloc[0]
+    assert incomplete["norm.name"] == "none"  # config from .hydra/config.yaml when no summary
+    assert A.swept_columns(runs) == ["data.batch_size", "norm"]
+
+
+def test_collect_curves_and_probes(study):
+    _, curves = A.collect_runs(study)
+    assert len(curves) == len(RUNS) * EPOCHS
+    assert {"run", "status", "norm", "data.batch_size", "seed", "epoch", "test_acc"} <= set(curves)
+    last = curves[(curves["epoch"] == EPOCHS) & (curves["status"] == "ok")]
+    assert sorted(last["test_acc"]) == pytest.approx(sorted(a for *_, s, a in RUNS if s == "ok"))
+    probes = A.collect_probes(study)
+    assert len(probes) == len(RUNS) * 6 and set(probes["layer"]) == {"conv1", "conv2"}
+
+
+# ----------------------------------------------------------------------------- statistics
+@pytest.mark.parametrize("df,expected", sorted(T975.items()))
+def test_t_quantile_matches_table(df, expected):
+    assert A.t_quantile(0.975, df) == pytest.approx(expected, abs=1e-3)
+    assert A.t_quantile(0.025, df) == pytest.approx(-expected, abs=1e-3)
+
+
+@pytest.mark.parametrize("p", [0.6, 0.9, 0.975, 0.995, 0.9995])
+def test_t_quantile_closed_forms_and_normal_limit(p):
+    assert A.t_quantile(p, 1) == pytest.approx(math.tan(math.pi * (p - 0.5)), rel=1e-9)  # Cauchy
+    assert A.t_quantile(p, 2) == pytest.approx((2 * p - 1) / math.sqrt(2 * p * (1 - p)), rel=1e-9)
+    assert A.t_quantile(p, 1e7) == pytest.approx(statistics.NormalDist().inv_cdf(p), rel=1e-5)
+    assert A.t_cdf(A.t_quantile(p, 3.7), 3.7) == pytest.approx(p, abs=1e-12)
+
+
+def test_summarize_matches_hand_computation(runs):
+    s = A.summarize(runs, by=["data.batch_size", "norm"], metrics=["test_acc"])
+    row = A.select(s, {"data.batch_size": 8, "norm": "bn"}).iloc[0]
+    vals = ok_accs(8, "bn")
+    half = T975[2] * statistics.stdev(vals) / math.sqrt(3)
+    assert row["test_acc.mean"] == pytest.approx(statistics.mean(vals))
+    assert row["test_acc.std"] == pytest.approx(statistics.stdev(vals))
+    assert row["test_acc.n"] == 3
+    assert (row["test_acc.ci_lo"], row["test_acc.ci_hi"]) == pytest.approx(
+        (statistics.mean(vals) - half, statistics.mean(vals) + half), abs=1e-5)
+    diverged = A.select(s, {"data.batch_size": 8, "norm": "none"}).iloc[0]
+    assert (diverged["test_acc.n"], diverged["n_diverged"], diverged["n_runs"]) == (2, 1, 3)
+    failed = A.select(s, {"data.batch_size": 128, "norm": "bn"}).iloc[0]
+    assert (failed["test_acc.n"], failed["n_failed"]) == (2, 1)
+    single = A.select(s, {"data.batch_size": 128, "norm": "none"}).iloc[0]
+    assert single["test_acc.n"] == 1 and single["n_incomplete"] == 1
+    assert single["test_acc.mean"] == pytest.approx(0.75)
+    assert math.isnan(single["test_acc.std"]) and math.isnan(single["test_acc.ci_lo"])
+
+
+def test_summarize_can_include_diverged_runs():
+    df = pd.DataFrame({"g": ["a"] * 3, "status": ["ok", "ok", "diverged"], "m": [1.0, 3.0, 0.1]})
+    assert A.summarize(df, ["g"], ["m"])["m.mean"].iloc[0] == pytest.approx(2.0)
+    both = A.summarize(df, ["g"], ["m"], include_diverged=True).iloc[0]
+    assert both["m.mean"] == pytest.approx(np.mean([1.0, 3.0, 0.1])) and both["n_diverged"] == 1
+
+
+# ----------------------------------------------------------------------------- sweep status
+def test_status_counts_include_pending(study):
+    assert A.status_counts(study) == {"done": 8, "diverged": 1, "failed": 1, "incomplete": 1,
+                                      "pending": 1}
+    (study / "multirun.yaml").unlink()
+    assert A.status_counts(study)["pending"] is None
+
+
+def test_override_dirname_matches_hydra():
+    from hydra._internal.config_loader_impl import get_overrides_dirname
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    job = ["seed=1", "+extra='a=b'", "study=x", "norm=gn", "data.batch_size=8", "~model.width"]
+    parsed = OverridesParser.create().parse_overrides(job)
+    for sep in [(",", "="), ("/", ":")]:
+        assert A.override_dirname(job, ["study"], *sep) == get_overrides_dirname(
+            parsed, exclude_keys=["study"], item_sep=sep[0], kv_sep=sep[1])
+
+
+def test_expected_run_names_match_a_real_hydra_sweep(tmp_path):
+    """Launch an actual Hydra multirun and compare its folders with our expansion."""
+    (tmp_path / "conf").mkdir()
+    (tmp_path / "conf" / "config.yaml").write_text(textwrap.dedent("""
+        a: 1
+        b: x
+        seed: 0
+        scale_name: smoke
+        grid: {smoke: {a: "1,2"}}
+        hydra:
+          sweep: {dir: out, subdir: "runs/${hydra.job.override_dirname}"}
+          sweeper: {params: {a: "${grid.${scale_name}.a}", seed: "0,1"}}
+          job: {config: {override_dirname: {exclude_keys: [threads]}}}
+        """))
+    (tmp_path / "app.py").write_text(textwrap.dedent("""
+        import hydra
+        @hydra.main(config_path="conf", config_name="config", version_base=None)
+        def main(cfg):
+            pass
+        main()
+        """))
+    subprocess.run([sys.executable, "app.py", "-m", "b=x,y", "+threads=2", "seed=3,4"],
+                   cwd=tmp_path, check=True, capture_output=True, timeout=120)
+    made = sorted(p.name for p in (tmp_path / "out" / "runs").iterdir())
+    assert len(made) == 8 and sorted(A.expected_run_names(tmp_path / "out")) == made
+
+
+# ----------------------------------------------------------------------------- figures
+def _saved(fig, tmp_path, stem) -> Path:
+    png = A.save_figure(fig, tmp_path / "figs", stem)[0]
+    assert png.read_bytes()[:4] == b"\x89PNG" and png.with_suffix(".pdf").exists()
+    return png
+
+
+def _legend_texts(ax) -> list[str]:
+    return [t.get_text() for t in ax.get_legend().get_texts()]
+
+
+def test_plot_metric_vs_lines_bands_and_diverged_marks(runs, tmp_path):
+    fig = A.plot_metric_vs(runs, "data.batch_size", "test_acc", hue="norm")
+    assert isinstance(fig, Figure)
+    ax = fig.axes[0]
+    assert _legend_texts(ax) == ["bn", "none", "diverged runs"]
+    assert ax.get_legend().get_title().get_text() == "normalization [norm]"
+    assert ax.get_xscale() == "log" and ax.get_ylabel() == "test accuracy (%)"
+    lines = {l.get_label(): l for l in ax.get_lines()}
+    np.testing.assert_allclose(lines["bn"].get_ydata(),
+                               [100 * np.mean(ok_accs(8, "bn")), 100 * np.mean(ok_accs(128, "bn"))])
+    marks = [l for l in ax.get_lines() if l.get_marker() == "x" and len(l.get_xdata())]
+    assert [list(m.get_xdata()) for m in marks] == [[8]]  # the one diverged run: none at batch 8
+    assert len(ax.collections) == 2  # one CI band per norm
+    _saved(fig, tmp_path, "metric_vs")
+
+
+def test_plot_curves_mean_over_seeds(study, tmp_path):
+    _, curves = A.collect_runs(study)
+    fig = A.plot_curves(curves[curves["data.batch_size"] == 8], y="test_acc", hue="norm")
+    ax = fig.axes[0]
+    assert _legend_texts(ax) == ["bn", "none"] and len(ax.collections) == 2
+    bn = next(l for l in ax.get_lines() if l.get_label() == "bn")
+    np.testing.assert_allclose(bn.get_ydata(), [100 * np.mean(ok_accs(8, "bn")) * e / EPOCHS
+                                                for e in range(1, EPOCHS + 1)])
+    _saved(fig, tmp_path, "curves")
+
+
+def test_plot_bars_heights_and_error_bars(runs, tmp_path):
+    fig = A.plot_bars(runs, "norm", "test_acc", hue="data.batch_size")
+    ax = fig.axes[0]
+    heights = sorted(round(p.get_height(), 6) for p in ax.patches)
+    expected = sorted(round(100 * np.mean(ok_accs(b, n)), 6) for b in (8, 128) for n in ("bn", "none"))
+    assert heights == pytest.approx(expected)
+    assert _legend_texts(ax) == ["8", "128", "diverged runs"]
+    _saved(fig, tmp_path, "bars")
+
+
+def test_plot_heatmap_cells(runs, tmp_path):
+    fig = A.plot_heatmap(runs, row="norm", col="data.batch_size", value="test_acc")
+    image = fig.axes[0].get_images()[0].get_array()
+    expected = [[100 * np.mean(ok_accs(b, n)) for b in (8, 128)] for n in ("bn", "none")]
+    np.testing.assert_allclose(np.asarray(image), expected)
+    assert len(fig.axes[0].texts) == 4
+    _saved(fig, tmp_path, "heatmap")
+
+
+def test_plot_probe_lines_per_layer_and_panels(study, tmp_path):
+    probes = A.collect_probes(study)
+    fig = A.plot_probe(probes, "noise", hue="layer", col="norm")
+    assert len(fig.axes) == 2
+    for ax in fig.axes:
+        assert [l.get_label() for l in ax.get_lines()] == ["conv1", "conv2"]
+    assert _legend_texts(fig.axes[-1]) == ["conv1", "conv2"]
+    _saved(fig, tmp_path, "probe")
+
+
+# ----------------------------------------------------------------------------- words and report
+def test_compare_statement_welch_against_hand_computation():
+    runs = pd.DataFrame({"norm": ["bn"] * 3 + ["none"] * 3, "status": "ok",
+                         "test_acc": [0.80, 0.82, 0.84, 0.70, 0.72, 0.74]})
+    # equal std and n=3: Welch's dof is exactly 2 * (3 - 1) = 4, so the table value applies
+    half = T975[4] * math.sqrt(2 * statistics.variance([0.80, 0.82, 0.84]) / 3) * 100
+    text = A.compare_statement(runs, "test_acc", "norm", "none", "bn")
+    assert text.startswith("bn beats none on test_acc") and "n=3" in text and "Welch" in text
+    assert f"by 10.0 +/- {half:.1f} points" in text
+    runs["test_loss"] = 1 - runs["test_acc"]
+    assert A.compare_statement(runs, "test_loss", "norm", "bn", "none").startswith("bn beats none")
+    close = runs.assign(test_acc=[0.80, 0.85, 0.75, 0.79, 0.84, 0.76])
+    assert "not distinguishable" in A.compare_statement(close, "test_acc", "norm", "bn", "none")
+
+
+def test_compare_statement_on_study_summary(runs):
+    s = A.summarize(runs, ["data.batch_size", "norm"], ["test_acc"])
+    text = A.compare_statement(s, "test_acc", "norm", "bn", "none", at={"data.batch_size": 8})
+    a, b = ok_accs(8, "bn"), ok_accs(8, "none")
+    va, vb = statistics.variance(a) / 3, statistics.variance(b) / 2
+    dof = (va + vb) ** 2 / (va ** 2 / 2 + vb ** 2 / 1)
+    diff, half = np.mean(a) - np.mean(b), A.t_quantile(0.975, dof) * math.sqrt(va + vb)
+    assert f"by {100 * diff:.1f} +/- {100 * half:.1f} points at data.batch_size=8" in text
+    assert "n=3 vs 2" in text and "1 diverged none run(s) excluded" in text
+    single = A.compare_statement(s, "test_acc", "norm", "bn", "none", at={"data.batch_size": 128})
+    assert "too few runs for an interval" in single
+
+
+def test_markdown_table_without_tabulate():
+    df = pd.DataFrame({"norm": ["bn", "a|b"], "acc": [0.5, float("nan")]})
+    assert A.markdown_table(df) == ("| norm | acc |\n| :--- | ---: |\n| bn | 0.5 |\n| a\\|b | - |")
+
+
+def test_write_report_contents(study, runs):
+    s = A.summarize(runs, ["norm"], ["test_acc"])
+    table = A.format_summary(s, ["norm"], ["test_acc"])
+    assert table["test_acc (%, mean ± CI)"].iloc[0].startswith(f"{100 * np.mean(ok_accs(8, 'bn') + ok_accs(128, 'bn')):.1f} ± ")
+    fig = A.save_figure(A.plot_bars(runs, "norm", "test_acc"), study / "figures", "bars")[0]
+    path = A.write_report(study, "toy", "Does bn help?", "bnexp -m study=toy", [fig], table,
+                          "bn beats none.")
+    text = path.read_text()
+    assert path == study / "report.md"
+    for piece in ("Does bn help?", "bnexp -m study=toy", "8 done", "1 diverged", "1 failed",
+                  "1 incomplete", "1 pending", "bn beats none.", "abc123", "](figures/bars.png)",
+                  "(figures/bars.pdf)", "| norm | test_acc (%, mean ± CI) | n |"):
+        assert piece in text, piece
+
+
+def test_analyze_pipeline_and_cli(study, capsys):
+    path = A.analyze(study)
+    text = path.read_text()
+    csv = pd.read_csv(study / "runs.csv")
+    assert sorted(csv["status"]) == sorted(r[3] for r in RUNS)
+    assert len(pd.read_csv(study / "curves.csv")) == len(RUNS) * EPOCHS
+    assert "bnexp -m study=toy scale=smoke" in text and "Best on test_acc" in text
+    pngs = sorted(p.name for p in (study / "figures").glob("*.png"))
+    assert pngs == sorted(["test_acc_vs_data-batch_size.png", "test_acc_heatmap.png",
+                           "test_acc_by_eval_mode.png", "test_acc_curves.png", "probe_noise.png"])
+    assert all(f"](figures/{p})" in text for p in pngs)
+    assert A.main(["--status", str(study)]) == 0
+    assert "done=8 diverged=1 failed=1 incomplete=1 pending=1" in capsys.readouterr().out
+    assert A.main([str(study.parent)]) == 0  # results/ holding studies: analyzes each
+    assert str(path) in capsys.readouterr().out
