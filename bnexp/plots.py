@@ -16,7 +16,6 @@ import matplotlib as mpl
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
-from matplotlib.lines import Line2D
 
 from .tables import summarize
 
@@ -119,7 +118,8 @@ def plot_curves(curves: pd.DataFrame, x: str = "epoch", y: str = "test_acc", hue
     hue_col, curves = _hue_column(curves, hue)
     stats = summarize(curves, [hue_col, x], [y], ci)
     for color, (value, g) in zip(_colors(stats[hue_col], hue_order), _groups(stats, hue_col, hue_order)):
-        _line_band(ax, g[x], g.sort_values(x), y, color, _fmt(value), marker=None)
+        g = g.sort_values(x)
+        _line_band(ax, g[x], g, y, color, _fmt(value), marker=None)
     _finish(ax, label(x), label(y), hue, title, diverged=False)
     return fig
 
@@ -128,7 +128,7 @@ def plot_bars(df: pd.DataFrame, x: str, y: str, hue: str | None = None, ci: floa
               hue_order=None, title: str | None = None) -> Figure:
     """Grouped bars of the mean of ``y`` per ``x`` category and ``hue``; CI error bars, runs as dots."""
     set_style()
-    n_bars = df[x].nunique() * max(1, _nuniq(df, hue))
+    n_bars = df[x].nunique() * (df[hue].nunique() if hue else 1)
     fig = Figure(figsize=(min(11.0, max(5.5, 0.3 * n_bars + 3.0)), 3.6))
     ax = fig.subplots()
     hue_col, df = _hue_column(df, hue)
@@ -335,10 +335,6 @@ def _cell_text(s: pd.Series, value: str, scale: float) -> str:
     if not math.isnan(lo):
         text += f"\n±{mean - lo:.1f}" if scale != 1.0 else f"\n±{mean - lo:.2g}"
     return text + f"\nn={n}" + diverged
-
-
-def _nuniq(df, col) -> int:
-    return df[col].nunique() if col else 1
 
 
 def _sort_key(v):

@@ -8,6 +8,7 @@ row per run folder; columns are named exactly as the knobs are on the command li
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 from pathlib import Path
@@ -104,14 +105,20 @@ def flatten(tree: Any, prefix: str = "") -> dict:
 
 def _parse_overrides(lines: list[str]) -> dict:
     """``{key: typed value}`` for override strings, parsed with Hydra's own grammar."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
     out = {}
-    for ov in OverridesParser.create().parse_overrides(list(lines)):
+    for ov in _parser().parse_overrides(list(lines)):
         key = ov.key_or_group + (f"@{ov.package}" if ov.package else "")
         value = ov.value()
         out[key] = json.dumps(value) if isinstance(value, (list, dict)) else value
     return out
+
+
+@functools.lru_cache(maxsize=1)
+def _parser():
+    """Hydra's override parser (building it costs more than parsing a run's overrides)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    return OverridesParser.create()
 
 
 def _read_hydra_config(run_dir: Path) -> dict:
@@ -171,10 +178,8 @@ def expected_run_names(study_dir) -> list[str] | None:
 def _sweep_jobs(arguments: list[str]) -> list[list[str]]:
     import itertools
 
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
     choices: dict[str, list[str]] = {}
-    for ov in OverridesParser.create().parse_overrides(arguments):
+    for ov in _parser().parse_overrides(arguments):
         key = ov.get_key_element()
         if ov.is_sweep_override():
             choices[key] = [f"{key}={v}" for v in ov.sweep_string_iterator()]
@@ -188,9 +193,7 @@ def override_dirname(job: list[str], exclude_keys: list[str], item_sep: str = ",
     """Hydra's ``hydra.job.override_dirname`` of one job's override strings."""
     import re
 
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    lines = sorted(ov.input_line for ov in OverridesParser.create().parse_overrides(job)
+    lines = sorted(ov.input_line for ov in _parser().parse_overrides(job)
                    if ov.key_or_group not in exclude_keys)
     return re.sub("[=]", kv_sep, item_sep.join(lines))
 
@@ -215,6 +218,7 @@ def status_counts(study_dir) -> dict:
 
 
 # ----------------------------------------------------------------------------- statistics
+@functools.lru_cache(maxsize=1024)  # summaries ask for the same few (p, n - 1) over and over
 def t_quantile(p: float, df: float) -> float:
     """Quantile of Student's t with ``df`` (> 0, may be fractional) degrees of freedom.
 
