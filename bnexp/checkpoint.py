@@ -55,12 +55,21 @@ def load_last(run_dir: Path, *, model, optimizer, scheduler, generator: torch.Ge
     return {k: state[k] for k in ("epoch", "step", "history", "timing")}
 
 
-def save_model(run_dir: Path, model, config: dict, num_classes: int) -> None:
-    """The final weights (and the config that made them), for fine-tuning and fusion."""
+def save_model(run_dir: Path, model, config: dict, num_classes: int, mean=None, std=None) -> None:
+    """The final weights (and the config that made them), for fine-tuning and fusion.
+
+    ``mean``/``std``: the input normalization the model was trained with (part of the function it
+    computes; a fine-tuned run keeps its source's, which its own data config would not give).
+    """
     path = Path(run_dir) / MODEL
     tmp = path.with_suffix(".pt.tmp")
-    torch.save({"model": model.state_dict(), "config": config, "num_classes": num_classes}, tmp)
+    torch.save({"model": model.state_dict(), "config": config, "num_classes": num_classes,
+                "mean": _floats(mean), "std": _floats(std)}, tmp)
     os.replace(tmp, path)
+
+
+def _floats(values) -> list | None:
+    return None if values is None else torch.as_tensor(values).tolist()
 
 
 def load_model_state(run_dir: Path) -> dict:
