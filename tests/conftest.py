@@ -38,3 +38,25 @@ TINY = ["data=synthetic", "data.synthetic_train=512", "data.synthetic_test=256",
 @pytest.fixture
 def tiny_overrides():
     return list(TINY)
+
+
+def norm_defaults() -> dict:
+    """The ``norm:`` section of conf/config.yaml (the single source of defaults), as a dict."""
+    import yaml
+    from pathlib import Path
+
+    with open(Path(__file__).resolve().parents[1] / "conf" / "config.yaml") as f:
+        return dict(yaml.safe_load(f)["norm"])
+
+
+@pytest.fixture
+def norm_cfg():
+    """``norm_cfg(**overrides)`` builds a ``NormConfig`` from the YAML defaults plus overrides."""
+    from bnexp.config import NormConfig
+
+    defaults = norm_defaults()
+
+    def build(**overrides):
+        return NormConfig(**{**defaults, **overrides})
+
+    return build
