@@ -231,17 +231,18 @@ def sample_indices(n_total: int, n: int, generator: torch.Generator) -> torch.Te
 
 
 def input_batches(split: Split, n: int, batch_size: int, pipe, seed: int, tag: str,
-                  augment: bool) -> Iterator[torch.Tensor]:
+                  augment: bool, labels: bool = False) -> Iterator:
     """Prepared i.i.d. batches of ``split``: a seeded random draw of ``n`` images cut into
     ``ceil(n / batch_size)`` batches of near-equal size (4096 at 128 is 32 x 128; 50 at 16 is
     13, 13, 12, 12), so every image counts and no batch is tiny. Augmented with a generator of
-    their own: training's augmentation stream is untouched."""
+    their own: training's augmentation stream is untouched. ``labels``: yield ``(x, y)``."""
     idx = sample_indices(len(split), max(n, 1), seeded_generator(seed, tag)).to(split.x.device)
     if augment and dataclasses.is_dataclass(pipe) and hasattr(pipe, "generator"):
         pipe = dataclasses.replace(pipe, generator=seeded_generator(seed, tag, "augment",
                                                                     device=pipe.generator.device))
     for b in idx.tensor_split(-(-len(idx) // batch_size)):
-        yield pipe.prep(split.x.index_select(0, b), train=augment)
+        x = pipe.prep(split.x.index_select(0, b), train=augment)
+        yield (x, split.y.index_select(0, b)) if labels else x
 
 
 def batch_mode_batches(split: Split, batch_size: int, seed: int) -> Iterator[tuple]:

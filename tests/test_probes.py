@@ -1,0 +1,199 @@
+"""Probes on hand-made tiny models against hand computations, and probes=all through fit()."""
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bnexp import norms, probes, records, stats
+
+
+class RawPipe:
+    def prep(self, x, train=False):
+        return x
+
+    def amp(self):
+        return contextlib.nullcontext()
+
+
+def identity_conv(c=1):
+    conv = nn.Conv2d(c, c, 1, bias=False)
+    with torch.no_grad():
+        conv.weight.copy_(torch.eye(c).view(c, c, 1, 1))
+    return conv
+
+
+def test_noise_matches_a_hand_computation_on_constant_images():
+    # Each image is one constant c_i, so a batch's mean is mean(c) and its (biased) variance var(c).
+    g = torch.Generator().manual_seed(0)
+    consts = {2: torch.randn(6, 2, generator=g), 4: torch.randn(6, 4, generator=g) * 2 + 1}
+    batches = {s: [c.view(-1, 1, 1, 1).expand(-1, 1, 3, 3).clone() for c in consts[s]] for s in consts}
+    model = nn.Sequential(identity_conv(), nn.BatchNorm2d(1))
+    rows = probes.batch_noise(model, batches, RawPipe())
+
+    every = torch.cat([consts[2].flatten(), consts[4].flatten()]).double()
+    pop_var = every.var(unbiased=False)  # all batches pooled, as BN's own (biased) statistic
+    for s, c in consts.items():
+        c = c.double()
+        mean_noise = c.mean(1).std() / pop_var.sqrt()
+        var_noise = c.var(1, unbiased=False).std() / pop_var
+        got = {r["name"]: r["value"] for r in rows if r["batch_size"] == s}
+        assert got["noise.mean"] == pytest.approx(mean_noise.item(), rel=1e-5)
+        assert got["noise.var"] == pytest.approx(var_noise.item(), rel=1e-5)
+    assert {r["layer"] for r in rows} == {"1"}
+
+
+def two_conv_bn(seed=0):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4), nn.ReLU(),
+                          nn.Conv2d(4, 5, 3, padding=1, bias=False), nn.BatchNorm2d(5), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(5, 3))
+    with torch.no_grad():
+        for m in model:
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.2, 0.2)
+    return model
+
+
+def by_hand(model, x, batch_stats: bool):
+    """Forward of two_conv_bn with F.batch_norm written out; returns (second conv output, logits)."""
+    def bn(z, m):
+        if batch_stats:
+            return F.batch_norm(z, None, None, m.weight, m.bias, training=True, eps=m.eps)
+        return F.batch_norm(z, m.running_mean, m.running_var, m.weight, m.bias, training=False, eps=m.eps)
+    pre = model[3](F.relu(bn(model[0](x), model[1])))
+    h = F.relu(bn(pre, model[4]))
+    return pre, model[8](h.mean((2, 3)))
+
+
+def test_activation_percentiles_are_torch_quantile_of_the_second_conv_output():
+    model = two_conv_bn()
+    x = torch.randn(8, 3, 6, 6, generator=torch.Generator().manual_seed(1))
+    layer = probes.default_layer(model)
+    assert layer == "4"  # the second norm layer, whose input is the second conv's output
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with stats.preserved(model):
+        rows = probes.activation_percentiles(model, x, RawPipe(), layer)
+    with torch.no_grad():
+        pre, _ = by_hand(model, x, batch_stats=True)
+    expected = torch.quantile(pre.flatten(), torch.tensor([0.15, 0.5, 0.85]))
+    assert [r["name"] for r in rows] == ["activations.p15", "activations.p50", "activations.p85"]
+    assert [r["value"] for r in rows] == pytest.approx(expected.tolist(), abs=1e-6)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_discrepancy_is_batch_stat_minus_ema_on_the_same_images():
+    model = two_conv_bn()
+    g = torch.Generator().manual_seed(2)
+    xs = [torch.randn(8, 3, 6, 6, generator=g) + 0.3 for _ in range(3)]
+    ys = [torch.randint(0, 3, (8,), generator=g) for _ in range(3)]
+    with stats.preserved(model):
+        got = {r["name"]: r["value"] for r in probes.discrepancy(model, xs, ys, RawPipe())}
+    with torch.no_grad():
+        batch = torch.cat([by_hand(model, x, True)[1] for x in xs])
+        ema = torch.cat([by_hand(model, x, False)[1] for x in xs])
+    y = torch.cat(ys)
+    assert got["discrepancy.loss"] == pytest.approx((F.cross_entropy(batch, y) - F.cross_entropy(ema, y)).item(), abs=1e-5)
+    acc = lambda logits: (logits.argmax(1) == y).float().mean().item()
+    assert got["discrepancy.acc"] == pytest.approx(acc(batch) - acc(ema))
+    assert got["discrepancy.logit"] == pytest.approx((batch - ema).abs().mean().item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("p", [0.0, 0.2, 0.5])
+def test_variance_shift_of_dropout_before_bn_is_one_over_one_minus_p(p):
+    # Dropout(p) -> 1x1 conv (weight 2) -> BN on zero-mean inputs: in train mode the BN input has
+    # variance 4 E[x^2] / (1 - p), in eval mode 4 E[x^2]; so running_var / real var ~ 1 / (1 - p).
+    torch.manual_seed(0)
+    conv = identity_conv()
+    with torch.no_grad():
+        conv.weight.fill_(2.0)
+    bn = nn.BatchNorm2d(1, momentum=None)  # cumulative average: running_var is the plain mean
+    model = nn.Sequential(nn.Dropout(p), conv, bn).train()
+    g = torch.Generator().manual_seed(3)
+    train = [torch.randn(64, 1, 8, 8, generator=g) for _ in range(100)]
+    with torch.no_grad():
+        for x in train:
+            model(x)
+    probe = [torch.randn(64, 1, 8, 8, generator=g) for _ in range(20)]
+    with stats.preserved(model):
+        [row] = probes.variance_shift(model, probe, RawPipe())
+    real = torch.var(torch.cat(probe).double() * 2.0)
+    assert row["value"] == pytest.approx((bn.running_var.double() / real).item(), rel=1e-5)
+    assert row["value"] == pytest.approx(1 / (1 - p), rel=0.03)
+    assert model.training  # restored
+
+
+def test_weight_norms_and_effective_lr_only_where_a_norm_follows():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 2, 1), nn.ReLU(),
+                          nn.Conv2d(2, 2, 1), nn.GroupNorm(1, 2))
+    rows = probes.weight_norms(model, lr=0.1)
+    norm = {r["layer"]: r["value"] for r in rows if r["name"] == "weight_norm.norm"}
+    eff = {r["layer"]: r["value"] for r in rows if r["name"] == "weight_norm.effective_lr"}
+    for name in ("0", "3", "5"):
+        assert norm[name] == pytest.approx(torch.sqrt((model[int(name)].weight ** 2).sum()).item(), rel=1e-6)
+    assert set(eff) == {"0", "5"}
+    assert eff["0"] == pytest.approx(0.1 / norm["0"] ** 2)
+
+
+def test_calibration_matches_stats_evaluate_in_eval_mode():
+    from test_stats import tiny_setup
+
+    cfg, model, data, pipe = tiny_setup()
+    with stats.preserved(model):
+        got = {r["name"]: r["value"] for r in probes.calibration(model, data.train, data.test, pipe, 32)}
+    model.eval()
+    te = stats.evaluate(model, data.test.x, data.test.y, pipe, 7)
+    tr = stats.evaluate(model, data.train.x, data.train.y, pipe, 7)
+    assert got["calibration.test_acc"] == pytest.approx(te["acc"])
+    assert got["calibration.ece"] == pytest.approx(te["ece"], abs=1e-6)
+    assert got["calibration.gen_gap"] == pytest.approx(tr["acc"] - te["acc"])
+
+
+def test_recorder_runs_every_probe_leaves_the_model_alone_and_is_silent_when_off(tmp_path, monkeypatch):
+    from test_stats import tiny_setup
+
+    monkeypatch.setattr(probes, "PROBE_IMAGES", 32)
+
+    cfg, model, data, pipe = tiny_setup(extra=["probes=all", "probes.noise_sizes=[4,8]",
+                                               "probes.noise_batches=3", "probes.every_steps=5"])
+    model.train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    rng, gen = torch.get_rng_state(), pipe.generator.get_state()
+    rec = probes.Probes(cfg.probes, model, data, pipe, 16, cfg.seed, tmp_path, lambda: 0.05)
+    for step in range(7):
+        rec.maybe_record(step, 0)
+    rec.end_epoch(7, 0)  # every_steps > 0: epochs do not record
+    rows = records.read_jsonl(tmp_path / records.PROBES)
+    assert sorted({r["step"] for r in rows}) == [0, 5]
+    assert {r["name"].split(".")[0] for r in rows} == set(cfg.probes.names)
+    assert all(set(r) >= {"step", "epoch", "layer", "name", "value"} for r in rows)
+    assert {r["batch_size"] for r in rows if r["name"] == "noise.mean"} == {4, 8, 16}
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items()) and model.training
+    assert torch.equal(torch.get_rng_state(), rng) and torch.equal(pipe.generator.get_state(), gen)
+    # a resumed run does not write the steps it already has
+    again = probes.Probes(cfg.probes, model, data, pipe, 16, cfg.seed, tmp_path, lambda: 0.05)
+    again.maybe_record(5, 0)
+    assert len(records.read_jsonl(tmp_path / records.PROBES)) == len(rows)
+
+    cfg, model, data, pipe = tiny_setup(extra=["probes=none"])
+    off = probes.Probes(cfg.probes, model, data, pipe, 16, cfg.seed, tmp_path / "off", lambda: 0.05)
+    off.maybe_record(0, 0)
+    off.end_epoch(1, 0)
+    assert not (tmp_path / "off").exists()
+
+
+def test_probes_work_without_norm_layers(tmp_path, monkeypatch):
+    from test_stats import tiny_setup
+
+    monkeypatch.setattr(probes, "PROBE_IMAGES", 32)
+    cfg, model, data, pipe = tiny_setup("none", ["probes=all", "probes.noise_batches=2"])
+    rows = probes.Probes(cfg.probes, model, data, pipe, 16, cfg.seed, tmp_path, lambda: 0.1).record(0, 0)
+    names = {r["name"].split(".")[0] for r in rows}
+    assert names == {"calibration", "activations", "weight_norm"}  # no statistics to probe
+    assert {r["layer"] for r in rows if r["name"].startswith("activations")} == {"features.1.norm"}
