@@ -118,11 +118,17 @@ def generic_statement(runs: pd.DataFrame, by: list[str], metric: str) -> str:
     if summary.empty:
         return f"No run finished with {metric}.{tail}"
     lower = any(w in metric for w in LOWER_IS_BETTER)
-    ranked = summary.sort_values(f"{metric}.mean", ascending=lower)["config"].tolist()
-    best = f"Best on {metric}: {ranked[0]}."
-    if len(ranked) > 1:
-        best += " " + compare_statement(summary, metric, "config", ranked[0], ranked[1]) + "."
-    return best + tail
+    summary = summary.sort_values(f"{metric}.mean", ascending=lower)
+    top = summary.iloc[0]
+    scale, unit = (100.0, " %") if is_percent(metric) else (1.0, "")
+    half = top[f"{metric}.ci_hi"] - top[f"{metric}.mean"]
+    text = (f"{'Lowest' if lower else 'Highest'} mean {metric}: {top['config']} "
+            f"({top[f'{metric}.mean'] * scale:.1f} +/- {half * scale:.1f}{unit}, n={top[f'{metric}.n']}).")
+    if len(summary) > 1:
+        runner_up = summary["config"].iloc[1]
+        text += " Against the runner-up: " + compare_statement(
+            summary, metric, "config", top["config"], runner_up) + "."
+    return text + tail
 
 
 def _with_config_column(df: pd.DataFrame, keys: list[str]) -> pd.DataFrame:

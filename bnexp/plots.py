@@ -139,12 +139,14 @@ def plot_bars(df: pd.DataFrame, x: str, y: str, hue: str | None = None, ci: floa
     scale = 100.0 if is_percent(y) else 1.0
     for i, (color, (value, g)) in enumerate(zip(_colors(stats[hue_col], hue_order), groups)):
         pos = g[x].map(xpos) - 0.4 + width * (i + 0.5)
+        if hue is None:  # no groups to tell apart: colour the categories instead
+            color = [_colors(pd.Series(xs_all))[xs_all.index(v)] for v in g[x]]
         mean = g[f"{y}.mean"] * scale
         err = np.vstack([mean - g[f"{y}.ci_lo"] * scale, g[f"{y}.ci_hi"] * scale - mean])
         ax.bar(pos, mean, width * 0.9, yerr=np.nan_to_num(err), color=color, alpha=0.85,
                capsize=2, ecolor="0.2", error_kw={"elinewidth": 1}, label=_fmt(value))
         _dots(ax, df[df[hue_col].astype(str) == str(value)], x, y, pos, g, scale, width)
-        _mark_diverged(ax, pos[g["n_diverged"] > 0], color)
+        _mark_diverged(ax, pos[g["n_diverged"] > 0], "0.3" if hue is None else color)
     ticks = [_fmt(v) for v in xs_all]
     crowded = sum(len(t) + 2 for t in ticks) > 8 * fig.get_figwidth()
     ax.set_xticks(range(len(xs_all)), ticks, rotation=30 if crowded else 0,

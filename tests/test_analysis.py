@@ -336,10 +336,17 @@ def test_analyze_pipeline_and_cli(study, capsys):
     csv = pd.read_csv(study / "runs.csv")
     assert sorted(csv["status"]) == sorted(r[3] for r in RUNS)
     assert len(pd.read_csv(study / "curves.csv")) == len(RUNS) * EPOCHS
-    assert "bnexp -m study=toy scale=smoke" in text and "Best on test_acc" in text
+    assert "bnexp -m study=toy scale=smoke" in text and "Highest mean test_acc: data.batch_size=128, norm=bn (90.5 +/- " in text
     pngs = sorted(p.name for p in (study / "figures").glob("*.png"))
     assert pngs == sorted(["test_acc_vs_data-batch_size.png", "test_acc_heatmap.png",
                            "test_acc_by_eval_mode.png", "test_acc_curves.png", "probe_noise.png"])
     assert all(f"](figures/{p})" in text for p in pngs)
     assert A.main(["--status", str(study)]) == 0
     assert "done=8 diverged=1 failed=1 incomplete=1 pending=1" in capsys.readouterr().out
+
+
+def test_analysis_never_imports_the_training_code():
+    code = ("import sys, bnexp.analysis; bad = [m for m in sys.modules if m == 'torch' or "
+            "m.split('.')[-1] in ('train', 'models', 'norms', 'data', 'sampling')]; print(bad)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
