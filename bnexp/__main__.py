@@ -18,27 +18,55 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from . import records
+from . import launch, records
 from .config import ConfigError, parse_config
 
 log = logging.getLogger("bnexp")
 
 
 def run(cfg: DictConfig) -> dict | None:
-    """Run one job of a (possibly multi-) run; returns its summary, or None when skipped."""
+    """Run one job of a (possibly multi-) run; returns its summary, or None when skipped.
+
+    The run folder is locked while the job works in it (``launch.run_lock``): a run that another
+    live process is training is skipped, and so, in a sweep, is a finished one (a failed one too,
+    unless ``rerun_failed``), whose records are left untouched. Hydra has already rewritten its
+    ``.hydra/`` by then; see README "Sweeps" for why that is harmless.
+    """
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
     sweeping = hc.mode == RunMode.MULTIRUN
     raw = OmegaConf.to_container(cfg, resolve=True)
-    if sweeping and records.is_finished(run_dir, rerun_failed=bool(raw.get("rerun_failed"))):
-        log.info("skip %s: already finished (%s)", run_dir.name, records.read_summary(run_dir)["status"])
-        return None
+    with launch.run_lock(run_dir) as held:
+        if not held:
+            log.info("skip %s: another process is training it (lock held by %s)", run_dir.name,
+                     launch.lock_holder(run_dir))
+            return None
+        if sweeping and records.is_finished(run_dir, rerun_failed=bool(raw.get("rerun_failed"))):
+            _log_skip(run_dir, raw, list(hc.job.config.override_dirname.exclude_keys))
+            return None
+        launcher = OmegaConf.to_container(hc.launcher, resolve=True)
+        return _run_locked(run_dir, raw, sweeping, launcher, int(hc.job.get("num") or 0))
+
+
+def _log_skip(run_dir: Path, raw: dict, ignore: list[str]) -> None:
+    summary = records.read_summary(run_dir)
+    log.info("skip %s: already finished (%s)", run_dir.name, summary["status"])
+    drift = launch.config_drift(summary.get("config") or {}, raw, ignore)
+    if drift:
+        log.warning("%s finished with a config that differs from today's composition in %s "
+                    "(conf/ changed since?); its records keep the config it ran with. Delete the "
+                    "folder to train it again.", run_dir.name, ", ".join(drift[:5]))
+
+
+def _run_locked(run_dir: Path, raw: dict, sweeping: bool, launcher: dict, job_num: int) -> dict | None:
     try:
         config = parse_config(raw)
     except ConfigError as err:
         return _record_failure(run_dir, raw, f"bad setting: {err}", sweeping, err)
     from .train import fit  # imported late: a bad setting should fail before torch is loaded
 
+    launch.apply_placement(launch.place_job(launcher, job_num, config.threads,
+                                            launch.available_cores(), launch.visible_gpus()))
     try:
         summary = fit(config, run_dir)
     except KeyboardInterrupt:

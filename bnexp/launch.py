@@ -1,0 +1,266 @@
+"""How the jobs of a sweep share a machine and a study folder.
+
+* ``place_job``: the torch threads and the GPU of one job, from the launcher that started it.
+  Jobs that run side by side (joblib, submitit) split the cores, ``threads = cores // n_jobs``
+  unless the config sets ``threads``, and with k visible GPUs job i uses ``cuda:(i % k)``.
+  The config is not changed: the record of a run is the same whichever launcher ran it.
+* ``run_lock``: a non-blocking ``flock`` on ``<run>/.lock``, so two sweeps over the same study
+  never train the same run at once. The kernel drops the lock when its holder dies, however it
+  dies (SIGKILL, power loss), so a stale lock cannot block a re-run.
+* ``config_drift``: what differs between the config a finished run recorded and the one the
+  current command composes for its folder (conf/ edited in between), so a skip can say so.
+* ``SweepProgress``: a Hydra callback (``hydra.callbacks`` in conf/config.yaml) that shows runs
+  done / total and an ETA. Besides the entry point, this is the one module that reads Hydra's
+  config, because Hydra hands its callbacks the DictConfig.
+"""
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import socket
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+from . import progress, records
+
+log = logging.getLogger("bnexp")
+LOCK = ".lock"
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where one job runs. ``threads`` 0 = leave torch's default; ``gpu`` None = leave CUDA's."""
+
+    threads: int
+    gpu: int | None
+    parallel: bool  # other jobs of the sweep may be running at the same time
+
+
+def launcher_kind(launcher: dict) -> str:
+    """``basic`` (one job after another in this process), ``joblib`` or ``submitit``."""
+    target = str(launcher.get("_target_", ""))
+    if "joblib" in target:
+        return "joblib"
+    if "submitit" in target:
+        return "submitit"
+    return "basic"
+
+
+def place_job(launcher: dict, job_num: int, threads: int, cores: int, gpus: int) -> Placement:
+    """The placement of job ``job_num`` under ``launcher`` (Hydra's ``hydra.launcher`` as a dict).
+
+    ``threads`` > 0 (set in the config) always wins. joblib runs ``n_jobs`` jobs at once on this
+    machine (-1 = one per core, -2 = all but one, as in joblib), so each gets ``cores // n_jobs``
+    threads; submitit jobs get the ``cpus_per_task`` they asked for. The basic launcher runs one
+    job at a time: it keeps all cores and the current GPU.
+    """
+    kind = launcher_kind(launcher)
+    if kind == "basic":
+        return Placement(threads, None, False)
+    if threads <= 0 and kind == "joblib":
+        n_jobs = int(launcher.get("n_jobs") or 1)
+        n_jobs = max(cores + 1 + n_jobs, 1) if n_jobs < 0 else n_jobs
+        threads = max(cores // n_jobs, 1)
+    elif threads <= 0:
+        threads = int(launcher.get("cpus_per_task") or 0)
+    gpu = job_num % gpus if gpus > 1 else None
+    return Placement(threads, gpu, True)
+
+
+def available_cores() -> int:
+    """Cores this process may run on (its affinity mask: what Slurm or taskset gave it)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def apply_placement(placement: Placement) -> None:
+    """Set torch's threads and current CUDA device; mutes ``progress: auto`` in parallel jobs,
+    whose terminal is shared with other jobs (their log lines still go out)."""
+    import torch
+
+    if placement.threads > 0:
+        torch.set_num_threads(placement.threads)
+    if placement.gpu is not None:
+        torch.cuda.set_device(placement.gpu)
+    if placement.parallel:
+        progress.mute_auto()
+
+
+def visible_gpus() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+@contextmanager
+def run_lock(run_dir: Path) -> Iterator[bool]:
+    """Hold an exclusive lock on ``run_dir`` for the ``with`` block; yields whether it was got.
+
+    Non-blocking: when another live process holds it, yields False at once (the caller skips
+    the run). The file stays after release: deleting a lock file races with its next holder.
+    """
+    path = Path(run_dir) / LOCK
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        os.ftruncate(fd, 0)  # who holds it, for a human looking at a busy run
+        os.write(fd, f"{socket.gethostname()} {os.getpid()}\n".encode())
+        yield True
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def lock_holder(run_dir: Path) -> str:
+    """``host pid`` of the last process that took the run's lock (for log lines)."""
+    try:
+        return (Path(run_dir) / LOCK).read_text().strip() or "?"
+    except OSError:
+        return "?"
+
+
+def config_drift(recorded: dict, current: dict, ignore=()) -> list[str]:
+    """Dotted keys whose values differ between two configs, leaving out ``ignore`` (keys that
+    do not change what a run computes: Hydra's override_dirname ``exclude_keys``)."""
+    a, b = _flatten(recorded), _flatten(current)
+    ignored = tuple(ignore)
+    return sorted(k for k in set(a) | set(b)
+                  if a.get(k) != b.get(k) and not any(k == i or k.startswith(i + ".") for i in ignored))
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = list(value) if isinstance(value, tuple) else value
+    return out
+
+
+# ------------------------------------------------------------------------------ sweep progress
+
+class SweepProgress:
+    """Hydra callback: ``sweep 3/12 runs done, ETA 4m`` while a ``-m`` sweep runs.
+
+    With the basic launcher the jobs run in this process: the count is kept in ``on_job_end`` and
+    shown in the status line next to the run's own progress. Other launchers run jobs elsewhere,
+    so a thread polls the sweep's run folders for new ``summary.json`` files and prints a line
+    each time the count changes. Honours ``progress`` (auto: only on a terminal).
+    """
+
+    def __init__(self) -> None:
+        self._state: dict | None = None
+
+    def __getstate__(self) -> dict:
+        return {"_state": None}  # launchers pickle callbacks into their workers: send them inert
+
+    def on_multirun_start(self, config, **kwargs) -> None:
+        if not progress.enabled(str(config.get("progress", "auto"))):
+            return
+        dirs = sweep_run_dirs(config)
+        if not dirs:
+            return
+        rerun_failed = bool(config.get("rerun_failed", False))
+        skipped = {d for d in dirs if records.is_finished(d, rerun_failed)}
+        state = {"dirs": dirs, "skipped": skipped, "start": time.time(), "done": len(skipped),
+                 "stop": threading.Event(), "inline": launcher_kind(dict(config.hydra.launcher)) == "basic"}
+        self._state = state
+        if state["inline"]:
+            progress.attach_logging()
+            self._show()
+        else:
+            threading.Thread(target=self._poll, daemon=True, name="bnexp-sweep-progress").start()
+
+    def on_job_start(self, config, **kwargs) -> None:
+        if self._state and self._state["inline"]:
+            progress.attach_logging()  # Hydra has just reconfigured logging for this job
+
+    def on_job_end(self, config, job_return=None, **kwargs) -> None:
+        if self._state and self._state["inline"]:
+            self._state["done"] = self._count()
+            self._show()
+
+    def on_multirun_end(self, config, **kwargs) -> None:
+        if self._state:
+            self._state["stop"].set()
+            progress.set_status("sweep", None)
+
+    def _count(self) -> int:
+        start, skipped = self._state["start"], self._state["skipped"]
+        return len(skipped) + sum(1 for d in self._state["dirs"] if d not in skipped
+                                  and _finished_since(d, start))
+
+    def _show(self, newline: bool = False) -> None:
+        s = self._state
+        total, done = len(s["dirs"]), s["done"]
+        trained, left = done - len(s["skipped"]), total - done
+        eta = (time.time() - s["start"]) / trained * left if trained else None
+        text = f"sweep {done}/{total} runs done" + (f", ETA {progress.duration(eta)}" if eta else "")
+        if newline:
+            progress.print_line(text)
+        else:
+            progress.set_status("sweep", text)
+
+    def _poll(self) -> None:
+        s, shown = self._state, None
+        while not s["stop"].wait(2.0):
+            s["done"] = self._count()
+            if s["done"] != shown:
+                shown = s["done"]
+                self._show(newline=True)
+
+
+def _finished_since(run_dir: Path, start: float) -> bool:
+    try:
+        return (Path(run_dir) / records.SUMMARY).stat().st_mtime >= start
+    except OSError:
+        return False
+
+
+def sweep_run_dirs(config) -> list[Path]:
+    """The run folders a basic-sweeper ``-m`` sweep of ``config`` will use, in job order.
+
+    Replays what Hydra does: the BasicSweeper's cartesian product of ``hydra.sweeper.params``
+    and the command line, each job's ``override_dirname``, then ``hydra.sweep.dir/subdir``.
+    Empty when that cannot be known (another sweeper, a subdir that uses ``hydra.job.id``).
+    """
+    import copy
+
+    from hydra._internal.config_loader_impl import get_overrides_dirname
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from omegaconf import OmegaConf, open_dict, read_write
+
+    if "BasicSweeper" not in str(OmegaConf.select(config, "hydra.sweeper._target_")):
+        return []
+    try:
+        parser = OverridesParser.create()
+        params = [f"{k}={v}" for k, v in (OmegaConf.select(config, "hydra.sweeper.params") or {}).items()]
+        task = list(OmegaConf.to_container(config.hydra.overrides.task))
+        [jobs] = BasicSweeper.split_arguments(parser.parse_overrides(params + task), None)
+        names = config.hydra.job.config.override_dirname
+        dirs = []
+        for num, job in enumerate(jobs):
+            app = [o for o in parser.parse_overrides(job) if not o.is_hydra_override()]
+            cfg = copy.deepcopy(config)
+            with read_write(cfg.hydra), open_dict(cfg.hydra):
+                cfg.hydra.job.override_dirname = get_overrides_dirname(
+                    app, list(names.exclude_keys), names.item_sep, names.kv_sep)
+                cfg.hydra.job.num = num
+            dirs.append(Path(str(cfg.hydra.sweep.dir)) / str(cfg.hydra.sweep.subdir))
+        return dirs
+    except Exception as err:  # progress is a convenience: never let it stop a sweep
+        log.debug("sweep progress off: cannot list the sweep's run folders (%s)", err)
+        return []
