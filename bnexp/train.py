@@ -11,15 +11,17 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from . import records
+from . import finetune, records
 from .checkpoint import clear_last, load_last, save_last, save_model
 from .config import Config, OptimConfig, to_dict
 from .data import DataBundle, augment, load_data, normalize
 from .models import build_model
 from .norms import make_norm, set_progress
+from .probes import Probes
 from .runtime import (autocast, device_name, git_commit, resolve_device, resolve_precision,
                       seed_everything, set_threads, versions)
 from .sampling import build_sampler
+from .stats import ModeResults, evaluate, evaluate_modes
 
 log = logging.getLogger(__name__)
 CHECK_EVERY = 50  # steps between non-finite checks: each check is a host sync on CUDA
@@ -45,22 +47,6 @@ class Pipeline:
 
     def amp(self):
         return autocast(self.device, self.precision)
-
-
-@torch.no_grad()
-def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, pipe: Pipeline,
-             batch_size: int) -> dict:
-    """Loss and accuracy of ``model`` as it is (the caller sets train/eval mode) over (x, y)."""
-    loss_sum = torch.zeros((), device=x.device)
-    correct = torch.zeros((), device=x.device, dtype=torch.long)
-    for start in range(0, len(x), batch_size):
-        xb, yb = x[start:start + batch_size], y[start:start + batch_size]
-        with pipe.amp():
-            logits = model(pipe.prep(xb)).float()
-        loss_sum += F.cross_entropy(logits, yb, reduction="sum")
-        correct += (logits.argmax(1) == yb).sum()
-    n = max(len(x), 1)
-    return {"loss": loss_sum.item() / n, "acc": correct.item() / n}
 
 
 def make_optimizer(model: torch.nn.Module, cfg: OptimConfig, batch_size: int) -> torch.optim.Optimizer:
@@ -92,14 +78,17 @@ def lr_factor(cfg: OptimConfig, steps_per_epoch: int) -> Callable[[int], float]:
 
 
 def train_epoch(model, optimizer, scheduler, data: DataBundle, batches, pipe: Pipeline,
-                cfg: Config, first_step: int, total_steps: int) -> dict:
-    """One pass over ``batches``. Returns running loss/acc, or ``diverged`` on a non-finite loss."""
+                cfg: Config, first_step: int, total_steps: int,
+                probe: Callable[[int], None] = lambda step: None) -> dict:
+    """One pass over ``batches``. Returns running loss/acc, or ``diverged`` on a non-finite loss.
+    ``probe(step)`` runs before each update (``Probes.maybe_record``: a no-op unless due)."""
     model.train()
     device = pipe.device
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
     seen = 0
     for i, idx in enumerate(batches):
+        probe(first_step + i)
         set_progress(model, (first_step + i) / total_steps)
         idx = idx.to(device, non_blocking=True)
         x = pipe.prep(data.train.x.index_select(0, idx), train=True)
@@ -140,6 +129,7 @@ def fit(cfg: Config, run_dir: Path) -> dict:
     """
     run_dir = Path(run_dir)
     started = time.time()
+    cfg, source = finetune.resolve(cfg)  # with finetune.from: the source run's model/norm sections
     device = resolve_device(cfg.device)
     precision = resolve_precision(cfg.precision, device)
     set_threads(cfg.threads)
@@ -149,9 +139,13 @@ def fit(cfg: Config, run_dir: Path) -> dict:
     model = build(cfg, data.num_classes, device)
     generator = torch.Generator(device=device).manual_seed(cfg.seed + 1)
     pipe = Pipeline(device, precision, data.mean, data.std, cfg.channels_last, cfg.data.augment, generator)
+    # source weights, source input normalization, BN mode; before the optimizer sees the params
+    tuned = finetune.start(model, source, cfg, data, pipe) if source else None
     optimizer = make_optimizer(model, cfg.optim, cfg.data.batch_size)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg.optim, len(sampler)))
     forward = torch.compile(model) if cfg.compile else model
+    probes = Probes(cfg.probes, model, data, pipe, cfg.data.batch_size, cfg.seed, run_dir,
+                    lambda: optimizer.param_groups[0]["lr"], cfg.eval.batch_size)
     total_steps = cfg.optim.epochs * len(sampler)
     log.info("%s on %s, %s, %d train / %d test images, %d steps per epoch", cfg.model.name,
              device_name(device), precision, len(data.train.y), len(data.test.y), len(sampler))
@@ -170,7 +164,7 @@ def fit(cfg: Config, run_dir: Path) -> dict:
         tic = time.perf_counter()
         lr = optimizer.param_groups[0]["lr"]
         result = train_epoch(forward, optimizer, scheduler, data, sampler.batches(epoch), pipe, cfg,
-                             step, total_steps)
+                             step, total_steps, probe=lambda at: probes.maybe_record(at, epoch))
         step = result["step"]
         if result["diverged"]:
             status, diverged_at = "diverged", {"epoch": epoch, "step": step}
@@ -179,13 +173,15 @@ def fit(cfg: Config, run_dir: Path) -> dict:
         seconds = time.perf_counter() - tic
         timing["train_seconds"] += seconds
         timing["train_images"] += result["images"]
-        model.eval()
-        test = evaluate(model, data.test.x, data.test.y, pipe, cfg.eval.batch_size)
+        # the default eval mode every epoch; every mode when eval.every_epoch (see stats)
+        test = evaluate_modes(model, data, pipe, cfg.eval, cfg.data.batch_size, cfg.seed,
+                              modes=cfg.eval.modes if cfg.eval.every_epoch else ()).metrics
         row = {"epoch": epoch, "step": step, "lr": lr, "train_loss": result["loss"],
-               "train_acc": result["acc"], "test_loss": test["loss"], "test_acc": test["acc"],
-               "seconds": seconds, "images_per_s": result["images"] / seconds}
+               "train_acc": result["acc"], "test_loss": test["test_loss"], "test_acc": test["test_acc"],
+               "seconds": seconds, "images_per_s": result["images"] / seconds, **test}
         history.append(row)
         records.write_epoch(run_dir, row)
+        probes.end_epoch(step, epoch)
         log.info("epoch %d/%d  loss %.3f  train %.1f%%  test %.1f%%  %.0f img/s", epoch + 1,
                  cfg.optim.epochs, row["train_loss"], 100 * row["train_acc"], 100 * row["test_acc"],
                  row["images_per_s"])
@@ -194,29 +190,35 @@ def fit(cfg: Config, run_dir: Path) -> dict:
             save_last(run_dir, model=model, optimizer=optimizer, scheduler=scheduler,
                       generator=generator, epoch=epoch, step=step, history=history, timing=timing)
 
-    metrics = {} if status == "diverged" else final_metrics(model, data, pipe, cfg)
+    final = final_metrics(model, data, pipe, cfg, run_dir) if status != "diverged" else None
+    metrics, skipped = (final.metrics, final.skipped) if final else ({}, {})
+    if tuned:  # the source model scored on the target before fine-tuning (test_acc.before_finetune)
+        metrics.update(tuned.metrics)
     summary = {
         "status": status, "metrics": metrics, "config": to_dict(cfg),
         "wall_time_s": prior_wall + time.time() - started,
         "train_images_per_s": (timing["train_images"] / timing["train_seconds"]
                                if timing["train_seconds"] else None),
         "git_commit": git_commit(), "versions": versions(), "device": device_name(device),
-        "precision": precision, "skipped_modes": {}, "error": None, "diverged_at": diverged_at,
+        "precision": precision, "skipped_modes": skipped, "default_mode": cfg.eval.default_mode,
+        "frozen_after": cfg.norm.freeze_after, "error": None, "diverged_at": diverged_at,
         "resumed": bool(resumed), "started_at": started, "finished_at": time.time(),
+        "finetune": tuned.info if tuned else None,
     }
     if cfg.checkpoint:
-        save_model(run_dir, model, to_dict(cfg), data.num_classes)
+        save_model(run_dir, model, to_dict(cfg), data.num_classes, mean=pipe.mean, std=pipe.std)
     records.write_json_atomic(run_dir / records.SUMMARY, summary)
     clear_last(run_dir)
     return summary
 
 
-def final_metrics(model, data: DataBundle, pipe: Pipeline, cfg: Config) -> dict:
-    """Train and test loss/accuracy in eval mode (EMA statistics), and the generalization gap."""
+def final_metrics(model, data: DataBundle, pipe: Pipeline, cfg: Config, run_dir=None) -> ModeResults:
+    """Train loss/accuracy in eval mode (EMA statistics), the test set under every eval mode
+    (``stats.evaluate_modes``: ``test_acc`` is the default mode's), and the generalization gap."""
     model.eval()
     n = min(len(data.train.y), TRAIN_EVAL_MAX)
     train = evaluate(model, data.train.x[:n], data.train.y[:n], pipe, cfg.eval.batch_size)
-    test = evaluate(model, data.test.x, data.test.y, pipe, cfg.eval.batch_size)
-    return {"train_acc": train["acc"], "train_loss": train["loss"], "test_acc": test["acc"],
-            "test_loss": test["loss"], "gen_gap": train["acc"] - test["acc"],
-            "test_acc.ema": test["acc"], "test_loss.ema": test["loss"]}
+    modes = evaluate_modes(model, data, pipe, cfg.eval, cfg.data.batch_size, cfg.seed, run_dir=run_dir)
+    metrics = {"train_acc": train["acc"], "train_loss": train["loss"], **modes.metrics}
+    metrics["gen_gap"] = train["acc"] - metrics["test_acc"]
+    return modes._replace(metrics=metrics)

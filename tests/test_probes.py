@@ -197,3 +197,29 @@ def test_probes_work_without_norm_layers(tmp_path, monkeypatch):
     names = {r["name"].split(".")[0] for r in rows}
     assert names == {"calibration", "activations", "weight_norm"}  # no statistics to probe
     assert {r["layer"] for r in rows if r["name"].startswith("activations")} == {"features.1.norm"}
+
+
+def test_fit_with_probes_all_writes_every_probe_and_trains_exactly_as_without(tmp_path, monkeypatch):
+    from conftest import TINY, make_config
+    from bnexp import train
+
+    monkeypatch.setattr(probes, "PROBE_IMAGES", 64)
+    base = [*TINY, "optim.epochs=2", "checkpoint=false", "data.synthetic_train=128", "data.batch_size=32",
+            "data.synthetic_test=64", "eval.precise_samples=64", "eval.modes=[ema,precise,batch,adapted]"]
+    (tmp_path / "on").mkdir()
+    (tmp_path / "off").mkdir()
+    on = train.fit(make_config([*base, "probes=all", "probes.noise_batches=2",
+                                "probes.noise_sizes=[8]"]), tmp_path / "on")
+    off = train.fit(make_config(base), tmp_path / "off")
+    rows = records.read_jsonl(tmp_path / "on" / records.PROBES)
+    assert {r["name"].split(".")[0] for r in rows} == {"noise", "discrepancy", "calibration",
+                                                       "activations", "variance_shift", "weight_norm"}
+    assert sorted({(r["epoch"], r["step"]) for r in rows}) == [(0, 4), (1, 8)]  # once per epoch
+    assert not (tmp_path / "off" / records.PROBES).exists()
+    # probes are measurements, not interventions: the same numbers with and without them
+    assert on["metrics"] == off["metrics"]
+    m = on["metrics"]
+    for mode in ("ema", "precise", "batch", "adapted"):
+        assert 0 <= m[f"test_acc.{mode}"] <= 1 and m[f"ece.{mode}"] >= 0
+    assert m["test_acc"] == m["test_acc.ema"] and on["skipped_modes"] == {}
+    assert on["default_mode"] == "ema" and "frozen_after" in on
