@@ -113,16 +113,16 @@ def attach_logging() -> None:
 
 
 class RunProgress:
-    """The run's part of the line: ``<name> epoch 3/15 step 120/390 1843 img/s ETA 2m10s``.
+    """The run's part of the line: ``epoch 3/15 step 120/390 1843 img/s ETA 2m10s``.
 
     ``track`` wraps an epoch's batches (keeping ``len``) and redraws at most every
     ``REFRESH_S``; ``epoch_done`` shows the epoch's measured images/s; ``close`` removes the
     run's part. When disabled every method is a no-op and ``track`` returns its argument.
     """
 
-    def __init__(self, mode: str, name: str, epochs: int, steps_per_epoch: int, batch_size: int):
+    def __init__(self, mode: str, epochs: int, steps_per_epoch: int, batch_size: int):
         self.on = enabled(mode)
-        self.name, self.epochs, self.steps, self.batch_size = name, epochs, steps_per_epoch, batch_size
+        self.epochs, self.steps, self.batch_size = epochs, steps_per_epoch, batch_size
         self.rate: float | None = None  # images/s of the last finished epoch
         self._steps_done, self._seconds = 0, 0.0  # in this process, for the ETA
         if self.on:
@@ -145,7 +145,7 @@ class RunProgress:
         rate = live_rate or self.rate
         left = (self.epochs - epoch) * self.steps - step
         per_step = self._seconds / self._steps_done if self._steps_done else None
-        text = f"{self.name} epoch {min(epoch + 1, self.epochs)}/{self.epochs}"
+        text = f"epoch {min(epoch + 1, self.epochs)}/{self.epochs}"
         text += f" step {step}/{self.steps}" if step else ""
         text += f" {rate:.0f} img/s" if rate else ""
         text += f" ETA {duration(left * per_step)}" if per_step else ""

@@ -18,6 +18,7 @@ from .data import DataBundle, augment, load_data, normalize
 from .models import build_model
 from .norms import make_norm, set_progress
 from .probes import Probes
+from .progress import RunProgress
 from .runtime import (autocast, device_name, git_commit, resolve_device, resolve_precision,
                       seed_everything, set_threads, versions)
 from .sampling import build_sampler
@@ -159,12 +160,15 @@ def fit(cfg: Config, run_dir: Path) -> dict:
     prior_wall = timing["wall"]  # wall time spent before an interruption counts too
     if resumed:
         log.info("resuming %s after epoch %d", run_dir, start_epoch)
+    else:  # a fresh start must not append to the rows of an attempt killed before its checkpoint
+        (run_dir / records.METRICS).unlink(missing_ok=True)
+    bar = RunProgress(cfg.progress, cfg.optim.epochs, len(sampler), cfg.data.batch_size)
     status, diverged_at = "ok", None
     for epoch in range(start_epoch, cfg.optim.epochs):
         tic = time.perf_counter()
         lr = optimizer.param_groups[0]["lr"]
-        result = train_epoch(forward, optimizer, scheduler, data, sampler.batches(epoch), pipe, cfg,
-                             step, total_steps, probe=lambda at: probes.maybe_record(at, epoch))
+        result = train_epoch(forward, optimizer, scheduler, data, bar.track(sampler.batches(epoch), epoch),
+                             pipe, cfg, step, total_steps, probe=lambda at: probes.maybe_record(at, epoch))
         step = result["step"]
         if result["diverged"]:
             status, diverged_at = "diverged", {"epoch": epoch, "step": step}
@@ -185,10 +189,12 @@ def fit(cfg: Config, run_dir: Path) -> dict:
         log.info("epoch %d/%d  loss %.3f  train %.1f%%  test %.1f%%  %.0f img/s", epoch + 1,
                  cfg.optim.epochs, row["train_loss"], 100 * row["train_acc"], 100 * row["test_acc"],
                  row["images_per_s"])
+        bar.epoch_done(epoch, row["images_per_s"])
         if cfg.checkpoint:
             timing["wall"] = prior_wall + time.time() - started
             save_last(run_dir, model=model, optimizer=optimizer, scheduler=scheduler,
                       generator=generator, epoch=epoch, step=step, history=history, timing=timing)
+    bar.close()
 
     final = final_metrics(model, data, pipe, cfg, run_dir) if status != "diverged" else None
     metrics, skipped = (final.metrics, final.skipped) if final else ({}, {})
