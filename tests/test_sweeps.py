@@ -260,6 +260,7 @@ def _check_analysis_tables(study_dir: Path, n_runs: int, epochs: int) -> None:
     assert len(curves) == n_runs * epochs and not curves.duplicated(["run", "epoch"]).any()
 
 
+@pytest.mark.slow  # loky starts worker processes that import torch: 15-25 s on 2 cores
 def test_joblib_sweep_leaves_the_records_of_the_basic_launcher(basic_sweep, tmp_path):
     # hydra/launcher=joblib is a Hydra override: .hydra/overrides.yaml stays byte for byte the
     # same. n_jobs = cores gives every job 1 thread, as the basic sweep had (OMP_NUM_THREADS=1).
