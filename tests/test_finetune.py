@@ -158,3 +158,11 @@ def test_frozen_modes_need_bn_and_own_the_freezing(tmp_path, source):
     with pytest.raises(ConfigError, match="freeze_after"):
         finetune.resolve(make_config([*FT, f"finetune.from={source}", "finetune.bn=frozen_all",
                                       "norm.freeze_after=0.5"]))
+
+
+@pytest.mark.parametrize("preset,source_dir", [("classes", "classes_seed2"), ("shift", "clean_seed2")])
+def test_study_presets_point_at_the_source_of_the_same_seed(preset, source_dir):
+    cfg = make_config([f"finetune={preset}", "seed=2", "data.batch_size=8"])
+    assert cfg.finetune.from_ == f"results/finetune_source/{source_dir}"
+    assert cfg.eval.precise_batch_size == 128 and cfg.optim.scale_lr
+    assert (cfg.data.classes is not None) == (preset == "classes")
