@@ -87,18 +87,16 @@ def resolve(cfg: Config) -> tuple[Config, Optional[Source]]:
         return cfg, None
     run_dir = Path(cfg.finetune.from_)
     state = load_model_state(run_dir)
-    source_cfg = parse_config(state["config"])
-    if cfg.finetune.bn != "train" and cfg.norm.freeze_after is not None:
-        raise ConfigError(f"norm.freeze_after={cfg.norm.freeze_after} conflicts with finetune.bn="
-                          f"{cfg.finetune.bn}, which freezes BN from the start; leave it null")
-    if cfg.finetune.bn != "train" and source_cfg.norm.name in NO_RUNNING_STATS:
-        raise ConfigError(f"finetune.bn={cfg.finetune.bn} needs BN running statistics, and the source "
-                          f"run uses norm={source_cfg.norm.name}, which keeps none; use finetune.bn=train")
+    try:
+        source_cfg = parse_config(state["config"])
+    except ConfigError as err:
+        raise ConfigError(f"finetune.from={run_dir}: its saved config does not parse ({err})") from err
+    _check_bn_mode(cfg, source_cfg)
     norm = dataclasses.replace(source_cfg.norm, freeze_after=cfg.norm.freeze_after)
     differs = _differences(cfg, source_cfg)
     if differs:
-        log.warning("finetune: the model/norm settings come from the source run %s; ignoring %s",
-                    run_dir, ", ".join(f"{k}={v['given']} (source: {v['source']})" for k, v in differs.items()))
+        ignored = ", ".join(f"{k}={v['given']} (source: {v['source']})" for k, v in differs.items())
+        log.warning("finetune: model/norm come from the source run %s; ignoring %s", run_dir, ignored)
     source = Source(run_dir, state["model"], source_cfg, state["num_classes"], state.get("mean"),
                     state.get("std"), differs)
     return dataclasses.replace(cfg, model=source_cfg.model, norm=norm), source
@@ -218,6 +216,17 @@ def source_normalization(source: Source, device: torch.device) -> tuple[torch.Te
         mean, std = bundle.mean, bundle.std
     return (torch.as_tensor(mean, dtype=torch.float32, device=device),
             torch.as_tensor(std, dtype=torch.float32, device=device))
+
+
+def _check_bn_mode(cfg: Config, source: Config) -> None:
+    """The frozen modes need running statistics, and they alone decide freezing."""
+    mode = cfg.finetune.bn
+    if mode != "train" and cfg.norm.freeze_after is not None:
+        raise ConfigError(f"norm.freeze_after={cfg.norm.freeze_after} conflicts with finetune.bn="
+                          f"{mode}, which freezes BN from the start; leave it null")
+    if mode != "train" and source.norm.name in NO_RUNNING_STATS:
+        raise ConfigError(f"finetune.bn={mode} needs BN running statistics, and the source run uses "
+                          f"norm={source.norm.name}, which keeps none; use finetune.bn=train")
 
 
 def _label_space(data: DataConfig) -> tuple:

@@ -34,7 +34,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from . import records
 from .checkpoint import load_model_state
-from .config import parse_config
+from .config import ConfigError, parse_config
 from .data import load_data
 from .runtime import device_name, resolve_device
 
@@ -160,7 +160,10 @@ def fuse_run(run_dir: Path, mode: str = "ema", device: str = "auto", batch_size:
 
     run_dir = Path(run_dir)
     state = load_model_state(run_dir)
-    cfg = parse_config(state["config"])
+    try:
+        cfg = parse_config(state["config"])
+    except ConfigError as err:
+        raise FusionError(f"{run_dir}: its saved config does not parse ({err})") from err
     dev = resolve_device(device)
     model = build(cfg, state["num_classes"], dev)
     model.load_state_dict(state["model"])
