@@ -6,8 +6,9 @@ import os
 import pytest
 import torch
 
-# Two cores: tests that train should not fight each other or oversubscribe.
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# One thread: tiny models gain nothing from a second, and tests that start subprocesses
+# (sweeps) would otherwise oversubscribe the two cores and run many times slower.
+torch.set_num_threads(1)
 
 
 def compose_config(overrides=(), return_hydra_config: bool = False):
