@@ -36,7 +36,7 @@ from . import records
 from .checkpoint import load_model_state
 from .config import ConfigError, parse_config
 from .data import load_data
-from .runtime import device_name, resolve_device
+from .runtime import device_name, resolve_device, set_threads
 
 FUSED = "fused.json"
 MODES = ("ema", "precise")  # statistics that are fixed at inference, hence foldable
@@ -246,7 +246,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--timing-images", type=int, default=4096)
+    parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     args = parser.parse_args(argv)
+    set_threads(args.threads)
     try:
         row = fuse_run(args.run_dir, args.mode, args.device, args.batch_size, args.warmup,
                        args.repeats, args.timing_images)
