@@ -28,7 +28,7 @@ from .report import (LOWER_IS_BETTER, compare_statement, format_summary, markdow
                      welch_difference, write_report)
 from .tables import (collect_probes, collect_runs, eval_modes_long, expected_run_names, flatten,
                      mean_ci, override_dirname, select, status_counts, summarize, swept_columns,
-                     t_cdf, t_quantile)
+                     t_cdf, t_quantile, with_error)
 
 MAX_CURVE_GROUPS = 8  # more lines than this on one curve plot stop being readable
 MAX_PROBE_FIGURES = 4
@@ -188,7 +188,8 @@ __all__ = ["LABELS", "LOWER_IS_BETTER", "analyze", "collect_probes", "collect_ru
            "knob_label", "label", "main", "markdown_table", "mean_ci", "override_dirname",
            "plot_bars", "plot_curves", "plot_heatmap", "plot_metric_vs", "plot_probe",
            "save_figure", "select", "set_style", "status_counts", "summarize", "swept_columns",
-           "sweep_command", "t_cdf", "t_quantile", "welch_difference", "write_report"]
+           "sweep_command", "t_cdf", "t_quantile", "welch_difference", "with_error",
+           "write_report"]
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -26,6 +26,8 @@ LABELS: dict[str, str] = {
     "gen_gap": "generalization gap (train - test, points)",
     **{f"test_acc.{m}": f"test accuracy, {m} stats (%)" for m in EVAL_MODES},
     **{f"test_loss.{m}": f"test loss, {m} stats" for m in EVAL_MODES},
+    "test_err": "test error (%)",
+    **{f"test_err.{m}": f"test error, {m} stats (%)" for m in EVAL_MODES},
     "epoch": "epoch", "step": "training step", "lr": "learning rate", "seed": "seed",
     "seconds": "epoch time (s)", "images_per_s": "training throughput (images/s)",
     "wall_time_s": "wall time (s)", "train_images_per_s": "training throughput (images/s)",
@@ -68,9 +70,9 @@ def knob_label(col: str) -> str:
 
 
 def is_percent(col: str) -> bool:
-    """Accuracy-like fractions (and their gap) are drawn and tabulated in percent points."""
+    """Accuracy-like fractions (error rates and the gap too) are drawn and tabulated in percent."""
     base = col.split(".")[0]
-    return base.endswith("acc") or base == "gen_gap"
+    return base.endswith(("acc", "err")) or base == "gen_gap"
 
 
 def save_figure(fig: Figure, directory, stem: str) -> list[Path]:

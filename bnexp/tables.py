@@ -85,6 +85,17 @@ def eval_modes_long(runs: pd.DataFrame, metric: str = "test_acc") -> pd.DataFram
     return long
 
 
+def with_error(df: pd.DataFrame, metric: str = "test_acc") -> pd.DataFrame:
+    """A copy of ``df`` with an error-rate column ``1 - acc`` next to ``metric`` and each of its
+    ``<metric>.<mode>`` columns, named with ``acc`` replaced by ``err`` (``test_err.precise``):
+    papers on batch size plot error, records keep accuracy. Missing values stay missing."""
+    cols = [c for c in df.columns if c == metric or c.startswith(metric + ".")]
+    errors = {c.replace("acc", "err", 1): 1.0 - pd.to_numeric(df[c]) for c in cols}
+    out = df.assign(**errors)
+    out.attrs = dict(df.attrs)
+    return out
+
+
 def select(df: pd.DataFrame, where: dict | None = None) -> pd.DataFrame:
     """Rows of ``df`` whose columns equal the values in ``where`` (keys may contain dots)."""
     mask = pd.Series(True, index=df.index)

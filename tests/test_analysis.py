@@ -125,6 +125,16 @@ def test_collect_curves_and_probes(study):
     assert len(probes) == len(RUNS) * 6 and set(probes["layer"]) == {"conv1", "conv2"}
 
 
+def test_with_error_is_one_minus_each_accuracy_column(runs):
+    err = A.with_error(runs)
+    for col in ("test_acc", "test_acc.ema", "test_acc.precise"):
+        got = err[col.replace("acc", "err", 1)]
+        expected = [math.nan if pd.isna(a) else 1.0 - a for a in runs[col]]
+        np.testing.assert_allclose(got.to_numpy(dtype=float), expected, equal_nan=True)
+    assert "train_err" not in err and "test_acc" in err  # only the metric asked for; acc kept
+    assert err.attrs == runs.attrs and A.is_percent("test_err.batch")
+
+
 # ----------------------------------------------------------------------------- statistics
 @pytest.mark.parametrize("df,expected", sorted(T975.items()))
 def test_t_quantile_matches_table(df, expected):
