@@ -1,0 +1,75 @@
+"""Does BN's edge hold as the batch gets small?
+
+The true (optimization = normalization) batch is swept over 8 ... 512 with the linear scaling
+rule (``optim.scale_lr=true``: lr = 0.1 x batch / 128) for BN, group norm (8 groups), no
+normalization and ghost BN with normalization batches of 32 (plain BN at batch <= 32); every
+model is scored with its EMA statistics (the default eval mode).
+
+Run::
+
+    make study S=batch_size ARGS="data=synthetic scale=smoke"   # batch 8, 32, 128: 36 runs
+    make study S=batch_size                                     # CIFAR-10: 48 runs, one GPU
+
+Expected (Wu & He 2018, "Group Normalization", Fig. 1): BN's error rises as the batch shrinks
+(noisy statistics), GN's stays flat, so GN wins at small batch and BN at large; no normalization
+is worst at the large batches, whose scaled learning rates it cannot take; ghost BN 32 keeps
+BN's small-batch regime at every batch.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+from matplotlib.figure import Figure
+
+from bnexp import analysis as A
+from common import question, run_study
+
+BATCH = "data.batch_size"
+NORMS = ("bn", "ghost_bn", "batch_renorm", "gn", "ln", "none", "dropout")  # legend order
+
+
+def plot_vs_batch(runs: pd.DataFrame, metric: str = "test_err", title: str | None = None) -> Figure:
+    """``metric`` against the batch size (log2 x), one line with a CI band per ``norm`` option."""
+    present = list(runs["norm"].dropna().unique())
+    order = [n for n in NORMS if n in present] + sorted(n for n in present if n not in NORMS)
+    return A.plot_metric_vs(runs, BATCH, metric, "norm", logx=2, hue_order=order, title=title)
+
+
+def statements(runs: pd.DataFrame, metric: str = "test_err") -> list[str]:
+    """Sentences for the expected shape: each norm from the largest to the smallest batch; GN
+    against BN at the smallest batch; BN against no normalization at the largest."""
+    batches = sorted(runs[BATCH].dropna().unique())
+    small, large = batches[0], batches[-1]
+    summary = A.summarize(runs, ["norm", BATCH], [metric])
+    norms = [n for n in NORMS if n in set(summary["norm"])]
+    out = [f"{n}, batch {small} vs {large}: "
+           + A.compare_statement(summary, metric, BATCH, small, large, at={"norm": n}) for n in norms]
+    for a, b, at in (("gn", "bn", small), ("bn", "none", large), ("bn", "none", small)):
+        if {a, b} <= set(norms):
+            out.append(A.compare_statement(summary, metric, "norm", a, b, at={BATCH: at}))
+    return out
+
+
+def analyze(study_dir: Path, command: str) -> Path:
+    runs, curves = A.collect_runs(study_dir)
+    runs.to_csv(study_dir / "runs.csv", index=False)
+    curves.to_csv(study_dir / "curves.csv", index=False)
+    runs = A.with_error(runs)
+    lr = runs["optim.lr"].dropna()
+    title = f"linear lr scaling: {lr.iloc[0]:g} x batch / 128" if len(lr) else None
+    figures = [A.save_figure(plot_vs_batch(runs, title=title), study_dir / "figures",
+                             "test_err_vs_batch")[0]]
+    by, metrics = ["norm", BATCH], ["test_err", "test_err.precise", "gen_gap"]
+    metrics = [m for m in metrics if m in runs]
+    table = A.format_summary(A.summarize(runs, by, metrics), by, metrics)
+    statement = "\n".join(f"- {s}." for s in statements(runs))
+    notes = ("Error is 1 - accuracy with EMA statistics. `test_err.precise` (population statistics "
+             "recomputed after training) separates a poor EMA estimate from a poorly trained "
+             "model; it is missing where the model has no BN layer (gn, none).")
+    return A.write_report(study_dir, "batch_size", question(__doc__), command, figures, table,
+                          statement, notes)
+
+
+if __name__ == "__main__":
+    run_study("batch_size", __doc__, analyze)

@@ -1,0 +1,148 @@
+"""Every study in conf/study/ composes, sweeps what exists, and (slow) runs end to end.
+
+Fast: each ``conf/study/<name>.yaml`` is composed through Hydra at full and at smoke scale; its
+``hydra.sweeper.params`` must resolve to non-empty sweeps over keys the config has (or config
+groups with those options), with >= 3 seeds, and the config of the sweep's first combination
+(and every value of each plain key on top of it) must pass ``bnexp.config.parse_config``. Each
+study needs ``experiments/<name>.py`` whose docstring gives the command and the expected outcome.
+
+Slow (``make smoke``): every study's script runs at smoke scale on synthetic data in a temporary
+results_dir and leaves report.md, runs.csv and at least one PNG figure, with no failed run.
+"""
+from __future__ import annotations
+
+import ast
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf, open_dict
+
+from bnexp.config import parse_config
+from conftest import compose_config
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+STUDIES = sorted(p.stem for p in (CONF / "study").glob("*.yaml"))
+# "full": the study as it is (full scale unless it pins another, as demo pins smoke)
+SCALES = {"full": [], "smoke": ["data=synthetic", "scale=smoke"]}
+_ABSENT = object()
+
+
+def _parser():
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    return OverridesParser.create()
+
+
+def sweep_axes(name: str, scale: str) -> tuple[dict, object]:
+    """``({key: [values...]}, composed config)`` of study ``name`` at ``scale``: the resolved
+    ``hydra.sweeper.params`` expanded with Hydra's own override grammar."""
+    cfg = compose_config([f"study={name}", *SCALES[scale]], return_hydra_config=True)
+    params = OmegaConf.to_container(cfg.hydra.sweeper.params, resolve=True) or {}
+    axes = {}
+    for ov in _parser().parse_overrides([f"{k}={v}" for k, v in params.items()]):
+        values = list(ov.sweep_iterator()) if ov.is_sweep_override() else [ov.value()]
+        axes[ov.get_key_element().lstrip("+~")] = values
+    return axes, cfg
+
+
+def is_group(key: str) -> bool:
+    return (CONF / key).is_dir()
+
+
+def parse(cfg) -> object:
+    """``parse_config`` of a composed config (its hydra node dropped first)."""
+    cfg = cfg.copy()
+    with open_dict(cfg):
+        cfg.pop("hydra", None)
+    return parse_config(OmegaConf.to_container(cfg, resolve=True))
+
+
+def _override(key: str, value) -> str:
+    text = "null" if value is None else str(value)
+    return f"{key}={text}"
+
+
+@pytest.fixture(scope="module", params=[(n, s) for n in STUDIES for s in SCALES],
+                ids=lambda p: f"{p[0]}-{p[1]}")
+def study(request):
+    name, scale = request.param
+    axes, cfg = sweep_axes(name, scale)
+    return name, scale, axes, cfg
+
+
+def test_there_are_studies():
+    assert {"demo", "stat_modes_vs_batch", "batch_size", "noniid", "lr_sensitivity"} <= set(STUDIES)
+
+
+def test_study_sweeps_existing_keys_with_three_seeds(study):
+    name, scale, axes, cfg = study
+    assert cfg.study_name == name and cfg.scale_name in (scale, "smoke")  # demo: always smoke
+    assert axes and all(axes.values()), f"{name}: empty sweep axis in {axes}"
+    assert len(set(axes.get("seed", []))) >= 3, f"{name} at {scale}: seeds {axes.get('seed')}"
+    for key, values in axes.items():
+        if is_group(key):
+            missing = [v for v in values if not (CONF / key / f"{v}.yaml").exists()]
+            assert not missing, f"{name}: {key} has no option(s) {missing}"
+        else:
+            assert OmegaConf.select(cfg, key, default=_ABSENT) is not _ABSENT, \
+                f"{name}: swept key {key} is not in the config"
+
+
+def test_study_first_combination_parses_and_each_value_too(study):
+    name, scale, axes, _ = study
+    first = [_override(k, v[0]) for k, v in axes.items()]
+    cfg = compose_config([f"study={name}", *SCALES[scale], *first])
+    parsed = parse(cfg)
+    assert parsed.study_name == name
+    if scale == "smoke":
+        assert (parsed.scale_name, parsed.data.name) == ("smoke", "synthetic")
+    for key, values in axes.items():
+        if is_group(key):
+            continue
+        for value in values:  # plain keys: every value on top of the first combination
+            variant = cfg.copy()
+            OmegaConf.update(variant, key, value, force_add=False)
+            assert field(parse(variant), key) == value, f"{name}: {key}={value}"
+
+
+def field(config, key: str):
+    """``config.a.b`` for the dotted ``key`` "a.b" of a parsed Config."""
+    for part in key.split("."):
+        config = getattr(config, part)
+    return config
+
+
+@pytest.mark.parametrize("name", STUDIES)
+def test_study_script_documents_command_and_expectation(name):
+    script = ROOT / "experiments" / f"{name}.py"
+    assert script.exists(), f"conf/study/{name}.yaml has no experiments/{name}.py"
+    tree = ast.parse(script.read_text())
+    doc = ast.get_docstring(tree) or ""
+    assert f"make study S={name}" in doc or (name == "demo" and "make demo" in doc), doc[:300]
+    assert "Expected" in doc, f"experiments/{name}.py: the docstring states no expected outcome"
+    defined = {n.name for n in tree.body if isinstance(n, ast.FunctionDef)}
+    assert "analyze" in defined and f'run_study("{name}"' in script.read_text()
+
+
+# ------------------------------------------------------------------------------ end to end
+@pytest.mark.slow
+@pytest.mark.parametrize("name", STUDIES)
+def test_study_runs_end_to_end_at_smoke_scale(name, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, str(ROOT / "experiments" / f"{name}.py"), "data=synthetic",
+           "scale=smoke", f"results_dir={tmp_path}", "progress=off", "launcher=joblib"]
+    out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=3600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    study_dir = tmp_path / name
+    report = (study_dir / "report.md").read_text()
+    assert report.startswith(f"# {name}") and "## Result" in report
+    assert list((study_dir / "figures").glob("*.png")), "no figure"
+    with open(study_dir / "runs.csv") as f:
+        statuses = [row["status"] for row in csv.DictReader(f)]
+    assert statuses and set(statuses) <= {"ok", "diverged"}, statuses
+    assert " 0 failed, 0 incomplete, 0 pending" in report
