@@ -22,16 +22,16 @@ def run_fit(tmp_path, overrides, name="run"):
 
 
 def test_training_lowers_loss_and_writes_records(tmp_path):
-    summary, run_dir = run_fit(tmp_path, ["optim.epochs=3"])
+    summary, run_dir = run_fit(tmp_path, ["optim.epochs=4", "data.batch_size=32"])
     rows = records.read_jsonl(run_dir / records.METRICS)
-    assert [r["epoch"] for r in rows] == [0, 1, 2]
+    assert [r["epoch"] for r in rows] == [0, 1, 2, 3]
     assert all(set(records.EPOCH_KEYS) <= set(r) for r in rows)
     assert rows[-1]["train_loss"] < rows[0]["train_loss"]
     on_disk = json.loads((run_dir / records.SUMMARY).read_text())
     assert on_disk["status"] == "ok" and on_disk == json.loads(json.dumps(summary))
     m = on_disk["metrics"]
     assert m["gen_gap"] == pytest.approx(m["train_acc"] - m["test_acc"])
-    assert m["test_acc"] > 0.2  # 10 classes: clearly above chance after 3 tiny epochs
+    assert m["test_acc"] > 0.2  # 10 classes: clearly above chance after 64 tiny steps
     assert on_disk["config"]["norm"]["name"] == "bn" and on_disk["precision"] == "fp32"
     assert on_disk["versions"]["torch"] and on_disk["train_images_per_s"] > 0
     assert (run_dir / "model.pt").exists() and not (run_dir / "last.pt").exists()
