@@ -1,0 +1,198 @@
+"""When is the EMA of batch statistics a poor estimate of the population statistics?
+
+Sweep (conf/study/ema_vs_precise.yaml): BN momentum {0.01, 0.1, 0.4} x seeds {0, 1, 2} at a
+large batch (CIFAR-10: 1024, 49 steps per epoch; smoke: 256 on 2000 images, 8 steps per epoch),
+linear lr scaling with warmup. Every epoch the model is scored with its EMA statistics and with
+precise statistics (population statistics recomputed over `eval.precise_samples` training images).
+
+Then, after the sweep, this script re-scores each saved model (`model.pt`) with precise BN at
+N = 256, 1k, 4k, 16k samples (smoke: 64 ... 4096; `grid.<scale>.precise_n`), `repeats`
+independent draws each, and writes `<run>/precise_vs_n.json`. Why after the sweep and not as a
+swept `eval.precise_samples`: N only changes how the finished model is evaluated, so sweeping it
+would retrain an identical model per N; re-scoring one model at every N also puts all N on the
+same weights, so the curve shows the estimator alone. It uses the same code path as the run's own
+precise mode (`bnexp.stats.run_mode`); draw r = 0 at the run's own N reproduces its
+`test_acc.precise`. Only the momentum-0.1 runs are re-scored: train-mode BN never reads its
+running statistics, so the momentum does not change the weights (the report checks this: the
+per-epoch precise curves of a seed coincide across momenta).
+
+    make study S=ema_vs_precise ARGS="data=synthetic scale=smoke"   # 9 runs, a few CPU minutes
+    make study S=ema_vs_precise                                     # CIFAR-10: 9 runs, one GPU
+
+Expected (Wu & Johnson 2021, "Rethinking 'Batch' in BatchNorm", Sec. 3): with few steps per
+epoch the EMA lags the weights (small momentum: the average still holds statistics of much older
+weights, worst early in training) or is noisy (large momentum: it averages only the last few
+batches), so its test error is above the precise one; precise BN matches the population once N is
+about 1k samples or more (its error flat in N from there), and is worse only at very small N.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pandas as pd
+
+from bnexp import analysis as A
+from common import question, run_study
+
+MOMENTUM = "norm.momentum"
+RESULT = "precise_vs_n.json"
+REFERENCE_MOMENTUM = 0.1  # the runs re-scored at every N (any momentum gives the same weights)
+
+
+# ----------------------------------------------------------------------------- re-scoring at N
+def precise_vs_n(run_dir: Path, sizes: list[int], repeats: int) -> list[dict]:
+    """Test loss/accuracy of the run's saved model with precise BN over N training images, for
+    each N in ``sizes`` and draws ``r < repeats`` (draw r uses seed ``run seed + 1000 r``).
+
+    Cached in ``<run_dir>/precise_vs_n.json``; recomputed when the sizes or repeats differ.
+    """
+    path = Path(run_dir) / RESULT
+    if path.exists():
+        cached = json.loads(path.read_text())
+        if cached.get("sizes") == list(sizes) and cached.get("repeats") == repeats:
+            return cached["rows"]
+    # the training side of bnexp: a study script may import it (bnexp.analysis may not)
+    import torch
+
+    from bnexp.checkpoint import load_model_state
+    from bnexp.config import parse_config
+    from bnexp.data import load_data
+    from bnexp.runtime import resolve_device, resolve_precision, set_threads
+    from bnexp.stats import run_mode
+    from bnexp.train import Pipeline, build
+
+    state = load_model_state(run_dir)
+    cfg = parse_config(state["config"])
+    set_threads(cfg.threads)
+    device = resolve_device(cfg.device)
+    model = build(cfg, state["num_classes"], device)
+    model.load_state_dict(state["model"])
+    data = load_data(cfg.data, device, seed=cfg.seed)
+    generator = torch.Generator(device=device).manual_seed(cfg.seed + 1)
+    pipe = Pipeline(device, resolve_precision(cfg.precision, device), data.mean, data.std,
+                    cfg.channels_last, cfg.data.augment, generator)
+    rows = []
+    for n in sizes:
+        eval_cfg = dataclasses.replace(cfg.eval, precise_samples=int(n))
+        for r in range(repeats):
+            result, _ = run_mode("precise", model, data, pipe, eval_cfg, cfg.data.batch_size,
+                                 cfg.seed + 1000 * r)
+            rows.append({"n": int(n), "repeat": r, "test_acc": result["acc"], "test_loss": result["loss"]})
+    path.write_text(json.dumps({"sizes": list(sizes), "repeats": repeats, "rows": rows}, indent=1))
+    return rows
+
+
+def rescore(study_dir: Path, runs: pd.DataFrame) -> pd.DataFrame:
+    """``precise_vs_n`` of every finished reference-momentum run; one row per (run, N), the
+    accuracy averaged over the draws, with the draws' spread in ``test_acc_draw_std``."""
+    ref = runs[(runs["status"] == "ok") & (runs[MOMENTUM] == reference_momentum(runs))]
+    rows = []
+    for _, r in ref.iterrows():
+        spec = _grid_spec(r)
+        draws = pd.DataFrame(precise_vs_n(study_dir / "runs" / r["run"], spec["precise_n"], spec["repeats"]))
+        per_n = draws.groupby("n")["test_acc"].agg(["mean", "std"]).reset_index()
+        rows += [{"run": r["run"], "seed": r["seed"], "eval.precise_samples": int(n), "test_acc": m,
+                  "test_acc_draw_std": s} for n, m, s in per_n.itertuples(index=False)]
+    return A.with_error(pd.DataFrame(rows))
+
+
+def _grid_spec(run: pd.Series) -> dict:
+    """``precise_n`` and ``repeats`` of the run's scale, from its resolved config columns."""
+    scale = run["scale_name"]
+    return {"precise_n": json.loads(run[f"grid.{scale}.precise_n"]),
+            "repeats": int(run[f"grid.{scale}.repeats"])}
+
+
+def reference_momentum(runs: pd.DataFrame) -> float:
+    """0.1 when swept, else the swept momentum closest to it."""
+    values = runs[MOMENTUM].dropna().unique()
+    return min(values, key=lambda m: abs(m - REFERENCE_MOMENTUM))
+
+
+# ----------------------------------------------------------------------------- figures, words
+def epoch_lines(curves: pd.DataFrame, ref: float) -> pd.DataFrame:
+    """Per-epoch test error: an ``EMA, momentum m`` line per momentum and one ``precise`` line
+    (reference-momentum runs only: the others hold the same weights, and would count seeds twice)."""
+    curves = A.with_error(curves)
+    ema = curves.assign(line=[f"EMA, momentum {m:g}" for m in curves[MOMENTUM]],
+                        test_err=curves["test_err.ema"])
+    precise = curves[curves[MOMENTUM] == ref]
+    precise = precise.assign(line="precise BN", test_err=precise["test_err.precise"])
+    return pd.concat([ema, precise], ignore_index=True)
+
+
+def n_lines(per_n: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
+    """Test error against N: ``precise BN`` per N, and each momentum's final EMA error drawn as
+    a flat line across the same N (the EMA does not depend on N)."""
+    sizes = sorted(per_n["eval.precise_samples"].unique())
+    ema = A.with_error(runs[runs["status"] == "ok"])
+    flat = [ema.assign(**{"eval.precise_samples": n, "line": [f"EMA, momentum {m:g}" for m in ema[MOMENTUM]],
+                          "test_err": ema["test_err.ema"]}) for n in sizes]
+    keep = ["run", "status", "seed", "eval.precise_samples", "line", "test_err"]
+    return pd.concat([per_n.assign(line="precise BN", status="ok")[keep], *(f[keep] for f in flat)],
+                     ignore_index=True)
+
+
+def same_weights_check(curves: pd.DataFrame) -> float:
+    """Largest difference (accuracy points) between momenta of one seed in the per-epoch precise
+    accuracy: 0 when the momentum did not change the weights."""
+    wide = curves.pivot_table(index=["seed", "epoch"], columns=MOMENTUM, values="test_acc.precise")
+    return float((wide.max(axis=1) - wide.min(axis=1)).max() * 100)
+
+
+def statements(runs: pd.DataFrame, curves: pd.DataFrame, per_n: pd.DataFrame) -> str:
+    text = [f"Same weights across momenta: per-epoch precise accuracy of a seed differs by at most "
+            f"{same_weights_check(curves):.2f} points between momenta."]
+    lag = A.with_error(curves).assign(lag=lambda d: d["test_err.ema"] - d["test_err.precise"])
+    lag = lag.groupby(["run", MOMENTUM], as_index=False)["lag"].mean()
+    s = A.summarize(lag, [MOMENTUM], ["lag"])
+    text.append("EMA minus precise test error averaged over epochs: " + ", ".join(
+        f"momentum {r[MOMENTUM]:g}: {100 * r['lag.mean']:+.1f} +/- {100 * (r['lag.ci_hi'] - r['lag.mean']):.1f} points"
+        for _, r in s.iterrows()) + ".")
+    final = A.eval_modes_long(A.with_error(runs), "test_err")
+    for m in sorted(runs[MOMENTUM].dropna().unique()):
+        text.append(f"After training, momentum {m:g}: " + A.compare_statement(
+            final[final["eval_mode"].isin(["ema", "precise"])], "test_err", "eval_mode", "ema",
+            "precise", at={MOMENTUM: m}) + ".")
+    if len(per_n):
+        sizes = sorted(per_n["eval.precise_samples"].unique())
+        near_1k = min(sizes, key=lambda n: abs(n - 1024))
+        for n in dict.fromkeys([sizes[0], near_1k]):
+            if n != sizes[-1]:
+                text.append(f"Precise BN, N={n} vs N={sizes[-1]}: " + A.compare_statement(
+                    per_n.assign(N=per_n["eval.precise_samples"].map(lambda v: f"N={v}")),
+                    "test_err", "N", f"N={n}", f"N={sizes[-1]}") + ".")
+    return " ".join(text)
+
+
+def analyze(study_dir: Path, command: str) -> Path:
+    runs, curves = A.collect_runs(study_dir)
+    runs.to_csv(study_dir / "runs.csv", index=False)
+    curves.to_csv(study_dir / "curves.csv", index=False)
+    if "test_acc.precise" not in curves or (runs["status"] != "ok").all():
+        return A.write_report(study_dir, "ema_vs_precise", question(__doc__), command, [],
+                              runs[["run", "status"]], "No finished run yet.")
+    ref = reference_momentum(runs)
+    per_n = rescore(study_dir, runs)
+    per_n.to_csv(study_dir / "precise_vs_n.csv", index=False)
+    figs = {"test_err_per_epoch": A.plot_curves(epoch_lines(curves, ref), "epoch", "test_err", "line"),
+            "test_err_vs_n": A.plot_metric_vs(n_lines(per_n, runs), "eval.precise_samples",
+                                              "test_err", "line", logx=2)}
+    paths = [A.save_figure(fig, study_dir / "figures", stem)[0] for stem, fig in figs.items()]
+    metrics = ["test_err.ema", "test_err.precise", "test_err"]
+    errs = A.with_error(runs)
+    table = A.format_summary(A.summarize(errs, [MOMENTUM], metrics[:2]), [MOMENTUM], metrics[:2])
+    by_n = A.summarize(per_n, ["eval.precise_samples"], ["test_err", "test_acc_draw_std"])
+    notes = ("Precise BN re-scored at each N (momentum-{ref:g} runs; mean over {k} draws per run, "
+             "then 95% CI over seeds; draw_std is the spread between draws of one model, in "
+             "accuracy):\n\n".format(ref=ref, k=int(_grid_spec(runs.iloc[0])["repeats"]))
+             + A.markdown_table(A.format_summary(by_n, ["eval.precise_samples"],
+                                                 ["test_err", "test_acc_draw_std"])))
+    return A.write_report(study_dir, "ema_vs_precise", question(__doc__), command, paths, table,
+                          statements(runs, curves, per_n), notes)
+
+
+if __name__ == "__main__":
+    run_study("ema_vs_precise", __doc__, analyze)

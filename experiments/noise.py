@@ -1,0 +1,156 @@
+"""Is BN's regularization the noise of its batch statistics?
+
+Sweep (conf/study/noise.yaml): norm {bn, ghost_bn4, ghost_bn16, ghost_bn64, noisy_bn, none} x
+seeds {0, 1, 2} at an optimization batch of 128, without data augmentation (so that the gap
+shows the regularization). Ghost BN normalizes sub-batches of 4 / 16 / 64 images: smaller
+normalization batches, noisier statistics. noisy_bn is BN over the whole batch plus injected
+noise on the normalized values (multiplicative N(1, 0.1^2), additive N(0, 0.1^2), per sample and
+channel). The `noise` probe measures, once per epoch, per BN layer and per batch size B (4, 16,
+64 and 128; full scale 2 ... 128), the spread of the batch statistics around the population:
+``noise.mean = std_B(mu_B) / sigma`` and ``noise.var = std_B(var_B) / sigma^2``.
+
+    make study S=noise ARGS="data=synthetic scale=smoke"   # 18 runs, a few CPU minutes
+    make study S=noise                                     # CIFAR-10: 18 runs, one GPU
+
+Measured noise of a config (the x axis of the first figure): the standard deviation of the
+perturbation that the statistics add to a unit-variance normalized value. Normalizing with
+(mu_B, sigma_B) instead of (mu, sigma) turns x_hat into about x_hat * (1 - e) - d, with
+std(d) = noise.mean and std(e) = noise.var / 2 (sigma_B / sigma = sqrt(var_B / var)); so the
+noise is sqrt(noise.mean^2 + (noise.var / 2)^2) at the config's normalization batch size (its
+ghost size, else 128), averaged over BN layers and epochs. noisy_bn adds its injected stds in
+quadrature (noise_add to the shift, noise_mul to the scale); none has no normalization noise (0).
+
+Expected (Hoffer et al. 2017, "Train longer, generalize better" (ghost BN); Santurkar et al.
+2018, noisy BN; Luo et al. 2019, "Towards Understanding Regularization in Batch Normalization"):
+the noise grows as the normalization batch shrinks (about as 1 / sqrt(B)), and more noise
+regularizes more (smaller train/test gap, better test accuracy) up to a point, beyond which
+(ghost batch 4, or too much injected noise) the noise hurts accuracy.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+
+from bnexp import analysis as A
+from bnexp.plots import PALETTE
+from common import question, run_study
+
+
+def noise_rows(probes: pd.DataFrame) -> pd.DataFrame:
+    """The noise probe's rows (``noise.mean`` / ``noise.var`` per layer, batch size, epoch)."""
+    return probes[probes["name"].isin(["noise.mean", "noise.var"])] if len(probes) else probes
+
+
+def measured_noise(runs: pd.DataFrame, noise: pd.DataFrame) -> pd.Series:
+    """Per run (indexed by ``run``): the noise of its normalization, as the module doc defines."""
+    out = {}
+    for _, r in runs.iterrows():
+        if r["norm.name"] == "none":
+            out[r["run"]] = 0.0
+            continue
+        size = r["norm.virtual_batch"] if r["norm.name"] == "ghost_bn" else r["data.batch_size"]
+        rows = noise[(noise["run"] == r["run"]) & (noise["batch_size"] == size)]
+        if rows.empty:  # this batch size was not probed (see grid.noise_sizes)
+            out[r["run"]] = math.nan
+            continue
+        mean, var = (rows.loc[rows["name"] == n, "value"].mean() for n in ("noise.mean", "noise.var"))
+        injected = (r["norm.noise_add"], r["norm.noise_mul"]) if r["norm.name"] == "noisy_bn" else (0, 0)
+        out[r["run"]] = math.sqrt(mean ** 2 + injected[0] ** 2 + (var / 2) ** 2 + injected[1] ** 2)
+    return pd.Series(out, name="noise")
+
+
+def plot_vs_noise(runs: pd.DataFrame, metrics: tuple = ("test_acc", "gen_gap")) -> Figure:
+    """One panel per metric: mean over seeds against the mean measured noise, one point per norm
+    with 95% CI bars in both directions, labelled with the norm preset."""
+    A.set_style()
+    fig = Figure(figsize=(4.2 * len(metrics), 3.6))
+    axes = fig.subplots(1, len(metrics), squeeze=False).ravel()
+    stats = A.summarize(runs, ["norm"], ["noise", *metrics])
+    stats = stats.sort_values("noise.mean")
+    for ax, metric in zip(axes, metrics):
+        scale = 100.0 if A.is_percent(metric) else 1.0
+        for color, (_, s) in zip(PALETTE * 2, stats.iterrows()):
+            x, y = s["noise.mean"], s[f"{metric}.mean"] * scale
+            xerr = np.nan_to_num(s["noise.ci_hi"] - x)
+            yerr = np.nan_to_num(s[f"{metric}.ci_hi"] * scale - y)
+            ax.errorbar(x, y, xerr=xerr, yerr=yerr, fmt="o", color=color, capsize=2, label=s["norm"])
+            ax.annotate(s["norm"], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        ax.plot(stats["noise.mean"], stats[f"{metric}.mean"] * scale, color="0.6", lw=0.8, zorder=0)
+        ax.set_xlabel("measured normalization noise\n(std of the perturbation of x_hat)")
+        ax.set_ylabel(A.label(metric))
+    axes[-1].legend(title=A.knob_label("norm"), loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    return fig
+
+
+def plot_noise_vs_batch(noise: pd.DataFrame, title: str) -> Figure:
+    """std of the batch mean and variance against the batch size (log-log), a line per BN layer
+    (mean over seeds, last epoch), with a dashed 1/sqrt(B) reference through the first layer."""
+    last = noise[noise["epoch"] == noise.groupby("run")["epoch"].transform("max")]
+    fig = A.plot_probe(last, name=None, x="batch_size", hue="layer", col="name", title=title)
+    for ax in fig.axes:
+        if not ax.get_visible() or not ax.lines:
+            continue
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        xs, ys = ax.lines[0].get_data()
+        ref = ys[0] * np.sqrt(xs[0] / np.asarray(xs, dtype=float))
+        ax.plot(xs, ref, ls="--", color="0.4", lw=1, label="∝ 1/√B")
+        ax.set_xlabel("batch size B")
+        ax.set_title({"noise.mean": "batch mean: std(mu_B) / sigma",
+                      "noise.var": "batch variance: std(var_B) / sigma^2"}.get(ax.get_title().split(" = ")[-1],
+                                                                             ax.get_title()))
+    fig.axes[0].set_ylabel("std over batches (relative)")
+    return fig
+
+
+def statements(runs: pd.DataFrame) -> str:
+    stats = A.summarize(runs, ["norm"], ["noise", "test_acc", "gen_gap"]).dropna(subset=["test_acc.mean"])
+    order = stats.sort_values("noise.mean")
+    text = ["Measured noise by norm (mean over seeds): " + ", ".join(
+        f"{r['norm']} {r['noise.mean']:.3f}" for _, r in order.iterrows()) + "."]
+    finite = stats.dropna(subset=["noise.mean"])
+    if len(finite) > 2:
+        rho = finite["noise.mean"].rank().corr(finite["test_acc.mean"].rank())
+        rho_gap = finite["noise.mean"].rank().corr(finite["gen_gap.mean"].rank())
+        text.append(f"Across the {len(finite)} configs, the rank correlation of noise with test "
+                    f"accuracy is {rho:+.2f} and with the gap {rho_gap:+.2f}.")
+    best = stats.sort_values("test_acc.mean", ascending=False).iloc[0]["norm"]
+    text.append(f"Best test accuracy: {best}.")
+    for a, b in (("bn", "none"), (best, "bn"), ("ghost_bn4", best)):
+        if a != b and {a, b} <= set(stats["norm"]):
+            text.append(A.compare_statement(runs, "test_acc", "norm", a, b) + ".")
+    return " ".join(text)
+
+
+def analyze(study_dir: Path, command: str) -> Path:
+    runs, curves = A.collect_runs(study_dir)
+    probes = A.collect_probes(study_dir)
+    runs.to_csv(study_dir / "runs.csv", index=False)
+    curves.to_csv(study_dir / "curves.csv", index=False)
+    noise = noise_rows(probes)
+    noise.to_csv(study_dir / "probes.csv", index=False)
+    if "test_acc" not in runs:
+        return A.write_report(study_dir, "noise", question(__doc__), command, [],
+                              runs[["run", "status"]], "No finished run yet.")
+    runs = runs.merge(measured_noise(runs, noise), left_on="run", right_index=True, how="left")
+    figs = {"test_acc_vs_noise": plot_vs_noise(runs)}
+    bn_noise = noise[noise["norm"] == "bn"] if len(noise) else noise
+    if len(bn_noise):
+        figs["noise_vs_batch_size"] = plot_noise_vs_batch(
+            bn_noise, "batch-statistic noise per layer (norm=bn, after training)")
+    paths = [A.save_figure(fig, study_dir / "figures", stem)[0] for stem, fig in figs.items()]
+    metrics = [m for m in ("noise", "test_acc", "test_acc.precise", "train_acc", "gen_gap") if m in runs]
+    table = A.format_summary(A.summarize(runs, ["norm"], metrics), ["norm"], metrics)
+    notes = ("noise: see the module docstring of experiments/noise.py (unitless; 0 for none). "
+             "Bars and bands are 95% t-intervals over seeds. The per-layer figure uses the norm=bn "
+             "runs' last-epoch probe; the dashed line is the 1/sqrt(B) scaling of i.i.d. batches.")
+    return A.write_report(study_dir, "noise", question(__doc__), command, paths, table,
+                          statements(runs), notes)
+
+
+if __name__ == "__main__":
+    run_study("noise", __doc__, analyze)
