@@ -1,11 +1,17 @@
 """A procedural, CIFAR-shaped classification problem that needs no download.
 
-Each class is a prototype: an oriented colour grating plus a few coloured Gaussian blobs at
-class-specific places. An image is its class prototype, randomly translated (up to ``SHIFT``
-pixels), mirrored, phase-shifted and colour-jittered, blended with a weaker, independently
-transformed prototype of another class, on a random background, plus pixel noise. So the label is
-carried by spatial structure (orientation, frequency, layout), the nuisances are the ones that
-crop-and-flip augmentation undoes, and the distractor and noise keep a small CNN well below 100%.
+Each class is a prototype: an oriented grating plus a few Gaussian blobs at class-specific places.
+An image is its class prototype, randomly translated (up to ``SHIFT`` pixels), mirrored and
+phase-shifted, with colours that are mostly drawn per image (``COLOR_MIX`` is the class's share),
+blended with an independently transformed prototype of another class (weight up to 0.5, so some
+images are ambiguous), on a random background, plus pixel noise. So the label is carried by spatial
+structure (orientation, frequency, layout), the nuisances are those that crop-and-flip augmentation
+undoes, and the ambiguous images leave room to memorize: a train/test gap.
+
+The constants below were set for that behaviour, measured with a 4-conv BN net (16-32-64-64
+channels), SGD lr 0.05 momentum 0.9, batch 128, one-cycle schedule, on 5000 training images
+(train / test accuracy): crop+flip, 8 epochs 75% / 73%, 20 epochs 80% / 77%; no augmentation,
+10 epochs 88% / 75%, 20 epochs 100% / 75%; without BN, crop+flip, 8 epochs 47% / 48%.
 
 Everything is drawn from the generators passed in (CPU), so the bytes depend only on their seeds.
 """
@@ -21,7 +27,7 @@ SHIFT = 4          # max translation in pixels: the range that pad-4 random crop
 BLOBS = 2          # blobs per class prototype
 DISTRACTOR = (0.2, 0.5)  # blend weight range of the other class's prototype
 NOISE = 0.10       # std of per-pixel Gaussian noise, [0, 1] scale
-COLOR_MIX = 0.3
+COLOR_MIX = 0.6    # weight of the class colour against a per-image random colour
 CHUNK = 2048       # images generated at a time (bounds float memory)
 
 
