@@ -285,3 +285,36 @@ def test_submitit_local_sweep_leaves_the_records_of_the_basic_launcher(basic_swe
         # the preset is a task override, so Hydra lists it; it is left out of folder names
         assert mine.pop("overrides") == theirs.pop("overrides") + ["launcher=local"]
         assert mine == theirs
+
+
+# ------------------------------------------------------------------------------ bench
+
+def test_bench_naive_dataset_serves_the_same_images_as_pil():
+    from torchvision.transforms.functional import pil_to_tensor
+
+    from bnexp.bench import SyntheticCIFAR
+
+    x = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
+    y = torch.tensor([3, 1, 4, 1])
+    ds = SyntheticCIFAR(x, y)
+    assert len(ds) == 4
+    for i in range(4):
+        img, label = ds[i]
+        assert torch.equal(pil_to_tensor(img), x[i]) and label == y[i].item()
+
+
+def test_bench_flop_count_matches_the_conv_arithmetic():
+    from bnexp.bench import train_flops_per_image
+
+    cfg = make_config(["model.width=8"])
+    flops = train_flops_per_image(cfg, num_classes=10, device=torch.device("cpu"), batch=2)
+    # VGG-8: 4 stages of 2 3x3 convs, widths 8..64 at 32, 16, 8, 4 pixels; then a linear head.
+    convs, c_in = [], 3
+    for stage in range(4):
+        side, c_out = 32 >> stage, 8 << stage
+        for _ in range(2):
+            convs.append(2 * c_in * c_out * 9 * side * side)
+            c_in = c_out
+    head = 2 * c_in * 10
+    # backward: weight and input gradients cost a forward each, except the input's gradient
+    assert flops == 3 * (sum(convs) + head) - convs[0]

@@ -1,0 +1,272 @@
+"""``python -m bnexp.bench`` (``make bench``): training throughput, a typical script vs bnexp.
+
+(a) naive: how a typical PyTorch CIFAR script trains. A torchvision ``VisionDataset`` that keeps
+    the images as a uint8 HWC array and makes a PIL image per item (as ``torchvision.datasets.
+    CIFAR10`` does), ``Compose([RandomCrop(32, padding=4), RandomHorizontalFlip(), ToTensor(),
+    Normalize(mean, std)])``, a shuffling ``DataLoader`` with ``num_workers=2`` (the PyTorch CIFAR
+    tutorial's value, and what a 2-core machine affords), fp32, NCHW, ``loss.item()`` every step.
+(b) bnexp: ``train.train_epoch`` with its ``Pipeline`` (uint8 images in memory on the device,
+    batched crop/flip there, ``precision: auto`` and ``channels_last`` from conf/config.yaml).
+
+Both train the default model (conf/config.yaml: VGG with BN) on the same synthetic images with
+the same optimizer and schedule, so only the input pipeline, precision and layout differ. The
+two alternate in rounds at each batch size and the median round counts, so background load
+hits both alike. The fraction of peak is the model's training FLOPs per image (counted with
+``torch.utils.flop_counter``) times images/s over a large bf16 matmul measured in this process.
+A short training run each way then prints both test accuracies: the speed must not change the
+science. The last line is ``speedup_vs_naive=<ratio at batch 128>``.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch.utils.flop_counter import FlopCounterMode
+from torchvision import datasets, transforms
+
+from .config import Config, parse_config
+from .data import DataBundle, load_data
+from .models import build_model
+from .norms import make_norm
+from .runtime import resolve_device, resolve_precision, seed_everything
+from .sampling import build_sampler
+from .train import Pipeline, build, fit, lr_factor, make_optimizer, train_epoch
+
+BATCHES = (8, 32, 128)
+IMAGES_PER_ROUND = 1280  # timed images per method, round and batch size...
+MAX_ROUND_S = 5.0  # ...or fewer when that takes longer than this
+WARMUP_STEPS = 3
+MIN_STEPS = 3
+NAIVE_WORKERS = 2
+
+
+class SyntheticCIFAR(datasets.VisionDataset):
+    """The synthetic images as torchvision's CIFAR10 holds CIFAR: HWC uint8, PIL per item."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, transform=None):
+        super().__init__(root=None, transform=transform)
+        self.data = x.permute(0, 2, 3, 1).contiguous().cpu().numpy()
+        self.targets = y.cpu().tolist()
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, index: int):
+        img, target = Image.fromarray(self.data[index]), self.targets[index]
+        return (self.transform(img) if self.transform else img), target
+
+
+def naive_loader(data: DataBundle, batch_size: int, train: bool) -> torch.utils.data.DataLoader:
+    norm = [transforms.ToTensor(), transforms.Normalize(data.mean.tolist(), data.std.tolist())]
+    aug = [transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip()] if train else []
+    split = data.train if train else data.test
+    dataset = SyntheticCIFAR(split.x, split.y, transforms.Compose(aug + norm))
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=train,
+                                       num_workers=NAIVE_WORKERS, drop_last=train)
+
+
+def naive_steps(model, optimizer, scheduler, batches, device: torch.device) -> int:
+    """The typical loop body over ``batches``; returns the images it trained on."""
+    model.train()
+    seen = correct = 0
+    running = 0.0
+    for x, y in batches:
+        x, y = x.to(device), y.to(device)
+        optimizer.zero_grad()
+        out = model(x)
+        loss = F.cross_entropy(out, y)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        running += loss.item()  # what such scripts print every N steps
+        correct += (out.argmax(1) == y).sum().item()
+        seen += len(y)
+    return seen
+
+
+class Method:
+    """One way of training, with its own model, optimizer and data stream."""
+
+    def __init__(self, name: str, cfg: Config, data: DataBundle, device: torch.device):
+        self.name, self.cfg, self.data, self.device = name, cfg, data, device
+        seed_everything(cfg.seed)
+        if name == "naive":
+            self.model = build_model(cfg.model, make_norm(cfg.norm), data.num_classes).to(device)
+            self.loader = naive_loader(data, cfg.data.batch_size, train=True)
+        else:
+            self.model = build(cfg, data.num_classes, device)
+            generator = torch.Generator(device=device).manual_seed(cfg.seed + 1)
+            self.pipe = Pipeline(device, resolve_precision(cfg.precision, device), data.mean,
+                                 data.std, cfg.channels_last, cfg.data.augment, generator)
+            self.sampler = build_sampler(cfg.sampler, data.train.y.cpu(), cfg.data.batch_size, cfg.seed)
+        self.optimizer = make_optimizer(self.model, cfg.optim, cfg.data.batch_size)
+        self.steps_per_epoch = len(data.train.y) // cfg.data.batch_size
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lr_factor(cfg.optim, self.steps_per_epoch))
+        self.step = self.rounds = 0
+
+    def round(self, steps: int) -> float:
+        """Warm up, then train ``steps`` steps; images/s of the timed part (device synced).
+
+        Each round starts an epoch, as a script's loop does; its first ``WARMUP_STEPS`` are not
+        timed (the naive loader's workers start then), the loading of the others is.
+        """
+        if self.name == "naive":
+            it = iter(self.loader)
+            warm, timed = itertools.islice(it, WARMUP_STEPS), itertools.islice(it, steps)
+        else:
+            batches = self.sampler.batches(self.rounds)[:WARMUP_STEPS + steps]
+            warm, timed = batches[:WARMUP_STEPS], batches[WARMUP_STEPS:]
+        self.rounds += 1
+        self._train(warm)
+        _sync(self.device)
+        tic = time.perf_counter()
+        seen = self._train(_Until(timed, tic + MAX_ROUND_S, steps))
+        _sync(self.device)
+        return seen / (time.perf_counter() - tic)
+
+    def _train(self, batches) -> int:
+        if self.name == "naive":
+            return naive_steps(self.model, self.optimizer, self.scheduler, batches, self.device)
+        total = self.cfg.optim.epochs * self.steps_per_epoch
+        result = train_epoch(self.model, self.optimizer, self.scheduler, self.data, batches,
+                             self.pipe, self.cfg, self.step, total)
+        self.step += len(batches)
+        return result["images"]
+
+
+class _Until:
+    """``batches`` (``len`` kept), cut short after ``MIN_STEPS`` once ``deadline`` (perf_counter)
+    has passed: on a loaded machine a round ends on time instead of taking minutes."""
+
+    def __init__(self, batches, deadline: float, length: int):
+        self.batches, self.deadline, self.length = batches, deadline, length
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __iter__(self):
+        for i, batch in enumerate(self.batches):
+            if i >= MIN_STEPS and time.perf_counter() > self.deadline:
+                return
+            yield batch
+
+
+def throughput(cfg_for, batch_sizes, rounds: int, device: torch.device) -> dict:
+    """``{batch: {"naive": img/s, "bnexp": img/s}}``, medians over alternating rounds."""
+    out = {}
+    for bs in batch_sizes:
+        cfg = cfg_for(bs)
+        data = load_data(cfg.data, device, seed=cfg.seed)
+        methods = [Method("naive", cfg, data, device), Method("bnexp", cfg, data, device)]
+        steps = max(IMAGES_PER_ROUND // bs, 10)
+        rates = {m.name: [] for m in methods}
+        for r in range(rounds):
+            for m in methods if r % 2 == 0 else methods[::-1]:
+                rates[m.name].append(m.round(steps))
+        out[bs] = {name: statistics.median(v) for name, v in rates.items()}
+        print(f"batch {bs:4d}: naive {out[bs]['naive']:7.0f} img/s   bnexp {out[bs]['bnexp']:7.0f} "
+              f"img/s   ratio {out[bs]['bnexp'] / out[bs]['naive']:5.2f}x", flush=True)
+    return out
+
+
+def train_flops_per_image(cfg: Config, num_classes: int, device: torch.device, batch: int = 32) -> float:
+    """Forward + backward FLOPs of one training step per image (fp32 count; the same math in bf16)."""
+    model = build_model(cfg.model, make_norm(cfg.norm), num_classes).to(device)
+    x = torch.randn(batch, 3, 32, 32, device=device)
+    y = torch.randint(0, num_classes, (batch,), device=device)
+    with FlopCounterMode(display=False) as counter:
+        F.cross_entropy(model(x), y).backward()
+    return counter.get_total_flops() / batch
+
+
+def matmul_peak(device: torch.device, n: int = 4096, reps: int = 5) -> float:
+    """Best FLOP/s of an n x n x n bf16 matmul on ``device`` (the achievable peak here)."""
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    best = float("inf")
+    for _ in range(reps + 1):  # the first one warms up
+        _sync(device)
+        tic = time.perf_counter()
+        a @ b
+        _sync(device)
+        best = min(best, time.perf_counter() - tic)
+    return 2 * n ** 3 / best
+
+
+def accuracy_run(cfg: Config, device: torch.device) -> dict:
+    """Test accuracy after ``cfg.optim.epochs`` epochs, trained the naive way and by ``fit``."""
+    data = load_data(cfg.data, device, seed=cfg.seed)
+    naive = Method("naive", cfg, data, device)
+    for _ in range(cfg.optim.epochs):
+        naive_steps(naive.model, naive.optimizer, naive.scheduler, naive.loader, device)
+    naive.model.eval()
+    correct = 0
+    with torch.no_grad():
+        for x, y in naive_loader(data, cfg.eval.batch_size, train=False):
+            correct += (naive.model(x.to(device)).argmax(1) == y.to(device)).sum().item()
+    with tempfile.TemporaryDirectory() as run_dir:
+        summary = fit(cfg, Path(run_dir))
+    return {"naive": correct / len(data.test.y), "bnexp": summary["metrics"]["test_acc"]}
+
+
+def compose(overrides: list[str]) -> Config:
+    """The bench's config: conf/config.yaml's defaults (model, precision, layout) plus overrides."""
+    from hydra import compose as hydra_compose, initialize_config_module
+    from omegaconf import OmegaConf
+
+    with initialize_config_module(config_module="bnexp.conf", version_base="1.3"):
+        cfg = hydra_compose(config_name="config", overrides=overrides)
+    return parse_config(OmegaConf.to_container(cfg, resolve=True))
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bnexp.bench", description=__doc__.split("\n")[0])
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds per batch size")
+    parser.add_argument("--batches", default=",".join(map(str, BATCHES)), help="batch sizes")
+    parser.add_argument("--accuracy-epochs", type=int, default=2,
+                        help="epochs of the accuracy comparison (0 skips it)")
+    parser.add_argument("overrides", nargs="*", help="config overrides, e.g. model.width=64")
+    args = parser.parse_args(argv)
+    base = ["data=synthetic", "checkpoint=false", "progress=off", *args.overrides]
+    batch_sizes = [int(b) for b in args.batches.split(",")]
+    cfg = compose(base)
+    device = resolve_device(cfg.device)
+    precision = resolve_precision(cfg.precision, device)
+    print(f"bnexp bench on {device.type} ({torch.get_num_threads()} threads): {cfg.model.name} "
+          f"width {cfg.model.width} depth {cfg.model.depth}, norm {cfg.norm.name}; naive = fp32 NCHW, "
+          f"PIL transforms, DataLoader(num_workers={NAIVE_WORKERS}); bnexp = {precision}, "
+          f"channels_last={cfg.channels_last}, on-device uint8 pipeline", flush=True)
+    rates = throughput(lambda bs: compose([*base, f"data.batch_size={bs}"]), batch_sizes,
+                       args.rounds, device)
+    flops = train_flops_per_image(cfg, cfg.data.synthetic_classes, device)
+    peak = matmul_peak(device)
+    print(f"training FLOPs per image {flops / 1e6:.0f} M; bf16 matmul peak {peak / 1e12:.2f} TFLOP/s")
+    for bs, r in rates.items():
+        print(f"batch {bs:4d}: fraction of peak naive {r['naive'] * flops / peak:.1%}  "
+              f"bnexp {r['bnexp'] * flops / peak:.1%}")
+    if args.accuracy_epochs > 0:
+        acc_cfg = compose([*base, "data.batch_size=128", f"optim.epochs={args.accuracy_epochs}",
+                           "eval.modes=[ema]"])
+        acc = accuracy_run(acc_cfg, device)
+        print(f"test accuracy after {args.accuracy_epochs} epochs at batch 128: naive "
+              f"{acc['naive']:.1%}  bnexp {acc['bnexp']:.1%}")
+    last = max(rates)
+    print(f"speedup_vs_naive={rates[last]['bnexp'] / rates[last]['naive']:.2f}")
+
+
+if __name__ == "__main__":
+    main()
