@@ -26,6 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+from hydra.experimental.callback import Callback
+
 from . import progress, records
 
 log = logging.getLogger("bnexp")
@@ -151,7 +153,7 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
 
 # ------------------------------------------------------------------------------ sweep progress
 
-class SweepProgress:
+class SweepProgress(Callback):
     """Hydra callback: ``sweep 3/12 runs done, ETA 4m`` while a ``-m`` sweep runs.
 
     With the basic launcher the jobs run in this process: the count is kept in ``on_job_end`` and
@@ -178,14 +180,10 @@ class SweepProgress:
                  "stop": threading.Event(), "inline": launcher_kind(dict(config.hydra.launcher)) == "basic"}
         self._state = state
         if state["inline"]:
-            progress.attach_logging()
+            progress.guard_streams()
             self._show()
         else:
             threading.Thread(target=self._poll, daemon=True, name="bnexp-sweep-progress").start()
-
-    def on_job_start(self, config, **kwargs) -> None:
-        if self._state and self._state["inline"]:
-            progress.attach_logging()  # Hydra has just reconfigured logging for this job
 
     def on_job_end(self, config, job_return=None, **kwargs) -> None:
         if self._state and self._state["inline"]:

@@ -2,8 +2,8 @@
 
 ``progress: auto`` shows it only when stderr is a terminal, so CI logs and Slurm log files stay
 plain text; ``on`` forces it, ``off`` silences it. The line is redrawn in place with a carriage
-return. Log records printed while it is up first erase it and then redraw it under themselves
-(``attach_logging``), so the log scrolls above the line instead of being glued to it.
+return. Anything printed while it is up (log records included) first erases it, and it is
+redrawn under each complete line (``guard_streams``), so output scrolls above the line.
 
 Nothing here synchronises with the device: a run's line counts steps on the host and divides
 by wall time, so it costs a clock read per step.
@@ -23,6 +23,7 @@ _lock = threading.RLock()
 _slots: dict[str, str] = {}  # "sweep" and "run" parts of the line, drawn in that order
 _shown = False
 _auto_muted = False
+_out = sys.stderr  # where the line is drawn: the stderr that guard_streams found
 
 
 def enabled(mode: str) -> bool:
@@ -51,6 +52,7 @@ def duration(seconds: float) -> str:
 def set_status(slot: str, text: str | None) -> None:
     """Set (or with None, remove) one part of the status line and redraw it."""
     with _lock:
+        guard_streams()
         if text is None:
             _slots.pop(slot, None)
         else:
@@ -58,22 +60,13 @@ def set_status(slot: str, text: str | None) -> None:
         _draw()
 
 
-def _draw() -> None:
-    global _shown
-    line = " | ".join(_slots[s] for s in sorted(_slots, key=("sweep", "run").index))
-    width = shutil.get_terminal_size().columns - 1
-    sys.stderr.write("\r" + line[:width] + "\x1b[K")
-    sys.stderr.flush()
-    _shown = bool(line)
-
-
 def clear() -> None:
-    """Erase the line from the terminal; the next ``set_status`` or log record redraws it."""
+    """Erase the line from the terminal; the next write of a full line redraws it."""
     global _shown
     with _lock:
         if _shown:
-            sys.stderr.write("\r\x1b[K")
-            sys.stderr.flush()
+            _out.write("\r\x1b[K")
+            _out.flush()
             _shown = False
 
 
@@ -81,35 +74,57 @@ def print_line(text: str) -> None:
     """Print ``text`` as a line of its own (for progress from threads that share a terminal)."""
     with _lock:
         clear()
-        print(text, file=sys.stderr, flush=True)
+        print(text, file=_out, flush=True)
 
 
-class _Erase(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        clear()
-        return True
+def _draw() -> None:
+    global _shown
+    line = " | ".join(_slots[s] for s in sorted(_slots, key=("sweep", "run").index))
+    width = shutil.get_terminal_size().columns - 1
+    _out.write("\r" + line[:width] + "\x1b[K")
+    _out.flush()
+    _shown = bool(line)
 
 
-class _Redraw(logging.Handler):
-    def emit(self, record: logging.LogRecord) -> None:
+class _Guarded:
+    """A text stream that erases the status line before its text goes out and redraws the line
+    after each complete line, so output scrolls above the status line. Delegates the rest."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def write(self, text: str) -> int:
         with _lock:
-            if _slots and not _shown:
+            if _shown and text:
+                clear()
+            n = self._stream.write(text)
+            if text.endswith("\n") and _slots:
+                self._stream.flush()
                 _draw()
+            return n
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
 
 
-def attach_logging() -> None:
-    """Make console log handlers erase the line before a record and redraw it after.
-
-    Call again after logging is reconfigured (Hydra does so for every job); idempotent.
-    """
-    root = logging.getLogger()
-    for handler in root.handlers:
-        stream = getattr(handler, "stream", None)
-        if stream is not None and getattr(stream, "isatty", lambda: False)() \
-                and not any(isinstance(f, _Erase) for f in handler.filters):
-            handler.addFilter(_Erase())
-    if not any(isinstance(h, _Redraw) for h in root.handlers):
-        root.addHandler(_Redraw())  # added last: runs after the console handlers
+def guard_streams() -> None:
+    """Route ``sys.stdout``/``sys.stderr`` through ``_Guarded``, and the log handlers already
+    bound to them (later ones, e.g. Hydra's per-job logging, bind to the guarded streams).
+    Idempotent; redoes itself when someone (pytest, a notebook) has replaced the streams."""
+    global _out
+    with _lock:
+        for name in ("stdout", "stderr"):
+            stream = getattr(sys, name)
+            if not isinstance(stream, _Guarded):
+                if name == "stderr":
+                    _out = stream  # the line itself is drawn on the real stderr
+                setattr(sys, name, _Guarded(stream))
+        raw = {id(sys.stdout._stream): sys.stdout, id(sys.stderr._stream): sys.stderr}
+        loggers = [logging.getLogger(), *(v for v in logging.Logger.manager.loggerDict.values()
+                                          if isinstance(v, logging.Logger))]
+        for handler in (h for lg in loggers for h in lg.handlers):
+            if isinstance(handler, logging.StreamHandler) and id(handler.stream) in raw:
+                handler.setStream(raw[id(handler.stream)])
 
 
 class RunProgress:
@@ -126,7 +141,7 @@ class RunProgress:
         self.rate: float | None = None  # images/s of the last finished epoch
         self._steps_done, self._seconds = 0, 0.0  # in this process, for the ETA
         if self.on:
-            attach_logging()
+            guard_streams()
 
     def track(self, batches: Iterable, epoch: int) -> Iterable:
         return _Tracked(self, batches, epoch) if self.on else batches
