@@ -65,8 +65,9 @@ def _run_locked(run_dir: Path, raw: dict, sweeping: bool, launcher: dict, job_nu
         return _record_failure(run_dir, raw, f"bad setting: {err}", sweeping, err)
     from .train import fit  # imported late: a bad setting should fail before torch is loaded
 
+    gpus = launch.visible_gpus() if config.device != "cpu" else 0  # CPU runs touch no GPU
     launch.apply_placement(launch.place_job(launcher, job_num, config.threads,
-                                            launch.available_cores(), launch.visible_gpus()))
+                                            launch.available_cores(), gpus))
     try:
         summary = fit(config, run_dir)
     except KeyboardInterrupt:
