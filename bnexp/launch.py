@@ -183,7 +183,8 @@ class SweepProgress(Callback):
             progress.guard_streams()
             self._show()
         else:
-            threading.Thread(target=self._poll, daemon=True, name="bnexp-sweep-progress").start()
+            state["thread"] = threading.Thread(target=self._poll, daemon=True, name="bnexp-sweep-progress")
+            state["thread"].start()
 
     def on_job_end(self, config, job_return=None, **kwargs) -> None:
         if self._state and self._state["inline"]:
@@ -193,6 +194,9 @@ class SweepProgress(Callback):
     def on_multirun_end(self, config, **kwargs) -> None:
         if self._state:
             self._state["stop"].set()
+            if not self._state["inline"]:
+                self._state["thread"].join(timeout=5.0)
+                self._poll_once()  # the last runs may have ended since the last poll
             progress.set_status("sweep", None)
 
     def _count(self) -> int:
@@ -212,12 +216,15 @@ class SweepProgress(Callback):
             progress.set_status("sweep", text)
 
     def _poll(self) -> None:
-        s, shown = self._state, None
-        while not s["stop"].wait(2.0):
-            s["done"] = self._count()
-            if s["done"] != shown:
-                shown = s["done"]
-                self._show(newline=True)
+        while not self._state["stop"].wait(2.0):
+            self._poll_once()
+
+    def _poll_once(self) -> None:
+        s = self._state
+        s["done"] = self._count()
+        if s["done"] != s.get("shown"):
+            s["shown"] = s["done"]
+            self._show(newline=True)
 
 
 def _finished_since(run_dir: Path, start: float) -> bool:
