@@ -59,6 +59,16 @@ def test_mean_std_are_those_of_the_training_images(synthetic):
     torch.testing.assert_close(synthetic.std, pixels.std((0, 2, 3), correction=0).float())
 
 
+def test_class_explains_part_of_the_channel_statistics():
+    # The CIFAR-like property non-i.i.d. batches act through: per-image channel means depend on
+    # the class (scene tint), but most of their variance is within classes.
+    b = load_data(data_cfg(synthetic_train=2000), "cpu")
+    means = (b.train.x.double() / 255).mean((2, 3))
+    class_means = torch.stack([means[b.train.y == c].mean(0) for c in range(b.num_classes)])
+    explained = class_means.var(0, correction=0) / means.var(0, correction=0)
+    assert torch.all(explained > 0.05) and torch.all(explained < 0.5), explained
+
+
 def test_label_noise_replaces_that_fraction_of_train_labels_only():
     clean = load_data(data_cfg(synthetic_train=1000), "cpu")
     noisy = load_data(data_cfg(synthetic_train=1000, label_noise=0.5), "cpu")
