@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import os
 import statistics
 import tempfile
 import time
@@ -239,8 +240,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batches", default=",".join(map(str, BATCHES)), help="batch sizes")
     parser.add_argument("--accuracy-epochs", type=int, default=2,
                         help="epochs of the accuracy comparison (0 skips it)")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch threads for both ways (0 = torch's default: the cores)")
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. model.width=64")
     args = parser.parse_args(argv)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    load_before = os.getloadavg()[0]
     base = ["data=synthetic", "checkpoint=false", "progress=off", *args.overrides]
     batch_sizes = [int(b) for b in args.batches.split(",")]
     cfg = compose(base)
@@ -264,6 +270,9 @@ def main(argv: list[str] | None = None) -> None:
         acc = accuracy_run(acc_cfg, device)
         print(f"test accuracy after {args.accuracy_epochs} epochs at batch 128: naive "
               f"{acc['naive']:.1%}  bnexp {acc['bnexp']:.1%}")
+    load = os.getloadavg()[0]
+    print(f"load average now {load:.1f} on {os.cpu_count()} cores (was {load_before:.1f}); other "
+          "processes on these cores make every number above noisy")
     last = max(rates)
     print(f"speedup_vs_naive={rates[last]['bnexp'] / rates[last]['naive']:.2f}")
 
