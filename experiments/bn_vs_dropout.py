@@ -40,6 +40,17 @@ def with_arm(df: pd.DataFrame) -> pd.DataFrame:
     return df.assign(arm=[ARMS.get((n, p), f"{n}, {p}") for n, p in zip(df["norm"], df[PLACE])])
 
 
+def titled(fig, title: str, width: float | None = None):
+    """The figure with its legend titled ``title`` (the hue columns are made up) and, when
+    given, a width that leaves the data room beside an outside legend."""
+    for ax in fig.axes:
+        if ax.get_legend() is not None:
+            ax.get_legend().set_title(title)
+    if width:
+        fig.set_figwidth(width)
+    return fig
+
+
 def variance_shift(probes: pd.DataFrame) -> pd.DataFrame:
     """Rows of the last-epoch ``variance_shift.ratio`` probe, with the layer's depth (1, 2, ...)."""
     rows = probes[probes["name"] == "variance_shift.ratio"] if len(probes) else probes
@@ -61,24 +72,34 @@ def gap_curves(probes: pd.DataFrame, p_max: float) -> pd.DataFrame:
 
 
 def figures(runs, probes, fig_dir: Path) -> list[Path]:
-    figs = {"gen_gap_vs_p": A.plot_metric_vs(runs, P, "gen_gap", "arm", logx=False),
-            "test_acc_vs_p": A.plot_metric_vs(runs, P, "test_acc", "arm", logx=False)}
+    setup = "normalization and dropout placement"
+    figs = {"gen_gap_vs_p": titled(A.plot_metric_vs(runs, P, "gen_gap", "arm", logx=False), setup),
+            "test_acc_vs_p": titled(A.plot_metric_vs(runs, P, "test_acc", "arm", logx=False), setup)}
     bn = runs[runs["norm"] == "bn"]
     modes = A.eval_modes_long(bn, "test_acc")
     modes = modes.assign(line=modes["arm"] + ", " + modes["eval_mode"] + " stats")
-    figs["bn_test_acc_ema_vs_precise"] = A.plot_metric_vs(modes, P, "test_acc", "line", logx=False)
+    figs["bn_test_acc_ema_vs_precise"] = titled(
+        A.plot_metric_vs(modes, P, "test_acc", "line", logx=False), "BN net, test-time statistics", 8.0)
     shift = variance_shift(probes)
     if len(shift):
         fig = A.plot_probe(shift, name="variance_shift.ratio", x="bn_layer", hue=P, col=PLACE,
                            title="variance shift after training (1 = none)")
+        layers = sorted(shift["bn_layer"].unique())
+        top = shift["value"].max()
         for ax in fig.axes:
             ax.set_xlabel("BN layer (1 = first)")
+            ax.set_xticks(layers)
+            ax.set_yscale("log")  # 1 / (1 - p) compounds through the layers
+            ticks = [t for t in (0.5, 1, 2, 5, 10, 20, 50, 100, 200, 500) if t <= 1.5 * top]
+            ax.set_yticks(ticks, [f"{t:g}" for t in ticks])
+            ax.minorticks_off()
             if ax.get_ylabel():
                 ax.set_ylabel("running var / test-time var")
         figs["variance_shift_per_layer"] = fig
     curves = gap_curves(probes, runs[P].max()) if len(probes) else pd.DataFrame()
     if len(curves):
-        figs["gen_gap_per_epoch"] = A.plot_curves(curves, "epoch", "gen_gap", "line")
+        figs["gen_gap_per_epoch"] = titled(A.plot_curves(curves, "epoch", "gen_gap", "line"),
+                                           "net (calibration probe, eval mode)", 8.5)
     return [A.save_figure(fig, fig_dir, stem)[0] for stem, fig in figs.items()]
 
 
@@ -112,6 +133,17 @@ def statements(runs: pd.DataFrame) -> str:
     return " ".join(text)
 
 
+def fit_note(runs: pd.DataFrame) -> str:
+    """How well each net fits without dropout: a gap is only comparable between nets that fit."""
+    base = runs[(runs[P] == 0) & (runs["status"] == "ok")].groupby("norm")["train_acc"].mean() * 100
+    text = "Without dropout, train accuracy: " + ", ".join(f"{k} {v:.1f}%" for k, v in base.items()) + "."
+    if {"bn", "none"} <= set(base.index) and base["bn"] - base["none"] > 10:
+        text += (" The net without normalization fits its training set much less at this lr and "
+                 "budget, so its smaller gap is underfitting, not regularization; compare the gaps "
+                 "of nets that fit (full scale), or read test accuracy.")
+    return text
+
+
 def analyze(study_dir: Path, command: str) -> Path:
     runs, curves = A.collect_runs(study_dir)
     probes = A.collect_probes(study_dir)
@@ -130,7 +162,8 @@ def analyze(study_dir: Path, command: str) -> Path:
     metrics = [m for m in ("test_acc", "test_acc.precise", "train_acc", "gen_gap", "var_shift", "ece")
                if m in runs]
     table = A.format_summary(A.summarize(runs, by, metrics), by, metrics)
-    notes = ("gen_gap = train accuracy (eval mode, EMA statistics, un-augmented training images) "
+    notes = (fit_note(runs) + " "
+             "gen_gap = train accuracy (eval mode, EMA statistics, un-augmented training images) "
              "minus test accuracy, in points. var_shift = running_var / variance of the layer's "
              "input in eval mode, mean over BN layers, after the last epoch. Runs without BN have "
              "no precise mode and no variance shift (-). At p = 0 the two placements are the "

@@ -49,7 +49,10 @@ def question(doc: str) -> str:
 
 
 def run_study(name: str, doc: str, analyze: Callable[[Path, str], Path],
-              argv: Sequence[str] | None = None) -> Path:
+              argv: Sequence[str] | None = None,
+              prepare: Callable[[list[str]], object] | None = None) -> Path:
+    """Parse the command line, run the sweep (after ``prepare(overrides)``, e.g. a first sweep
+    that the study's runs start from; both skipped with ``--analyze-only``), then ``analyze``."""
     parser = argparse.ArgumentParser(prog=f"experiments/{name}.py", description=question(doc))
     parser.add_argument("--analyze-only", action="store_true", help="skip the sweep")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides passed to the sweep")
@@ -57,6 +60,8 @@ def run_study(name: str, doc: str, analyze: Callable[[Path, str], Path],
     if args.analyze_only:
         command = "bnexp -m " + " ".join([f"study={name}", *map(shlex.quote, args.overrides)])
     else:
+        if prepare is not None:
+            prepare(list(args.overrides))
         command = sweep(name, args.overrides)
     report = analyze(study_dir(name, args.overrides), command)
     print(f"report: {report}")

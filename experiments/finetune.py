@@ -1,0 +1,122 @@
+"""What should BN do when a trained model is fine-tuned on shifted data?
+
+Two sweeps. First the sources (conf/study/finetune_source.yaml, experiments/finetune_source.py):
+BN nets trained on clean images, one per seed. Then the targets (conf/study/finetune.yaml, with
+the `finetune=shift` preset): each source is fine-tuned on the same classes under Gaussian noise
+(CIFAR-10-C, severity 3) on a small target training set (5000 images; smoke 256), for
+`finetune.bn` {train: BN as usual, frozen_stats: source statistics kept, affine trains,
+frozen_all: statistics and affine frozen, adapt: statistics re-estimated on the target (AdaBN),
+then kept} x fine-tune batch {2, 8, 128} (lr scaled linearly with the batch) x seeds {0, 1, 2}.
+The head is kept, so each run also scores its source on the target before any training: with the
+source statistics, and with statistics re-estimated on target training images (the "eval only"
+rows). Target accuracy is the test accuracy on shifted test images with the run's EMA statistics.
+
+    make study S=finetune ARGS="data=synthetic scale=smoke"   # 3 sources + 36 fine-tunes, CPU minutes
+    make study S=finetune                                     # CIFAR-10, one GPU
+
+Every override goes to both sweeps except those that define the target (`data.shift*`,
+`data.batch_size`, `data.train_size`, `finetune.*`), which go to the second only. A source is
+found by dataset, scale and seed (`finetune.from`); a source trained under other settings is
+reused with a config-drift warning: delete `<results_dir>/finetune_source` to retrain.
+
+Expected (Wu & Johnson 2021, "Rethinking 'Batch' in BatchNorm", Sec. 5; Ioffe 2017, Batch
+Renormalization; Li et al. 2016, AdaBN): under covariate shift, re-estimating the BN statistics on
+the target helps even without training (the "eval only, stats re-estimated" row above the
+"source stats" row); fine-tuning with train-mode BN at a tiny batch (2) hurts, because the
+batch statistics of 2 images are noise and the EMA collected from them is a poor population
+estimate, while frozen or re-estimated statistics do not depend on the batch.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+from bnexp import analysis as A
+from common import question, run_study, sweep
+
+MODE, BATCH = "finetune.bn", "data.batch_size"
+TARGET_ONLY = ("data.shift", "data.batch_size", "data.train_size", "finetune")
+ROWS = {"train": "train (batch stats, EMA)", "frozen_stats": "frozen_stats",
+        "frozen_all": "frozen_all (stats + affine)", "adapt": "adapt (AdaBN, then frozen)"}
+EVAL_ONLY = {"test_acc.before_finetune": "eval only: source stats",
+             "test_acc.before_finetune.adapted": "eval only: stats re-estimated"}
+
+
+def source_overrides(overrides: list[str]) -> list[str]:
+    """The overrides that also apply to the source sweep: all but those defining the target."""
+    def key(ov: str) -> str:
+        return ov.split("=", 1)[0].lstrip("+~")
+
+    return [ov for ov in overrides if not key(ov).startswith(TARGET_ONLY)]
+
+
+def make_sources(overrides: list[str]) -> None:
+    """Phase 1: the source sweep (finished sources are skipped)."""
+    sweep("finetune_source", source_overrides(overrides))
+
+
+def cells(runs: pd.DataFrame) -> pd.DataFrame:
+    """Long table for the heatmap: ``row`` (BN mode, or an eval-only row), ``data.batch_size``,
+    ``test_acc``. Eval-only values depend on the seed alone (the AdaBN pass runs at a fixed
+    batch), so they come from the ``train`` runs only: one per seed and column."""
+    ok = runs[runs["status"] == "ok"]
+    parts = [ok.assign(row=ok[MODE].map(ROWS))[["run", "status", "seed", BATCH, "row", "test_acc"]]]
+    base = ok[ok[MODE] == "train"]
+    for col, name in EVAL_ONLY.items():
+        if col in base:
+            parts.append(base.assign(row=name, test_acc=base[col])[["run", "status", "seed", BATCH, "row", "test_acc"]])
+    return pd.concat(parts, ignore_index=True)
+
+
+def statements(long: pd.DataFrame) -> str:
+    small, large = long[BATCH].min(), long[BATCH].max()
+    pairs = [("Eval only", EVAL_ONLY["test_acc.before_finetune.adapted"],
+              EVAL_ONLY["test_acc.before_finetune"], {BATCH: large}),
+             (f"At fine-tune batch {small}", ROWS["train"], ROWS["frozen_stats"], {BATCH: small}),
+             (f"At fine-tune batch {small}", ROWS["adapt"], ROWS["frozen_stats"], {BATCH: small}),
+             (f"At fine-tune batch {large}", ROWS["train"], ROWS["frozen_stats"], {BATCH: large})]
+    text = []
+    for lead, a, b, at in pairs:
+        if {a, b} <= set(long["row"]):
+            text.append(f"{lead}: " + A.compare_statement(long, "test_acc", "row", a, b, at=at) + ".")
+    train = long[long["row"] == ROWS["train"]]
+    if train[BATCH].nunique() > 1:
+        train = train.assign(batch=train[BATCH].map(lambda b: f"batch {b}"))
+        text.append("Train-mode BN: " + A.compare_statement(
+            train, "test_acc", "batch", f"batch {small}", f"batch {large}") + ".")
+    return " ".join(text)
+
+
+def analyze(study_dir: Path, command: str) -> Path:
+    runs, curves = A.collect_runs(study_dir)
+    runs.to_csv(study_dir / "runs.csv", index=False)
+    curves.to_csv(study_dir / "curves.csv", index=False)
+    source_dir = study_dir.parent / "finetune_source"
+    command = f"{A.sweep_command(source_dir)}   # phase 1: sources\n{command}"
+    if "test_acc" not in runs:
+        return A.write_report(study_dir, "finetune", question(__doc__), command, [],
+                              runs[["run", "status"]], "No finished run yet.")
+    long = cells(runs)
+    heat = A.plot_heatmap(long, "row", BATCH, "test_acc",
+                          title="target accuracy after fine-tuning (shifted test set)")
+    heat.axes[0].set_ylabel("BN during fine-tuning")
+    bars = A.plot_bars(long, "row", "test_acc", BATCH)
+    bars.axes[0].set_xlabel("BN during fine-tuning")
+    paths = [A.save_figure(fig, study_dir / "figures", stem)[0]
+             for stem, fig in (("target_acc_heatmap", heat), ("target_acc_bars", bars))]
+    summary = A.summarize(long, ["row", BATCH], ["test_acc"])
+    sources, _ = A.collect_runs(source_dir)
+    cfg = runs[runs["status"] == "ok"].iloc[0]
+    notes = (f"Target: data.shift={cfg['data.shift']} (severity {cfg['data.shift_severity']}), "
+             f"{cfg['data.train_size']} target training images, {cfg['optim.epochs']} epochs, lr "
+             f"{cfg['optim.lr']:g} at batch 128 scaled linearly. Sources (clean test set, EMA stats): "
+             f"{100 * sources['test_acc'].mean():.1f}% mean over {len(sources)} seeds. Eval-only "
+             "rows do not depend on the fine-tune batch: each column repeats them.")
+    return A.write_report(study_dir, "finetune", question(__doc__), command, paths,
+                          A.format_summary(summary, ["row", BATCH], ["test_acc"]),
+                          statements(long), notes)
+
+
+if __name__ == "__main__":
+    run_study("finetune", __doc__, analyze, prepare=make_sources)

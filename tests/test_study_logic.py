@@ -1,0 +1,110 @@
+"""Study-specific computations in experiments/*.py, against hand-computed or independent values.
+
+Covers the scripts' own logic (not the sweeps, which tests/test_studies.py runs): the
+ema_vs_precise re-scoring at N against the run's own precise eval mode, the noise study's
+"measured noise", the activation drift numbers, the variance-shift layer order, the finetune
+study's split of overrides between its two sweeps and the fusion table's refusal rows.
+"""
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from bnexp import train
+from conftest import TINY, make_config
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
+import activations  # noqa: E402
+import bn_vs_dropout  # noqa: E402
+import ema_vs_precise  # noqa: E402
+import finetune  # noqa: E402
+import fusion  # noqa: E402
+import noise  # noqa: E402
+
+
+def test_precise_vs_n_reproduces_the_runs_own_precise_mode(tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    summary = train.fit(make_config([*TINY, "optim.epochs=1", "eval.modes=[ema,precise]", "model.depth=4",
+                                     "data.synthetic_train=256", "data.synthetic_test=128"]), run_dir)
+    rows = ema_vs_precise.precise_vs_n(run_dir, [256, 64], repeats=2)
+    assert [(r["n"], r["repeat"]) for r in rows] == [(256, 0), (256, 1), (64, 0), (64, 1)]
+    # draw 0 at the run's own N (TINY: eval.precise_samples=256) is the run's precise eval
+    assert rows[0]["test_acc"] == summary["metrics"]["test_acc.precise"]
+    assert rows[0]["test_loss"] == pytest.approx(summary["metrics"]["test_loss.precise"], rel=1e-6)
+    # another draw of the same N is another estimate: the loss moves
+    assert rows[1]["test_loss"] != rows[0]["test_loss"]
+    # cached: same sizes and repeats are read back, not recomputed
+    path = run_dir / ema_vs_precise.RESULT
+    cached = json.loads(path.read_text())
+    cached["rows"][0]["test_acc"] = -1.0
+    path.write_text(json.dumps(cached))
+    assert ema_vs_precise.precise_vs_n(run_dir, [256, 64], repeats=2)[0]["test_acc"] == -1.0
+
+
+def _noise_probe(run: str, size: int, mean: float, var: float, layers=("a", "b")) -> list[dict]:
+    return [{"run": run, "epoch": 0, "layer": layer, "batch_size": size, "name": name, "value": value}
+            for layer in layers for name, value in (("noise.mean", mean), ("noise.var", var))]
+
+
+def test_measured_noise_picks_the_normalization_batch_and_adds_injected_noise():
+    probes = pd.DataFrame(_noise_probe("ghost", 16, 0.3, 0.8) + _noise_probe("ghost", 128, 0.1, 0.2)
+                          + _noise_probe("bn", 16, 0.3, 0.8) + _noise_probe("bn", 128, 0.1, 0.2)
+                          + _noise_probe("noisy", 128, 0.1, 0.2))
+    runs = pd.DataFrame([
+        {"run": "ghost", "norm.name": "ghost_bn", "norm.virtual_batch": 16, "data.batch_size": 128},
+        {"run": "bn", "norm.name": "bn", "norm.virtual_batch": 16, "data.batch_size": 128},
+        {"run": "noisy", "norm.name": "noisy_bn", "norm.virtual_batch": 32, "data.batch_size": 128,
+         "norm.noise_add": 0.3, "norm.noise_mul": 0.4},
+        {"run": "plain", "norm.name": "none", "norm.virtual_batch": 32, "data.batch_size": 128},
+        {"run": "unprobed", "norm.name": "ghost_bn", "norm.virtual_batch": 4, "data.batch_size": 128}])
+    got = noise.measured_noise(runs, probes)
+    assert got["ghost"] == pytest.approx(math.hypot(0.3, 0.8 / 2))
+    assert got["bn"] == pytest.approx(math.hypot(0.1, 0.2 / 2))
+    assert got["noisy"] == pytest.approx(math.sqrt(0.1 ** 2 + 0.3 ** 2 + 0.1 ** 2 + 0.4 ** 2))
+    assert got["plain"] == 0.0 and math.isnan(got["unprobed"])
+
+
+def test_activation_drift_is_relative_to_the_first_probe():
+    rows = []
+    for step, (p15, p50, p85) in ((0, (-1.0, 0.0, 1.0)), (10, (-9.0, 9.0, 9.0)), (20, (-3.0, 1.0, 5.0))):
+        rows += [{"run": "r", "step": step, "name": f"activations.p{q}", "value": v}
+                 for q, v in ((15, p15), (50, p50), (85, p85))]
+    out = activations.drift(pd.DataFrame(rows)).set_index("run")
+    assert out.loc["r", "spread_ratio"] == pytest.approx(8.0 / 2.0)  # last spread / first spread
+    assert out.loc["r", "median_shift"] == pytest.approx(1.0 / 2.0)
+
+
+def test_variance_shift_keeps_the_last_epoch_and_numbers_layers_by_depth():
+    rows = [{"run": run, "epoch": e, "layer": layer, "name": "variance_shift.ratio", "value": e + i}
+            for run in ("r1", "r2") for e in (0, 1) for i, layer in enumerate(["features.1.norm", "features.3.norm"])]
+    rows.append({"run": "r1", "epoch": 1, "layer": "model", "name": "calibration.gen_gap", "value": 0.5})
+    out = bn_vs_dropout.variance_shift(pd.DataFrame(rows))
+    assert set(out["epoch"]) == {1} and len(out) == 4
+    assert dict(zip(out["layer"], out["bn_layer"])) == {"features.1.norm": 1, "features.3.norm": 2}
+
+
+def test_finetune_target_overrides_stay_out_of_the_source_sweep():
+    given = ["data=synthetic", "scale=smoke", "results_dir=/tmp/x", "data.shift=blur",
+             "data.shift_severity=5", "data.batch_size=8", "data.train_size=100",
+             "finetune.bn=adapt", "+finetune.extra=1", "optim.epochs=3", "launcher=joblib"]
+    assert finetune.source_overrides(given) == ["data=synthetic", "scale=smoke", "results_dir=/tmp/x",
+                                                "optim.epochs=3", "launcher=joblib"]
+
+
+def test_fusion_table_has_a_not_applicable_row_per_refused_mode():
+    fused = pd.DataFrame([{"run": f"r{s}", "status": "ok", "seed": s, "model": "vgg", "stats": "ema",
+                           "max_abs_logit_diff": d, "exact": True, "test_acc.before": 0.5,
+                           "test_acc.after": 0.5, "images_per_s.before": 100.0,
+                           "images_per_s.after": 125.0, "speedup": 1.25}
+                          for s, d in ((0, 1e-6), (1, 3e-6))])
+    out = fusion.table(fused, {"batch": "cannot fold with --mode batch: it changes per batch"})
+    assert list(out["statistics"]) == ["ema", "batch"]
+    assert out["max abs logit diff (max over runs)"].tolist() == ["3.0e-06", "not applicable"]
+    assert out["note"].tolist() == ["", "refused: it changes per batch"]
+    assert out["speedup (mean ± CI)"].iloc[0] == "1.25 ± 0.00"
