@@ -195,8 +195,8 @@ def _fetch(dataset, cls_name: str, root: Path, folder: Path, missing: list, down
         f"{cls_name} not found: {folder} lacks {', '.join(missing)} ({why}). "
         f"On a machine with internet, run  python -c \"import torchvision; "
         f"torchvision.datasets.{cls_name}('{root}', download=True)\"  (or fetch {dataset.url} "
-        f"and extract it into {root}), then copy {dataset.base_folder}/ to {root} here (data.root sets "
-        "the folder). To run offline without CIFAR, use data=synthetic.")
+        f"and extract it into {root}); if that machine is another one, copy {dataset.base_folder}/ "
+        f"into {root} here (data.root sets the folder). To run offline without CIFAR, use data=synthetic.")
 
 
 def _check_md5(path: Path, expected: str) -> None:

@@ -17,9 +17,9 @@ channel means here and P x K batches left BN's statistics unchanged; with ``TINT
 about 15-20% (see tests/test_data.py), while the label is still mostly carried by spatial structure.
 
 The constants below were set for that behaviour, measured with a 4-conv BN net (16-32-64-64
-channels), SGD lr 0.05 momentum 0.9, batch 128, one-cycle schedule, on 5000 training images
-(train / test accuracy): crop+flip, 8 epochs 75% / 73%, 20 epochs 80% / 77%; no augmentation,
-10 epochs 88% / 75%, 20 epochs 100% / 75%; without BN, crop+flip, 8 epochs 47% / 48%.
+channels), SGD lr 0.05 momentum 0.9, batch 128, one-cycle schedule (train / test accuracy): on 5000
+training images, crop+flip, 8 epochs 82% / 81%; no augmentation, 15 epochs 98% / 82%; no BN,
+crop+flip, 8 epochs 77% / 78%; on 1000 images, crop+flip, 30 epochs 90% / 80%.
 
 Everything is drawn from the generators passed in (CPU), so the bytes depend only on their seeds.
 """
