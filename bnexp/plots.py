@@ -64,9 +64,10 @@ def label(col: str) -> str:
 
 
 def knob_label(col: str) -> str:
-    """Label that also names the knob, so a legend title maps back to the override key."""
+    """Label that also names the knob, so a legend title maps back to the override key (a
+    column without a LABELS entry, e.g. one a study made up, is its own label)."""
     text = label(col)
-    return text if text.replace(" ", "_") == col else f"{text} [{col}]"
+    return text if text in (col, col.replace("_", " ")) else f"{text} [{col}]"
 
 
 def is_percent(col: str) -> bool:
