@@ -1,4 +1,5 @@
-"""The quick tour: does BN beat no normalization and dropout at a small and a large batch, and which test-time statistics should it use?
+"""The quick tour: does BN beat no normalization and dropout at a small and a large batch, and
+which test-time statistics should it use?
 
 Trains the same small CNN with BN, without normalization and without normalization but with
 dropout (p = 0.3 before the classifier) at batch 8 and 128 (linear lr scaling), three seeds

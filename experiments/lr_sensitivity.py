@@ -7,7 +7,7 @@ without normalization. A run whose loss becomes non-finite is kept as a result (
 
 Run::
 
-    make study S=lr_sensitivity ARGS="data=synthetic scale=smoke"   # 5 rates: 30 runs
+    make study S=lr_sensitivity ARGS="data=synthetic scale=smoke"   # 7 rates: 42 runs
     make study S=lr_sensitivity                                     # CIFAR-10: 8 rates, 48 runs
 
 Expected (Bjorck et al. 2018, "Understanding Batch Normalization"; Santurkar et al. 2018, "How
@@ -17,6 +17,7 @@ BN's best accuracy, reached at a larger learning rate, is the best overall.
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pandas as pd
@@ -33,14 +34,30 @@ def best_lr(summary: pd.DataFrame, metric: str) -> pd.DataFrame:
     return ranked.groupby("norm", sort=True).head(1).set_index("norm")
 
 
+def chance(runs: pd.DataFrame) -> float:
+    """Accuracy of guessing: 1 / number of classes of the runs' dataset."""
+    row = runs.iloc[0]
+    classes = row.get("data.classes")
+    if isinstance(classes, str) and classes.startswith("["):
+        return 1.0 / len(json.loads(classes))
+    return 1.0 / {"cifar10": 10, "cifar100": 100}.get(row["data.name"], row["data.synthetic_classes"])
+
+
 def stability(runs: pd.DataFrame) -> list[str]:
-    """Per norm, the learning rates at which some seed diverged (loss non-finite)."""
-    out = []
+    """Per norm, the learning rates at which some seed diverged (loss non-finite) and those at
+    which every finished seed stalled (final train accuracy below twice chance)."""
+    out, stall = [], 2 * chance(runs)
     for norm, group in runs.groupby("norm", sort=True):
-        lrs = sorted(group.loc[group["status"] == "diverged", LR].unique())
-        lrs_text = ", ".join(f"{v:g}" for v in lrs)
-        out.append(f"{norm}: diverged at lr {lrs_text}" if lrs else f"{norm}: no run diverged")
+        diverged = sorted(group.loc[group["status"] == "diverged", LR].unique())
+        ok = group[group["status"] == "ok"]
+        stalled = sorted(lr for lr, g in ok.groupby(LR) if (g["train_acc"] < stall).all())
+        out.append(f"{norm}: diverged at {_lrs(diverged)}, stalled (train accuracy < "
+                   f"{100 * stall:.0f}%) at {_lrs(stalled)}")
     return out
+
+
+def _lrs(values) -> str:
+    return "lr " + ", ".join(f"{v:g}" for v in values) if len(values) else "no lr"
 
 
 def statements(runs: pd.DataFrame, metric: str = "test_acc") -> list[str]:
@@ -50,7 +67,7 @@ def statements(runs: pd.DataFrame, metric: str = "test_acc") -> list[str]:
     best = best_lr(summary, metric)
     out = [f"{norm}: best mean {metric} {100 * row[f'{metric}.mean']:.1f}% at lr {row[LR]:g}"
            for norm, row in best.iterrows()]
-    out.append("; ".join(stability(runs)))
+    out += stability(runs)
     if {"bn", "none"} <= set(summary["norm"]):
         spots = dict.fromkeys([summary[LR].min(), *best[LR].tolist()])
         out += [A.compare_statement(summary, metric, "norm", "bn", "none", at={LR: lr}) for lr in spots]
@@ -64,16 +81,20 @@ def analyze(study_dir: Path, command: str) -> Path:
     fig = A.plot_metric_vs(runs, LR, "test_acc", "norm", logx=10,
                            title="final test accuracy; x = a run that diverged")
     figures = [A.save_figure(fig, study_dir / "figures", "test_acc_vs_lr")[0]]
-    if len(curves) and "train_loss" in curves:
-        bn_free = curves[curves["norm"] == "none"] if (curves["norm"] == "none").any() else curves
-        fig = A.plot_curves(bn_free, "epoch", "train_loss", LR, title="training loss, no normalization")
-        figures.append(A.save_figure(fig, study_dir / "figures", "train_loss_curves_none")[0])
+    if "train_loss" in runs:  # does it train at all: a stalled run keeps the initial ~ln(classes)
+        fig = A.plot_metric_vs(runs, LR, "train_loss", "norm", logx=10,
+                               title="final training loss (eval mode); x = a run that diverged")
+        figures.append(A.save_figure(fig, study_dir / "figures", "train_loss_vs_lr")[0])
     by = ["norm", LR]
     metrics = [m for m in ("test_acc", "train_acc", "train_loss") if m in runs]
     table = A.format_summary(A.summarize(runs, by, metrics), by, metrics)
     statement = "\n".join(f"- {s}." for s in statements(runs))
     notes = ("Means and intervals use the runs that finished; the `diverged` column counts the "
-             "others (their loss became non-finite), drawn as x marks above their learning rate.")
+             "others (their loss became non-finite), drawn as x marks above their learning rate. "
+             "A run can also fail without diverging: it stalls near chance with a finite loss, "
+             "which the training-loss figure shows (a flat line at ln(classes)); both count as "
+             "'does not train at this learning rate'. At a learning rate too small for the "
+             "number of steps, both networks stall alike.")
     return A.write_report(study_dir, "lr_sensitivity", question(__doc__), command, figures, table,
                           statement, notes)
 

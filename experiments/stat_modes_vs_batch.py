@@ -1,4 +1,5 @@
-"""Which statistics should BN use at test time, and how does that depend on the normalization batch size?
+"""Which statistics should BN use at test time, and how does that depend on the normalization
+batch size?
 
 Ghost BN normalizes sub-batches of NBS = ``norm.virtual_batch`` images (2 ... 128) of a fixed
 optimization batch of 128, so only the normalization batch changes. Every model is scored with
@@ -97,7 +98,8 @@ def analyze(study_dir: Path, command: str) -> Path:
     figures = [A.save_figure(fig, study_dir / "figures", "test_err_vs_nbs_by_eval_mode")[0]]
     by = [FREEZE, NBS]
     metrics = [f"test_err.{m}" for m in MODES if f"test_err.{m}" in runs]
-    table = A.format_summary(A.summarize(runs.astype({FREEZE: object}).fillna({FREEZE: "none"}), by, metrics), by, metrics)
+    labelled = runs.astype({FREEZE: object}).fillna({FREEZE: "none"})
+    table = A.format_summary(A.summarize(labelled, by, metrics), by, metrics)
     statement = "\n".join(f"- {s}." for s in statements(mode_lines(runs), NBS))
     notes = (steps_note(runs, curves) + " The `frozen` line is the ema score of the runs with "
              "`norm.freeze_after` set (statistics frozen for the rest of training); the table "
