@@ -9,7 +9,8 @@
     batched crop/flip there, ``precision: auto`` and ``channels_last`` from conf/config.yaml).
 
 Both train the default model (conf/config.yaml: VGG with BN) on the same synthetic images with
-the same optimizer and schedule, so only the input pipeline, precision and layout differ. The
+the same optimizer (``train.make_optimizer``) and schedule, so only the input pipeline,
+precision and layout differ. The
 two alternate in rounds at each batch size and the median round counts, so background load
 hits both alike. The fraction of peak is the model's training FLOPs per image (counted with
 ``torch.utils.flop_counter``) times images/s over a large bf16 matmul measured in this process.
@@ -26,7 +27,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
