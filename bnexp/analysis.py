@@ -25,7 +25,7 @@ import pandas as pd
 from .plots import (LABELS, is_percent, knob_label, label, plot_bars, plot_curves, plot_heatmap,
                     plot_metric_vs, plot_probe, save_figure, set_style)
 from .report import (LOWER_IS_BETTER, compare_statement, format_summary, markdown_table,
-                     welch_difference, write_report)
+                     paired_statement, welch_difference, write_report)
 from .tables import (collect_probes, collect_runs, eval_modes_long, expected_run_names, flatten,
                      mean_ci, override_dirname, select, status_counts, summarize, swept_columns,
                      t_cdf, t_quantile, with_error)
@@ -186,6 +186,7 @@ __all__ = ["LABELS", "LOWER_IS_BETTER", "analyze", "collect_probes", "collect_ru
            "compare_statement", "default_axes", "default_figures", "eval_modes_long",
            "expected_run_names", "flatten", "format_summary", "generic_statement", "is_percent",
            "knob_label", "label", "main", "markdown_table", "mean_ci", "override_dirname",
+           "paired_statement",
            "plot_bars", "plot_curves", "plot_heatmap", "plot_metric_vs", "plot_probe",
            "save_figure", "select", "set_style", "status_counts", "summarize", "swept_columns",
            "sweep_command", "t_cdf", "t_quantile", "welch_difference", "with_error",

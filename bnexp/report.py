@@ -1,6 +1,7 @@
 """Words and tables for people: a statement with its uncertainty, markdown tables, report.md.
 
-``compare_statement`` turns two groups of runs into one sentence with a Welch interval;
+``compare_statement`` turns two groups of runs into one sentence with a Welch interval, and
+``paired_statement`` does it for differences paired by seed (the same model or source);
 ``format_summary`` and ``markdown_table`` render ``summarize`` output without ``tabulate``;
 ``write_report`` writes a study's report.md. Reads run folders through ``bnexp.records`` only.
 """
@@ -15,7 +16,7 @@ import pandas as pd
 
 from . import records
 from .plots import is_percent
-from .tables import select, status_counts, summarize, t_quantile
+from .tables import mean_ci, select, status_counts, summarize, t_quantile
 
 LOWER_IS_BETTER = ("loss", "gap", "err", "time")  # metric names where smaller wins
 
@@ -61,6 +62,38 @@ def compare_statement(summary_df: pd.DataFrame, metric: str, by: str, a, b, at: 
     verb = "lower" if lower_better else "higher"
     return (f"{win} beats {lose} on {metric} ({verb} is better) by {interval}{where} "
             f"({runs}, Welch {ci:.0%} CI{notes})")
+
+
+def paired_statement(runs: pd.DataFrame, metric: str, by: str, a, b, pair: str = "seed",
+                     at: dict | None = None, ci: float = 0.95) -> str:
+    """One sentence on ``a - b`` of ``metric`` paired on ``pair``: rows of ``by`` = a and = b are
+    matched by ``pair`` (e.g. the seed, when both score the same model or start from the same
+    source), and the interval is the t interval of the mean of those differences.
+
+    ``runs`` holds per-run rows (only status ``ok`` is used when there is a status column);
+    ``at`` fixes other columns. Pairs missing either side are dropped. Accuracies in points.
+    """
+    rows = select(runs, at)
+    if "status" in rows:
+        rows = rows[rows["status"] == "ok"]
+    sides = [select(rows, {by: v}).groupby(pair)[metric].mean() for v in (a, b)]
+    diff = (sides[0] - sides[1]).dropna()
+    mean, _, n, half = mean_ci(diff, ci)
+    scale, unit = (100.0, " points") if is_percent(metric) else (1.0, "")
+    where = " at " + ", ".join(f"{k}={v}" for k, v in at.items()) if at else ""
+    how = f"paired by {pair}, n={n} pairs"
+    if n == 0:
+        return f"{a} vs {b} on {metric}{where}: no {pair} has both"
+    if math.isnan(half):
+        return f"{a} - {b} on {metric} = {mean * scale:+.1f}{unit}{where} ({how}: too few for an interval)"
+    if abs(mean) <= half:
+        return (f"{a} and {b} are not distinguishable on {metric}{where}: difference "
+                f"{mean * scale:+.1f} +/- {half * scale:.1f}{unit} ({how}, {ci:.0%} t CI)")
+    lower_better = any(w in metric for w in LOWER_IS_BETTER)
+    a_wins = (mean < 0) if lower_better else (mean > 0)
+    win, lose = (a, b) if a_wins else (b, a)
+    return (f"{win} beats {lose} on {metric} ({'lower' if lower_better else 'higher'} is better) by "
+            f"{abs(mean) * scale:.1f} +/- {half * scale:.1f}{unit}{where} ({how}, {ci:.0%} t CI)")
 
 
 def welch_difference(ra: pd.Series, rb: pd.Series, metric: str, ci: float = 0.95):

@@ -34,6 +34,7 @@ from pathlib import Path
 import pandas as pd
 
 from bnexp import analysis as A
+from bnexp.plots import PALETTE
 from common import question, run_study
 
 MOMENTUM = "norm.momentum"
@@ -93,9 +94,12 @@ def rescore(study_dir: Path, runs: pd.DataFrame) -> pd.DataFrame:
         spec = _grid_spec(r)
         draws = pd.DataFrame(precise_vs_n(study_dir / "runs" / r["run"], spec["precise_n"], spec["repeats"]))
         per_n = draws.groupby("n")["test_acc"].agg(["mean", "std"]).reset_index()
-        rows += [{"run": r["run"], "seed": r["seed"], "eval.precise_samples": int(n), "test_acc": m,
-                  "test_acc_draw_std": s} for n, m, s in per_n.itertuples(index=False)]
-    return A.with_error(pd.DataFrame(rows))
+        rows += [{"run": r["run"], "status": "ok", "seed": r["seed"], "eval.precise_samples": int(n),
+                  "test_acc": m, "draw_std_points": 100 * s} for n, m, s in per_n.itertuples(index=False)]
+    out = A.with_error(pd.DataFrame(rows))
+    largest = out[out["eval.precise_samples"] == out["eval.precise_samples"].max()]
+    population = out["seed"].map(largest.set_index("seed")["test_err"])
+    return out.assign(excess_err=out["test_err"] - population)
 
 
 def _grid_spec(run: pd.Series) -> dict:
@@ -124,15 +128,43 @@ def epoch_lines(curves: pd.DataFrame, ref: float) -> pd.DataFrame:
 
 
 def n_lines(per_n: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
-    """Test error against N: ``precise BN`` per N, and each momentum's final EMA error drawn as
-    a flat line across the same N (the EMA does not depend on N)."""
+    """Excess test error over precise BN at the largest N of the same seed (the same weights),
+    against N: ``precise BN`` per N, and each momentum's final EMA drawn flat across the N."""
     sizes = sorted(per_n["eval.precise_samples"].unique())
+    population = per_n[per_n["eval.precise_samples"] == sizes[-1]].set_index("seed")["test_err"]
     ema = A.with_error(runs[runs["status"] == "ok"])
-    flat = [ema.assign(**{"eval.precise_samples": n, "line": [f"EMA, momentum {m:g}" for m in ema[MOMENTUM]],
-                          "test_err": ema["test_err.ema"]}) for n in sizes]
-    keep = ["run", "status", "seed", "eval.precise_samples", "line", "test_err"]
-    return pd.concat([per_n.assign(line="precise BN", status="ok")[keep], *(f[keep] for f in flat)],
-                     ignore_index=True)
+    ema = ema.assign(line=[f"EMA, momentum {m:g}" for m in ema[MOMENTUM]],
+                     excess_err=ema["test_err.ema"] - ema["seed"].map(population))
+    keep = ["run", "status", "seed", "eval.precise_samples", "line", "excess_err"]
+    flat = [ema.assign(**{"eval.precise_samples": n})[keep] for n in sizes]
+    return pd.concat([per_n.assign(line="precise BN")[keep], *flat], ignore_index=True)
+
+
+def figures(curves: pd.DataFrame, per_n: pd.DataFrame, runs: pd.DataFrame, ref: float,
+            fig_dir: Path) -> list[Path]:
+    per_epoch = A.plot_curves(epoch_lines(curves, ref), "epoch", "test_err", "line",
+                              title="test error per epoch (mean over seeds, 95% CI)")
+    epochs = sorted(curves["epoch"].unique())
+    per_epoch.axes[0].set_xticks(epochs, [str(e + 1) for e in epochs])  # epochs completed
+    vs_n = A.plot_metric_vs(n_lines(per_n, runs), "eval.precise_samples", "excess_err", "line", logx=2,
+                            title="error above the population estimate, same weights")
+    vs_n.axes[0].axhline(0.0, color="0.3", lw=0.8, ls="--")
+    vs_n.axes[0].set_ylabel(f"test error minus precise BN\nat N={max(per_n['eval.precise_samples'])} "
+                            "(points, paired by seed)")
+    precise = n_lines(per_n, runs)
+    zoom = A.plot_metric_vs(precise[precise["line"] == "precise BN"], "eval.precise_samples",
+                            "excess_err", "line", logx=2, title="precise BN alone (zoomed)")
+    colour = PALETTE[precise["line"].nunique() - 1]  # precise BN's colour in the full figure
+    zoom.axes[0].lines[0].set_color(colour)
+    zoom.axes[0].collections[0].set_color(colour)
+    zoom.axes[0].axhline(0.0, color="0.3", lw=0.8, ls="--")
+    zoom.axes[0].set_ylabel(vs_n.axes[0].get_ylabel())
+    per_epoch.axes[0].get_legend().set_title("BN statistics")
+    zoom.axes[0].legend(title="BN statistics")
+    vs_n.axes[0].legend(title="BN statistics", loc="center right")  # clear of the top line
+    return [A.save_figure(fig, fig_dir, stem)[0]
+            for stem, fig in (("test_err_per_epoch", per_epoch), ("test_err_vs_n", vs_n),
+                              ("precise_err_vs_n", zoom))]
 
 
 def same_weights_check(curves: pd.DataFrame) -> float:
@@ -142,28 +174,29 @@ def same_weights_check(curves: pd.DataFrame) -> float:
     return float((wide.max(axis=1) - wide.min(axis=1)).max() * 100)
 
 
+def _paired(values) -> str:
+    """``+m +/- h points (n=k)``: mean and 95% t-interval of per-seed differences (fractions)."""
+    mean, _, n, half = A.mean_ci(values)
+    return f"{100 * mean:+.1f} +/- {100 * half:.1f} points (n={n})"
+
+
 def statements(runs: pd.DataFrame, curves: pd.DataFrame, per_n: pd.DataFrame) -> str:
+    """Paired by seed throughout: every momentum trains the same weights, so EMA and precise
+    of one seed score the same model and their difference is the estimator's alone."""
     text = [f"Same weights across momenta: per-epoch precise accuracy of a seed differs by at most "
             f"{same_weights_check(curves):.2f} points between momenta."]
-    lag = A.with_error(curves).assign(lag=lambda d: d["test_err.ema"] - d["test_err.precise"])
-    lag = lag.groupby(["run", MOMENTUM], as_index=False)["lag"].mean()
-    s = A.summarize(lag, [MOMENTUM], ["lag"])
-    text.append("EMA minus precise test error averaged over epochs: " + ", ".join(
-        f"momentum {r[MOMENTUM]:g}: {100 * r['lag.mean']:+.1f} +/- {100 * (r['lag.ci_hi'] - r['lag.mean']):.1f} points"
-        for _, r in s.iterrows()) + ".")
-    final = A.eval_modes_long(A.with_error(runs), "test_err")
-    for m in sorted(runs[MOMENTUM].dropna().unique()):
-        text.append(f"After training, momentum {m:g}: " + A.compare_statement(
-            final[final["eval_mode"].isin(["ema", "precise"])], "test_err", "eval_mode", "ema",
-            "precise", at={MOMENTUM: m}) + ".")
+    errs = A.with_error(curves).assign(lag=lambda d: d["test_err.ema"] - d["test_err.precise"])
+    mean_lag = errs.groupby(["run", MOMENTUM])["lag"].mean().groupby(MOMENTUM)
+    final = A.with_error(runs[runs["status"] == "ok"])
+    final_lag = (final["test_err.ema"] - final["test_err.precise"]).groupby(final[MOMENTUM])
+    text.append("EMA minus precise test error (same model), averaged over epochs: " + "; ".join(
+        f"momentum {m:g} {_paired(v)}" for m, v in mean_lag) + ". After the last epoch: " + "; ".join(
+        f"momentum {m:g} {_paired(v)}" for m, v in final_lag) + ".")
     if len(per_n):
-        sizes = sorted(per_n["eval.precise_samples"].unique())
-        near_1k = min(sizes, key=lambda n: abs(n - 1024))
-        for n in dict.fromkeys([sizes[0], near_1k]):
-            if n != sizes[-1]:
-                text.append(f"Precise BN, N={n} vs N={sizes[-1]}: " + A.compare_statement(
-                    per_n.assign(N=per_n["eval.precise_samples"].map(lambda v: f"N={v}")),
-                    "test_err", "N", f"N={n}", f"N={sizes[-1]}") + ".")
+        largest = per_n["eval.precise_samples"].max()
+        by_n = per_n[per_n["eval.precise_samples"] < largest].groupby("eval.precise_samples")
+        text.append(f"Precise BN at N minus at N={largest} (same model): " + "; ".join(
+            f"N={n} {_paired(g['excess_err'])}" for n, g in by_n) + ".")
     return " ".join(text)
 
 
@@ -177,19 +210,16 @@ def analyze(study_dir: Path, command: str) -> Path:
     ref = reference_momentum(runs)
     per_n = rescore(study_dir, runs)
     per_n.to_csv(study_dir / "precise_vs_n.csv", index=False)
-    figs = {"test_err_per_epoch": A.plot_curves(epoch_lines(curves, ref), "epoch", "test_err", "line"),
-            "test_err_vs_n": A.plot_metric_vs(n_lines(per_n, runs), "eval.precise_samples",
-                                              "test_err", "line", logx=2)}
-    paths = [A.save_figure(fig, study_dir / "figures", stem)[0] for stem, fig in figs.items()]
-    metrics = ["test_err.ema", "test_err.precise", "test_err"]
-    errs = A.with_error(runs)
-    table = A.format_summary(A.summarize(errs, [MOMENTUM], metrics[:2]), [MOMENTUM], metrics[:2])
-    by_n = A.summarize(per_n, ["eval.precise_samples"], ["test_err", "test_acc_draw_std"])
-    notes = ("Precise BN re-scored at each N (momentum-{ref:g} runs; mean over {k} draws per run, "
-             "then 95% CI over seeds; draw_std is the spread between draws of one model, in "
-             "accuracy):\n\n".format(ref=ref, k=int(_grid_spec(runs.iloc[0])["repeats"]))
-             + A.markdown_table(A.format_summary(by_n, ["eval.precise_samples"],
-                                                 ["test_err", "test_acc_draw_std"])))
+    paths = figures(curves, per_n, runs, ref, study_dir / "figures")
+    metrics = ["test_err.ema", "test_err.precise"]
+    table = A.format_summary(A.summarize(A.with_error(runs), [MOMENTUM], metrics), [MOMENTUM], metrics)
+    n_metrics = ["test_err", "excess_err", "draw_std_points"]
+    by_n = A.summarize(per_n, ["eval.precise_samples"], n_metrics)
+    notes = (f"Precise BN re-scored at each N on the momentum-{ref:g} runs: mean over "
+             f"{int(_grid_spec(runs.iloc[0])['repeats'])} independent draws of the N images per "
+             "run, then 95% CI over seeds; excess_err is paired by seed (minus the largest N); "
+             "draw_std_points is the accuracy spread (std, points) between draws of one model.\n\n"
+             + A.markdown_table(A.format_summary(by_n, ["eval.precise_samples"], n_metrics)))
     return A.write_report(study_dir, "ema_vs_precise", question(__doc__), command, paths, table,
                           statements(runs, curves, per_n), notes)
 

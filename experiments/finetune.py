@@ -6,7 +6,9 @@ the `finetune=shift` preset): each source is fine-tuned on the same classes unde
 (CIFAR-10-C, severity 3) on a small target training set (5000 images; smoke 256), for
 `finetune.bn` {train: BN as usual, frozen_stats: source statistics kept, affine trains,
 frozen_all: statistics and affine frozen, adapt: statistics re-estimated on the target (AdaBN),
-then kept} x fine-tune batch {2, 8, 128} (lr scaled linearly with the batch) x seeds {0, 1, 2}.
+then kept} x fine-tune batch {2, 8, 128} (lr 0.005 at batch 128, scaled linearly with the batch;
+the preset's 0.02 diverged in every frozen mode at batch 128, see conf/study/finetune.yaml) x
+seeds {0, 1, 2}.
 The head is kept, so each run also scores its source on the target before any training: with the
 source statistics, and with statistics re-estimated on target training images (the "eval only"
 rows). Target accuracy is the test accuracy on shifted test images with the run's EMA statistics.
@@ -33,12 +35,14 @@ from pathlib import Path
 import pandas as pd
 
 from bnexp import analysis as A
-from common import question, run_study, sweep
+import finetune_source
+from common import question, run_study, study_dir, sweep
 
 MODE, BATCH = "finetune.bn", "data.batch_size"
 TARGET_ONLY = ("data.shift", "data.batch_size", "data.train_size", "finetune")
-ROWS = {"train": "train (batch stats, EMA)", "frozen_stats": "frozen_stats",
-        "frozen_all": "frozen_all (stats + affine)", "adapt": "adapt (AdaBN, then frozen)"}
+# row labels sort as they should read: the two eval-only rows, then the four fine-tune modes
+ROWS = {"train": "fine-tune: train (batch stats)", "frozen_stats": "fine-tune: frozen_stats",
+        "frozen_all": "fine-tune: frozen_all (+ affine)", "adapt": "fine-tune: adapt (AdaBN, frozen)"}
 EVAL_ONLY = {"test_acc.before_finetune": "eval only: source stats",
              "test_acc.before_finetune.adapted": "eval only: stats re-estimated"}
 
@@ -52,8 +56,10 @@ def source_overrides(overrides: list[str]) -> list[str]:
 
 
 def make_sources(overrides: list[str]) -> None:
-    """Phase 1: the source sweep (finished sources are skipped)."""
-    sweep("finetune_source", source_overrides(overrides))
+    """Phase 1: the source sweep (finished sources are skipped) and its report."""
+    given = source_overrides(overrides)
+    command = sweep("finetune_source", given)
+    finetune_source.analyze(study_dir("finetune_source", given), command)
 
 
 def cells(runs: pd.DataFrame) -> pd.DataFrame:
@@ -69,9 +75,29 @@ def cells(runs: pd.DataFrame) -> pd.DataFrame:
     return pd.concat(parts, ignore_index=True)
 
 
+def gain_figure(long: pd.DataFrame, runs: pd.DataFrame):
+    """Bars of the accuracy gain over the source model with source statistics, paired by seed
+    (every run of a seed starts from the same source), per BN treatment and fine-tune batch."""
+    ok = runs[runs["status"] == "ok"]
+    source = ok.groupby("seed")["test_acc.before_finetune"].mean()
+    rows = long[long["row"] != EVAL_ONLY["test_acc.before_finetune"]]
+    rows = rows.assign(gain_acc=rows["test_acc"] - rows["seed"].map(source))
+    fig = A.plot_bars(rows, "row", "gain_acc", BATCH,
+                      title="gain over the source model with source statistics (same seed)")
+    ax = fig.axes[0]
+    ax.axhline(0.0, color="0.3", lw=0.8)
+    ax.set_xlabel("BN treatment")
+    ax.set_ylabel("target accuracy gain (points)")
+    ax.legend(title="fine-tune batch", loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.set_figwidth(fig.get_figwidth() + 1.2)
+    return fig
+
+
 def statements(long: pd.DataFrame) -> str:
+    """Each claim of the expected shape, paired by seed: every run of a seed starts from the same
+    source model, so seed-to-seed differences between sources cancel."""
     small, large = long[BATCH].min(), long[BATCH].max()
-    pairs = [("Eval only", EVAL_ONLY["test_acc.before_finetune.adapted"],
+    pairs = [("Before fine-tuning", EVAL_ONLY["test_acc.before_finetune.adapted"],
               EVAL_ONLY["test_acc.before_finetune"], {BATCH: large}),
              (f"At fine-tune batch {small}", ROWS["train"], ROWS["frozen_stats"], {BATCH: small}),
              (f"At fine-tune batch {small}", ROWS["adapt"], ROWS["frozen_stats"], {BATCH: small}),
@@ -79,13 +105,26 @@ def statements(long: pd.DataFrame) -> str:
     text = []
     for lead, a, b, at in pairs:
         if {a, b} <= set(long["row"]):
-            text.append(f"{lead}: " + A.compare_statement(long, "test_acc", "row", a, b, at=at) + ".")
+            text.append(f"{lead}: " + A.paired_statement(long, "test_acc", "row", a, b, at=at) + ".")
     train = long[long["row"] == ROWS["train"]]
     if train[BATCH].nunique() > 1:
         train = train.assign(batch=train[BATCH].map(lambda b: f"batch {b}"))
-        text.append("Train-mode BN: " + A.compare_statement(
+        text.append("Train-mode BN: " + A.paired_statement(
             train, "test_acc", "batch", f"batch {small}", f"batch {large}") + ".")
     return " ".join(text)
+
+
+def shift_cost(runs: pd.DataFrame, sources: pd.DataFrame) -> str:
+    """What the shift costs the sources before fine-tuning (clean minus shifted test accuracy,
+    same model), in words: the room that re-estimating statistics or fine-tuning has."""
+    if "test_acc" not in sources or "test_acc.before_finetune" not in runs:
+        return ""
+    clean = sources.set_index("seed")["test_acc"]
+    shifted = runs[runs[MODE] == "train"].groupby("seed")["test_acc.before_finetune"].mean()
+    mean, _, n, half = A.mean_ci((clean - shifted).dropna())
+    return (f"The shift costs the sources {100 * mean:.1f} +/- {100 * half:.1f} points of test "
+            f"accuracy before fine-tuning (clean minus shifted, same model, n={n}): the room "
+            "that re-estimated statistics or fine-tuning can recover.")
 
 
 def analyze(study_dir: Path, command: str) -> Path:
@@ -100,15 +139,16 @@ def analyze(study_dir: Path, command: str) -> Path:
     long = cells(runs)
     heat = A.plot_heatmap(long, "row", BATCH, "test_acc",
                           title="target accuracy after fine-tuning (shifted test set)")
-    heat.axes[0].set_ylabel("BN during fine-tuning")
-    bars = A.plot_bars(long, "row", "test_acc", BATCH)
-    bars.axes[0].set_xlabel("BN during fine-tuning")
-    paths = [A.save_figure(fig, study_dir / "figures", stem)[0]
-             for stem, fig in (("target_acc_heatmap", heat), ("target_acc_bars", bars))]
+    heat.axes[0].set_ylabel("BN treatment")
+    heat.axes[0].set_xlabel("fine-tune batch size [data.batch_size]")
+    paths = [A.save_figure(heat, study_dir / "figures", "target_acc_heatmap")[0]]
+    if "test_acc.before_finetune" in runs:
+        paths.append(A.save_figure(gain_figure(long, runs), study_dir / "figures", "gain_over_source")[0])
     summary = A.summarize(long, ["row", BATCH], ["test_acc"])
     sources, _ = A.collect_runs(source_dir)
     cfg = runs[runs["status"] == "ok"].iloc[0]
-    notes = (f"Target: data.shift={cfg['data.shift']} (severity {cfg['data.shift_severity']}), "
+    notes = (shift_cost(runs, sources) + " "
+             f"Target: data.shift={cfg['data.shift']} (severity {cfg['data.shift_severity']}), "
              f"{cfg['data.train_size']} target training images, {cfg['optim.epochs']} epochs, lr "
              f"{cfg['optim.lr']:g} at batch 128 scaled linearly. Sources (clean test set, EMA stats): "
              f"{100 * sources['test_acc'].mean():.1f}% mean over {len(sources)} seeds. Eval-only "

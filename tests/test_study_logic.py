@@ -108,3 +108,23 @@ def test_fusion_table_has_a_not_applicable_row_per_refused_mode():
     assert out["max abs logit diff (max over runs)"].tolist() == ["3.0e-06", "not applicable"]
     assert out["note"].tolist() == ["", "refused: it changes per batch"]
     assert out["speedup (mean ± CI)"].iloc[0] == "1.25 ± 0.00"
+
+
+def test_paired_statement_uses_per_seed_differences():
+    from bnexp.analysis import paired_statement, t_quantile
+
+    # a - b per seed: 0.02, 0.03, 0.04 -> mean 0.03, std 0.01; unpaired, the seed spread (0.1
+    # between seeds) would swamp the 0.03. Seed 3 has no b: dropped. A failed run is ignored.
+    rows = [{"mode": m, "seed": s, "acc": 0.5 + 0.1 * s + d, "status": "ok"}
+            for s, d in ((0, 0.02), (1, 0.03), (2, 0.04)) for m, d in (("a", d), ("b", 0.0))]
+    rows += [{"mode": "a", "seed": 3, "acc": 0.9, "status": "ok"},
+             {"mode": "b", "seed": 0, "acc": 0.0, "status": "failed"}]
+    text = paired_statement(pd.DataFrame(rows), "acc", "mode", "a", "b")
+    half = t_quantile(0.975, 2) * 0.01 / math.sqrt(3) * 100
+    assert text == (f"a beats b on acc (higher is better) by 3.0 +/- {half:.1f} points "
+                    "(paired by seed, n=3 pairs, 95% t CI)")
+    flat = pd.DataFrame([{"mode": m, "seed": s, "acc": 0.5 + d}
+                         for s, d in ((0, 0.01), (1, -0.01), (2, 0.0)) for m, d in (("a", d), ("b", 0.0))])
+    assert "not distinguishable" in paired_statement(flat, "acc", "mode", "a", "b")
+    assert "lower is better" in paired_statement(
+        pd.DataFrame(rows).rename(columns={"acc": "test_err"}), "test_err", "mode", "b", "a")
