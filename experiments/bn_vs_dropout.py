@@ -100,6 +100,9 @@ def figures(runs, probes, fig_dir: Path) -> list[Path]:
     if len(curves):
         figs["gen_gap_per_epoch"] = titled(A.plot_curves(curves, "epoch", "gen_gap", "line"),
                                            "net (calibration probe, eval mode)", 8.5)
+        epochs = sorted(curves["epoch"].unique())
+        figs["gen_gap_per_epoch"].axes[0].set_xticks(epochs, [str(e + 1) for e in epochs])
+        figs["gen_gap_per_epoch"].axes[0].set_xlabel("epochs completed")
     return [A.save_figure(fig, fig_dir, stem)[0] for stem, fig in figs.items()]
 
 

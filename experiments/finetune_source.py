@@ -31,11 +31,14 @@ def analyze(study_dir: Path, command: str) -> Path:
     modes = A.eval_modes_long(runs, "test_acc")
     figs = {"test_acc_by_eval_mode": A.plot_bars(modes, "eval_mode", "test_acc",
                                                  title="source models on the clean test set"),
-            "test_acc_curves": A.plot_curves(curves, "epoch", "test_acc")}
+            "test_acc_curves": A.plot_curves(curves, "epoch", "test_acc",
+                                             title="source training (mean over seeds, 95% CI)")}
+    epochs = sorted(curves["epoch"].unique())
+    figs["test_acc_curves"].axes[0].set_xticks(epochs, [str(e + 1) for e in epochs])  # completed
     paths = [A.save_figure(fig, study_dir / "figures", stem)[0] for stem, fig in figs.items()]
     metrics = [m for m in ("test_acc", "test_acc.precise", "train_acc", "gen_gap") if m in runs]
     summary = A.summarize(runs.assign(source="clean"), ["source"], metrics)
-    text = A.compare_statement(modes, "test_acc", "eval_mode", "precise", "ema") + "."
+    text = A.paired_statement(modes, "test_acc", "eval_mode", "precise", "ema") + "."  # same model
     return A.write_report(study_dir, "finetune_source", question(__doc__), command, paths,
                           A.format_summary(summary, ["source"], metrics), text)
 
