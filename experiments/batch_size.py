@@ -51,13 +51,26 @@ def statements(runs: pd.DataFrame, metric: str = "test_err") -> list[str]:
     return out
 
 
+def steps_note(curves: pd.DataFrame) -> str:
+    """Steps per epoch at each batch size: a fixed number of epochs gives small batches more
+    (smaller) steps, which decides short runs as much as the noise of the batch statistics."""
+    if not len(curves) or "step" not in curves:
+        return ""
+    first = curves[curves["epoch"] == curves["epoch"].min()].groupby(BATCH)["step"].max()
+    steps = ", ".join(f"{int(s)} at batch {b}" for b, s in first.items())
+    return f" Every run trains for the same epochs: steps per epoch were {steps}."
+
+
 def analyze(study_dir: Path, command: str) -> Path:
     runs, curves = A.collect_runs(study_dir)
     runs.to_csv(study_dir / "runs.csv", index=False)
     curves.to_csv(study_dir / "curves.csv", index=False)
     runs = A.with_error(runs)
     lr = runs["optim.lr"].dropna()
-    title = f"linear lr scaling: {lr.iloc[0]:g} x batch / 128" if len(lr) else None
+    title = f"lr {lr.iloc[0]:g} x batch / 128" if len(lr) else ""
+    if "norm.virtual_batch" in runs and (runs["norm"] == "ghost_bn").any():
+        vb = int(runs["norm.virtual_batch"].iloc[0])
+        title += f"; ghost_bn normalizes {vb} images: = bn at batch <= {vb}"
     figures = [A.save_figure(plot_vs_batch(runs, title=title), study_dir / "figures",
                              "test_err_vs_batch")[0]]
     by, metrics = ["norm", BATCH], ["test_err", "test_err.precise", "gen_gap"]
@@ -66,7 +79,8 @@ def analyze(study_dir: Path, command: str) -> Path:
     statement = "\n".join(f"- {s}." for s in statements(runs))
     notes = ("Error is 1 - accuracy with EMA statistics. `test_err.precise` (population statistics "
              "recomputed after training) separates a poor EMA estimate from a poorly trained "
-             "model; it is missing where the model has no BN layer (gn, none).")
+             "model; it is missing where the model has no BN layer (gn, none)."
+             + steps_note(curves))
     return A.write_report(study_dir, "batch_size", question(__doc__), command, figures, table,
                           statement, notes)
 
