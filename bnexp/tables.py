@@ -168,7 +168,9 @@ def expected_run_names(study_dir) -> list[str] | None:
 
     Mirrors Hydra 1.3's BasicSweeper and ``get_overrides_dirname``: sweeper params then the
     command-line task overrides (a later key replaces an earlier one), cartesian product of the
-    discrete sweeps, then per job the non-excluded ``input_line``s sorted and joined.
+    discrete sweeps, then per job the non-excluded ``input_line``s sorted and joined. A custom
+    ``hydra.sweep.subdir`` (e.g. ``runs/${data.name}-seed${seed}``) gives the last folder of that
+    path per job instead (see ``_subdir_leaf``).
     """
     from omegaconf import OmegaConf
 
@@ -179,11 +181,41 @@ def expected_run_names(study_dir) -> list[str] | None:
     try:
         params = [f"{k}={v}" for k, v in (cfg.hydra.sweeper.get("params") or {}).items()]
         jobs = _sweep_jobs(params + list(cfg.hydra.overrides.task))
+        sweep = OmegaConf.to_container(cfg.hydra, resolve=False).get("sweep") or {}
+        subdir = str(sweep.get("subdir") or "")
+        if subdir and not subdir.endswith("${hydra.job.override_dirname}"):
+            return [_subdir_leaf(cfg, job, subdir, jobs) for job in jobs]
         naming = cfg.hydra.job.config.override_dirname
         return [override_dirname(job, list(naming.exclude_keys), naming.item_sep, naming.kv_sep)
                 for job in jobs]
     except Exception:  # e.g. glob() sweeps need the config repository; say "unknown", not 0
         return None
+
+
+def _subdir_leaf(cfg, job: list[str], subdir: str, jobs: list[list[str]]) -> str:
+    """Last folder of ``subdir`` for one job: its interpolations resolved against the sweep's
+    config (multirun.yaml) with the job's plain-key overrides applied. Config-group choices are
+    already composed into that config unless they are swept, which cannot be redone without the
+    config repository: a swept group raises (the caller then says "unknown")."""
+    from omegaconf import DictConfig, OmegaConf, open_dict
+
+    values: dict[str, set] = {}
+    for line in (line for j in jobs for line in j):
+        values.setdefault(line.split("=", 1)[0], set()).add(line)
+    swept = {key for key, lines in values.items() if len(lines) > 1}
+    job_cfg = cfg.copy()
+    with open_dict(job_cfg):
+        for ov in _parser().parse_overrides(job):
+            key = ov.key_or_group
+            if ov.is_delete() or "/" in key:
+                continue
+            if isinstance(OmegaConf.select(job_cfg, key), DictConfig):  # a config group choice
+                if key in swept:
+                    raise ValueError(f"swept config group {key} in a custom subdir sweep")
+                continue
+            OmegaConf.update(job_cfg, key, ov.value(), force_add=True)
+        job_cfg["_subdir"] = subdir
+    return Path(str(job_cfg["_subdir"])).name
 
 
 def _sweep_jobs(arguments: list[str]) -> list[list[str]]:

@@ -128,3 +128,35 @@ def test_paired_statement_uses_per_seed_differences():
     assert "not distinguishable" in paired_statement(flat, "acc", "mode", "a", "b")
     assert "lower is better" in paired_statement(
         pd.DataFrame(rows).rename(columns={"acc": "test_err"}), "test_err", "mode", "b", "a")
+
+
+def test_expected_run_names_follow_a_custom_sweep_subdir(tmp_path):
+    """finetune_source names its runs by dataset, scale and seed (hydra.sweep.subdir): the
+    sweep status must expect those folders, checked against a real Hydra multirun."""
+    import subprocess
+    import textwrap
+
+    from bnexp.analysis import expected_run_names, status_counts
+
+    (tmp_path / "conf").mkdir()
+    (tmp_path / "conf" / "config.yaml").write_text(textwrap.dedent("""
+        data: {name: syn}
+        seed: 0
+        b: x
+        hydra:
+          sweep: {dir: out, subdir: "runs/${data.name}-${b}-seed${seed}"}
+          sweeper: {params: {seed: "0,1,2"}}
+        """))
+    (tmp_path / "app.py").write_text(textwrap.dedent("""
+        import hydra
+        @hydra.main(config_path="conf", config_name="config", version_base=None)
+        def main(cfg):
+            pass
+        main()
+        """))
+    subprocess.run([sys.executable, "app.py", "-m", "b=y", "data.name=cifar"], cwd=tmp_path,
+                   check=True, capture_output=True, timeout=120)
+    made = sorted(p.name for p in (tmp_path / "out" / "runs").iterdir())
+    assert made == ["cifar-y-seed0", "cifar-y-seed1", "cifar-y-seed2"]
+    assert sorted(expected_run_names(tmp_path / "out")) == made
+    assert status_counts(tmp_path / "out")["pending"] == 0  # .hydra folders exist, no summaries
