@@ -88,9 +88,13 @@ def analyze(study_dir: Path, command: str) -> Path:
     per_run = runs.merge(drift(acts), on="run", how="left")
     metrics = ["spread_ratio", "median_shift", "test_acc"]
     summary = A.summarize(per_run, ["norm"], metrics)
+    steps = int(acts["step"].max())
+    acc = summary.set_index("norm")["test_acc.mean"] * 100
     notes = (f"Probe layer: `{layer}` (input of the ReLU = pre-activation). Values are raw "
              "pre-activations on a fixed batch of augmented training images; the bands are 95% "
-             "t-intervals over seeds.")
+             f"t-intervals over seeds. The last probe ran at step {steps}; the nets reached "
+             + ", ".join(f"{acc[k]:.1f}% ({k})" for k in acc.index) + " test accuracy: drift "
+             "needs the weights to move, so a net that has learned little has drifted little.")
     return A.write_report(study_dir, "activations", question(__doc__), command, figures,
                           A.format_summary(summary, ["norm"], metrics), statement(summary), notes)
 
