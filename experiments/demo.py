@@ -10,7 +10,7 @@ each, for 4 epochs on the offline synthetic dataset; BN models are scored with E
 Run::
 
     make demo                     # = make study S=demo: 18 runs, a few minutes on 2 CPU cores
-    make study S=demo ARGS="launcher=null"   # the same runs one after another in one process
+    make study S=demo ARGS="hydra/launcher=basic"   # the same runs one after another, in-process
 
 Expected: on 2 CPU cores the sweep finishes in a few minutes. BN trains fastest at both batch
 sizes and is well ahead of no normalization at batch 128 (Ioffe & Szegedy 2015); dropout
