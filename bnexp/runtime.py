@@ -21,13 +21,24 @@ def resolve_device(name: str) -> torch.device:
 
 
 def resolve_precision(name: str, device: torch.device) -> str:
-    """``auto`` = bf16 where it is fast: CUDA with bf16 support, or a CPU with AMX tiles (oneDNN)."""
+    """``auto`` = bf16 where it is fast: CUDA with bf16 support, or a CPU with bf16 instructions
+    that oneDNN uses for convolutions (AMX tiles, or AVX512-BF16 as on AMD Zen 4).
+
+    Measured with ``make bench`` on a 2-core AMD EPYC (AVX512-BF16, no AMX): the default VGG
+    trains 1.8x faster in bf16 than in fp32 at batch 128 and 1.4x at batch 8. A CPU with
+    neither emulates bf16 and is slower than fp32: auto keeps fp32 there.
+    """
     if name != "auto":
         return name
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
-    return "bf16" if amx else "fp32"
+    return "bf16" if cpu_has_fast_bf16() else "fp32"
+
+
+def cpu_has_fast_bf16() -> bool:
+    """AMX tiles or AVX512-BF16 (private torch.cpu probes; absent in old torch: False)."""
+    probes = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
+    return any(getattr(torch.cpu, probe, lambda: False)() for probe in probes)
 
 
 def autocast(device: torch.device, precision: str):

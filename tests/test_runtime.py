@@ -1,0 +1,33 @@
+"""Device and precision resolution: what ``auto`` picks on each kind of hardware."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bnexp import runtime
+
+
+@pytest.mark.parametrize("amx, avx512_bf16, expected", [
+    (False, False, "fp32"),   # bf16 would be emulated: slower than fp32
+    (True, False, "bf16"),    # Intel with AMX tiles
+    (False, True, "bf16"),    # AVX512-BF16 without AMX (AMD Zen 4, Intel Cooper Lake)
+    (True, True, "bf16"),
+])
+def test_auto_precision_on_cpu_follows_the_bf16_instructions(monkeypatch, amx, avx512_bf16, expected):
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16, raising=False)
+    assert runtime.resolve_precision("auto", torch.device("cpu")) == expected
+
+
+@pytest.mark.parametrize("name", ["fp32", "bf16"])
+def test_explicit_precision_is_kept(monkeypatch, name):
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: name == "fp32", raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: name == "fp32", raising=False)
+    assert runtime.resolve_precision(name, torch.device("cpu")) == name
+
+
+def test_cuda_without_a_gpu_is_an_error_not_a_fallback(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert runtime.resolve_device("auto").type == "cpu"
+    with pytest.raises(RuntimeError, match="device=cuda"):
+        runtime.resolve_device("cuda")
