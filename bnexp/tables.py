@@ -29,8 +29,9 @@ def collect_runs(study_dir) -> tuple[pd.DataFrame, pd.DataFrame]:
     ``runs``: one row per folder with ``run`` (folder name), ``status`` (ok | diverged | failed |
     incomplete: no summary.json yet), one column per override key as written in
     ``.hydra/overrides.yaml`` (``+``/``~`` prefixes dropped), every final metric, the scalar
-    summary fields (``wall_time_s``, ``git_commit``, ...) and every flattened resolved-config key.
-    Override columns win over config columns of the same name. ``runs.attrs`` lists
+    summary fields (``wall_time_s``, ``git_commit``, and ``device`` / ``precision`` as resolved:
+    ``cpu (2 cores, 1 threads)`` / ``bf16`` rather than the config's ``auto``) and every flattened
+    resolved-config key. Override columns win over both, and summary fields over config keys. ``runs.attrs`` lists
     ``override_keys`` and ``metric_keys``. ``curves``: one row per (run, epoch) of metrics.jsonl,
     with ``run``, ``status`` and the override columns.
     """
@@ -43,10 +44,12 @@ def collect_runs(study_dir) -> tuple[pd.DataFrame, pd.DataFrame]:
         head = {"run": run_dir.name, "status": (summary or {}).get("status", "incomplete"), **overrides}
         metrics = dict((summary or {}).get("metrics") or {})
         metric_keys.update(dict.fromkeys(metrics))
-        scalars = {k: (summary or {}).get(k) for k in SUMMARY_SCALARS}
+        scalars = {k: (summary or {}).get(k) for k in SUMMARY_SCALARS if k not in overrides}
         config = flatten(summary["config"] if summary and summary.get("config") else
                          _read_hydra_config(run_dir))
-        config = {k: v for k, v in config.items() if k not in overrides}
+        # the summary's device/precision say what ran (cpu, bf16), the config's what was asked (auto)
+        config = {k: v for k, v in config.items()
+                  if k not in overrides and not (k in scalars and scalars[k] is not None)}
         rows.append({**head, **metrics, **scalars, **config})
         curves.extend({**head, **row} for row in records.read_jsonl(run_dir / records.METRICS))
     runs = _typed(pd.DataFrame(rows, columns=None if rows else ["run", "status"]))

@@ -43,6 +43,7 @@ def write_run(study: Path, batch: int, norm: str, seed: int, status: str, acc) -
     run = study / "runs" / name
     (run / ".hydra").mkdir(parents=True)
     config = {"seed": seed, "scale": "full",  # scale: a config key that the override must win over
+              "precision": "auto", "device": "auto",  # what was asked; the summary says what ran
               "data": {"name": "synthetic", "batch_size": batch},
               "norm": {"name": norm, "momentum": 0.1}, "optim": {"lr": 0.1, "milestones": [0.5, 0.75]}}
     (run / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
@@ -61,7 +62,8 @@ def write_run(study: Path, batch: int, norm: str, seed: int, status: str, acc) -
         "test_acc.ema": acc, "test_acc.precise": acc + 0.01}
     records.write_json_atomic(run / records.SUMMARY, {
         "status": status, "metrics": metrics, "config": config, "overrides": overrides,
-        "wall_time_s": 12.5, "git_commit": "abc123", "error": "boom" if status == "failed" else None})
+        "wall_time_s": 12.5, "git_commit": "abc123", "error": "boom" if status == "failed" else None,
+        "precision": "bf16", "device": "cpu (2 cores, 1 threads)"})
     return run
 
 
@@ -112,6 +114,10 @@ def test_collect_runs_columns_statuses_and_types(runs):
     assert json.loads(runs["optim.milestones"].iloc[0]) == [0.5, 0.75]
     incomplete = runs[runs["status"] == "incomplete"].iloc[0]
     assert incomplete["norm.name"] == "none"  # config from .hydra/config.yaml when no summary
+    finished = runs[runs["status"] != "incomplete"]
+    assert set(finished["precision"]) == {"bf16"}  # what ran, not the config's "auto"
+    assert set(finished["device"]) == {"cpu (2 cores, 1 threads)"}
+    assert incomplete["precision"] == "auto"  # no summary yet: only what was asked is known
     assert A.swept_columns(runs) == ["data.batch_size", "norm"]
 
 
