@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bnexp import norms, stats
-from bnexp.data import DataBundle, Split, augment, normalize, seeded_generator
+from bnexp.data import DataBundle, Split, augment, load_data, normalize, seeded_generator
 from bnexp.models import build_model
 from conftest import make_config
 
@@ -238,3 +238,46 @@ def test_statistics_stay_fp32_under_bf16_autocast():
         result, info = stats.MODES["precise"](model, data, pipe, cfg.eval, 16, cfg.seed)
         assert all(m.running_var.dtype == torch.float32 for _, m in norms.bn_layers(model))
     assert math.isfinite(result["loss"]) and all(math.isfinite(r["var_ratio"]) for r in info["layers"])
+
+
+@pytest.mark.parametrize("mode", ["ema", "batch"])
+def test_final_train_acc_uses_the_statistics_of_test_acc(mode):
+    """gen_gap compares like with like: the training images are scored under the default mode.
+    With one test batch holding every training image, ``batch`` mode is a plain train-mode
+    forward of all of them at once, and ``ema`` a plain eval-mode forward: both by hand here."""
+    from bnexp import train  # imported here: the rest of this file needs only stats
+
+    cfg = make_config(["data=synthetic", "data.synthetic_train=192", "data.synthetic_test=64",
+                       "data.batch_size=32", "model.width=8", "precision=fp32", "device=cpu",
+                       "eval.modes=[ema,batch]", f"eval.default_mode={mode}", "eval.batch_size=192"])
+    data = load_data(cfg.data, "cpu", seed=0)
+    torch.manual_seed(0)
+    model = train.build(cfg, data.num_classes, torch.device("cpu"))
+    x = normalize(data.train.x, data.mean, data.std)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    for idx in torch.randperm(192, generator=torch.Generator().manual_seed(0)).split(32) * 5:
+        optimizer.zero_grad()  # a little training: predictions that depend on the statistics
+        F.cross_entropy(model(x[idx]), data.train.y[idx]).backward()
+        optimizer.step()
+    with torch.no_grad():  # EMA statistics off the batch's, so the two modes disagree
+        for _, m in norms.bn_layers(model):
+            m.running_mean.add_(torch.randn_like(m.running_mean), alpha=0.5)
+            m.running_var.mul_(torch.empty_like(m.running_var).uniform_(0.5, 2))
+    pipe = train.Pipeline(torch.device("cpu"), "fp32", data.mean, data.std, True, True,
+                          torch.Generator().manual_seed(1))
+    by_hand = {}
+    with torch.no_grad():
+        model.eval()
+        by_hand["ema"] = (model(x).argmax(1) == data.train.y).float().mean().item()
+        for _, m in norms.bn_layers(model):
+            m.train()
+            m.momentum = 0.0
+        by_hand["batch"] = (model(x).argmax(1) == data.train.y).float().mean().item()
+        for _, m in norms.bn_layers(model):
+            m.momentum = cfg.norm.momentum
+    model.eval()
+    assert by_hand["ema"] != by_hand["batch"]  # else the test could not tell the modes apart
+    metrics = train.final_metrics(model, data, pipe, cfg).metrics
+    assert metrics["train_acc"] == pytest.approx(by_hand[mode], abs=1e-6)
+    assert metrics["test_acc"] == metrics[f"test_acc.{mode}"]
+    assert metrics["gen_gap"] == pytest.approx(metrics["train_acc"] - metrics["test_acc"])
