@@ -8,9 +8,11 @@ for unknown keys, unknown choices and values out of range. Builders then take th
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
+import typing
 from dataclasses import dataclass, fields
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 
 class ConfigError(ValueError):
@@ -38,7 +40,7 @@ class DataConfig:
     batch_size: int
     train_size: Optional[int]
     test_size: Optional[int]
-    classes: Optional[tuple]
+    classes: Optional[tuple[int, ...]]
     shift: Optional[str]
     shift_severity: int
     augment: bool
@@ -146,7 +148,7 @@ class OptimConfig:
     epochs: int
     schedule: str
     warmup_epochs: float
-    milestones: tuple
+    milestones: tuple[float, ...]
     gamma: float
     label_smoothing: float
     grad_clip: Optional[float]
@@ -178,7 +180,7 @@ class OptimConfig:
 
 @dataclass(frozen=True)
 class EvalConfig:
-    modes: tuple
+    modes: tuple[str, ...]
     default_mode: str
     every_epoch: bool
     batch_size: int
@@ -202,8 +204,8 @@ class EvalConfig:
 class ProbeConfig:
     enabled: bool
     every_steps: int
-    names: tuple
-    noise_sizes: tuple
+    names: tuple[str, ...]
+    noise_sizes: tuple[int, ...]
     noise_batches: int
     layer: Optional[str]
 
@@ -277,11 +279,16 @@ _RENAMED = {("finetune", "from"): "from_"}
 
 
 def parse_config(raw: dict) -> Config:
-    """Build and check a ``Config`` from a plain, fully resolved dict (Hydra's composed config)."""
+    """Build and check a ``Config`` from a plain, fully resolved dict (Hydra's composed config).
+
+    Every value must have its field's type (an int is accepted as a float); a wrong one raises
+    ``ConfigError`` naming the setting, the value and the type, before any range check runs.
+    """
     raw = {k: v for k, v in raw.items() if k != "hydra"}
     top = {f.name for f in fields(Config)} - set(SECTIONS)
     _reject_unknown("", raw, top | set(SECTIONS))
-    kwargs = {k: raw[k] for k in top if k in raw}
+    hints = _hints(Config)
+    kwargs = {k: _typed(k, raw[k], hints[k]) for k in top if k in raw}
     _require("", kwargs, top)
     for name, cls in SECTIONS.items():
         kwargs[name] = _section(name, cls, raw.get(name) or {})
@@ -298,17 +305,89 @@ def to_dict(cfg: Config) -> dict:
     return out
 
 
+def check_override_key(dotted: str, groups=()) -> None:
+    """Raise ``ConfigError`` when ``dotted`` (``optim.lrr``, ``sed``) names no setting and no
+    config group of ``groups``. The entry point checks plain command-line overrides with this
+    before Hydra composes, so they fail listing the allowed keys, as in ``parse_config``.
+    Keys below other top-level keys (``grid.*``) are free."""
+    section, _, rest = dotted.partition(".")
+    if section in SECTIONS and rest:
+        _section_attr(section, rest.split(".")[0])
+    elif not rest:
+        _reject_unknown("", {section: None}, {f.name for f in fields(Config)} | set(groups))
+
+
 def _section(name: str, cls: type, raw: dict):
     known = {f.name for f in fields(cls)}
+    hints = _hints(cls)
     values = {}
     for key, value in raw.items():
-        attr = _RENAMED.get((name, key), key)
-        if attr not in known:
-            allowed = sorted(_yaml_key(name, f) for f in known)
-            raise ConfigError(f"unknown setting {name}.{key}; allowed keys in {name}: {', '.join(allowed)}")
-        values[attr] = _freeze(value)
+        attr = _section_attr(name, key)
+        values[attr] = _typed(f"{name}.{key}", value, hints[attr])
     _require(name + ".", values, known)
     return cls(**values)
+
+
+def _section_attr(name: str, key: str) -> str:
+    """The dataclass field of YAML key ``key`` in section ``name``; unknown keys are an error."""
+    attr = _RENAMED.get((name, key), key)
+    known = {f.name for f in fields(SECTIONS[name])}
+    if attr not in known:
+        allowed = sorted(_yaml_key(name, f) for f in known)
+        raise ConfigError(f"unknown setting {name}.{key}; allowed keys in {name}: {', '.join(allowed)}")
+    return attr
+
+
+@functools.cache
+def _hints(cls: type) -> dict:
+    return typing.get_type_hints(cls)
+
+
+def _typed(key: str, value, hint):
+    """``value`` as field type ``hint`` wants it (lists become tuples, ints in float fields
+    floats), or ``ConfigError`` naming the setting, the value and the expected type."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
+        return _freeze(value)
+    if origin is Union:  # Optional[X]
+        if value is None:
+            return None
+        inner = next(a for a in args if a is not type(None))
+        try:
+            return _typed(key, value, inner)
+        except ConfigError:
+            if typing.get_origin(inner) is tuple:
+                raise  # it names the item at fault
+            raise _wrong_type(key, value, hint) from None
+    if origin is tuple or hint is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise _wrong_type(key, value, hint)
+        item = args[0] if args else Any
+        return tuple(_typed(f"{key}[{i}]", v, item) for i, v in enumerate(value))
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint in (int, float) and isinstance(value, bool):
+        raise _wrong_type(key, value, hint)
+    if not isinstance(value, origin or hint):
+        raise _wrong_type(key, value, hint)
+    return value
+
+
+def _wrong_type(key: str, value, hint) -> ConfigError:
+    return ConfigError(f"{key}={value!r} has the wrong type: expected {_type_name(hint)}, "
+                       f"got {type(value).__name__}")
+
+
+def _type_name(hint) -> str:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is Union:
+        return " or ".join("null" if a is type(None) else _type_name(a) for a in args)
+    if origin is tuple or hint is tuple:
+        plural = {int: "integers", float: "numbers", str: "strings"}
+        return f"a list of {plural.get(args[0], 'values')}" if args else "a list"
+    names = {int: "an integer", float: "a number", bool: "a boolean (true/false)",
+             str: "a string (quote digits: key='1')", dict: "a mapping"}
+    return names.get(hint, getattr(hint, "__name__", str(hint)))
 
 
 def _yaml_key(section: str, attr: str) -> str:

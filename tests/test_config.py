@@ -1,6 +1,10 @@
 """Every config and preset composes and parses; bad input fails naming the setting."""
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -79,3 +83,42 @@ def test_unknown_group_option_lists_choices():
 
     with pytest.raises(MissingConfigException, match="batchnorm"):
         compose_config(["norm=batchnorm"])
+
+
+@pytest.mark.parametrize("override,expected", [
+    ("optim.lr=abc", "optim.lr='abc' has the wrong type: expected a number"),
+    ("model.dropout=null", "model.dropout=None has the wrong type: expected a number"),
+    ("optim.milestones=0.5", "optim.milestones=0.5 has the wrong type: expected a list of numbers"),
+    ("optim.milestones=[0.5,x]", "optim.milestones[1]='x' has the wrong type"),
+    ("seed=1.5", "seed=1.5 has the wrong type: expected an integer"),
+    ("checkpoint=1", "checkpoint=1 has the wrong type: expected a boolean"),
+    ("data.train_size=[1]", "data.train_size=[1] has the wrong type: expected an integer or null"),
+    ("data.root=12", "data.root=12 has the wrong type: expected a string"),
+])
+def test_wrong_types_are_config_errors_naming_setting_value_and_type(override, expected):
+    # before: TypeError from a comparison deep in check(), and no record
+    with pytest.raises(C.ConfigError) as err:
+        make_config([override])
+    assert str(err.value).startswith(expected)
+
+
+def test_ints_are_accepted_as_floats_and_become_floats():
+    cfg = make_config(["optim.lr=1", "optim.grad_clip=2", "data.train_size=null"])
+    assert cfg.optim.lr == 1.0 and isinstance(cfg.optim.lr, float)
+    assert cfg.optim.grad_clip == 2.0 and isinstance(cfg.optim.grad_clip, float)
+    assert cfg.data.train_size is None
+
+
+def bnexp(*args, cwd):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "bnexp", *args], cwd=cwd, capture_output=True,
+                          text=True, env=env, timeout=300)
+
+
+def test_cli_sweep_records_wrong_types_and_goes_on(tmp_path):
+    out = bnexp("-m", "optim.lr=abc,-1", f"results_dir={tmp_path}", "study_name=t", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    errors = sorted(json.loads(p.read_text())["error"] for p in tmp_path.glob("t/runs/*/summary.json"))
+    assert len(errors) == 2 and "optim.lr='abc' has the wrong type" in errors[0]
+    assert "optim.lr=-1.0 must be > 0" in errors[1]
+
