@@ -8,6 +8,7 @@ uninterrupted run would have written (same seed, same numbers on CPU fp32).
 """
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import torch
 
 from . import records
 
+log = logging.getLogger(__name__)
 LAST = "last.pt"
 MODEL = "model.pt"
 
@@ -55,17 +57,24 @@ def load_last(run_dir: Path, *, model, optimizer, scheduler, generator: torch.Ge
     return {k: state[k] for k in ("epoch", "step", "history", "timing")}
 
 
-def save_model(run_dir: Path, model, config: dict, num_classes: int, mean=None, std=None) -> None:
-    """The final weights (and the config that made them), for fine-tuning and fusion.
+def save_model(run_dir: Path, model, config: dict, num_classes: int, mean=None, std=None) -> bool:
+    """The final weights (and the config that made them), for fine-tuning and fusion; returns
+    whether they were saved. Weights or buffers that are not all finite (a diverged run) are
+    not: no later use could make sense of them, and ``load_model_state`` then says so.
 
     ``mean``/``std``: the input normalization the model was trained with (part of the function it
     computes; a fine-tuned run keeps its source's, which its own data config would not give).
     """
+    state = model.state_dict()
+    if not all(torch.isfinite(t).all() for t in state.values() if t.is_floating_point()):
+        log.warning("model.pt not saved: the weights are not finite (the run diverged)")
+        return False
     path = Path(run_dir) / MODEL
     tmp = path.with_suffix(".pt.tmp")
-    torch.save({"model": model.state_dict(), "config": config, "num_classes": num_classes,
+    torch.save({"model": state, "config": config, "num_classes": num_classes,
                 "mean": _floats(mean), "std": _floats(std)}, tmp)
     os.replace(tmp, path)
+    return True
 
 
 def _floats(values) -> list | None:
@@ -77,7 +86,8 @@ def load_model_state(run_dir: Path) -> dict:
     path = Path(run_dir) / MODEL
     if not path.exists():
         raise FileNotFoundError(
-            f"{path} does not exist: the run has not finished, or ran with checkpoint=false")
+            f"{path} does not exist: the run has not finished, diverged (non-finite weights are "
+            "not saved), or ran with checkpoint=false")
     return torch.load(path, map_location="cpu", weights_only=False)
 
 

@@ -24,6 +24,7 @@ import json
 import math
 import os
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
@@ -34,24 +35,56 @@ STATUSES = ("ok", "diverged", "failed")
 FINISHED = ("ok", "diverged")
 EPOCH_KEYS = ("epoch", "step", "lr", "train_loss", "train_acc", "test_loss", "test_acc",
               "seconds", "images_per_s")
-SUMMARY_KEYS = ("status", "metrics", "config", "overrides", "wall_time_s", "train_images_per_s",
-                "git_commit", "versions", "device", "precision", "skipped_modes", "error",
-                "started_at", "finished_at")
+SUMMARY_KEYS = ("status", "metrics", "config", "overrides", "choices", "wall_time_s",
+                "train_images_per_s", "git_commit", "versions", "device", "precision",
+                "skipped_modes", "error", "started_at", "finished_at")
+
+
+def provenance(started_at: float, *, overrides=(), choices=None, device: str | None = None,
+               precision: str | None = None, wall_time_s: float | None = None) -> dict:
+    """The summary fields that say where a run came from and when, shared by ``ok``/``diverged``
+    summaries (``train.fit``) and ``failed`` ones (the entry point): ``git_commit``,
+    ``versions``, ``device`` and ``precision`` (as resolved; None where a run failed before
+    knowing), ``started_at``, ``finished_at``, ``wall_time_s`` (default: since ``started_at``),
+    ``overrides`` (the run's command-line/sweep overrides, as in ``.hydra/overrides.yaml`` when
+    it ran) and ``choices`` (the config-group options it composed, ``{"norm": "dropout"}``)."""
+    from .runtime import git_commit, versions  # loads torch: only when a record is written
+
+    finished = time.time()
+    return {"git_commit": git_commit(), "versions": versions(), "device": device,
+            "precision": precision, "started_at": started_at, "finished_at": finished,
+            "wall_time_s": finished - started_at if wall_time_s is None else wall_time_s,
+            "overrides": list(overrides), "choices": dict(choices or {})}
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
-    """Write JSON so that readers see either the old file or the complete new one, never half."""
+    """Write JSON so that readers see either the old file or the complete new one, never half.
+    The file gets the mode a plain ``open`` would give it (0o666 less the umask)."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w") as f:
             json.dump(_jsonable(obj), f, indent=2, sort_keys=False, allow_nan=False)
             f.flush()
+            os.fchmod(f.fileno(), 0o666 & ~_umask())  # mkstemp makes it 0o600
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    try:  # Linux states it; os.umask can only read it by setting it, which races with threads
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o22)
+    os.umask(mask)
+    return mask
 
 
 def append_jsonl(path: Path, rows: Iterable[dict]) -> None:

@@ -10,13 +10,19 @@ from pathlib import Path
 
 import torch
 
+from .config import ConfigError
+
+
+class DeviceError(ConfigError, RuntimeError):
+    """The ``device`` setting asks for hardware this machine does not have."""
+
 
 def resolve_device(name: str) -> torch.device:
     """``auto`` picks CUDA when available; asking for ``cuda`` without one is an error, not a fallback."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device=cuda but no CUDA device is visible; use device=auto or device=cpu")
+        raise DeviceError("device=cuda but no CUDA device is visible; use device=auto or device=cpu")
     return torch.device(name)
 
 

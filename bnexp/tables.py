@@ -38,8 +38,9 @@ def collect_runs(study_dir) -> tuple[pd.DataFrame, pd.DataFrame]:
     rows, curves, override_keys, metric_keys = [], [], {}, {}
     for run_dir in records.iter_run_dirs(study_dir):
         summary = records.read_summary(run_dir)
-        overrides = _parse_overrides(records.read_overrides(run_dir)
-                                     or (summary or {}).get("overrides") or [])
+        # a finished run's own overrides: Hydra rewrites .hydra/ whenever a sweep re-runs it
+        overrides = _parse_overrides(summary["overrides"] if summary and "overrides" in summary
+                                     else records.read_overrides(run_dir))
         override_keys.update(dict.fromkeys(overrides))
         head = {"run": run_dir.name, "status": (summary or {}).get("status", "incomplete"), **overrides}
         metrics = dict((summary or {}).get("metrics") or {})

@@ -126,7 +126,7 @@ def build(cfg: Config, num_classes: int, device: torch.device) -> torch.nn.Modul
     return model
 
 
-def fit(cfg: Config, run_dir: Path) -> dict:
+def fit(cfg: Config, run_dir: Path, provenance: dict | None = None) -> dict:
     """Train one model as ``cfg`` says and write its records into ``run_dir``; return the summary.
 
     A non-finite training loss ends the run with status ``diverged`` (a result, not an error).
@@ -206,14 +206,14 @@ def fit(cfg: Config, run_dir: Path) -> dict:
         metrics.update(tuned.metrics)
     summary = {
         "status": status, "metrics": metrics, "config": to_dict(cfg),
-        "wall_time_s": prior_wall + time.time() - started,
         "train_images_per_s": (timing["train_images"] / timing["train_seconds"]
                                if timing["train_seconds"] else None),
-        "git_commit": git_commit(), "versions": versions(), "device": device_name(device),
-        "precision": precision, "skipped_modes": skipped, "default_mode": cfg.eval.default_mode,
+        "skipped_modes": skipped, "default_mode": cfg.eval.default_mode,
         "frozen_after": cfg.norm.freeze_after, "error": None, "diverged_at": diverged_at,
-        "resumed": bool(resumed), "started_at": started, "finished_at": time.time(),
-        "finetune": tuned.info if tuned else None,
+        "resumed": bool(resumed), "finetune": tuned.info if tuned else None,
+        # provenance: the entry point's ``overrides`` and ``choices``, commit, versions, times
+        **records.provenance(started, device=device_name(device), precision=precision,
+                             wall_time_s=prior_wall + time.time() - started, **(provenance or {})),
     }
     if cfg.checkpoint:
         save_model(run_dir, model, to_dict(cfg), data.num_classes, mean=pipe.mean, std=pipe.std)

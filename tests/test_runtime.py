@@ -31,3 +31,12 @@ def test_cuda_without_a_gpu_is_an_error_not_a_fallback(monkeypatch):
     assert runtime.resolve_device("auto").type == "cpu"
     with pytest.raises(RuntimeError, match="device=cuda"):
         runtime.resolve_device("cuda")
+
+
+def test_cuda_without_a_gpu_is_a_setting_error(monkeypatch):
+    # the entry point reports ConfigErrors in one line and exits 2, as for any bad setting
+    from bnexp.config import ConfigError
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError):
+        runtime.resolve_device("cuda")

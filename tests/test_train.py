@@ -105,3 +105,35 @@ def test_cli_single_run_bad_input_exits_nonzero_with_clear_message(tmp_path):
     assert "data=synthetic" in out.stderr
     [summary] = list((tmp_path / "scratch").glob("*/summary.json"))
     assert json.loads(summary.read_text())["status"] == "failed"
+
+def test_cli_diverged_run_exits_0_and_keeps_no_nan_weights(tmp_path):
+    out = cli([*TINY, "norm=none", "optim.lr=1e6", "optim.epochs=1", f"results_dir={tmp_path}",
+               "progress=off"], cwd=tmp_path)
+    [run_dir] = list((tmp_path / "scratch").iterdir())
+    assert out.returncode == 0 and records.read_summary(run_dir)["status"] == "diverged"
+    assert not (run_dir / "model.pt").exists() and not (run_dir / "last.pt").exists()
+    from bnexp.checkpoint import load_model_state
+
+    with pytest.raises(FileNotFoundError, match="diverged"):
+        load_model_state(run_dir)
+
+
+def test_summary_records_provenance_given_by_the_entry_point(tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    given = {"overrides": ["norm=dropout", "seed=1"], "choices": {"norm": "dropout", "data": "synthetic"}}
+    summary = train.fit(make_config([*TINY, "norm=dropout", "optim.epochs=1", "checkpoint=false"]),
+                        run_dir, given)
+    on_disk = records.read_summary(run_dir)
+    assert on_disk["overrides"] == given["overrides"] and on_disk["choices"] == given["choices"]
+    assert set(records.SUMMARY_KEYS) <= set(on_disk) and summary["precision"] == "fp32"
+
+
+def test_write_json_atomic_honours_the_umask(tmp_path):
+    old = os.umask(0o027)
+    try:
+        records.write_json_atomic(tmp_path / "a.json", {"x": 1})
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o640  # mkstemp alone gives 0o600
+    assert not list(tmp_path.glob(".a.json.*"))
