@@ -19,7 +19,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from . import launch, records
-from .config import ConfigError, parse_config
+from .config import ConfigError, check_override_key, parse_config
 
 log = logging.getLogger("bnexp")
 
@@ -27,10 +27,11 @@ log = logging.getLogger("bnexp")
 def run(cfg: DictConfig) -> dict | None:
     """Run one job of a (possibly multi-) run; returns its summary, or None when skipped.
 
-    The run folder is locked while the job works in it (``launch.run_lock``): a run that another
-    live process is training is skipped, and so, in a sweep, is a finished one (a failed one too,
-    unless ``rerun_failed``), whose records are left untouched. Hydra has already rewritten its
-    ``.hydra/`` by then; see README "Sweeps" for why that is harmless.
+    The run folder is locked while the job works in it (``launch.run_lock``). In a sweep, a run
+    that another live process is training is skipped, and so is a finished one (a failed one
+    too, unless ``rerun_failed``), whose records are left untouched: Hydra has rewritten its
+    ``.hydra/`` by then, which is why ``summary.json`` keeps the run's own ``overrides`` and
+    ``choices`` (README "Sweeps"). A single run whose folder is locked exits with an error.
     """
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
@@ -38,14 +39,31 @@ def run(cfg: DictConfig) -> dict | None:
     raw = OmegaConf.to_container(cfg, resolve=True)
     with launch.run_lock(run_dir) as held:
         if not held:
-            log.info("skip %s: another process is training it (lock held by %s)", run_dir.name,
-                     launch.lock_holder(run_dir))
-            return None
+            return _locked_out(run_dir, sweeping)
         if sweeping and records.is_finished(run_dir, rerun_failed=bool(raw.get("rerun_failed"))):
             _log_skip(run_dir, raw, list(hc.job.config.override_dirname.exclude_keys))
             return None
         launcher = OmegaConf.to_container(hc.launcher, resolve=True)
-        return _run_locked(run_dir, raw, sweeping, launcher, int(hc.job.get("num") or 0))
+        return _run_locked(run_dir, raw, sweeping, launcher, int(hc.job.get("num") or 0),
+                           _provenance(hc))
+
+
+def _provenance(hc) -> dict:
+    """The run's command-line/sweep overrides and the config-group options it composed
+    (``norm: dropout``), for its summary; Hydra's own groups (``hydra/...``) left out."""
+    choices = OmegaConf.to_container(hc.runtime.choices, resolve=True)
+    return {"overrides": list(hc.overrides.task),
+            "choices": {k: v for k, v in choices.items() if not k.startswith("hydra/")}}
+
+
+def _locked_out(run_dir: Path, sweeping: bool) -> None:
+    holder = launch.lock_holder(run_dir)
+    if sweeping:
+        log.info("skip %s: another process is training it (lock held by %s)", run_dir.name, holder)
+        return None
+    print(f"bnexp: {run_dir} is locked by another live process ({holder}): it is training there; "
+          "nothing was run", file=sys.stderr)
+    raise SystemExit(1)
 
 
 def _log_skip(run_dir: Path, raw: dict, ignore: list[str]) -> None:
@@ -58,36 +76,68 @@ def _log_skip(run_dir: Path, raw: dict, ignore: list[str]) -> None:
                     "folder to train it again.", run_dir.name, ", ".join(drift[:5]))
 
 
-def _run_locked(run_dir: Path, raw: dict, sweeping: bool, launcher: dict, job_num: int) -> dict | None:
+def _run_locked(run_dir: Path, raw: dict, sweeping: bool, launcher: dict, job_num: int,
+                provenance: dict) -> dict | None:
+    started = time.time()
     try:
         config = parse_config(raw)
     except ConfigError as err:
-        return _record_failure(run_dir, raw, f"bad setting: {err}", sweeping, err)
-    from .train import fit  # imported late: a bad setting should fail before torch is loaded
+        return _record_failure(run_dir, raw, err, sweeping, started, provenance)
+    # imported late: a bad setting should fail before torch is loaded
+    from .data import DataError
+    from .runtime import DeviceError
+    from .train import fit
 
-    gpus = launch.visible_gpus() if config.device != "cpu" else 0  # CPU runs touch no GPU
-    launch.apply_placement(launch.place_job(launcher, job_num, config.threads,
-                                            launch.available_cores(), gpus))
     try:
-        summary = fit(config, run_dir)
+        gpus = launch.visible_gpus() if config.device != "cpu" else 0  # CPU runs touch no GPU
+        launch.apply_placement(launch.place_job(launcher, job_num, config.threads,
+                                                launch.available_cores(), gpus))
+        summary = fit(config, run_dir, provenance)
     except KeyboardInterrupt:
         raise
+    except (ConfigError, DataError, DeviceError) as err:  # a setting or the data: one clear line
+        return _record_failure(run_dir, raw, err, sweeping, started, provenance)
     except Exception as err:  # every failure is a result: record it, keep the sweep going
         log.error("run failed:\n%s", traceback.format_exc())
-        return _record_failure(run_dir, raw, traceback.format_exc(), sweeping, err)
+        return _record_failure(run_dir, raw, err, sweeping, started, provenance)
     log.info("%s: %s  %s", run_dir, summary["status"], _headline(summary["metrics"]))
     return summary
 
 
-def _record_failure(run_dir: Path, raw: dict, error: str, sweeping: bool, err: Exception) -> dict:
+def _record_failure(run_dir: Path, raw: dict, err: Exception, sweeping: bool, started: float,
+                    provenance: dict) -> dict:
+    """Write a ``failed`` summary for ``err`` (called while it is being handled). Expected errors
+    (a bad setting, missing data, no CUDA) keep their traceback in run.log only and are recorded
+    as their message; anything else is recorded with its traceback."""
+    expected = not _is_unexpected(err)
+    if expected:
+        _log_to_file_only(f"run failed:\n{traceback.format_exc()}")
+    error = f"{type(err).__name__}: {err}" if expected else traceback.format_exc()
     summary = {"status": "failed", "metrics": {}, "config": raw, "error": error,
-               "finished_at": time.time()}
+               **records.provenance(started, **provenance)}
     records.write_json_atomic(run_dir / records.SUMMARY, summary)
     if not sweeping:  # a single run reports the problem through its exit status too
         print(f"bnexp: {err}", file=sys.stderr)
         raise SystemExit(2 if isinstance(err, ConfigError) else 1)
     log.error("run %s failed: %s (recorded; the sweep continues)", run_dir.name, str(err).splitlines()[0])
     return summary
+
+
+def _is_unexpected(err: Exception) -> bool:
+    if isinstance(err, ConfigError):
+        return False
+    from .data import DataError  # torch is loaded by now: only fit raises these
+    from .runtime import DeviceError
+
+    return not isinstance(err, (DataError, DeviceError))
+
+
+def _log_to_file_only(message: str) -> None:
+    """Log ``message`` at ERROR to the file handlers (run.log) only, not to the console."""
+    record = log.makeRecord(log.name, logging.ERROR, __file__, 0, message, None, None)
+    for handler in logging.getLogger().handlers + log.handlers:
+        if isinstance(handler, logging.FileHandler) and record.levelno >= handler.level:
+            handler.handle(record)
 
 
 def _headline(metrics: dict) -> str:
@@ -101,7 +151,52 @@ def _hydra_main(cfg: DictConfig) -> None:
 
 
 def main() -> None:
+    check_command_line(sys.argv[1:])
     _hydra_main()
+
+
+def check_command_line(argv: list[str]) -> None:
+    """Exit 2 naming the allowed keys when a plain override (``optim.lrr=0.1``, ``sed=1``) sets a
+    key that ``conf/config.yaml`` does not have. Hydra's own message ("Key 'lrr' is not in
+    struct") does not list them. ``+key``/``~key``, ``hydra.*``, group options and ``grid.*``
+    are left to Hydra, and so is any command line it would reject itself."""
+    if any(a in argv for a in ("--version", "--config-name", "-cn", "--config-path", "-cp",
+                               "--config-dir", "-cd", "--shell-completion", "-sc")):
+        return  # another primary config, or no run at all
+    from hydra._internal.utils import get_args_parser
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.override_parser.types import OverrideType
+
+    parser = get_args_parser()
+    parser.error = _argparse_error
+    try:
+        args, _ = parser.parse_known_args(argv)
+        if args.help or args.hydra_help or args.info:
+            return
+        overrides = OverridesParser.create().parse_overrides(args.overrides)
+    except Exception:  # malformed: Hydra reports it with its own message
+        return
+    groups = _config_groups()
+    for ov in overrides:
+        if ov.type != OverrideType.CHANGE or ov.is_hydra_override() or ov.package is not None:
+            continue
+        try:
+            check_override_key(ov.key_or_group, groups)
+        except ConfigError as err:
+            print(f"bnexp: {err}", file=sys.stderr)
+            raise SystemExit(2) from None
+
+
+def _argparse_error(message: str):
+    raise ValueError(message)
+
+
+def _config_groups() -> set[str]:
+    """The config groups of ``bnexp.conf``: its sub-folders that hold YAML files."""
+    from importlib.resources import files
+
+    return {p.name for p in files("bnexp.conf").iterdir()
+            if p.is_dir() and any(q.name.endswith(".yaml") for q in p.iterdir())}
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import fields
 from pathlib import Path
 
 import pytest
@@ -57,7 +58,7 @@ def test_momentum_convention_is_pytorch():
     ("norm.name=batchnorm", "allowed values: bn"),
     ("data.name=imagenet", "cifar10"),
     ("eval.modes=[ema,foo]", "eval.modes"),
-    ("+optim.lrr=0.1", "allowed keys in optim"),
+    ("+optim.lrr=0.1", "allowed keys in optim"),  # added keys reach parse_config; plain ones: below
     ("data.batch_size=0", "data.batch_size"),
     ("precision=fp16", "bf16"),
 ])
@@ -109,10 +110,44 @@ def test_ints_are_accepted_as_floats_and_become_floats():
     assert cfg.data.train_size is None
 
 
+def test_study_name_stays_out_of_folder_names():
+    cfg = compose_config(["study_name=x", "seed=3"], return_hydra_config=True)
+    assert cfg.hydra.job.override_dirname == "seed=3"
+
+
+def test_check_override_key_lists_allowed_keys():
+    with pytest.raises(C.ConfigError, match=r"unknown setting optim\.lrr; allowed keys in optim: .*\blr\b"):
+        C.check_override_key("optim.lrr")
+    with pytest.raises(C.ConfigError, match="allowed top-level keys: .*seed.*study"):
+        C.check_override_key("sed", groups=["study"])
+    C.check_override_key("finetune.from")  # a YAML key renamed in the dataclass
+    C.check_override_key("grid.smoke.seed")  # grid is free-form
+    C.check_override_key("scale", groups=["scale"])
+
+
 def bnexp(*args, cwd):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run([sys.executable, "-m", "bnexp", *args], cwd=cwd, capture_output=True,
                           text=True, env=env, timeout=300)
+
+
+def test_cli_plain_unknown_key_lists_the_allowed_keys(tmp_path):
+    out = bnexp("optim.lrr=0.1", f"results_dir={tmp_path}", cwd=tmp_path)
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines() == [
+        "bnexp: unknown setting optim.lrr; allowed keys in optim: " + ", ".join(sorted(
+            f.name for f in fields(C.OptimConfig)))]
+    top = bnexp("sed=1", f"results_dir={tmp_path}", cwd=tmp_path)
+    assert top.returncode == 2 and "allowed top-level keys" in top.stderr and "seed" in top.stderr
+    assert not (tmp_path / "scratch").exists()  # nothing ran
+
+
+def test_cli_key_check_leaves_hydra_features_alone(tmp_path):
+    out = bnexp("--cfg", "job", "optim.lr=0.2", "hydra.job.name=x", "~probes.every_steps", "+optim.extra=1", cwd=tmp_path)
+    assert out.returncode == 0 and "lr: 0.2" in out.stdout, out.stderr
+    group = bnexp("--cfg", "job", "norm=batchnorm", cwd=tmp_path)  # Hydra lists the options
+    assert group.returncode != 0 and "bn" in group.stderr + group.stdout
+    assert bnexp("--help", cwd=tmp_path).returncode == 0
 
 
 def test_cli_sweep_records_wrong_types_and_goes_on(tmp_path):

@@ -287,6 +287,21 @@ def test_submitit_local_sweep_leaves_the_records_of_the_basic_launcher(basic_swe
         assert mine == theirs
 
 
+def test_rerun_keeps_a_finished_runs_overrides_in_its_summary_and_runs_csv(tmp_path):
+    tables = pytest.importorskip("bnexp.tables")
+    sweep(tmp_path, "optim.epochs=1", "seed=0", "checkpoint=false")
+    [run_dir] = run_dirs(tmp_path, "s").values()
+    first = records.read_summary(run_dir)
+    assert "seed=0" in first["overrides"] and first["choices"]["norm"] == "bn"
+    # threads is left out of folder names: the same folder, skipped; Hydra still rewrites .hydra/
+    again = sweep(tmp_path, "optim.epochs=1", "seed=0", "checkpoint=false", "threads=1")
+    assert "already finished" in again.stdout + again.stderr
+    assert "threads=1" in records.read_overrides(run_dir)
+    assert records.read_summary(run_dir) == first
+    runs, _ = tables.collect_runs(tmp_path / "s")
+    assert "threads" not in runs.attrs["override_keys"] and "seed" in runs.attrs["override_keys"]
+
+
 # ------------------------------------------------------------------------------ bench
 
 def test_bench_naive_dataset_serves_the_same_images_as_pil():

@@ -93,18 +93,44 @@ def test_cli_sweep_folders_are_stable_and_failures_do_not_stop_it(tmp_path):
     bad = [n for n in runs if "data.train_size=100000" in n][0]
     assert statuses[bad] == "failed" and "data.train_size" in records.read_summary(tmp_path / "t" / "runs" / bad)["error"]
     assert statuses[[n for n in runs if n != bad][0]] == "ok"
-    # the same command again skips both (finished folders are never retrained)
+    # the same command again skips both (finished folders are never retrained, nor rewritten)
+    written = {n: (tmp_path / "t" / "runs" / n / records.SUMMARY).stat().st_mtime_ns for n in runs}
     again = cli(args, cwd=tmp_path)
-    assert again.stderr.count("skip") + again.stdout.count("skip") >= 2
+    assert {n: (tmp_path / "t" / "runs" / n / records.SUMMARY).stat().st_mtime_ns for n in runs} == written
+    assert sorted(p.name for p in (tmp_path / "t" / "runs").iterdir()) == runs, again.stderr
 
 
-def test_cli_single_run_bad_input_exits_nonzero_with_clear_message(tmp_path):
-    out = cli(["data=cifar10", f"data.root={tmp_path}/nowhere", "data.download=false",
-               f"results_dir={tmp_path}", "device=cpu"], cwd=tmp_path, check=False)
-    assert out.returncode != 0
-    assert "data=synthetic" in out.stderr
-    [summary] = list((tmp_path / "scratch").glob("*/summary.json"))
-    assert json.loads(summary.read_text())["status"] == "failed"
+@pytest.mark.parametrize("args,rc,message", [
+    (["data=cifar10", "data.root={tmp}/nowhere", "data.download=false"], 1, "CIFAR10 not found"),
+    (["data=synthetic", "data.batch_size=100000"], 2, "data.batch_size=100000 is larger than"),
+    (["model.depth=6"], 2, "model.depth=6 is not valid for vgg"),
+    (["optim.lr=abc"], 2, "optim.lr='abc' has the wrong type"),
+])
+def test_cli_single_run_bad_input_exits_nonzero_with_clear_message(tmp_path, args, rc, message):
+    out = cli([*(a.format(tmp=tmp_path) for a in args), f"results_dir={tmp_path}", "device=cpu",
+               "progress=off"], cwd=tmp_path, check=False)
+    both = out.stdout + out.stderr
+    assert out.returncode == rc, both[-3000:]
+    assert "Traceback" not in both and both.count(message) == 1
+    assert out.stderr.startswith(f"bnexp: {message}")
+    [run_dir] = list((tmp_path / "scratch").iterdir())
+    summary = records.read_summary(run_dir)
+    assert summary["status"] == "failed" and message in summary["error"]
+    assert "Traceback" in (run_dir / "run.log").read_text()  # the full story stays in the log
+    # a failed record says where it came from, as a finished one does
+    assert summary["versions"]["torch"] and summary["started_at"] <= summary["finished_at"]
+    assert "git_commit" in summary and summary["wall_time_s"] >= 0
+    assert summary["overrides"][:len(args)] == [a.format(tmp=tmp_path) for a in args]
+    picked = dict(a.split("=", 1) for a in args)
+    assert summary["choices"]["norm"] == "bn" and summary["choices"]["data"] == picked.get("data", "synthetic")
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
+def test_cli_cuda_without_a_gpu_is_one_line_and_a_setting_error(tmp_path):
+    out = cli(["device=cuda", f"results_dir={tmp_path}"], cwd=tmp_path, check=False)
+    assert out.returncode == 2
+    assert "Traceback" not in out.stdout + out.stderr and (out.stdout + out.stderr).count("device=cuda but") == 1
+
 
 def test_cli_diverged_run_exits_0_and_keeps_no_nan_weights(tmp_path):
     out = cli([*TINY, "norm=none", "optim.lr=1e6", "optim.epochs=1", f"results_dir={tmp_path}",
@@ -116,6 +142,31 @@ def test_cli_diverged_run_exits_0_and_keeps_no_nan_weights(tmp_path):
 
     with pytest.raises(FileNotFoundError, match="diverged"):
         load_model_state(run_dir)
+
+
+def test_cli_single_runs_started_together_get_their_own_folders(tmp_path):
+    args = [*TINY, "optim.epochs=1", f"results_dir={tmp_path}", "progress=off"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, "-m", "bnexp", *args, f"seed={i}"], cwd=tmp_path,
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for i in range(2)]
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    dirs = sorted((tmp_path / "scratch").iterdir())
+    assert len(dirs) == 2
+    assert sorted(records.read_summary(d)["config"]["seed"] for d in dirs) == [0, 1]
+    assert all(records.read_summary(d)["status"] == "ok" for d in dirs)
+
+
+def test_cli_single_run_in_a_locked_folder_fails_loudly(tmp_path):
+    from bnexp import launch
+
+    busy = tmp_path / "busy"
+    with launch.run_lock(busy) as held:
+        assert held
+        out = cli([f"hydra.run.dir={busy}", "device=cpu"], cwd=tmp_path, check=False)
+    assert out.returncode == 1 and "is locked by another live process" in out.stderr
+    assert records.read_summary(busy) is None
 
 
 def test_summary_records_provenance_given_by_the_entry_point(tmp_path):
