@@ -58,18 +58,27 @@ def place_job(launcher: dict, job_num: int, threads: int, cores: int, gpus: int)
 
     ``threads`` > 0 (set in the config) always wins. joblib runs ``n_jobs`` jobs at once on this
     machine (-1 = one per core, -2 = all but one, as in joblib), so each gets ``cores // n_jobs``
-    threads; submitit jobs get the ``cpus_per_task`` they asked for. The basic launcher runs one
-    job at a time: it keeps all cores and the current GPU.
+    threads, and at least 1; submitit jobs get the ``cpus_per_task`` they asked for. The basic
+    launcher runs one job at a time: it keeps all cores and the current GPU. When the jobs that
+    run side by side ask for more threads than there are cores (n_jobs > cores, or an explicit
+    ``threads``), the placement stands but a warning says the sweep oversubscribes.
     """
     kind = launcher_kind(launcher)
     if kind == "basic":
         return Placement(threads, None, False)
-    if threads <= 0 and kind == "joblib":
+    side_by_side = 1  # jobs sharing this machine's cores; a submitit job has its own allocation
+    if kind == "joblib":
         n_jobs = int(launcher.get("n_jobs") or 1)
-        n_jobs = max(cores + 1 + n_jobs, 1) if n_jobs < 0 else n_jobs
-        threads = max(cores // n_jobs, 1)
+        side_by_side = max(cores + 1 + n_jobs, 1) if n_jobs < 0 else n_jobs
+        if threads <= 0:
+            threads = max(cores // side_by_side, 1)
     elif threads <= 0:
         threads = int(launcher.get("cpus_per_task") or 0)
+    if side_by_side * threads > cores:
+        fix = "hydra.launcher.n_jobs" if side_by_side > cores else "threads"
+        log.warning("the sweep oversubscribes the cores: %d jobs at once x %d torch threads > %d "
+                    "cores, so the jobs slow each other down; lower %s", side_by_side, threads,
+                    cores, fix)
     gpu = job_num % gpus if gpus > 1 else None
     return Placement(threads, gpu, True)
 

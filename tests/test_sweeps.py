@@ -82,7 +82,7 @@ def basic_sweep(tmp_path_factory):
     ({**JOBLIB, "n_jobs": 3}, 0, 0, 8, 0, Placement(2, None, True)),  # floor: 3 x 2 <= 8
     ({**JOBLIB, "n_jobs": -1}, 0, 0, 8, 0, Placement(1, None, True)),  # one job per core
     ({**JOBLIB, "n_jobs": -2}, 0, 0, 8, 0, Placement(1, None, True)),  # 7 jobs
-    ({**JOBLIB, "n_jobs": 16}, 0, 0, 8, 0, Placement(1, None, True)),  # never 0 threads
+    ({**JOBLIB, "n_jobs": 16}, 0, 0, 8, 0, Placement(1, None, True)),  # never 0 threads (warns)
     ({**JOBLIB, "n_jobs": 2}, 0, 3, 8, 0, Placement(3, None, True)),   # the config wins
     ({**JOBLIB, "n_jobs": 4}, 5, 0, 8, 2, Placement(2, 1, True)),      # job 5 on cuda:1
     ({**JOBLIB, "n_jobs": 4}, 6, 0, 8, 3, Placement(2, 0, True)),      # job 6 on cuda:0
@@ -92,6 +92,23 @@ def basic_sweep(tmp_path_factory):
 ])
 def test_place_job_splits_cores_and_spreads_gpus(launcher, job, threads, cores, gpus, expected):
     assert place_job(launcher, job, threads, cores, gpus) == expected
+
+
+@pytest.mark.parametrize("launcher,threads,cores,oversubscribed", [
+    ({**JOBLIB, "n_jobs": 16}, 0, 8, True),   # 16 jobs x 1 thread: 1 is the least a job can have
+    ({**JOBLIB, "n_jobs": 4}, 3, 8, True),    # explicit threads: 4 x 3 > 8
+    ({**JOBLIB, "n_jobs": 4}, 2, 8, False),
+    ({**JOBLIB, "n_jobs": 4}, 0, 8, False),
+    ({**JOBLIB, "n_jobs": -1}, 0, 8, False),
+    ({**SUBMITIT, "cpus_per_task": 6}, 0, 8, False),  # a Slurm task has its own allocation
+    ({**SUBMITIT, "cpus_per_task": 6}, 16, 8, True),  # more threads than the task's cores
+    (BASIC, 16, 8, False),                            # one job at a time: torch's business
+])
+def test_place_job_warns_when_jobs_times_threads_exceed_the_cores(caplog, launcher, threads, cores,
+                                                                  oversubscribed):
+    with caplog.at_level("WARNING", logger="bnexp"):
+        place_job(launcher, 0, threads, cores, 0)
+    assert ("oversubscribes" in caplog.text) == oversubscribed
 
 
 @pytest.mark.parametrize("preset,kind", [("joblib", "joblib"), ("local", "submitit"),
