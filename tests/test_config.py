@@ -157,3 +157,12 @@ def test_cli_sweep_records_wrong_types_and_goes_on(tmp_path):
     assert len(errors) == 2 and "optim.lr='abc' has the wrong type" in errors[0]
     assert "optim.lr=-1.0 must be > 0" in errors[1]
 
+
+def test_every_conf_group_is_a_listed_package():
+    # setuptools only ships the sub-packages listed: a group folder left out is missing from a
+    # wheel (and setuptools warns that it is relying on deprecated data-file discovery)
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+    pyproject = tomllib.loads((CONF.parent / "pyproject.toml").read_text())
+    listed = set(pyproject["tool"]["setuptools"]["packages"])
+    groups = {p.name for p in CONF.iterdir() if p.is_dir() and any(p.glob("*.yaml"))}
+    assert groups and {f"bnexp.conf.{g}" for g in groups} <= listed
