@@ -40,5 +40,5 @@ smoke: $(STAMP)  ## every study end to end at smoke scale on synthetic data
 bench: $(STAMP)  ## throughput: naive PyTorch CIFAR script vs bnexp, batch 8/32/128
 	$(BIN)/python -m bnexp.bench
 
-clean:  ## remove scratch runs (keeps .venv and study results)
+clean:  ## delete results/scratch: single runs AND sweeps run without study_name= (keeps .venv, named studies)
 	rm -rf results/scratch
