@@ -2,8 +2,8 @@
 
 Two sweeps. First the sources (conf/study/finetune_source.yaml, experiments/finetune_source.py):
 BN nets trained on clean images, one per seed. Then the targets (conf/study/finetune.yaml, with
-the `finetune=shift` preset): each source is fine-tuned on the same classes under Gaussian noise
-(CIFAR-10-C, severity 3) on a small target training set (5000 images; smoke 256), for
+the `finetune=shift` preset): each source is fine-tuned on the same classes under reduced contrast
+(CIFAR-10-C, severity 3) on a small target training set (5000 images; smoke 1000), for
 `finetune.bn` {train: BN as usual, frozen_stats: source statistics kept, affine trains,
 frozen_all: statistics and affine frozen, adapt: statistics re-estimated on the target (AdaBN),
 then kept} x fine-tune batch {2, 8, 128} (lr 0.005 at batch 128, scaled linearly with the batch;
@@ -13,7 +13,7 @@ The head is kept, so each run also scores its source on the target before any tr
 source statistics, and with statistics re-estimated on target training images (the "eval only"
 rows). Target accuracy is the test accuracy on shifted test images with the run's EMA statistics.
 
-    make study S=finetune ARGS="data=synthetic scale=smoke"   # 3 sources + 36 fine-tunes, CPU minutes
+    make study S=finetune ARGS="data=synthetic scale=smoke"   # 3 sources + 36 fine-tunes, ~10 CPU minutes
     make study S=finetune                                     # CIFAR-10, one GPU
 
 Every override goes to both sweeps except those that define the target (`data.shift*`,
@@ -64,22 +64,23 @@ def make_sources(overrides: list[str]) -> None:
 
 def cells(runs: pd.DataFrame) -> pd.DataFrame:
     """Long table for the heatmap: ``row`` (BN mode, or an eval-only row), ``data.batch_size``,
-    ``test_acc``. Eval-only values depend on the seed alone (the AdaBN pass runs at a fixed
-    batch), so they come from the ``train`` runs only: one per seed and column."""
-    ok = runs[runs["status"] == "ok"]
-    parts = [ok.assign(row=ok[MODE].map(ROWS))[["run", "status", "seed", BATCH, "row", "test_acc"]]]
-    base = ok[ok[MODE] == "train"]
+    ``test_acc``, ``status``. Every fine-tune run is kept whatever its status: ``summarize``
+    averages the ok ones and counts the diverged and failed ones, which the heatmap prints in
+    their cell. Eval-only values depend on the seed alone (the AdaBN pass runs at a fixed batch,
+    before any training), so one per seed and column is taken from whichever run recorded it."""
+    cols = ["run", "status", "seed", BATCH, "row", "test_acc"]
+    parts = [runs.assign(row=runs[MODE].map(ROWS))[cols]]
     for col, name in EVAL_ONLY.items():
-        if col in base:
-            parts.append(base.assign(row=name, test_acc=base[col])[["run", "status", "seed", BATCH, "row", "test_acc"]])
+        if col in runs:
+            scored = runs.dropna(subset=[col]).drop_duplicates(["seed", BATCH])
+            parts.append(scored.assign(row=name, test_acc=scored[col], status="ok")[cols])
     return pd.concat(parts, ignore_index=True)
 
 
 def gain_figure(long: pd.DataFrame, runs: pd.DataFrame):
     """Bars of the accuracy gain over the source model with source statistics, paired by seed
     (every run of a seed starts from the same source), per BN treatment and fine-tune batch."""
-    ok = runs[runs["status"] == "ok"]
-    source = ok.groupby("seed")["test_acc.before_finetune"].mean()
+    source = runs.groupby("seed")["test_acc.before_finetune"].mean()  # NaNs skipped
     rows = long[long["row"] != EVAL_ONLY["test_acc.before_finetune"]]
     rows = rows.assign(gain_acc=rows["test_acc"] - rows["seed"].map(source))
     fig = A.plot_bars(rows, "row", "gain_acc", BATCH,

@@ -160,3 +160,25 @@ def test_expected_run_names_follow_a_custom_sweep_subdir(tmp_path):
     assert made == ["cifar-y-seed0", "cifar-y-seed1", "cifar-y-seed2"]
     assert sorted(expected_run_names(tmp_path / "out")) == made
     assert status_counts(tmp_path / "out")["pending"] == 0  # .hydra folders exist, no summaries
+
+
+def test_finetune_cells_keep_diverged_runs_and_eval_only_rows_of_every_seed():
+    """A diverged fine-tune is counted in its cell (not dropped), and the eval-only rows of its
+    seed still come from another run of that seed."""
+    rows = []
+    for seed in (0, 1):
+        for mode in ("train", "frozen_stats"):
+            diverged = (seed, mode) == (1, "train")
+            rows.append({"run": f"{mode}-{seed}", "status": "diverged" if diverged else "ok",
+                         "seed": seed, "data.batch_size": 2, "finetune.bn": mode,
+                         "test_acc": math.nan if diverged else 0.5 + 0.1 * seed,
+                         "test_acc.before_finetune": 0.3 + seed / 10,
+                         "test_acc.before_finetune.adapted": 0.4 + seed / 10})
+    long = finetune.cells(pd.DataFrame(rows))
+    train_cell = long[long["row"] == finetune.ROWS["train"]]
+    assert sorted(train_cell["status"]) == ["diverged", "ok"]
+    adapted = long[long["row"] == finetune.EVAL_ONLY["test_acc.before_finetune.adapted"]]
+    assert sorted(adapted["test_acc"]) == pytest.approx([0.4, 0.5])  # one per seed, seed 1 included
+    summary = finetune.A.summarize(long, ["row", "data.batch_size"], ["test_acc"])
+    cell = summary[summary["row"] == finetune.ROWS["train"]].iloc[0]
+    assert (cell["n_diverged"], cell["test_acc.n"]) == (1, 1)
