@@ -1,12 +1,12 @@
 """When is the EMA of batch statistics a poor estimate of the population statistics?
 
 Sweep (conf/study/ema_vs_precise.yaml): BN momentum {0.01, 0.1, 0.4} x seeds {0, 1, 2} at a
-large batch (CIFAR-10: 1024, 49 steps per epoch; smoke: 256 on 2000 images, 8 steps per epoch),
+large batch (CIFAR-10: 1024, 48 steps per epoch; smoke: 256 on 2000 images, 7 steps per epoch),
 linear lr scaling with warmup. Every epoch the model is scored with its EMA statistics and with
 precise statistics (population statistics recomputed over `eval.precise_samples` training images).
 
 Then, after the sweep, this script re-scores each saved model (`model.pt`) with precise BN at
-N = 256, 1k, 4k, 16k samples (smoke: 64 ... 4096; `grid.<scale>.precise_n`), `repeats`
+N = 256, 1k, 4k, 16k samples (smoke: 64 ... 2000; `grid.<scale>.precise_n`), `repeats`
 independent draws each, and writes `<run>/precise_vs_n.json`. Why after the sweep and not as a
 swept `eval.precise_samples`: N only changes how the finished model is evaluated, so sweeping it
 would retrain an identical model per N; re-scoring one model at every N also puts all N on the
