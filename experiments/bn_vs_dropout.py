@@ -107,7 +107,8 @@ def figures(runs, probes, fig_dir: Path) -> list[Path]:
 
 
 def statements(runs: pd.DataFrame) -> str:
-    """The expected shape, claim by claim, each from the data with its Welch interval."""
+    """The expected shape, claim by claim, each from the data with its interval (Welch between
+    different models, paired by seed between two eval modes of the same models)."""
     p_max = runs[P].max()
     base = runs[runs[PLACE] == "before_norm"]  # p = 0: both placements are the same net
     text = ["BN alone vs no norm, no dropout: "
@@ -131,8 +132,8 @@ def statements(runs: pd.DataFrame) -> str:
                     + f" (1 / (1 - p) = {1 / (1 - p_max):.2f}).")
     before = A.eval_modes_long(bn[(bn[PLACE] == "before_norm") & (bn[P] == p_max)], "test_acc")
     if before["eval_mode"].nunique() > 1:
-        text.append("Dropout before BN, re-estimating the statistics: " + A.compare_statement(
-            before, "test_acc", "eval_mode", "precise", "ema") + ".")
+        text.append("Dropout before BN, re-estimating the statistics: " + A.paired_statement(
+            before, "test_acc", "eval_mode", "precise", "ema") + ".")  # the same models
     return " ".join(text)
 
 

@@ -50,9 +50,9 @@ def statements(runs) -> list[str]:
                 for other in ("none", "dropout") if {"bn", other} <= set(summary["norm"])]
     bn = A.eval_modes_long(runs[runs["norm"] == "bn"], "test_acc")
     if {"batch", "ema"} <= set(bn["eval_mode"]):
-        modes = A.summarize(bn, ["eval_mode", BATCH], ["test_acc"])
-        out += [f"bn at batch {b}: " + A.compare_statement(modes, "test_acc", "eval_mode", "batch",
-                                                           "ema", at={BATCH: b})
+        # two modes of the same models: differences paired by seed
+        out += [f"bn at batch {b}: " + A.paired_statement(bn, "test_acc", "eval_mode", "batch", "ema",
+                                                          at={BATCH: b})
                 for b in sorted(bn[BATCH].dropna().unique())]
     return out
 

@@ -97,7 +97,10 @@ def statements(long: pd.DataFrame, metric: str = "test_acc") -> list[str]:
                 for s in names if s != "iid"]
     for s in pk:
         for rescue in ("bn / precise", "batch_renorm / ema", "gn / ema"):
-            if {rescue, "bn / ema"} <= have:
+            if {rescue, "bn / ema"} <= have and rescue.startswith("bn /"):  # the same BN models
+                out.append(A.paired_statement(long, metric, STATS, rescue, "bn / ema",
+                                              at={"sampler": s}))
+            elif {rescue, "bn / ema"} <= have:
                 out.append(A.compare_statement(summary, metric, STATS, rescue, "bn / ema",
                                                at={"sampler": s}))
     return out

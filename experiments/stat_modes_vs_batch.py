@@ -21,7 +21,6 @@ train/test inconsistency that hurts small NBS.
 """
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import pandas as pd
@@ -58,7 +57,7 @@ def plot_modes(runs: pd.DataFrame, x: str, metric: str = "test_err", title: str 
 def statements(long: pd.DataFrame, x: str, metric: str = "test_err") -> list[str]:
     """Sentences for the expected shape: precise at the smallest against the largest ``x``; batch
     and ema against precise at the largest, ema against precise and frozen against ema at the
-    smallest."""
+    smallest. Modes of the same models are compared paired by seed, other runs by Welch."""
     xs = sorted(long[x].dropna().unique())
     small, large = xs[0], xs[-1]
     summary = A.summarize(long, ["eval_mode", x], [metric])
@@ -70,8 +69,10 @@ def statements(long: pd.DataFrame, x: str, metric: str = "test_err") -> list[str
     pairs = [("batch", "precise", large), ("ema", "precise", large), ("ema", "precise", small),
              ("frozen", "ema", small)]
     for a, b, at in pairs:
-        if {a, b} <= have:
+        if {a, b} <= have and "frozen" in (a, b):  # FrozenBN runs are other models: Welch
             out.append(A.compare_statement(summary, metric, "eval_mode", a, b, at={x: at}))
+        elif {a, b} <= have:  # two modes of the same models: differences paired by seed
+            out.append(A.paired_statement(long, metric, "eval_mode", a, b, at={x: at}))
     return out
 
 
