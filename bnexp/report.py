@@ -118,8 +118,8 @@ def format_summary(summary_df: pd.DataFrame, by: list[str], metrics: list[str]) 
         scale = 100.0 if is_percent(m) else 1.0
         unit = ("points, " if m.startswith("gen_gap") else "%, ") if scale != 1.0 else ""
         head = f"{m} ({unit}mean ± CI)"
-        out[head] = [_pm(r[f"{m}.mean"] * scale, (r[f"{m}.ci_hi"] - r[f"{m}.mean"]) * scale)
-                     for _, r in summary_df.iterrows()]
+        out[head] = [_pm(r[f"{m}.mean"] * scale, (r[f"{m}.ci_hi"] - r[f"{m}.mean"]) * scale,
+                         percent=scale != 1.0) for _, r in summary_df.iterrows()]
     out["n"] = summary_df[f"{metrics[0]}.n"].astype(int) if metrics else summary_df["n_runs"]
     for col in ("n_diverged", "n_failed", "n_incomplete"):
         if col in summary_df and summary_df[col].sum():
@@ -127,10 +127,12 @@ def format_summary(summary_df: pd.DataFrame, by: list[str], metrics: list[str]) 
     return out
 
 
-def _pm(mean: float, half: float) -> str:
+def _pm(mean: float, half: float, percent: bool = False) -> str:
+    """``mean ± half``: percents and points with one decimal in every row (a column reads
+    evenly), other quantities with three significant digits' worth of decimals."""
     if math.isnan(mean):
         return "-"
-    digits = 1 if abs(mean) >= 1 else 3
+    digits = 1 if percent or abs(mean) >= 1 else 3
     return f"{mean:.{digits}f}" + ("" if math.isnan(half) else f" ± {half:.{digits}f}")
 
 
@@ -185,7 +187,13 @@ def _commits(study_dir: Path) -> str:
                               capture_output=True, text=True, timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         head = ""
-    return f"runs at commit {', '.join(runs) or 'none finished'}; analysis at {head or 'unknown'}"
+    text = f"runs at commit {', '.join(runs) or 'none finished'}; analysis at {head or 'unknown'}"
+    if len(runs) > 1:
+        text += (f". The runs come from {len(runs)} commits: check that what changed between them "
+                 "does not change the numbers, or re-run the study")
+    if any(r.endswith("-dirty") for r in runs):
+        text += ". '-dirty': a checkout with uncommitted changes"
+    return text
 
 
 def _relpath(path: Path, start: Path) -> str:

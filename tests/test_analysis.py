@@ -366,3 +366,19 @@ def test_analysis_never_imports_the_training_code():
             "m.split('.')[-1] in ('train', 'models', 'norms', 'data', 'sampling')]; print(bad)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_format_summary_gives_points_one_decimal_in_every_row():
+    runs = pd.DataFrame({"norm": ["a"] * 3 + ["b"] * 3, "status": "ok",
+                         "gen_gap": [0.002, 0.003, 0.004, 0.017, 0.018, 0.019]})
+    table = A.format_summary(A.summarize(runs, ["norm"], ["gen_gap"]), ["norm"], ["gen_gap"])
+    half = T975[2] * 0.001 / math.sqrt(3) * 100  # std of (2, 3, 4) thousandths is 1 thousandth
+    assert list(table["gen_gap (points, mean ± CI)"]) == [f"0.3 ± {half:.1f}", f"1.8 ± {half:.1f}"]
+
+
+def test_report_flags_runs_from_several_commits(study):
+    run = next(d for d in sorted((study / "runs").iterdir()) if (d / records.SUMMARY).exists())
+    summary = records.read_summary(run)
+    records.write_json_atomic(run / records.SUMMARY, {**summary, "git_commit": "def456-dirty"})
+    text = A.write_report(study, "toy", "q", "cmd", [], pd.DataFrame({"a": [1]}), "s").read_text()
+    assert "abc123, def456-dirty" in text and "come from 2 commits" in text and "uncommitted" in text
