@@ -27,20 +27,18 @@ def collect_runs(study_dir) -> tuple[pd.DataFrame, pd.DataFrame]:
     """``(runs, curves)`` of every run folder below ``study_dir``.
 
     ``runs``: one row per folder with ``run`` (folder name), ``status`` (ok | diverged | failed |
-    incomplete: no summary.json yet), one column per override key as written in
-    ``.hydra/overrides.yaml`` (``+``/``~`` prefixes dropped), every final metric, the scalar
-    summary fields (``wall_time_s``, ``git_commit``, and ``device`` / ``precision`` as resolved:
+    incomplete: no summary.json yet), one column per override key as the run recorded it
+    (``_run_overrides``; ``+``/``~`` prefixes dropped), every final metric, the scalar summary
+    fields (``wall_time_s``, ``git_commit``, and ``device`` / ``precision`` as resolved:
     ``cpu (2 cores, 1 threads)`` / ``bf16`` rather than the config's ``auto``) and every flattened
-    resolved-config key. Override columns win over both, and summary fields over config keys. ``runs.attrs`` lists
-    ``override_keys`` and ``metric_keys``. ``curves``: one row per (run, epoch) of metrics.jsonl,
-    with ``run``, ``status`` and the override columns.
+    resolved-config key. Override columns win over both, and summary fields over config keys.
+    ``runs.attrs`` lists ``override_keys`` and ``metric_keys``. ``curves``: one row per (run,
+    epoch) of metrics.jsonl, with ``run``, ``status`` and the override columns.
     """
     rows, curves, override_keys, metric_keys = [], [], {}, {}
     for run_dir in records.iter_run_dirs(study_dir):
         summary = records.read_summary(run_dir)
-        # a finished run's own overrides: Hydra rewrites .hydra/ whenever a sweep re-runs it
-        overrides = _parse_overrides(summary["overrides"] if summary and "overrides" in summary
-                                     else records.read_overrides(run_dir))
+        overrides = _run_overrides(run_dir, summary)
         override_keys.update(dict.fromkeys(overrides))
         head = {"run": run_dir.name, "status": (summary or {}).get("status", "incomplete"), **overrides}
         metrics = dict((summary or {}).get("metrics") or {})
@@ -65,7 +63,7 @@ def collect_probes(study_dir) -> pd.DataFrame:
     for run_dir in records.iter_run_dirs(study_dir):
         summary = records.read_summary(run_dir)
         head = {"run": run_dir.name, "status": (summary or {}).get("status", "incomplete"),
-                **_parse_overrides(records.read_overrides(run_dir))}
+                **_run_overrides(run_dir, summary)}
         rows.extend({**head, **row} for row in records.read_jsonl(run_dir / records.PROBES))
     return _typed(pd.DataFrame(rows, columns=None if rows else ["run", "status"]))
 
@@ -116,6 +114,14 @@ def flatten(tree: Any, prefix: str = "") -> dict:
     for key, value in tree.items():
         out.update(flatten(value, f"{prefix}{key}" if not prefix else f"{prefix}.{key}"))
     return out
+
+
+def _run_overrides(run_dir: Path, summary: dict | None) -> dict:
+    """The run's overrides: a finished run's own (its summary), since Hydra rewrites ``.hydra/``
+    whenever a sweep is re-run over it; ``.hydra/overrides.yaml`` for a run without a summary."""
+    if summary and "overrides" in summary:
+        return _parse_overrides(summary["overrides"])
+    return _parse_overrides(records.read_overrides(run_dir))
 
 
 def _parse_overrides(lines: list[str]) -> dict:

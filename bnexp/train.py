@@ -20,8 +20,8 @@ from .models import build_model
 from .norms import make_norm, set_progress
 from .probes import Probes
 from .progress import RunProgress
-from .runtime import (autocast, device_name, git_commit, resolve_device, resolve_precision,
-                      seed_everything, set_threads, versions)
+from .runtime import (autocast, device_name, resolve_device, resolve_precision, seed_everything,
+                      set_threads)
 from .sampling import build_sampler
 from .stats import ModeResults, evaluate_modes, run_mode
 

@@ -1,8 +1,6 @@
 """Shared test helpers: compose real configs through Hydra, keep torch small and quiet."""
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bnexp import norms, probes, records, stats
+from bnexp import probes, records, stats
 
 
 class RawPipe:

@@ -3,7 +3,6 @@ must leave the same records as the basic one. End-to-end tests run ``python -m b
 tiny synthetic settings in a temporary results_dir, one torch thread per process."""
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
