@@ -88,14 +88,20 @@ def test_every_norm_keeps_shape_and_is_differentiable(name, norm_cfg):
 
 
 @pytest.mark.parametrize("name", BN_LIKE)
-def test_momentum_convention(name, norm_cfg):
-    """running = (1-m) * running + m * batch, with the unbiased batch variance (PyTorch's)."""
+@pytest.mark.parametrize("active", [False, True], ids=["defaults", "variant_on"])
+def test_momentum_convention(name, active, norm_cfg):
+    """running = (1-m) * running + m * batch, with the unbiased batch variance (PyTorch's).
+    ``variant_on``: BN_LIKE's settings, so ghost chunks, renorm clips and noise are in play:
+    ghost BN feeds the mean of its chunks' statistics, renorm and noisy BN the batch's own."""
     m = 0.3
-    layer = with_known_state(make_norm(norm_cfg(name=name, momentum=m))(5))
+    layer = with_known_state(make_norm(norm_cfg(name=name, momentum=m, **(BN_LIKE[name] if active else {})))(5))
+    set_progress(layer, 1.0)  # renorm: past its warmup and ramp
     init_mean, init_var = layer.running_mean.clone(), layer.running_var.clone()
     x = batch()
-    layer(x)  # ghost/renorm/noisy at their defaults behave as BN on this batch of 8
-    var, mean = torch.var_mean(x, dim=(0, 2, 3), unbiased=True)
+    layer(x)  # at the defaults ghost/renorm/noisy behave as BN on this batch of 8
+    chunks = x.split(3) if active and name == "ghost_bn" else [x]
+    stats = [torch.var_mean(c, dim=(0, 2, 3), unbiased=True) for c in chunks]
+    var, mean = torch.stack([s[0] for s in stats]).mean(0), torch.stack([s[1] for s in stats]).mean(0)
     torch.testing.assert_close(layer.running_mean, (1 - m) * init_mean + m * mean)
     torch.testing.assert_close(layer.running_var, (1 - m) * init_var + m * var)
 
@@ -136,8 +142,11 @@ def test_ghost_bn_cumulative_average_when_momentum_is_none():
 
 
 @pytest.mark.parametrize("progress", [0.0, 1.0])
-def test_batch_renorm_with_unit_clips_equals_bn(progress):
-    layer = BatchRenorm2d(5, r_max=1.0, d_max=0.0, momentum=0.2)
+@pytest.mark.parametrize("r_max", [1.0, 1.0 + 1e-9], ids=["plain_bn_path", "renorm_kernel"])
+def test_batch_renorm_with_unit_clips_equals_bn(progress, r_max):
+    """Clips (1, 0) are BN: exactly 1 takes the plain BN path, 1 + 1e-9 the renorm kernel
+    (r within 1e-9 of 1, d exactly 0), whose output, gradients and running stats must agree."""
+    layer = BatchRenorm2d(5, r_max=r_max, d_max=0.0, momentum=0.2)
     layer.set_progress(progress)
     assert_same_as_bn(layer, batch())
 
