@@ -47,6 +47,7 @@ MAX_ROUND_S = 5.0  # ...or fewer when that takes longer than this
 WARMUP_STEPS = 3
 MIN_STEPS = 3
 NAIVE_WORKERS = 2
+ACCURACY_TOLERANCE = 3.0  # points between the two short runs' test accuracies (one seed each)
 
 
 class SyntheticCIFAR(datasets.VisionDataset):
@@ -268,8 +269,11 @@ def main(argv: list[str] | None = None) -> None:
         acc_cfg = compose([*base, "data.batch_size=128", f"optim.epochs={args.accuracy_epochs}",
                            "eval.modes=[ema]"])
         acc = accuracy_run(acc_cfg, device)
+        diff = 100 * (acc["bnexp"] - acc["naive"])
+        # one seed each way, different batch orders and crops: a few points apart is noise
+        verdict = "same within noise" if abs(diff) <= ACCURACY_TOLERANCE else "DIFFERENT: check"
         print(f"test accuracy after {args.accuracy_epochs} epochs at batch 128: naive "
-              f"{acc['naive']:.1%}  bnexp {acc['bnexp']:.1%}")
+              f"{acc['naive']:.1%}  bnexp {acc['bnexp']:.1%}  ({diff:+.1f} points: {verdict})")
     load = os.getloadavg()[0]
     print(f"load average now {load:.1f} on {os.cpu_count()} cores (was {load_before:.1f}); other "
           "processes on these cores make every number above noisy")
