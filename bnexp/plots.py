@@ -253,11 +253,23 @@ def _colors(values: pd.Series, order=None) -> list:
 
 def _line_band(ax, xs, g: pd.DataFrame, y: str, color, text: str, marker="o",
                alpha: float = 0.2) -> None:
-    """Mean line with markers and a translucent CI band (absent where n < 2)."""
+    """Mean line with markers and a translucent CI band (absent where n < 2). The band is drawn
+    within the values the metric can take (an accuracy in [0, 100] %): with 3 seeds that
+    disagree, a t interval can reach past them, and the axis should not follow it there."""
     scale = 100.0 if is_percent(y) else 1.0
+    lo, hi = value_range(y)
     ax.plot(xs, g[f"{y}.mean"] * scale, color=color, marker=marker, label=text)
-    ax.fill_between(xs, g[f"{y}.ci_lo"] * scale, g[f"{y}.ci_hi"] * scale, color=color,
-                    alpha=alpha, linewidth=0)
+    ax.fill_between(xs, g[f"{y}.ci_lo"].clip(lo, hi) * scale, g[f"{y}.ci_hi"].clip(lo, hi) * scale,
+                    color=color, alpha=alpha, linewidth=0)
+
+
+def value_range(col: str) -> tuple[float | None, float | None]:
+    """The values a metric can take, as recorded: accuracies and error rates [0, 1], the gap
+    (a difference of two of them) [-1, 1], anything else unbounded (None)."""
+    base = col.split(".")[0]
+    if base.endswith(("acc", "err")):
+        return 0.0, 1.0
+    return (-1.0, 1.0) if base == "gen_gap" else (None, None)
 
 
 def _mark_diverged(ax, xs, color, level: int = 0) -> None:

@@ -256,6 +256,17 @@ def test_plot_metric_vs_lines_bands_and_diverged_marks(runs, tmp_path):
     _saved(fig, tmp_path, "metric_vs")
 
 
+def test_bands_stay_within_what_an_accuracy_can_be():
+    runs = pd.DataFrame({"x": [1] * 3 + [2] * 3, "status": "ok",
+                         "test_acc": [0.05, 0.5, 0.95, 0.9, 0.97, 0.99]})
+    s = A.summarize(runs, ["x"], ["test_acc"])
+    assert s["test_acc.ci_lo"].iloc[0] < 0 and s["test_acc.ci_hi"].iloc[1] > 1  # t interval
+    ax = A.plot_metric_vs(runs, "x", "test_acc").axes[0]
+    band = ax.collections[0].get_paths()[0].vertices[:, 1]
+    assert band.min() == pytest.approx(0.0) and band.max() == pytest.approx(100.0)
+    np.testing.assert_allclose(ax.get_lines()[0].get_ydata(), [50.0, 100 * np.mean([0.9, 0.97, 0.99])])
+
+
 def test_plot_curves_mean_over_seeds(study, tmp_path):
     _, curves = A.collect_runs(study)
     fig = A.plot_curves(curves[curves["data.batch_size"] == 8], y="test_acc", hue="norm")
