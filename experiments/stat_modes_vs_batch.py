@@ -57,7 +57,7 @@ def plot_modes(runs: pd.DataFrame, x: str, metric: str = "test_err", title: str 
 def statements(long: pd.DataFrame, x: str, metric: str = "test_err") -> list[str]:
     """Sentences for the expected shape: precise at the smallest against the largest ``x``; batch
     and ema against precise at the largest, ema against precise and frozen against ema at the
-    smallest. Modes of the same models are compared paired by seed, other runs by Welch."""
+    smallest and largest. Every comparison is paired by seed (see the loop)."""
     xs = sorted(long[x].dropna().unique())
     small, large = xs[0], xs[-1]
     summary = A.summarize(long, ["eval_mode", x], [metric])
@@ -67,11 +67,11 @@ def statements(long: pd.DataFrame, x: str, metric: str = "test_err") -> list[str
         out.append(f"Precise statistics, {A.label(x)} {small:g} vs {large:g}: "
                    + A.compare_statement(summary, metric, x, small, large, at={"eval_mode": "precise"}))
     pairs = [("batch", "precise", large), ("ema", "precise", large), ("ema", "precise", small),
-             ("frozen", "ema", small)]
+             ("frozen", "ema", small), ("frozen", "ema", large)]
     for a, b, at in pairs:
-        if {a, b} <= have and "frozen" in (a, b):  # FrozenBN runs are other models: Welch
-            out.append(A.compare_statement(summary, metric, "eval_mode", a, b, at={x: at}))
-        elif {a, b} <= have:  # two modes of the same models: differences paired by seed
+        # paired by seed: two modes of the same models, or FrozenBN runs against the plain runs
+        # of the same seed (same initialization and batches until the statistics freeze)
+        if {a, b} <= have:
             out.append(A.paired_statement(long, metric, "eval_mode", a, b, at={x: at}))
     return out
 
@@ -85,8 +85,12 @@ def steps_note(runs: pd.DataFrame, curves: pd.DataFrame) -> str:
     momentum = runs["norm.momentum"].dropna()
     memory = f" BN momentum {momentum.iloc[0]:g} makes the EMA average over about " \
         f"{1 / momentum.iloc[0]:.0f} steps." if len(momentum) else ""
-    return (f"Training took {int(first.max())} steps per epoch for {int(runs['optim.epochs'].max())} "
-            f"epochs.{memory}")
+    steps, epochs = int(first.max()), int(runs["optim.epochs"].max())
+    freeze = runs[FREEZE].dropna() if FREEZE in runs else []
+    frozen = (f" FrozenBN runs froze their statistics after step {round(freeze.iloc[0] * steps * epochs)}"
+              f" of {steps * epochs}, at the EMA of that moment (Wu & Johnson freeze late in a long "
+              "schedule, when the lr is small and the EMA has settled)." if len(freeze) else "")
+    return f"Training took {steps} steps per epoch for {epochs} epochs.{memory}{frozen}"
 
 
 def analyze(study_dir: Path, command: str) -> Path:
