@@ -41,7 +41,6 @@ def compare_statement(summary_df: pd.DataFrame, metric: str, by: str, a, b, at: 
                          f"got {len(ra)} and {len(rb)}")
     ra, rb = ra.iloc[0], rb.iloc[0]
     diff, half, (na, nb) = welch_difference(ra, rb, metric, ci)
-    scale, unit = (100.0, " points") if is_percent(metric) else (1.0, "")
     where = " at " + ", ".join(f"{k}={v}" for k, v in at.items()) if at else ""
     runs = f"n={na} vs {nb}" if na != nb else f"n={na}"
     notes = "".join(f"; {int(r['n_diverged'])} diverged {r[by]} run(s) excluded"
@@ -49,19 +48,7 @@ def compare_statement(summary_df: pd.DataFrame, metric: str, by: str, a, b, at: 
     if math.isnan(diff):
         missing = " and ".join(str(v) for v, n in ((a, na), (b, nb)) if n == 0)
         return f"{a} vs {b} on {metric}{where}: {missing} has no finished run ({runs}{notes})"
-    if math.isnan(half):
-        return (f"{a} - {b} on {metric} = {diff * scale:+.1f}{unit}{where} "
-                f"({runs}: too few runs for an interval{notes})")
-    interval = f"{abs(diff) * scale:.1f} +/- {half * scale:.1f}{unit}"
-    if abs(diff) <= half:
-        return (f"{a} and {b} are not distinguishable on {metric}{where}: difference "
-                f"{diff * scale:+.1f} +/- {half * scale:.1f}{unit} ({runs}, Welch {ci:.0%} CI{notes})")
-    lower_better = any(w in metric for w in LOWER_IS_BETTER)
-    a_wins = (diff < 0) if lower_better else (diff > 0)
-    win, lose = (a, b) if a_wins else (b, a)
-    verb = "lower" if lower_better else "higher"
-    return (f"{win} beats {lose} on {metric} ({verb} is better) by {interval}{where} "
-            f"({runs}, Welch {ci:.0%} CI{notes})")
+    return _verdict(a, b, metric, diff, half, where, runs, f"Welch {ci:.0%} CI", notes)
 
 
 def paired_statement(runs: pd.DataFrame, metric: str, by: str, a, b, pair: str = "seed",
@@ -79,21 +66,27 @@ def paired_statement(runs: pd.DataFrame, metric: str, by: str, a, b, pair: str =
     sides = [select(rows, {by: v}).groupby(pair)[metric].mean() for v in (a, b)]
     diff = (sides[0] - sides[1]).dropna()
     mean, _, n, half = mean_ci(diff, ci)
-    scale, unit = (100.0, " points") if is_percent(metric) else (1.0, "")
     where = " at " + ", ".join(f"{k}={v}" for k, v in at.items()) if at else ""
-    how = f"paired by {pair}, n={n} pairs"
     if n == 0:
         return f"{a} vs {b} on {metric}{where}: no {pair} has both"
+    return _verdict(a, b, metric, mean, half, where, f"paired by {pair}, n={n} pairs", f"{ci:.0%} t CI")
+
+
+def _verdict(a, b, metric: str, diff: float, half: float, where: str, count: str, method: str,
+             notes: str = "") -> str:
+    """The sentence for ``a - b = diff +/- half``: who wins (by the metric's direction), or not
+    distinguishable when the interval holds 0, or no interval (NaN ``half``: too few runs)."""
+    scale, unit = (100.0, " points") if is_percent(metric) else (1.0, "")
     if math.isnan(half):
-        return f"{a} - {b} on {metric} = {mean * scale:+.1f}{unit}{where} ({how}: too few for an interval)"
-    if abs(mean) <= half:
+        return (f"{a} - {b} on {metric} = {diff * scale:+.1f}{unit}{where} "
+                f"({count}: too few runs for an interval{notes})")
+    if abs(diff) <= half:
         return (f"{a} and {b} are not distinguishable on {metric}{where}: difference "
-                f"{mean * scale:+.1f} +/- {half * scale:.1f}{unit} ({how}, {ci:.0%} t CI)")
+                f"{diff * scale:+.1f} +/- {half * scale:.1f}{unit} ({count}, {method}{notes})")
     lower_better = any(w in metric for w in LOWER_IS_BETTER)
-    a_wins = (mean < 0) if lower_better else (mean > 0)
-    win, lose = (a, b) if a_wins else (b, a)
+    win, lose = (a, b) if ((diff < 0) if lower_better else (diff > 0)) else (b, a)
     return (f"{win} beats {lose} on {metric} ({'lower' if lower_better else 'higher'} is better) by "
-            f"{abs(mean) * scale:.1f} +/- {half * scale:.1f}{unit}{where} ({how}, {ci:.0%} t CI)")
+            f"{abs(diff) * scale:.1f} +/- {half * scale:.1f}{unit}{where} ({count}, {method}{notes})")
 
 
 def welch_difference(ra: pd.Series, rb: pd.Series, metric: str, ci: float = 0.95):

@@ -3,7 +3,6 @@ vs F.batch_norm by hand, ECE vs a hand-made table, and every mode leaving the mo
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import functools
 import math
 
@@ -12,32 +11,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bnexp import norms, stats
-from bnexp.data import DataBundle, Split, augment, load_data, normalize, seeded_generator
+from bnexp import norms, stats, train
+from bnexp.train import Pipeline
+from bnexp.data import DataBundle, Split, load_data, normalize, seeded_generator
 from bnexp.models import build_model
 from conftest import make_config
-
-
-@dataclasses.dataclass
-class Pipeline:
-    """The fields and methods of ``train.Pipeline`` that stats relies on."""
-    device: torch.device
-    precision: str
-    mean: torch.Tensor
-    std: torch.Tensor
-    channels_last: bool
-    augment: bool
-    generator: torch.Generator
-
-    def prep(self, x, train=False):
-        if train and self.augment:
-            x = augment(x, self.generator)
-        return normalize(x, self.mean, self.std, channels_last=self.channels_last)
-
-    def amp(self):
-        if self.precision == "bf16":
-            return torch.autocast(self.device.type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
 
 
 class RawPipe:
@@ -245,8 +223,6 @@ def test_final_train_acc_uses_the_statistics_of_test_acc(mode):
     """gen_gap compares like with like: the training images are scored under the default mode.
     With one test batch holding every training image, ``batch`` mode is a plain train-mode
     forward of all of them at once, and ``ema`` a plain eval-mode forward: both by hand here."""
-    from bnexp import train  # imported here: the rest of this file needs only stats
-
     cfg = make_config(["data=synthetic", "data.synthetic_train=192", "data.synthetic_test=64",
                        "data.batch_size=32", "model.width=8", "precision=fp32", "device=cpu",
                        "eval.modes=[ema,batch]", f"eval.default_mode={mode}", "eval.batch_size=192"])
