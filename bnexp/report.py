@@ -185,7 +185,7 @@ def _commits(study_dir: Path) -> str:
         text += (f". The runs come from {len(runs)} commits: check that what changed between them "
                  "does not change the numbers, or re-run the study")
     if any(r.endswith("-dirty") for r in runs):
-        text += ". '-dirty': a checkout with uncommitted changes"
+        text += ". '-dirty': the code had uncommitted changes (files outside results/)"
     return text
 
 

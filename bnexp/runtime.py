@@ -66,12 +66,15 @@ def set_threads(threads: int) -> None:
 
 
 def git_commit(start: Path | None = None) -> str | None:
-    """The commit of the bnexp checkout (with ``-dirty`` when it has local changes), if any."""
+    """The commit of the bnexp checkout, if any, with ``-dirty`` when a tracked file outside
+    ``results/`` has local changes. The committed study outputs under ``results/`` change while a
+    study runs (its CSVs, figures, report), which says nothing about the code that ran."""
     where = start or Path(__file__).resolve().parent
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=where, capture_output=True,
                              text=True, timeout=5, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=where,
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--",
+                                ":(top)", ":(top,exclude)results"], cwd=where,
                                capture_output=True, text=True, timeout=5).stdout.strip()
         return sha + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):

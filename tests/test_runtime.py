@@ -40,3 +40,28 @@ def test_cuda_without_a_gpu_is_a_setting_error(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(ConfigError):
         runtime.resolve_device("cuda")
+
+
+def test_git_commit_is_dirty_for_code_changes_not_for_study_outputs(tmp_path):
+    import subprocess
+
+    def git(*args):
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path,
+                       check=True, capture_output=True)
+
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "results").mkdir()
+    (tmp_path / "pkg" / "code.py").write_text("x = 1\n")
+    (tmp_path / "results" / "report.md").write_text("old\n")
+    git("init", "-q")
+    git("add", ".")
+    git("commit", "-qm", "c")
+    sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=tmp_path, capture_output=True,
+                         text=True).stdout.strip()
+    start = tmp_path / "pkg"  # as from the package folder, like the real call
+    assert runtime.git_commit(start) == sha
+    (tmp_path / "results" / "report.md").write_text("new\n")  # a study rewrote its outputs
+    assert runtime.git_commit(start) == sha
+    (tmp_path / "pkg" / "code.py").write_text("x = 2\n")
+    assert runtime.git_commit(start) == sha + "-dirty"
+    assert runtime.git_commit(tmp_path.parent / "nowhere") is None
