@@ -77,13 +77,14 @@ def is_percent(col: str) -> bool:
 
 
 def save_figure(fig: Figure, directory, stem: str) -> list[Path]:
-    """Write ``<directory>/<stem>.png`` and ``.pdf``; return both paths (PNG first)."""
+    """Write ``<directory>/<stem>.png`` and ``.pdf``; return both paths (PNG first). The PDF
+    carries no creation date, so the same figure gives the same bytes (no spurious git diffs)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    paths = [directory / f"{stem}.png", directory / f"{stem}.pdf"]
-    for path in paths:
-        fig.savefig(path)
-    return paths
+    png, pdf = directory / f"{stem}.png", directory / f"{stem}.pdf"
+    fig.savefig(png)
+    fig.savefig(pdf, metadata={"CreationDate": None})
+    return [png, pdf]
 
 
 # ----------------------------------------------------------------------------- recipes

@@ -393,3 +393,11 @@ def test_report_flags_runs_from_several_commits(study):
     records.write_json_atomic(run / records.SUMMARY, {**summary, "git_commit": "def456-dirty"})
     text = A.write_report(study, "toy", "q", "cmd", [], pd.DataFrame({"a": [1]}), "s").read_text()
     assert "abc123, def456-dirty" in text and "come from 2 commits" in text and "uncommitted" in text
+
+
+def test_save_figure_writes_the_same_bytes_twice(runs, tmp_path):
+    fig = A.plot_bars(runs, "norm", "test_acc")
+    first = [p.read_bytes() for p in A.save_figure(fig, tmp_path / "a", "bars")]
+    second = [p.read_bytes() for p in A.save_figure(fig, tmp_path / "b", "bars")]
+    assert first == second and first[1].startswith(b"%PDF")
+    assert b"CreationDate" not in first[1]  # what would differ between runs a second apart
