@@ -83,22 +83,14 @@ def _run_locked(run_dir: Path, raw: dict, sweeping: bool, launcher: dict, job_nu
         config = parse_config(raw)
     except ConfigError as err:
         return _record_failure(run_dir, raw, err, sweeping, started, provenance)
-    # imported late: a bad setting should fail before torch is loaded
-    from .data import DataError
-    from .runtime import DeviceError
-    from .train import fit
+    from .train import fit  # imported late: a bad setting should fail before torch is loaded
 
     try:
         gpus = launch.visible_gpus() if config.device != "cpu" else 0  # CPU runs touch no GPU
         launch.apply_placement(launch.place_job(launcher, job_num, config.threads,
                                                 launch.available_cores(), gpus))
         summary = fit(config, run_dir, provenance)
-    except KeyboardInterrupt:
-        raise
-    except (ConfigError, DataError, DeviceError) as err:  # a setting or the data: one clear line
-        return _record_failure(run_dir, raw, err, sweeping, started, provenance)
     except Exception as err:  # every failure is a result: record it, keep the sweep going
-        log.error("run failed:\n%s", traceback.format_exc())
         return _record_failure(run_dir, raw, err, sweeping, started, provenance)
     log.info("%s: %s  %s", run_dir, summary["status"], _headline(summary["metrics"]))
     return summary
@@ -109,9 +101,11 @@ def _record_failure(run_dir: Path, raw: dict, err: Exception, sweeping: bool, st
     """Write a ``failed`` summary for ``err`` (called while it is being handled). Expected errors
     (a bad setting, missing data, no CUDA) keep their traceback in run.log only and are recorded
     as their message; anything else is recorded with its traceback."""
-    expected = not _is_unexpected(err)
+    expected = _is_expected(err)
     if expected:
         _log_to_file_only(f"run failed:\n{traceback.format_exc()}")
+    else:
+        log.error("run failed:\n%s", traceback.format_exc())
     error = f"{type(err).__name__}: {err}" if expected else traceback.format_exc()
     summary = {"status": "failed", "metrics": {}, "config": raw, "error": error,
                **records.provenance(started, **provenance)}
@@ -123,13 +117,13 @@ def _record_failure(run_dir: Path, raw: dict, err: Exception, sweeping: bool, st
     return summary
 
 
-def _is_unexpected(err: Exception) -> bool:
+def _is_expected(err: Exception) -> bool:
+    """A bad setting (``ConfigError``, ``runtime.DeviceError`` among them) or unusable data."""
     if isinstance(err, ConfigError):
-        return False
-    from .data import DataError  # torch is loaded by now: only fit raises these
-    from .runtime import DeviceError
+        return True
+    from .data import DataError  # torch is loaded by now: only fit raises this
 
-    return not isinstance(err, (DataError, DeviceError))
+    return isinstance(err, DataError)
 
 
 def _log_to_file_only(message: str) -> None:
