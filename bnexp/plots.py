@@ -71,9 +71,9 @@ def knob_label(col: str) -> str:
 
 
 def is_percent(col: str) -> bool:
-    """Accuracy-like fractions (error rates and the gap too) are drawn and tabulated in percent."""
-    base = col.split(".")[0]
-    return base.endswith(("acc", "err")) or base == "gen_gap"
+    """Accuracy-like fractions (error rates and the gap too) are drawn and tabulated in percent:
+    the bounded metrics of ``value_range``."""
+    return value_range(col)[0] is not None
 
 
 def save_figure(fig: Figure, directory, stem: str) -> list[Path]:

@@ -13,7 +13,7 @@ The head is kept, so each run also scores its source on the target before any tr
 source statistics, and with statistics re-estimated on target training images (the "eval only"
 rows). Target accuracy is the test accuracy on shifted test images with the run's EMA statistics.
 
-    make study S=finetune ARGS="data=synthetic scale=smoke"   # 3 sources + 36 fine-tunes, ~10 CPU minutes
+    make study S=finetune ARGS="data=synthetic scale=smoke"   # 3 sources + 36 fine-tunes, ~4 CPU minutes
     make study S=finetune                                     # CIFAR-10, one GPU
 
 Every override goes to both sweeps except those that define the target (`data.shift*`,
