@@ -46,6 +46,30 @@ class DataBundle:
     name: str
 
 
+@dataclass
+class Pipeline:
+    """How uint8 images become model inputs, and the precision of the forward pass."""
+
+    device: torch.device
+    precision: str
+    mean: torch.Tensor
+    std: torch.Tensor
+    channels_last: bool
+    augment: bool
+    generator: torch.Generator
+    pad: int = 4        # random-crop padding of the training augmentation (per dataset)
+    flip: bool = True   # random horizontal flip (off for digits)
+
+    def prep(self, x: torch.Tensor, train: bool = False) -> torch.Tensor:
+        if train and self.augment:
+            x = augment(x, self.generator, pad=self.pad, flip=self.flip)
+        return normalize(x, self.mean, self.std, channels_last=self.channels_last)
+
+    def amp(self):
+        from .runtime import autocast
+        return autocast(self.device, self.precision)
+
+
 def seeded_generator(*parts, device: torch.device | str = "cpu") -> torch.Generator:
     """A torch.Generator on ``device`` seeded by a stable hash of ``parts`` (ints and strings).
 

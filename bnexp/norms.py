@@ -46,6 +46,7 @@ class BatchNorm2d(nn.BatchNorm2d):
         super().__init__(num_features, eps=eps, momentum=momentum)
         self.freeze_after = freeze_after
         self.frozen = False
+        self.plain = False  # see set_plain
 
     def set_progress(self, fraction: float) -> None:
         if self.freeze_after is not None:
@@ -259,6 +260,21 @@ def set_frozen(model: nn.Module, frozen: bool) -> list[str]:
     for name, m in model.named_modules():
         if isinstance(m, BatchNorm2d):
             m.frozen = frozen
+            names.append(name)
+    return names
+
+
+def set_plain(model: nn.Module, plain: bool) -> list[str]:
+    """Make every bnexp norm layer normalize with plain batch statistics in train mode (``True``):
+    no injected noise, no renorm correction; or restore its own training behaviour (``False``).
+
+    The statistics passes (precise BN, batch-stat noise, discrepancy probes) measure the batch
+    statistics themselves, so they switch the extras off. Returns the names it set.
+    """
+    names = []
+    for name, m in model.named_modules():
+        if hasattr(m, "plain"):
+            m.plain = plain
             names.append(name)
     return names
 

@@ -33,7 +33,7 @@ from torch import nn
 
 from . import records
 from .config import EvalConfig
-from .data import DataBundle, Split, seeded_generator
+from .data import DataBundle, Pipeline, Split, seeded_generator
 from .norms import bn_layers
 
 ECE_BINS = 15
@@ -237,7 +237,7 @@ def input_batches(split: Split, n: int, batch_size: int, pipe, seed: int, tag: s
     13, 13, 12, 12), so every image counts and no batch is tiny. Augmented with a generator of
     their own: training's augmentation stream is untouched. ``labels``: yield ``(x, y)``."""
     idx = sample_indices(len(split), max(n, 1), seeded_generator(seed, tag)).to(split.x.device)
-    if augment and dataclasses.is_dataclass(pipe) and hasattr(pipe, "generator"):
+    if augment:
         pipe = dataclasses.replace(pipe, generator=seeded_generator(seed, tag, "augment",
                                                                     device=pipe.generator.device))
     for b in idx.tensor_split(-(-len(idx) // batch_size)):

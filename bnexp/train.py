@@ -5,7 +5,6 @@ import dataclasses
 import logging
 import math
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -15,12 +14,12 @@ import torch.nn.functional as F
 from . import finetune, records
 from .checkpoint import clear_last, load_last, save_last, save_model
 from .config import Config, OptimConfig, to_dict
-from .data import DataBundle, Split, augment, load_data, normalize
+from .data import DataBundle, Pipeline, Split, load_data
 from .models import build_model
 from .norms import make_norm, set_progress
 from .probes import Probes
 from .progress import RunProgress
-from .runtime import (autocast, device_name, resolve_device, resolve_precision, seed_everything,
+from .runtime import (device_name, resolve_device, resolve_precision, seed_everything,
                       set_threads)
 from .sampling import build_sampler
 from .stats import ModeResults, evaluate_modes, run_mode
@@ -28,27 +27,6 @@ from .stats import ModeResults, evaluate_modes, run_mode
 log = logging.getLogger(__name__)
 CHECK_EVERY = 50  # steps between non-finite checks: each check is a host sync on CUDA
 TRAIN_EVAL_MAX = 10_000  # training images scored (as the test set is) for the final train_acc / gen_gap
-
-
-@dataclass
-class Pipeline:
-    """How uint8 images become model inputs, and the precision of the forward pass."""
-
-    device: torch.device
-    precision: str
-    mean: torch.Tensor
-    std: torch.Tensor
-    channels_last: bool
-    augment: bool
-    generator: torch.Generator
-
-    def prep(self, x: torch.Tensor, train: bool = False) -> torch.Tensor:
-        if train and self.augment:
-            x = augment(x, self.generator)
-        return normalize(x, self.mean, self.std, channels_last=self.channels_last)
-
-    def amp(self):
-        return autocast(self.device, self.precision)
 
 
 def make_optimizer(model: torch.nn.Module, cfg: OptimConfig, batch_size: int) -> torch.optim.Optimizer:
