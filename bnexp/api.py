@@ -34,9 +34,8 @@ def run(overrides: Sequence[str] = (), run_dir: str | Path | None = None) -> dic
     A failed run is recorded (status ``failed``) and its error raised, as the command line exits
     non-zero; a diverged run returns its summary (status ``diverged``).
     """
-    from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
-    from omegaconf import OmegaConf, open_dict, read_write
+    from omegaconf import open_dict, read_write
 
     from . import __main__ as entry
 

@@ -10,8 +10,8 @@
 * ``config_drift``: what differs between the config a finished run recorded and the one the
   current command composes for its folder (conf/ edited in between), so a skip can say so.
 * ``SweepProgress``: a Hydra callback (``hydra.callbacks`` in conf/config.yaml) that shows runs
-  done / total and an ETA (a tqdm bar, ``bnexp.progress``). Besides the entry point, this is the one module that reads Hydra's
-  config, because Hydra hands its callbacks the DictConfig.
+  done / total and an ETA (a tqdm bar, ``bnexp.progress``). Besides the entry point, this is the
+  one module that reads Hydra's config, because Hydra hands its callbacks the DictConfig.
 """
 from __future__ import annotations
 
