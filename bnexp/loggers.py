@@ -9,11 +9,11 @@ setting names one entry of ``LOGGERS``, each ``logger(run_dir, first_step) -> Lo
   ``torch.utils.tensorboard.SummaryWriter``; ``tensorboard --logdir results/<study>/runs`` shows
   every run of a study. Tags are bnexp's own names: each numeric column of ``metrics.jsonl``
   (``train_loss``, ``test_acc``, ``test_acc.<mode>`` with ``eval.every_epoch``, ``lr``, ...) at
-  its ``step``; ``probes/<name>/<layer>`` at the probe's step; ``final/<metric>`` for every
+  its ``step``; ``probes/<name>/<layer>[/<key>=<value>]`` (``probe_tag``) at the probe's step; ``final/<metric>`` for every
   metric of the summary (the eval modes among them) at the last step, and the ``status`` as text.
 
 ``first_step`` is the step a resumed run starts from: TensorBoard hides the events an
-interrupted attempt wrote from there on (``purge_step``), so a resumed run reads as one.
+interrupted attempt wrote after it (``purge_step``), so a resumed run reads as one.
 Probe rows are logged once, at the end of the run (``log_probes`` with every row of
 ``probes.jsonl``): an interrupted attempt never got there, so none is logged twice.
 """
@@ -74,8 +74,10 @@ class _TensorBoard:
     def __init__(self, run_dir: Path, first_step: int):
         from torch.utils.tensorboard import SummaryWriter
 
+        # purge_step hides the earlier attempt's events at steps >= it; its row at first_step
+        # (the epoch of the checkpoint resumed from) is still part of the run
         self.writer = SummaryWriter(log_dir=str(run_dir / TENSORBOARD_DIR),
-                                    purge_step=first_step if first_step > 0 else None)
+                                    purge_step=first_step + 1 if first_step > 0 else None)
         self.last_step = first_step
 
     def log_epoch(self, row: dict, step: int) -> None:
@@ -87,7 +89,7 @@ class _TensorBoard:
     def log_probes(self, rows: Iterable[dict]) -> None:
         for row in rows:
             if _is_number(row.get("value")):
-                self.writer.add_scalar(f"probes/{row['name']}/{row['layer']}", row["value"], row["step"])
+                self.writer.add_scalar(probe_tag(row), row["value"], row["step"])
 
     def log_summary(self, summary: dict) -> None:
         for key, value in (summary.get("metrics") or {}).items():
@@ -105,6 +107,16 @@ class _TensorBoard:
 @LOGGERS.register("tensorboard")
 def tensorboard(run_dir: Path, first_step: int) -> Logger:
     return _TensorBoard(run_dir, first_step)
+
+
+def probe_tag(row: dict) -> str:
+    """``probes/<name>/<layer>``, then ``/<key>=<value>`` for each further column of the row
+    (``batch_size`` of the noise probe, ...), so that no two series of a run share a tag."""
+    extra = sorted(set(row) - _PROBE_COLUMNS)
+    return f"probes/{row['name']}/{row['layer']}" + "".join(f"/{k}={row[k]}" for k in extra)
+
+
+_PROBE_COLUMNS = {"step", "epoch", "layer", "name", "value"}
 
 
 def _is_number(value) -> bool:
