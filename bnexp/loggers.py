@@ -9,8 +9,9 @@ setting names one entry of ``LOGGERS``, each ``logger(run_dir, first_step) -> Lo
   ``torch.utils.tensorboard.SummaryWriter``; ``tensorboard --logdir results/<study>/runs`` shows
   every run of a study. Tags are bnexp's own names: each numeric column of ``metrics.jsonl``
   (``train_loss``, ``test_acc``, ``test_acc.<mode>`` with ``eval.every_epoch``, ``lr``, ...) at
-  its ``step``; ``probes/<name>/<layer>[/<key>=<value>]`` (``probe_tag``) at the probe's step; ``final/<metric>`` for every
-  metric of the summary (the eval modes among them) at the last step, and the ``status`` as text.
+  its ``step``; ``probes/<name>/<layer>[/<key>=<value>]`` (``probe_tag``) at the probe's step;
+  ``final/<metric>`` for every metric of the summary (the eval modes among them) at the last
+  step; the ``status`` and the resolved config as text.
 
 ``first_step`` is the step a resumed run starts from: TensorBoard hides the events an
 interrupted attempt wrote after it (``purge_step``), so a resumed run reads as one.

@@ -80,7 +80,7 @@ def test_run_writes_the_records_of_a_cli_run_from_any_working_directory(tmp_path
             {k: v for k, v in cli_row.items() if k not in TIMING})
     for name in ("config.yaml", "overrides.yaml"):
         assert hydra_file(api_dir, name) == hydra_file(cli_dir, name)
-    api_hydra, cli_hydra = hydra_file(api_dir, "hydra.yaml")["hydra"], hydra_file(cli_dir, "hydra.yaml")["hydra"]
+    api_hydra, cli_hydra = (hydra_file(d, "hydra.yaml")["hydra"] for d in (api_dir, cli_dir))
     assert set(api_hydra) == set(cli_hydra) and api_hydra["runtime"]["output_dir"] == str(api_dir)
     assert api_hydra["runtime"]["choices"] == cli_hydra["runtime"]["choices"]
     log = (api_dir / "run.log").read_text()
