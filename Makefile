@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 S ?= demo
 ARGS ?=
 
-.PHONY: help setup test test-all demo study smoke bench lint clean
+.PHONY: help setup test test-all demo study smoke bench lint gpu-check clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -39,6 +39,12 @@ smoke: $(STAMP)  ## every study end to end at smoke scale on synthetic data
 
 bench: $(STAMP)  ## throughput: naive PyTorch CIFAR script vs bnexp, batch 8/32/128
 	$(BIN)/python -m bnexp.bench
+
+lint: $(STAMP)  ## ruff (rules in pyproject.toml)
+	$(BIN)/ruff check .
+
+gpu-check: $(STAMP)  ## on a CUDA machine: gpu tests, a 1-epoch CUDA run, the bench on CUDA (<= 5 min)
+	PY=$(BIN)/python tools/gpu_check.sh
 
 clean:  ## delete results/scratch: single runs AND sweeps run without study_name= (keeps .venv, named studies)
 	rm -rf results/scratch

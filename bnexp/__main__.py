@@ -1,13 +1,16 @@
 """The Hydra entry point: ``bnexp [overrides]`` runs once, ``bnexp -m [overrides]`` sweeps.
 
-This is the only module that sees a DictConfig. It resolves the config, parses it into frozen
-dataclasses, and hands them to ``train.fit``. Whatever happens inside a run becomes a record: a
-bad setting or an exception is written as a ``failed`` summary, and inside a sweep the process
-carries on so that one bad run never loses the others.
+This is the only module that sees a DictConfig (``bnexp.api`` hands it one composed the same
+way). It resolves the config, parses it into frozen dataclasses, and hands them to
+``train.fit``. Whatever happens inside a run becomes a record: a bad setting or an exception is
+written as a ``failed`` summary, and inside a sweep the process carries on so that one bad run
+never loses the others. The task function returns the run's ``objective`` (``test_acc``), the
+value Hydra's sweepers (Optuna) optimize.
 """
 from __future__ import annotations
 
 import logging
+import math
 import sys
 import time
 import traceback
@@ -24,6 +27,10 @@ from .config import ConfigError, check_override_key, parse_config
 log = logging.getLogger("bnexp")
 
 
+class RunLocked(RuntimeError):
+    """A single run's folder is locked by another live process: nothing was run."""
+
+
 def run(cfg: DictConfig) -> dict | None:
     """Run one job of a (possibly multi-) run; returns its summary, or None when skipped.
 
@@ -31,7 +38,8 @@ def run(cfg: DictConfig) -> dict | None:
     that another live process is training is skipped, and so is a finished one (a failed one
     too, unless ``rerun_failed``), whose records are left untouched: Hydra has rewritten its
     ``.hydra/`` by then, which is why ``summary.json`` keeps the run's own ``overrides`` and
-    ``choices`` (README "Sweeps"). A single run whose folder is locked exits with an error.
+    ``choices`` (README "Sweeps"). A single run raises what stopped it (after recording a
+    ``failed`` summary; ``RunLocked`` when its folder is locked, with nothing written).
     """
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
@@ -61,9 +69,8 @@ def _locked_out(run_dir: Path, sweeping: bool) -> None:
     if sweeping:
         log.info("skip %s: another process is training it (lock held by %s)", run_dir.name, holder)
         return None
-    print(f"bnexp: {run_dir} is locked by another live process ({holder}): it is training there; "
-          "nothing was run", file=sys.stderr)
-    raise SystemExit(1)
+    raise RunLocked(f"{run_dir} is locked by another live process ({holder}): it is training "
+                    "there; nothing was run")
 
 
 def _log_skip(run_dir: Path, raw: dict, ignore: list[str]) -> None:
@@ -98,9 +105,10 @@ def _run_locked(run_dir: Path, raw: dict, sweeping: bool, launcher: dict, job_nu
 
 def _record_failure(run_dir: Path, raw: dict, err: Exception, sweeping: bool, started: float,
                     provenance: dict) -> dict:
-    """Write a ``failed`` summary for ``err`` (called while it is being handled). Expected errors
-    (a bad setting, missing data, no CUDA) keep their traceback in run.log only and are recorded
-    as their message; anything else is recorded with its traceback."""
+    """Write a ``failed`` summary for ``err`` (called while it is being handled); a single run
+    then re-raises ``err``. Expected errors (a bad setting, missing data, no CUDA) keep their
+    traceback in run.log only and are recorded as their message; anything else is recorded with
+    its traceback."""
     expected = _is_expected(err)
     if expected:
         _log_to_file_only(f"run failed:\n{traceback.format_exc()}")
@@ -110,9 +118,8 @@ def _record_failure(run_dir: Path, raw: dict, err: Exception, sweeping: bool, st
     summary = {"status": "failed", "metrics": {}, "config": raw, "error": error,
                **records.provenance(started, **provenance)}
     records.write_json_atomic(run_dir / records.SUMMARY, summary)
-    if not sweeping:  # a single run reports the problem through its exit status too
-        print(f"bnexp: {err}", file=sys.stderr)
-        raise SystemExit(2 if isinstance(err, ConfigError) else 1)
+    if not sweeping:  # a single run reports the problem to its caller (the CLI: exit status)
+        raise err
     log.error("run %s failed: %s (recorded; the sweep continues)", run_dir.name, str(err).splitlines()[0])
     return summary
 
@@ -139,9 +146,28 @@ def _headline(metrics: dict) -> str:
     return "  ".join(f"{k} {100 * metrics[k]:.1f}%" for k in keys if metrics.get(k) is not None)
 
 
+def objective(summary: dict | None) -> float:
+    """The value a sweeper optimizes for a run: ``test_acc`` (``eval.default_mode``'s) of an ``ok``
+    run, NaN for a failed or diverged run or one without a record (Optuna marks a NaN trial
+    failed and goes on; None would stop its sweep)."""
+    value = (summary or {}).get("metrics", {}).get("test_acc")
+    if (summary or {}).get("status") != "ok" or value is None:
+        return math.nan
+    return float(value)
+
+
 @hydra.main(config_path="pkg://bnexp.conf", config_name="config", version_base="1.3")
-def _hydra_main(cfg: DictConfig) -> None:
-    run(cfg)
+def _hydra_main(cfg: DictConfig) -> float:
+    """The task function: one run, its ``objective`` returned (a skipped run's from its record).
+    A single run that fails exits 2 for a bad setting, 1 otherwise, with one line on stderr."""
+    try:
+        summary = run(cfg)
+    except Exception as err:  # only a single run gets here (a sweep records and goes on)
+        print(f"bnexp: {err}", file=sys.stderr)
+        raise SystemExit(2 if isinstance(err, ConfigError) else 1) from None
+    if summary is None:  # skipped in a sweep: finished before, or locked by another process
+        summary = records.read_summary(Path(HydraConfig.get().runtime.output_dir))
+    return objective(summary)
 
 
 def main() -> None:
@@ -150,35 +176,45 @@ def main() -> None:
 
 
 def check_command_line(argv: list[str]) -> None:
-    """Exit 2 naming the allowed keys when a plain override (``optim.lrr=0.1``, ``sed=1``) sets a
-    key that ``conf/config.yaml`` does not have. Hydra's own message ("Key 'lrr' is not in
-    struct") does not list them. ``+key``/``~key``, ``hydra.*``, group options and ``grid.*``
-    are left to Hydra, and so is any command line it would reject itself."""
+    """Exit 2 naming the allowed keys when a plain override of the command line sets a key that
+    ``conf/config.yaml`` does not have (``check_overrides``). Command lines that run nothing or
+    compose another primary config are left to Hydra."""
     if any(a in argv for a in ("--version", "--config-name", "-cn", "--config-path", "-cp",
                                "--config-dir", "-cd", "--shell-completion", "-sc")):
         return  # another primary config, or no run at all
     from hydra._internal.utils import get_args_parser
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.core.override_parser.types import OverrideType
 
     parser = get_args_parser()
     parser.error = _argparse_error
     try:
         args, _ = parser.parse_known_args(argv)
-        if args.help or args.hydra_help or args.info:
-            return
-        overrides = OverridesParser.create().parse_overrides(args.overrides)
+    except Exception:  # malformed: Hydra reports it with its own message
+        return
+    if args.help or args.hydra_help or args.info:
+        return
+    try:
+        check_overrides(args.overrides)
+    except ConfigError as err:
+        print(f"bnexp: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def check_overrides(overrides: list[str]) -> None:
+    """Raise ``ConfigError`` naming the allowed keys when a plain override (``optim.lrr=0.1``,
+    ``sed=1``) sets a key that ``conf/config.yaml`` does not have. Hydra's own message ("Key
+    'lrr' is not in struct") does not list them. ``+key``/``~key``, ``hydra.*``, group options
+    and ``grid.*`` are left to Hydra, and so are overrides it would reject itself."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.override_parser.types import OverrideType
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(list(overrides))
     except Exception:  # malformed: Hydra reports it with its own message
         return
     groups = _config_groups()
-    for ov in overrides:
-        if ov.type != OverrideType.CHANGE or ov.is_hydra_override() or ov.package is not None:
-            continue
-        try:
+    for ov in parsed:
+        if ov.type == OverrideType.CHANGE and not ov.is_hydra_override() and ov.package is None:
             check_override_key(ov.key_or_group, groups)
-        except ConfigError as err:
-            print(f"bnexp: {err}", file=sys.stderr)
-            raise SystemExit(2) from None
 
 
 def _argparse_error(message: str):

@@ -29,6 +29,7 @@ SCHEDULES = ("cosine", "step", "constant")
 EVAL_MODES = ("ema", "precise", "batch", "adapted")
 PROBES = ("noise", "discrepancy", "calibration", "activations", "variance_shift", "weight_norm")
 FINETUNE_BN = ("train", "frozen_stats", "frozen_all", "adapt")
+LOGGERS = ("none", "tensorboard")
 
 
 @dataclass(frozen=True)
@@ -243,6 +244,7 @@ class Config:
     checkpoint: bool
     rerun_failed: bool
     progress: str
+    logger: str
     results_dir: str
     study_name: str
     scale_name: str
@@ -260,6 +262,7 @@ class Config:
         _choice("device", self.device, ("auto", "cpu", "cuda"))
         _choice("precision", self.precision, ("auto", "fp32", "bf16"))
         _choice("progress", self.progress, ("auto", "on", "off"))
+        _choice("logger", self.logger, LOGGERS)
         if self.threads < 0:
             raise ConfigError(f"threads={self.threads} must be >= 0 (0 = torch's default)")
         for section in SECTIONS:

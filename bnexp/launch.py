@@ -10,8 +10,8 @@
 * ``config_drift``: what differs between the config a finished run recorded and the one the
   current command composes for its folder (conf/ edited in between), so a skip can say so.
 * ``SweepProgress``: a Hydra callback (``hydra.callbacks`` in conf/config.yaml) that shows runs
-  done / total and an ETA. Besides the entry point, this is the one module that reads Hydra's
-  config, because Hydra hands its callbacks the DictConfig.
+  done / total and an ETA (a tqdm bar, ``bnexp.progress``). Besides the entry point, this is the
+  one module that reads Hydra's config, because Hydra hands its callbacks the DictConfig.
 """
 from __future__ import annotations
 
@@ -163,12 +163,14 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
 # ------------------------------------------------------------------------------ sweep progress
 
 class SweepProgress(Callback):
-    """Hydra callback: ``sweep 3/12 runs done, ETA 4m`` while a ``-m`` sweep runs.
+    """Hydra callback: ``sweep 3/12 runs done, ETA 4m05s`` while a ``-m`` sweep runs.
 
     With the basic launcher the jobs run in this process: the count is kept in ``on_job_end`` and
-    shown in the status line next to the run's own progress. Other launchers run jobs elsewhere,
-    so a thread polls the sweep's run folders for new ``summary.json`` files and prints a line
-    each time the count changes. Honours ``progress`` (auto: only on a terminal).
+    shown in a tqdm bar above the run's own (``progress.SweepBar``), and each job's console log
+    goes through tqdm (``on_job_start``: Hydra has just configured the job's logging). Other
+    launchers run jobs elsewhere, so a thread polls the sweep's run folders for new
+    ``summary.json`` files and prints a line each time the count changes. Honours ``progress``
+    (auto: only on a terminal).
     """
 
     def __init__(self) -> None:
@@ -189,40 +191,34 @@ class SweepProgress(Callback):
                  "stop": threading.Event(), "inline": launcher_kind(dict(config.hydra.launcher)) == "basic"}
         self._state = state
         if state["inline"]:
-            progress.guard_streams()
-            self._show()
+            progress.route_logs()
+            state["bar"] = progress.SweepBar(len(dirs), len(skipped))
         else:
             state["thread"] = threading.Thread(target=self._poll, daemon=True, name="bnexp-sweep-progress")
             state["thread"].start()
 
+    def on_job_start(self, config, **kwargs) -> None:
+        if self._state and self._state["inline"]:
+            progress.route_logs()
+
     def on_job_end(self, config, job_return=None, **kwargs) -> None:
         if self._state and self._state["inline"]:
             self._state["done"] = self._count()
-            self._show()
+            self._state["bar"].set(self._state["done"])
 
     def on_multirun_end(self, config, **kwargs) -> None:
         if self._state:
             self._state["stop"].set()
-            if not self._state["inline"]:
+            if self._state["inline"]:
+                self._state["bar"].close()
+            else:
                 self._state["thread"].join(timeout=5.0)
                 self._poll_once()  # the last runs may have ended since the last poll
-            progress.set_status("sweep", None)
 
     def _count(self) -> int:
         start, skipped = self._state["start"], self._state["skipped"]
         return len(skipped) + sum(1 for d in self._state["dirs"] if d not in skipped
                                   and _finished_since(d, start))
-
-    def _show(self, newline: bool = False) -> None:
-        s = self._state
-        total, done = len(s["dirs"]), s["done"]
-        trained, left = done - len(s["skipped"]), total - done
-        eta = (time.time() - s["start"]) / trained * left if trained else None
-        text = f"sweep {done}/{total} runs done" + (f", ETA {progress.duration(eta)}" if eta else "")
-        if newline:
-            progress.print_line(text)
-        else:
-            progress.set_status("sweep", text)
 
     def _poll(self) -> None:
         while not self._state["stop"].wait(2.0):
@@ -233,7 +229,8 @@ class SweepProgress(Callback):
         s["done"] = self._count()
         if s["done"] != s.get("shown"):
             s["shown"] = s["done"]
-            self._show(newline=True)
+            progress.print_line(progress.sweep_line(s["done"], len(s["dirs"]), len(s["skipped"]),
+                                                    time.time() - s["start"]))
 
 
 def _finished_since(run_dir: Path, start: float) -> bool:

@@ -1,29 +1,25 @@
-"""Progress on the terminal: one status line for the sweep and the run in this process.
+"""Progress on the terminal through tqdm: a bar for the run in this process and one for the sweep.
 
-``progress: auto`` shows it only when stderr is a terminal, so CI logs and Slurm log files stay
-plain text; ``on`` forces it, ``off`` silences it. The line is redrawn in place with a carriage
-return. Anything printed while it is up (log records included) first erases it, and it is
-redrawn under each complete line (``guard_streams``), so output scrolls above the line.
+``progress: auto`` shows them only when stderr is a terminal, so CI logs and Slurm log files stay
+plain text; ``on`` forces them, ``off`` silences them. While a bar is up, the console log
+handlers write through ``tqdm.write`` (``route_logs``), so log lines scroll above the bars instead
+of breaking them. A sweep whose jobs run in other processes (joblib, submitit) shares the
+terminal with them, so it prints its count as a new line whenever it changes (``print_line``).
 
-Nothing here synchronises with the device: a run's line counts steps on the host and divides
+Nothing here synchronises with the device: the run's bar counts steps on the host and divides
 by wall time, so it costs a clock read per step.
 """
 from __future__ import annotations
 
 import logging
-import shutil
 import sys
-import threading
-import time
 from typing import Iterable, Iterator, Sized
 
-REFRESH_S = 0.5  # the least time between two redraws of the line from inside a run
+from tqdm import tqdm
 
-_lock = threading.RLock()
-_slots: dict[str, str] = {}  # "sweep" and "run" parts of the line, drawn in that order
-_shown = False
+REFRESH_S = 0.5  # tqdm's mininterval: the least time between two redraws of a bar
+
 _auto_muted = False
-_out = sys.stderr  # where the line is drawn: the stderr that guard_streams found
 
 
 def enabled(mode: str) -> bool:
@@ -49,143 +45,152 @@ def duration(seconds: float) -> str:
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
 
 
-def set_status(slot: str, text: str | None) -> None:
-    """Set (or with None, remove) one part of the status line and redraw it."""
-    with _lock:
-        guard_streams()
-        if text is None:
-            _slots.pop(slot, None)
-        else:
-            _slots[slot] = text
-        _draw()
-
-
-def clear() -> None:
-    """Erase the line from the terminal; the next write of a full line redraws it."""
-    global _shown
-    with _lock:
-        if _shown:
-            _out.write("\r\x1b[K")
-            _out.flush()
-            _shown = False
-
-
 def print_line(text: str) -> None:
-    """Print ``text`` as a line of its own (for progress from threads that share a terminal)."""
-    with _lock:
-        clear()
-        print(text, file=_out, flush=True)
+    """Print ``text`` as a line of its own on stderr, above any bar of this process."""
+    tqdm.write(text, file=sys.stderr)
 
 
-def _draw() -> None:
-    global _shown
-    line = " | ".join(_slots[s] for s in sorted(_slots, key=("sweep", "run").index))
-    width = shutil.get_terminal_size().columns - 1
-    _out.write("\r" + line[:width] + "\x1b[K")
-    _out.flush()
-    _shown = bool(line)
+class _TqdmHandler(logging.StreamHandler):
+    """A console handler that writes through ``tqdm.write``: bars are cleared, the record goes
+    out, the bars are redrawn below it (what ``tqdm.contrib.logging`` installs)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            tqdm.write(self.format(record), file=self.stream)
+        except Exception:  # as logging.StreamHandler.emit does: a broken log must not stop a run
+            self.handleError(record)
 
 
-class _Guarded:
-    """A text stream that erases the status line before its text goes out and redraws the line
-    after each complete line, so output scrolls above the status line. Delegates the rest."""
+def route_logs() -> None:
+    """Swap the root logger's console handlers (stdout/stderr) for ``_TqdmHandler``s with the same
+    stream, level, formatter and filters. Idempotent.
 
-    def __init__(self, stream):
-        self._stream = stream
-
-    def write(self, text: str) -> int:
-        with _lock:
-            if _shown and text:
-                clear()
-            n = self._stream.write(text)
-            if text.endswith("\n") and _slots:
-                self._stream.flush()
-                _draw()
-            return n
-
-    def __getattr__(self, name):
-        return getattr(self._stream, name)
+    Not ``tqdm.contrib.logging.logging_redirect_tqdm`` as a context: Hydra re-configures logging
+    at the start of every job of a sweep, and a context that restores the handlers it found
+    would put back those of a finished job. The next job's configuration replaces these.
+    """
+    root = logging.getLogger()
+    for i, handler in enumerate(root.handlers):
+        if type(handler) is logging.StreamHandler and handler.stream in (sys.stdout, sys.stderr):
+            routed = _TqdmHandler(handler.stream)
+            routed.setLevel(handler.level)
+            routed.setFormatter(handler.formatter)
+            routed.filters = list(handler.filters)
+            root.handlers[i] = routed
 
 
-def guard_streams() -> None:
-    """Route ``sys.stdout``/``sys.stderr`` through ``_Guarded``, and the log handlers already
-    bound to them (later ones, e.g. Hydra's per-job logging, bind to the guarded streams).
-    Idempotent; redoes itself when someone (pytest, a notebook) has replaced the streams."""
-    global _out
-    with _lock:
-        for name in ("stdout", "stderr"):
-            stream = getattr(sys, name)
-            if not isinstance(stream, _Guarded):
-                if name == "stderr":
-                    _out = stream  # the line itself is drawn on the real stderr
-                setattr(sys, name, _Guarded(stream))
-        raw = {id(sys.stdout._stream): sys.stdout, id(sys.stderr._stream): sys.stderr}
-        loggers = [logging.getLogger(), *(v for v in logging.Logger.manager.loggerDict.values()
-                                          if isinstance(v, logging.Logger))]
-        for handler in (h for lg in loggers for h in lg.handlers):
-            if isinstance(handler, logging.StreamHandler) and id(handler.stream) in raw:
-                handler.setStream(raw[id(handler.stream)])
+class _Bar(tqdm):
+    """tqdm whose ``bar_format`` may also use ``{left}`` (`` ETA 3m05s``; empty while unknown and at the end,
+    from the average rate since the bar started, counting from ``initial``) and the fields that
+    ``fields(d)`` returns for tqdm's own ``format_dict`` ``d``, recomputed at each redraw."""
+
+    def __init__(self, *args, fields=lambda d: {}, **kwargs):
+        self._fields = fields
+        super().__init__(*args, **kwargs)
+
+    @property
+    def format_dict(self) -> dict:
+        d = super().format_dict
+        done, elapsed = d["n"] - d["initial"], d["elapsed"]
+        left = ""
+        if done > 0 and elapsed > 0 and d["total"] and d["n"] < d["total"]:
+            left = f" ETA {duration((d['total'] - d['n']) * elapsed / done)}"
+        return {**d, "left": left, **self._fields(d)}
+
+
+def _bar(total: int, initial: int, bar_format: str, leave: bool, fields=lambda d: {}) -> _Bar:
+    # smoothing=0: the average rate since the start, so pauses (evaluation) count in the ETA
+    return _Bar(total=total, initial=initial, bar_format=bar_format, file=sys.stderr, leave=leave,
+                mininterval=REFRESH_S, smoothing=0, dynamic_ncols=True, disable=False,
+                fields=fields)
 
 
 class RunProgress:
-    """The run's part of the line: ``epoch 3/15 step 120/390 1843 img/s ETA 2m10s``.
+    """The run's bar: ``epoch 3/15 step 120/390 |####    | 1843 img/s ETA 2m10s``.
 
-    ``track`` wraps an epoch's batches (keeping ``len``) and redraws at most every
-    ``REFRESH_S``; ``epoch_done`` shows the epoch's measured images/s; ``close`` removes the
-    run's part. When disabled every method is a no-op and ``track`` returns its argument.
+    ``track`` wraps an epoch's batches (keeping ``len``) and advances the bar per batch (tqdm
+    redraws at most every ``REFRESH_S``); ``epoch_done`` shows the epoch's measured images/s;
+    ``close`` removes the bar. When disabled every method is a no-op and ``track`` returns its
+    argument. The images/s shown are the last finished epoch's, in the first epoch the live
+    rate; the ETA is the average step rate since this process started the run, evaluation
+    included.
     """
+
+    FORMAT = "epoch {epoch}/{epochs} step {step}/{steps} |{bar:12}| {img_s} img/s{left}"
 
     def __init__(self, mode: str, epochs: int, steps_per_epoch: int, batch_size: int):
         self.on = enabled(mode)
         self.epochs, self.steps, self.batch_size = epochs, steps_per_epoch, batch_size
         self.rate: float | None = None  # images/s of the last finished epoch
-        self._steps_done, self._seconds = 0, 0.0  # in this process, for the ETA
+        self._epoch, self._step = 0, 0
+        self.bar: _Bar | None = None
         if self.on:
-            guard_streams()
+            route_logs()
 
     def track(self, batches: Iterable, epoch: int) -> Iterable:
-        return _Tracked(self, batches, epoch) if self.on else batches
+        if not self.on:
+            return batches
+        if self.bar is None:  # started here: a resumed run starts at its first epoch
+            self.bar = _bar(self.epochs * self.steps, epoch * self.steps, self.FORMAT,
+                            leave=False, fields=self._fields)
+        self._epoch, self._step = epoch, 0
+        return _Tracked(self, batches)
 
     def epoch_done(self, epoch: int, images_per_s: float) -> None:
-        if self.on:
-            self.rate = images_per_s
-            self._draw(epoch + 1, 0)
+        if self.on and self.bar is not None:
+            self.rate, self._epoch, self._step = images_per_s, epoch, self.steps
+            self.bar.n = (epoch + 1) * self.steps
+            self.bar.refresh()
 
     def close(self) -> None:
-        if self.on:
-            set_status("run", None)
-            clear()
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
 
-    def _draw(self, epoch: int, step: int, live_rate: float | None = None) -> None:
-        rate = live_rate or self.rate
-        left = (self.epochs - epoch) * self.steps - step
-        per_step = self._seconds / self._steps_done if self._steps_done else None
-        text = f"epoch {min(epoch + 1, self.epochs)}/{self.epochs}"
-        text += f" step {step}/{self.steps}" if step else ""
-        text += f" {rate:.0f} img/s" if rate else ""
-        text += f" ETA {duration(left * per_step)}" if per_step else ""
-        set_status("run", text)
+    def _fields(self, d: dict) -> dict:
+        rate = self.rate
+        if rate is None and d["elapsed"]:
+            rate = (d["n"] - d["initial"]) * self.batch_size / d["elapsed"]
+        return {"epoch": min(self._epoch + 1, self.epochs), "epochs": self.epochs,
+                "step": self._step, "steps": self.steps,
+                "img_s": f"{rate:.0f}" if rate else "?"}
 
 
 class _Tracked:
-    """``batches`` with a redraw of the run's line every ``REFRESH_S`` as they are consumed."""
+    """``batches``, advancing the run's bar by one step as each batch is taken."""
 
-    def __init__(self, run: RunProgress, batches: Iterable, epoch: int):
-        self.run, self.batches, self.epoch = run, batches, epoch
+    def __init__(self, run: RunProgress, batches: Iterable):
+        self.run, self.batches = run, batches
 
     def __len__(self) -> int:
         return len(self.batches) if isinstance(self.batches, Sized) else self.run.steps
 
     def __iter__(self) -> Iterator:
-        run = self.run
-        start = last = time.perf_counter()
-        step = 0
-        for step, batch in enumerate(self.batches, 1):
+        for batch in self.batches:
             yield batch
-            now = time.perf_counter()
-            if now - last >= REFRESH_S:
-                last = now
-                rate = step * run.batch_size / (now - start)
-                run._draw(self.epoch, step, rate)
-        run._steps_done += step
-        run._seconds += time.perf_counter() - start
+            self.run._step += 1
+            self.run.bar.update(1)
+
+
+class SweepBar:
+    """The sweep's bar: ``sweep 3/12 runs done |###     | ETA 4m05s``. ``done_before`` runs were
+    finished when the sweep started: they count as done but not in the ETA's rate."""
+
+    FORMAT = "sweep {n}/{total} runs done |{bar:12}|{left}"
+
+    def __init__(self, total: int, done_before: int):
+        self.bar = _bar(total, done_before, self.FORMAT, leave=True)
+
+    def set(self, done: int) -> None:
+        self.bar.n = done
+        self.bar.refresh()
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def sweep_line(done: int, total: int, done_before: int, elapsed: float) -> str:
+    """``sweep 3/12 runs done, ETA 4m05s``: the line a sweep prints when its jobs run elsewhere."""
+    trained = done - done_before
+    eta = f", ETA {duration(elapsed / trained * (total - done))}" if trained and elapsed else ""
+    return f"sweep {done}/{total} runs done{eta}"

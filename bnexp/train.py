@@ -11,7 +11,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from . import finetune, records
+from . import finetune, loggers, records
 from .checkpoint import clear_last, load_last, save_last, save_model
 from .config import Config, OptimConfig, to_dict
 from .data import DataBundle, Pipeline, Split, load_data
@@ -145,6 +145,7 @@ def fit(cfg: Config, run_dir: Path, provenance: dict | None = None) -> dict:
     else:  # a fresh start must not append to the rows of an attempt killed before its checkpoint
         (run_dir / records.METRICS).unlink(missing_ok=True)
     bar = RunProgress(cfg.progress, cfg.optim.epochs, len(sampler), cfg.data.batch_size)
+    tracker = loggers.make(cfg.logger, run_dir, step)
     status, diverged_at = "ok", None
     for epoch in range(start_epoch, cfg.optim.epochs):
         tic = time.perf_counter()
@@ -167,6 +168,7 @@ def fit(cfg: Config, run_dir: Path, provenance: dict | None = None) -> dict:
                "seconds": seconds, "images_per_s": result["images"] / seconds, **test}
         history.append(row)
         records.write_epoch(run_dir, row)
+        tracker.log_epoch(row, step)
         probes.end_epoch(step, epoch)
         log.info("epoch %d/%d  loss %.3f  train %.1f%%  test %.1f%%  %.0f img/s", epoch + 1,
                  cfg.optim.epochs, row["train_loss"], 100 * row["train_acc"], 100 * row["test_acc"],
@@ -196,6 +198,9 @@ def fit(cfg: Config, run_dir: Path, provenance: dict | None = None) -> dict:
     if cfg.checkpoint:
         save_model(run_dir, model, to_dict(cfg), data.num_classes, mean=pipe.mean, std=pipe.std)
     records.write_json_atomic(run_dir / records.SUMMARY, summary)
+    tracker.log_probes(records.read_jsonl(run_dir / records.PROBES))
+    tracker.log_summary(summary)
+    tracker.close()
     clear_last(run_dir)
     return summary
 

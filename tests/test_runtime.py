@@ -65,3 +65,43 @@ def test_git_commit_is_dirty_for_code_changes_not_for_study_outputs(tmp_path):
     (tmp_path / "pkg" / "code.py").write_text("x = 2\n")
     assert runtime.git_commit(start) == sha + "-dirty"
     assert runtime.git_commit(tmp_path.parent / "nowhere") is None
+
+
+# ------------------------------------------------------------------------------ progress, gpu-check
+
+def test_log_lines_go_through_tqdm_as_lines_of_their_own_while_the_bar_is_up(capsys, monkeypatch):
+    import logging
+    import re
+    import sys
+
+    from bnexp import progress
+
+    monkeypatch.setattr(progress, "REFRESH_S", 0.0)
+    console = logging.StreamHandler(sys.stderr)  # as Hydra's console handler (on stdout there)
+    console.setFormatter(logging.Formatter("LOG %(message)s"))
+    console.setLevel(logging.INFO)
+    root = logging.getLogger()
+    monkeypatch.setattr(root, "handlers", [console])
+    bar = progress.RunProgress("on", epochs=1, steps_per_epoch=2, batch_size=4)
+    for _ in bar.track([0, 1], epoch=0):
+        logging.getLogger("bnexp.test").warning("hello")
+    bar.close()
+    pieces = re.split(r"[\r\n]", capsys.readouterr().err)
+    assert pieces.count("LOG hello") == 2  # not glued to the bar's text
+    assert any(p.startswith("epoch 1/1 step 1/2") for p in pieces)
+    [routed] = root.handlers  # same stream, format and level, written through tqdm
+    assert routed is not console and routed.stream is console.stream
+    assert routed.formatter is console.formatter and routed.level == logging.INFO
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_gpu_check_without_a_gpu_says_so_and_fails_fast():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "tools" / "gpu_check.sh"
+    out = subprocess.run([str(script)], env={"PY": sys.executable, "PATH": "/usr/bin:/bin"},
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 3 and "no CUDA device" in out.stderr
+    assert "gpu-marked tests" not in out.stdout  # stopped before running anything
