@@ -206,7 +206,8 @@ def _how_to_get(name: str, root) -> str:
     spec = IDX[name]
     offline = (f"offline, apt-get install {spec.package} (its files in {PACKAGE_FOLDERS[name]} are "
                "used when data.root is not set)" if spec.package else "Debian ships no package of it")
-    return (f"`python -m bnexp.datafiles fetch {name}` (`make data`) downloads it where the network "
+    make = " (`make data`)" if name == "fashion_mnist" else ""
+    return (f"`python -m bnexp.datafiles fetch {name}`{make} downloads it where the network "
             f"allows; {offline}; or copy the four files of the release (plain or .gz) into "
             f"{_raw_folder(name, root)}/")
 
@@ -329,7 +330,7 @@ def fetch(name: str, root: str | None = None) -> int:
         print(f"{spec.title}: installed the Debian package {spec.package}; its files in "
               f"{PACKAGE_FOLDERS[name]} are used when data.root is not set")
         return 0
-    print(f"{spec.title}: not installed. {_how_to_get(name, root)}.")
+    print(f"{spec.title}: not installed. Ways to get it: {_how_to_get(name, root)}.")
     return 1
 
 

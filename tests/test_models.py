@@ -1,6 +1,8 @@
 """Models x every registered norm x dropout placement: shapes, gradients, structure, invariances."""
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 from torch import nn
@@ -213,9 +215,9 @@ def test_no_pooling_rule(size, vgg_final, resnet_final):
         stage_inputs = ([model.features[i] for i in range(1, 4)] if stages == 4 else
                         [model.features.stage2, model.features.stage3])
         for block in stage_inputs:
-            block.register_forward_hook(lambda m, i, o: seen.append(o.shape[-1]))
+            block.register_forward_hook(lambda m, i, o, seen=seen: seen.append(o.shape[-1]))
         out = model.features(images(2, channels=1, size=size))
         assert seen == rule_sizes(size, stages) and out.shape[-2:] == (final, final)
         assert min(seen) >= 2
     pools = sum(isinstance(m, nn.MaxPool2d) for m in VGG(10, nn.BatchNorm2d, width=4, depth=8, image_size=size).modules())
-    assert pools == sum(b < a for a, b in zip([size] + rule_sizes(size, 4), rule_sizes(size, 4)))
+    assert pools == sum(b < a for a, b in itertools.pairwise([size, *rule_sizes(size, 4)]))
