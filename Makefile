@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 S ?= demo
 ARGS ?=
 
-.PHONY: help setup test test-all demo study smoke bench lint gpu-check clean
+.PHONY: help setup test test-all data demo study smoke bench lint gpu-check clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -27,6 +27,9 @@ test: $(STAMP)  ## run the fast test suite (CPU, synthetic data)
 
 test-all: $(STAMP)  ## every test, the slow end-to-end studies included
 	$(BIN)/python -m pytest -q -m "not gpu"
+
+data: $(STAMP)  ## get Fashion-MNIST: torchvision download, else apt-get install dataset-fashion-mnist
+	$(BIN)/python -m bnexp.datafiles fetch fashion_mnist
 
 demo: $(STAMP)  ## the quick tour: demo study on offline synthetic data, figures + report in results/demo/
 	$(BIN)/python experiments/demo.py $(ARGS)

@@ -34,7 +34,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from torchvision import datasets, transforms
 
 from .config import Config, parse_config
-from .data import DataBundle, load_data
+from .data import DataBundle, load_data, spec
 from .models import build_model
 from .norms import make_norm
 from .runtime import resolve_device, resolve_precision, seed_everything
@@ -62,13 +62,15 @@ class SyntheticCIFAR(datasets.VisionDataset):
         return len(self.targets)
 
     def __getitem__(self, index: int):
-        img, target = Image.fromarray(self.data[index]), self.targets[index]
+        img, target = self.data[index], self.targets[index]
+        img = Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img)  # grey: a mode-L image
         return (self.transform(img) if self.transform else img), target
 
 
 def naive_loader(data: DataBundle, batch_size: int, train: bool) -> torch.utils.data.DataLoader:
     norm = [transforms.ToTensor(), transforms.Normalize(data.mean.tolist(), data.std.tolist())]
-    aug = [transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip()] if train else []
+    aug = [transforms.RandomCrop(data.image_size, padding=data.pad)] if train else []
+    aug += [transforms.RandomHorizontalFlip()] if train and data.flip else []
     split = data.train if train else data.test
     dataset = SyntheticCIFAR(split.x, split.y, transforms.Compose(aug + norm))
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=train,
@@ -101,13 +103,14 @@ class Method:
         self.name, self.cfg, self.data, self.device = name, cfg, data, device
         seed_everything(cfg.seed)
         if name == "naive":
-            self.model = build_model(cfg.model, make_norm(cfg.norm), data.num_classes).to(device)
+            self.model = build_model(cfg.model, make_norm(cfg.norm), data.num_classes, data.in_channels,
+                                     data.image_size).to(device)
             self.loader = naive_loader(data, cfg.data.batch_size, train=True)
         else:
             self.model = build(cfg, data.num_classes, device)
             generator = torch.Generator(device=device).manual_seed(cfg.seed + 1)
             self.pipe = Pipeline(device, resolve_precision(cfg.precision, device), data.mean,
-                                 data.std, cfg.channels_last, cfg.data.augment, generator)
+                                 data.std, cfg.channels_last, cfg.data.augment, generator, data.pad, data.flip)
             self.sampler = build_sampler(cfg.sampler, data.train.y.cpu(), cfg.data.batch_size, cfg.seed)
         self.optimizer = make_optimizer(self.model, cfg.optim, cfg.data.batch_size)
         self.steps_per_epoch = len(data.train.y) // cfg.data.batch_size
@@ -182,8 +185,9 @@ def throughput(cfg_for, batch_sizes, rounds: int, device: torch.device) -> dict:
 
 def train_flops_per_image(cfg: Config, num_classes: int, device: torch.device, batch: int = 32) -> float:
     """Forward + backward FLOPs of one training step per image (fp32 count; the same math in bf16)."""
-    model = build_model(cfg.model, make_norm(cfg.norm), num_classes).to(device)
-    x = torch.randn(batch, 3, 32, 32, device=device)
+    shape = spec(cfg.data.name)
+    model = build_model(cfg.model, make_norm(cfg.norm), num_classes, shape.channels, shape.size).to(device)
+    x = torch.randn(batch, shape.channels, shape.size, shape.size, device=device)
     y = torch.randint(0, num_classes, (batch,), device=device)
     with FlopCounterMode(display=False) as counter:
         F.cross_entropy(model(x), y).backward()

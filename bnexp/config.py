@@ -19,7 +19,7 @@ class ConfigError(ValueError):
     """A setting is unknown or has a value outside what bnexp accepts."""
 
 
-DATASETS = ("synthetic", "cifar10", "cifar100")
+DATASETS = ("synthetic", "cifar10", "cifar100", "fashion_mnist", "mnist")  # = bnexp.data.SPECS
 SHIFTS = ("noise", "blur", "contrast", "brightness")
 SAMPLERS = ("iid", "pk", "sorted", "dirichlet")
 MODELS = ("vgg", "resnet")
@@ -35,7 +35,9 @@ LOGGERS = ("none", "tensorboard")
 @dataclass(frozen=True)
 class DataConfig:
     name: str
-    root: str
+    # None: CIFAR and downloads use the folder ``data``; Fashion-MNIST is first looked for in the
+    # Debian package's folder (bnexp.datafiles). A folder: torchvision's layout under it, only.
+    root: Optional[str]
     download: bool
     verify_checksums: bool
     batch_size: int

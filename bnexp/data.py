@@ -1,33 +1,70 @@
-"""CIFAR-10/100 and a procedural synthetic dataset as in-memory uint8 tensors on the training device.
+"""CIFAR-10/100, Fashion-MNIST, MNIST and a procedural synthetic set as in-memory uint8 tensors
+on the training device.
 
-There is no DataLoader: a whole split lives on the device as ``uint8 [N, 3, 32, 32]`` (CIFAR-10 train
-is 150 MB), batches are index tensors from ``bnexp.sampling``, and augmentation (``augment``) and
-normalization (``normalize``) run batched on the device. ``load_data`` applies the ``data.*``
-settings in a fixed order, documented on it. Failures to find or read files raise ``DataError``
-with a message that says what to do; settings that do not fit the data raise ``ConfigError``.
+There is no DataLoader: a whole split lives on the device as ``uint8 [N, C, H, W]`` (CIFAR-10
+train, [50000, 3, 32, 32], is 150 MB; Fashion-MNIST's [60000, 1, 28, 28] 47 MB), batches are index
+tensors from ``bnexp.sampling``, and augmentation (``augment``) and normalization (``normalize``)
+run batched on the device. ``SPECS`` gives each dataset's input shape (which the models are built
+for) and its augmentation. ``load_data`` applies the ``data.*`` settings in a fixed order,
+documented on it. Reading files is ``bnexp.datafiles``' job: failures to find or read them raise
+``DataError`` with a message that says what to do; settings that do not fit the data raise
+``ConfigError``.
 """
 from __future__ import annotations
 
 import hashlib
-import pickle
 from dataclasses import dataclass
-from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
+from bnexp import datafiles, synthetic
 from bnexp.config import ConfigError, DataConfig
-from bnexp import synthetic
+from bnexp.datafiles import DataError  # used here, and part of bnexp.data's API
 
 
-class DataError(RuntimeError):
-    """The data cannot be loaded (missing, truncated or corrupt files); the message says what to do."""
+@dataclass(frozen=True)
+class Spec:
+    """A dataset's image shape (``channels`` x ``size`` x ``size``) and training augmentation:
+    random crop after zero padding by ``pad`` pixels, random horizontal ``flip``."""
+    channels: int
+    size: int
+    pad: int
+    flip: bool
+
+
+# CIFAR and the synthetic set: the standard pad-4 crop + flip (He et al. 2016). Fashion-MNIST:
+# pad 2, as its items are centred and fill most of the 28 px frame (a 4 px shift, 1/7 of it, cuts
+# off sleeves and soles), and flip, as every class is left-right symmetric. MNIST: pad 2 (digits sit
+# centred in a 20 px box with a 4 px margin), no flip (a mirrored digit is not that digit).
+SPECS = {"synthetic": Spec(3, 32, 4, True), "cifar10": Spec(3, 32, 4, True),
+         "cifar100": Spec(3, 32, 4, True), "fashion_mnist": Spec(1, 28, 2, True),
+         "mnist": Spec(1, 28, 2, False)}
+
+
+def spec(name: str) -> Spec:
+    """``SPECS[name]``; an unknown name is a ``ConfigError`` naming ``data.name``."""
+    if name not in SPECS:
+        raise ConfigError(f"data.name={name!r} is not an option; allowed values: {', '.join(SPECS)}")
+    return SPECS[name]
+
+
+def dataset_available(name: str, root: str | None) -> bool:
+    """Whether ``name``'s files are on this machine where ``load_data`` looks (with ``data.root =
+    root``), without downloading. Presence only: a present but damaged file is left for
+    ``load_data`` to report, by name."""
+    spec(name)
+    if name == "synthetic":
+        return True
+    if name in datafiles.IDX:
+        return datafiles.locate_idx(name, root) is not None
+    _, folder, listed = datafiles.cifar_files(root, name)
+    return all((folder / f).is_file() for f, _ in listed)
 
 
 @dataclass
 class Split:
-    """Images ``x`` (uint8 [N, 3, 32, 32]) and labels ``y`` (int64 [N]) on the same device."""
+    """Images ``x`` (uint8 [N, C, H, W]) and labels ``y`` (int64 [N]) on the same device."""
     x: torch.Tensor
     y: torch.Tensor
 
@@ -37,13 +74,26 @@ class Split:
 
 @dataclass
 class DataBundle:
-    """Both splits plus the per-channel statistics of the final training images (in [0, 1] scale)."""
+    """Both splits plus the per-channel statistics of the final training images (in [0, 1] scale)
+    and the dataset's augmentation (``SPECS``: what ``Pipeline`` takes as ``pad`` / ``flip``)."""
     train: Split
     test: Split
     num_classes: int
-    mean: torch.Tensor  # float32 [3], on the data's device
-    std: torch.Tensor   # float32 [3], population std (correction=0)
+    mean: torch.Tensor  # float32 [C], on the data's device
+    std: torch.Tensor   # float32 [C], population std (correction=0)
     name: str
+    pad: int = 4        # random-crop padding of the training augmentation
+    flip: bool = True   # random horizontal flip
+
+    @property
+    def in_channels(self) -> int:
+        """C of the images (1 or 3): the models' input channels."""
+        return self.train.x.shape[1]
+
+    @property
+    def image_size(self) -> int:
+        """H (= W) of the images (28 or 32)."""
+        return self.train.x.shape[-1]
 
 
 @dataclass
@@ -85,24 +135,21 @@ def seeded_generator(*parts, device: torch.device | str = "cpu") -> torch.Genera
 def load_data(cfg: DataConfig, device: torch.device | str, seed: int = 0) -> DataBundle:
     """Read ``cfg.name`` and apply the data settings, in this order.
 
-    1. read: CIFAR files under ``cfg.root`` (downloaded and checksummed as configured) or the
-       synthetic set (``synthetic_*``; ``label_noise`` flips that fraction of its training labels,
-       seeded by ``synthetic_seed``; CIFAR with ``label_noise > 0`` is an error, as the config says);
+    1. read: the files of CIFAR, Fashion-MNIST or MNIST (``bnexp.datafiles``: where ``cfg.root``
+       says, downloaded and checksummed as configured) or the synthetic set (``synthetic_*``;
+       ``label_noise`` flips that fraction of its training labels, seeded by ``synthetic_seed``;
+       real data with ``label_noise > 0`` is an error, as the config says);
     2. ``classes``: keep those labels in both splits, relabelled 0..n-1 in the given order;
     3. ``train_size`` / ``test_size``: seeded random subsets (seed = ``seed``), original order kept;
     4. move to ``device``; ``shift``: corrupt both splits with ``apply_shift`` (seeded by ``seed``);
     5. ``mean`` / ``std`` from the resulting training images.
     """
     device = torch.device(device)
-    if cfg.name == "synthetic":
-        (xtr, ytr), (xte, yte), num_classes = make_synthetic(
-            cfg.synthetic_train, cfg.synthetic_test, cfg.synthetic_classes, cfg.synthetic_seed,
-            cfg.label_noise)
-    else:
-        if cfg.label_noise > 0:
-            raise ConfigError(f"data.label_noise={cfg.label_noise} is implemented for data=synthetic only")
-        (xtr, ytr), (xte, yte), num_classes = read_cifar(
-            cfg.root, cfg.name, cfg.download, cfg.verify_checksums)
+    (xtr, ytr), (xte, yte), num_classes = _read(cfg)
+    shape = (spec(cfg.name).channels, spec(cfg.name).size, spec(cfg.name).size)
+    if xtr.shape[1:] != shape or xte.shape[1:] != shape:  # the models are built for SPECS' shape
+        raise DataError(f"data={cfg.name}: images of shape {tuple(xtr.shape[1:])} / "
+                        f"{tuple(xte.shape[1:])}, expected {shape}")
     if cfg.classes is not None:
         xtr, ytr = select_classes(xtr, ytr, cfg.classes, num_classes)
         xte, yte = select_classes(xte, yte, cfg.classes, num_classes)
@@ -115,7 +162,20 @@ def load_data(cfg: DataConfig, device: torch.device | str, seed: int = 0) -> Dat
             split.x = apply_shift(split.x, cfg.shift, cfg.shift_severity,
                                   seeded_generator(seed, "shift", part, device=device))
     mean, std = channel_stats(train.x)
-    return DataBundle(train, test, num_classes, mean, std, cfg.name)
+    return DataBundle(train, test, num_classes, mean, std, cfg.name, spec(cfg.name).pad, spec(cfg.name).flip)
+
+
+def _read(cfg: DataConfig):
+    """Step 1 of ``load_data``: ``((x_train, y_train), (x_test, y_test), num_classes)`` on the CPU."""
+    if cfg.name == "synthetic":
+        return make_synthetic(cfg.synthetic_train, cfg.synthetic_test, cfg.synthetic_classes,
+                              cfg.synthetic_seed, cfg.label_noise)
+    spec(cfg.name)
+    if cfg.label_noise > 0:
+        raise ConfigError(f"data.label_noise={cfg.label_noise} is implemented for data=synthetic only")
+    if cfg.name in datafiles.IDX:
+        return datafiles.read_idx_dataset(cfg.name, cfg.root, cfg.download, cfg.verify_checksums)
+    return datafiles.read_cifar(cfg.root, cfg.name, cfg.download, cfg.verify_checksums)
 
 
 def make_synthetic(n_train: int, n_test: int, num_classes: int, seed: int, label_noise: float = 0.0):
@@ -177,94 +237,6 @@ def channel_stats(x: torch.Tensor, chunk: int = 8192) -> tuple[torch.Tensor, tor
     mean = total / count
     var = (squares / count - mean.square()).clamp_min(0)
     return mean.float(), var.sqrt().float()
-
-
-# ---------------------------------------------------------------------------------- CIFAR files
-
-_CIFAR = {"cifar10": ("CIFAR10", "labels", 10), "cifar100": ("CIFAR100", "fine_labels", 100)}
-
-
-def read_cifar(root, name: str, download: bool, verify_checksums: bool):
-    """``((x_train, y_train), (x_test, y_test), num_classes)`` on the CPU from the python-pickle folder.
-
-    File lists, md5s and the URL come from torchvision's dataset classes (not pasted here).
-    """
-    import torchvision.datasets  # slow to import; CIFAR runs only
-
-    cls_name, label_key, num_classes = _CIFAR[name]
-    dataset = getattr(torchvision.datasets, cls_name)
-    root = Path(root).expanduser().resolve()
-    folder = root / dataset.base_folder
-    listed = list(dataset.train_list) + list(dataset.test_list)
-    missing = [f for f, _ in listed if not (folder / f).is_file()]
-    if missing:
-        _fetch(dataset, cls_name, root, folder, missing, download)
-    if verify_checksums:
-        for filename, md5 in listed:
-            _check_md5(folder / filename, md5)
-    train = _read_batches([folder / f for f, _ in dataset.train_list], label_key, num_classes)
-    test = _read_batches([folder / f for f, _ in dataset.test_list], label_key, num_classes)
-    return train, test, num_classes
-
-
-def _fetch(dataset, cls_name: str, root: Path, folder: Path, missing: list, download: bool) -> None:
-    why = "data.download=false"
-    if download:
-        try:
-            dataset(str(root), train=True, download=True)
-            return
-        except Exception as err:  # offline, proxy, disk full...: all end in the same advice
-            why = f"data.download=true, but torchvision's download failed: {type(err).__name__}: {err}"
-    raise DataError(
-        f"{cls_name} not found: {folder} lacks {', '.join(missing)} ({why}). "
-        f"On a machine with internet, run  python -c \"import torchvision; "
-        f"torchvision.datasets.{cls_name}('{root}', download=True)\"  (or fetch {dataset.url} "
-        f"and extract it into {root}); if that machine is another one, copy {dataset.base_folder}/ "
-        f"into {root} here (data.root sets the folder). To run offline without CIFAR, use data=synthetic.")
-
-
-def _check_md5(path: Path, expected: str) -> None:
-    digest = hashlib.md5()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    if digest.hexdigest() != expected:
-        raise DataError(
-            f"checksum mismatch for {path}: md5 {digest.hexdigest()}, expected {expected} "
-            "(torchvision's list). The file is corrupt or not the official CIFAR release: delete the "
-            "folder and download again, or set data.verify_checksums=false to skip the check.")
-
-
-def _read_batches(paths: list, label_key: str, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
-    xs, ys = [], []
-    for path in paths:
-        entry = _unpickle(path)
-        try:
-            data = np.asarray(entry["data"], dtype=np.uint8)
-            labels = np.asarray(entry[label_key], dtype=np.int64)
-        except (KeyError, TypeError, ValueError) as err:
-            raise DataError(f"{path} is not a CIFAR batch (no usable 'data'/'{label_key}'): {err}") from err
-        if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or labels.shape != (data.shape[0],):
-            raise DataError(f"{path} is corrupt: data has shape {data.shape} and {labels.size} labels, "
-                            "expected [N, 3072] and N labels")
-        if labels.size and not (0 <= labels.min() and labels.max() < num_classes):
-            raise DataError(f"{path} is corrupt: labels outside 0..{num_classes - 1}")
-        # A CIFAR row is the red plane, then green, then blue, each row-major 32x32: CHW order.
-        xs.append(torch.from_numpy(data.reshape(-1, 3, 32, 32)))
-        ys.append(torch.from_numpy(labels))
-    return torch.cat(xs), torch.cat(ys)
-
-
-def _unpickle(path: Path) -> dict:
-    try:
-        with open(path, "rb") as f:
-            entry = pickle.load(f, encoding="latin1")  # the files are Python 2 pickles
-    except Exception as err:  # garbage bytes can fail in any way; all mean "corrupt file"
-        raise DataError(f"{path} is truncated or corrupt ({type(err).__name__}: {err}); delete it and "
-                        "download again (data.verify_checksums=true detects this up front)") from err
-    if not isinstance(entry, dict):
-        raise DataError(f"{path} is not a CIFAR batch (holds a {type(entry).__name__}, not a dict)")
-    return {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in entry.items()}
 
 
 # ------------------------------------------------------------------------ augmentation on device

@@ -1,4 +1,15 @@
-"""Small CIFAR CNNs that take the normalization layer and dropout as plain arguments.
+"""Small CNNs that take the normalization layer, dropout and the input shape as plain arguments.
+
+The input shape comes from the data (``bnexp.data.SPECS``): ``in_channels`` (3 for CIFAR and the
+synthetic set, 1 for MNIST and Fashion-MNIST) is the first conv's input, and ``image_size`` (32 or
+28) decides where the net downsamples, by one rule for both models:
+
+    **no-pooling rule**: a stage halves the map (VGG: 2x2 max-pool; ResNet: stride-2 conv) only
+    when its input map is at least 4x4, so no map is ever downsampled below 2x2.
+
+At 32 px VGG's maps are 32 -> 16 -> 8 -> 4 and ResNet's 32 -> 16 -> 8; at 28 px 28 -> 14 -> 7 -> 3
+(the 2x2 pool floors 7 to 3, as ``nn.MaxPool2d`` does) and 28 -> 14 -> 7. The rule only bites on
+smaller inputs (8 px: 8 -> 4 -> 2 -> 2). No input is padded or its channels copied.
 
 Both models share one layout so that probes and fine-tuning can address layers by name::
 
@@ -24,9 +35,19 @@ import torch
 from torch import nn
 
 from .config import ConfigError, ModelConfig
+from .registry import Registry
 
 NormLayer = Callable[[int], nn.Module]
 PLACEMENTS = ("before_norm", "after_norm", "classifier")
+MIN_POOLED = 2  # the no-pooling rule: never downsample a map below MIN_POOLED x MIN_POOLED
+
+MODELS = Registry("model.name", "(cfg: ModelConfig, norm_layer, num_classes: int, in_channels: int, "
+                                "image_size: int) -> nn.Module")
+
+
+def downsamples(size: int) -> bool:
+    """The no-pooling rule: whether a stage whose input map is ``size`` x ``size`` halves it."""
+    return size // 2 >= MIN_POOLED
 
 
 class ConvBlock(nn.Sequential):
@@ -94,59 +115,79 @@ class _Classifier(nn.Module):
 
 class VGG(_Classifier):
     """VGG-style net: 4 stages of widths w, 2w, 4w, 8w with ``depth // 4`` 3x3 convs each,
-    max-pool between stages. ``depth`` must be a positive multiple of 4 (4, 8, 12, ...)."""
+    2x2 max-pool between stages where the no-pooling rule allows (``downsamples``). ``depth``
+    must be a positive multiple of 4 (4, 8, 12, ...)."""
 
     def __init__(self, num_classes: int, norm_layer: NormLayer, width: int = 32, depth: int = 8,
-                 dropout: float = 0.0, dropout_placement: str = "classifier"):
+                 dropout: float = 0.0, dropout_placement: str = "classifier", in_channels: int = 3,
+                 image_size: int = 32):
         if depth < 4 or depth % 4:
             raise ConfigError(f"model.depth={depth} is not valid for vgg: use a positive multiple "
                               "of 4 (4, 8, 12, 16, ...: conv layers spread evenly over 4 stages)")
         per_stage = depth // 4
         before = dropout if dropout_placement == "before_norm" else 0.0
-        blocks, c_in = [], 3
+        blocks, c_in, size = [], in_channels, image_size
         for stage in range(4):
             c_out = width * 2 ** stage
+            pool = stage > 0 and downsamples(size)
+            size = size // 2 if pool else size
             for i in range(per_stage):
                 first = stage == 0 and i == 0
                 blocks.append(ConvBlock(c_in, c_out, norm_layer, dropout=0.0 if first else before,
-                                        pool=stage > 0 and i == 0))
+                                        pool=pool and i == 0))
                 c_in = c_out
         super().__init__(nn.Sequential(*blocks), c_in, num_classes, dropout, dropout_placement)
 
 
 class ResNet(_Classifier):
     """CIFAR ResNet (He et al. 2016, Sec. 4.2): a 3x3 stem, then 3 stages of n basic blocks of
-    widths w, 2w, 4w (stride 2 at the start of stages 2 and 3); ``depth = 6n + 2`` (20, 32, 44...)."""
+    widths w, 2w, 4w (stride 2 at the start of stages 2 and 3 where the no-pooling rule allows);
+    ``depth = 6n + 2`` (20, 32, 44...)."""
 
     def __init__(self, num_classes: int, norm_layer: NormLayer, width: int = 16, depth: int = 20,
-                 dropout: float = 0.0, dropout_placement: str = "classifier"):
+                 dropout: float = 0.0, dropout_placement: str = "classifier", in_channels: int = 3,
+                 image_size: int = 32):
         if depth < 8 or (depth - 2) % 6:
             raise ConfigError(f"model.depth={depth} is not valid for resnet: use 6n + 2 "
                               "(8, 14, 20, 32, 44, 56, ...)")
         blocks_per_stage = (depth - 2) // 6
         before = dropout if dropout_placement == "before_norm" else 0.0
-        layers = OrderedDict(stem=ConvBlock(3, width, norm_layer))
-        c_in = width
+        layers = OrderedDict(stem=ConvBlock(in_channels, width, norm_layer))
+        c_in, size = width, image_size
         for stage in range(3):
             c_out = width * 2 ** stage
+            halve = stage > 0 and downsamples(size)
+            size = size // 2 if halve else size
             blocks = []
             for i in range(blocks_per_stage):
-                stride = 2 if stage > 0 and i == 0 else 1
+                stride = 2 if halve and i == 0 else 1
                 blocks.append(BasicBlock(c_in, c_out, norm_layer, stride=stride, dropout=before))
                 c_in = c_out
             layers[f"stage{stage + 1}"] = nn.Sequential(*blocks)
         super().__init__(nn.Sequential(layers), c_in, num_classes, dropout, dropout_placement)
 
 
-MODELS: dict[str, type[_Classifier]] = {"vgg": VGG, "resnet": ResNet}
+@MODELS.register("vgg")
+def vgg(cfg: ModelConfig, norm_layer: NormLayer, num_classes: int, in_channels: int,
+        image_size: int) -> nn.Module:
+    return VGG(num_classes, norm_layer, width=cfg.width, depth=cfg.depth, dropout=cfg.dropout,
+               dropout_placement=cfg.dropout_placement, in_channels=in_channels, image_size=image_size)
 
 
-def build_model(cfg: ModelConfig, norm_layer: NormLayer, num_classes: int) -> nn.Module:
-    """The model of ``cfg`` with ``norm_layer`` after every conv; unknown names are ``ConfigError``s."""
-    if cfg.name not in MODELS:
-        raise ConfigError(f"model.name={cfg.name!r} is not an option; allowed values: {', '.join(MODELS)}")
-    return MODELS[cfg.name](num_classes, norm_layer, width=cfg.width, depth=cfg.depth,
-                            dropout=cfg.dropout, dropout_placement=cfg.dropout_placement)
+@MODELS.register("resnet")
+def resnet(cfg: ModelConfig, norm_layer: NormLayer, num_classes: int, in_channels: int,
+           image_size: int) -> nn.Module:
+    return ResNet(num_classes, norm_layer, width=cfg.width, depth=cfg.depth, dropout=cfg.dropout,
+                  dropout_placement=cfg.dropout_placement, in_channels=in_channels,
+                  image_size=image_size)
+
+
+def build_model(cfg: ModelConfig, norm_layer: NormLayer, num_classes: int, in_channels: int = 3,
+                image_size: int = 32) -> nn.Module:
+    """The model of ``cfg`` with ``norm_layer`` after every conv, for ``in_channels`` x
+    ``image_size`` x ``image_size`` inputs (default: CIFAR's 3 x 32 x 32; pass the data's, as
+    ``train.build`` does); unknown names are ``ConfigError``s."""
+    return MODELS.get(cfg.name)(cfg, norm_layer, num_classes, in_channels, image_size)
 
 
 def conv_norm(c_in: int, c_out: int, norm_layer: NormLayer, kernel: int,

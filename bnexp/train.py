@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from . import finetune, loggers, records
 from .checkpoint import clear_last, load_last, save_last, save_model
 from .config import Config, OptimConfig, to_dict
-from .data import DataBundle, Pipeline, Split, load_data
+from .data import DataBundle, Pipeline, Split, load_data, spec
 from .models import build_model
 from .norms import make_norm, set_progress
 from .probes import Probes
@@ -97,8 +97,10 @@ def train_epoch(model, optimizer, scheduler, data: DataBundle, batches, pipe: Pi
 
 
 def build(cfg: Config, num_classes: int, device: torch.device) -> torch.nn.Module:
-    """The model of ``cfg`` on ``device``, seeded, in channels_last when asked."""
-    model = build_model(cfg.model, make_norm(cfg.norm), num_classes).to(device)
+    """The model of ``cfg`` for the input shape of ``cfg.data`` (``data.SPECS``: the shape
+    ``load_data`` checks its images against) on ``device``, seeded, in channels_last when asked."""
+    shape = spec(cfg.data.name)
+    model = build_model(cfg.model, make_norm(cfg.norm), num_classes, shape.channels, shape.size).to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     return model
@@ -121,7 +123,7 @@ def fit(cfg: Config, run_dir: Path, provenance: dict | None = None) -> dict:
     sampler = build_sampler(cfg.sampler, data.train.y.cpu(), cfg.data.batch_size, cfg.seed)
     model = build(cfg, data.num_classes, device)
     generator = torch.Generator(device=device).manual_seed(cfg.seed + 1)
-    pipe = Pipeline(device, precision, data.mean, data.std, cfg.channels_last, cfg.data.augment, generator)
+    pipe = Pipeline(device, precision, data.mean, data.std, cfg.channels_last, cfg.data.augment, generator, data.pad, data.flip)
     # source weights, source input normalization, BN mode; before the optimizer sees the params
     tuned = finetune.start(model, source, cfg, data, pipe) if source else None
     optimizer = make_optimizer(model, cfg.optim, cfg.data.batch_size)

@@ -310,3 +310,47 @@ def test_synthetic_is_learnable_but_not_trivial():
     with torch.no_grad():
         acc = (net(normalize(b.test.x, b.mean, b.std)).argmax(1) == b.test.y).float().mean().item()
     assert 0.35 < acc < 0.95, acc
+
+
+# ----------------------------------------------------------------- datasets and their shapes
+
+def test_specs_cover_exactly_the_configs_datasets():
+    from bnexp.config import DATASETS
+    from bnexp.data import SPECS
+
+    assert tuple(SPECS) == DATASETS
+
+
+def test_a_one_channel_run_trains_with_its_augmentation_and_fuses(tmp_path, monkeypatch):
+    """Fashion-MNIST-shaped files through fit with every probe (its Pipeline gets pad 2 + flip),
+    then fusion, fine-tuning from it, and the bench's naive loader."""
+    from conftest import make_config
+    from idx_fixture import write_idx_folder
+
+    from bnexp import bench, fusion, train
+
+    write_idx_folder(tmp_path / "FashionMNIST" / "raw", n_train=32, n_test=16, gz=False)
+    made, real = [], train.Pipeline
+
+    def recording(*args, **kwargs):
+        made.append(real(*args, **kwargs))
+        return made[-1]
+
+    monkeypatch.setattr(train, "Pipeline", recording)
+    tiny = ["data=fashion_mnist", f"data.root={tmp_path}", "data.batch_size=8", "model.width=8",
+            "optim.epochs=1", "precision=fp32", "device=cpu", "eval.precise_samples=16",
+            "eval.batch_size=8", "progress=off"]
+    cfg = make_config([*tiny, "probes=all", "probes.noise_sizes=[2,4]", "probes.noise_batches=2"])
+    (tmp_path / "run").mkdir()
+    summary = train.fit(cfg, tmp_path / "run")
+    assert summary["status"] == "ok" and 0 <= summary["metrics"]["test_acc"] <= 1
+    assert [(p.pad, p.flip) for p in made] == [(2, True)]
+    (tmp_path / "tuned").mkdir()
+    tuned = train.fit(make_config([*tiny, f"finetune.from={tmp_path / 'run'}", "data.classes=[0,1,2]"]),
+                      tmp_path / "tuned")
+    assert tuned["status"] == "ok" and tuned["finetune"]["head_reinitialised"]
+    row = fusion.fuse_run(tmp_path / "run", device="cpu", repeats=1, warmup=0)
+    assert row["bn_folded"] > 0 and row["test_acc_before"] == row["test_acc_after"]
+    data = load_data(cfg.data, "cpu")
+    x, _ = next(iter(bench.naive_loader(data, 4, train=True)))
+    assert x.shape == (4, 1, 28, 28)

@@ -1,24 +1,34 @@
 """Models x every registered norm x dropout placement: shapes, gradients, structure, invariances."""
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 from torch import nn
 
+from bnexp import config
 from bnexp.config import DROPOUT_PLACEMENTS, ModelConfig
-from bnexp.models import MODELS, ResNet, VGG, build_model
+from bnexp.models import MODELS, ResNet, VGG, build_model, downsamples
 from bnexp.norms import NORMS, BatchNorm2d, make_norm
 
 SMALL = {"vgg": {"width": 8, "depth": 4}, "resnet": {"width": 8, "depth": 8}}
 
 
-def small_model(name, norm, norm_cfg, dropout=0.0, placement="classifier", **kw):
+def small_model(name, norm, norm_cfg, dropout=0.0, placement="classifier", in_channels=3,
+                image_size=32, **kw):
+    """The registry's builder for ``name``, as ``build_model`` calls it."""
     layer = make_norm(norm_cfg(name=norm, virtual_batch=2, noise_mul=0.1, noise_add=0.1))
-    return MODELS[name](10, layer, dropout=dropout, dropout_placement=placement, **{**SMALL[name], **kw})
+    cfg = ModelConfig(name=name, dropout=dropout, dropout_placement=placement, **{**SMALL[name], **kw})
+    return MODELS.get(name)(cfg, layer, 10, in_channels, image_size)
 
 
-def images(n=4, seed=0):
-    return torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+def images(n=4, seed=0, channels=3, size=32):
+    return torch.randn(n, channels, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def test_registry_names_are_the_configs_choices():
+    assert MODELS.names() == config.MODELS and MODELS.setting == "model.name"
 
 
 @pytest.mark.parametrize("placement", DROPOUT_PLACEMENTS)
@@ -152,7 +162,62 @@ def test_build_model_reads_its_config_section(norm_cfg):
     assert isinstance(model, ResNet) and model.head.out_features == 7
     assert dropout_sites(model) == ["drop_features"]
     assert isinstance(model.features.stem.norm, nn.GroupNorm)
+    assert model.features.stem.conv.in_channels == 3  # build_model's default: CIFAR's shape
+    grey = build_model(cfg, make_norm(norm_cfg(name="gn")), 7, in_channels=1, image_size=28)
+    assert grey.features.stem.conv.in_channels == 1 and grey(images(2, channels=1, size=28)).shape == (2, 7)
     with pytest.raises(ValueError, match=r"model\.name='alexnet'.*vgg"):
         build_model(ModelConfig("alexnet", 4, 8, 0.0, "classifier"), nn.BatchNorm2d, 10)
     with pytest.raises(ValueError, match=r"model\.dropout_placement='everywhere'"):
         build_model(ModelConfig("vgg", 4, 8, 0.1, "everywhere"), nn.BatchNorm2d, 10)
+
+
+# ------------------------------------------------------------------- input shape from the data
+
+@pytest.mark.parametrize("norm", NORMS)
+@pytest.mark.parametrize("name", MODELS)
+def test_one_channel_28px_inputs_through_every_model_and_norm(name, norm, norm_cfg):
+    """Fashion-MNIST's shape: the first conv takes 1 channel; train and eval forward, backward."""
+    torch.manual_seed(0)
+    model = small_model(name, norm, norm_cfg, in_channels=1, image_size=28)
+    first = next(m for m in model.modules() if isinstance(m, nn.Conv2d))
+    assert first.in_channels == 1
+    x = images(4, channels=1, size=28)
+    logits = model.train()(x)
+    logits.logsumexp(1).sum().backward()
+    assert logits.shape == (4, 10) and torch.isfinite(logits).all()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+    with torch.no_grad():
+        assert torch.isfinite(model.eval()(x)).all()
+    with pytest.raises(RuntimeError):  # a 3-channel image is refused, not silently adapted
+        model(images(4, channels=3, size=28))
+
+
+def rule_sizes(size: int, stages: int) -> list[int]:
+    """Map size entering each stage after the first, by the rule as stated in bnexp.models:
+    halve (floor, as a 2x2 max-pool or a stride-2 conv of these nets) only from 4x4 up."""
+    sizes = []
+    for _ in range(stages - 1):
+        size = size // 2 if size >= 4 else size
+        sizes.append(size)
+    return sizes
+
+
+@pytest.mark.parametrize("size, vgg_final, resnet_final", [(32, 4, 8), (28, 3, 7), (12, 3, 3),
+                                                           (8, 2, 2), (6, 3, 3), (4, 2, 2)])
+def test_no_pooling_rule(size, vgg_final, resnet_final):
+    """28 -> 14 -> 7 -> 3 and 32 -> 16 -> 8 -> 4 for VGG; never a map below 2x2 (the finals are
+    worked out by hand from the docstring's rule, the per-stage sizes by ``rule_sizes``)."""
+    assert rule_sizes(size, 4)[-1] == vgg_final and rule_sizes(size, 3)[-1] == resnet_final
+    assert [downsamples(s) for s in (3, 4, 7, 28)] == [False, True, True, True]
+    for model, stages, final in ((VGG(10, nn.BatchNorm2d, width=4, depth=4, in_channels=1, image_size=size), 4, vgg_final),
+                                 (ResNet(10, nn.BatchNorm2d, width=4, depth=8, in_channels=1, image_size=size), 3, resnet_final)):
+        seen = []
+        stage_inputs = ([model.features[i] for i in range(1, 4)] if stages == 4 else
+                        [model.features.stage2, model.features.stage3])
+        for block in stage_inputs:
+            block.register_forward_hook(lambda m, i, o, seen=seen: seen.append(o.shape[-1]))
+        out = model.features(images(2, channels=1, size=size))
+        assert seen == rule_sizes(size, stages) and out.shape[-2:] == (final, final)
+        assert min(seen) >= 2
+    pools = sum(isinstance(m, nn.MaxPool2d) for m in VGG(10, nn.BatchNorm2d, width=4, depth=8, image_size=size).modules())
+    assert pools == sum(b < a for a, b in itertools.pairwise([size, *rule_sizes(size, 4)]))
