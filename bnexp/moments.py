@@ -239,14 +239,13 @@ def sampler_indices(sampler: SamplerConfig, labels: torch.Tensor, batch_size: in
     from .sampling import build_sampler  # sampling imports data, which this module also does
 
     built = build_sampler(sampler, labels.cpu(), batch_size, seeded_generator(seed, tag).initial_seed())
-    drawn, epoch = 0, 0
-    while n is None and epoch == 0 or n is not None and drawn < n:
+    drawn = 0
+    for epoch in range(1 if n is None else max(-(-n // max(len(built) * batch_size, 1)), 1)):
         for b in built.batches(epoch):
             if n is not None and drawn >= n:
                 return
             drawn += len(b)
             yield b
-        epoch += 1
 
 
 def sampler_batches(split: Split, sampler: SamplerConfig, n: int, batch_size: int, pipe, seed: int,
