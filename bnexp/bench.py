@@ -39,7 +39,7 @@ from .models import build_model
 from .norms import make_norm
 from .runtime import resolve_device, resolve_precision, seed_everything
 from .sampling import build_sampler
-from .train import Pipeline, build, fit, lr_factor, make_optimizer, train_epoch
+from .train import build, fit, lr_factor, make_optimizer, make_pipeline, train_epoch
 
 BATCHES = (8, 32, 128)
 IMAGES_PER_ROUND = 1280  # timed images per method, round and batch size...
@@ -109,8 +109,7 @@ class Method:
         else:
             self.model = build(cfg, data.num_classes, device)
             generator = torch.Generator(device=device).manual_seed(cfg.seed + 1)
-            self.pipe = Pipeline(device, resolve_precision(cfg.precision, device), data.mean,
-                                 data.std, cfg.channels_last, cfg.data.augment, generator, data.pad, data.flip)
+            self.pipe = make_pipeline(cfg, data, device, resolve_precision(cfg.precision, device), generator)
             self.sampler = build_sampler(cfg.sampler, data.train.y.cpu(), cfg.data.batch_size, cfg.seed)
         self.optimizer = make_optimizer(self.model, cfg.optim, cfg.data.batch_size)
         self.steps_per_epoch = len(data.train.y) // cfg.data.batch_size
@@ -142,8 +141,9 @@ class Method:
         if self.name == "naive":
             return naive_steps(self.model, self.optimizer, self.scheduler, batches, self.device)
         total = self.cfg.optim.epochs * self.steps_per_epoch
-        result = train_epoch(self.model, self.optimizer, self.scheduler, self.data, batches,
-                             self.pipe, self.cfg, self.step, total)
+        result = train_epoch(self.model, self.optimizer, self.scheduler, self.data.train, batches,
+                             self.pipe, self.step, total, self.cfg.optim.label_smoothing,
+                             self.cfg.optim.grad_clip)
         self.step += len(batches)
         return result["images"]
 

@@ -17,8 +17,6 @@ import torch
 from . import records
 
 log = logging.getLogger(__name__)
-LAST = "last.pt"
-MODEL = "model.pt"
 
 
 def save_last(run_dir: Path, *, model, optimizer, scheduler, generator: torch.Generator,
@@ -30,7 +28,7 @@ def save_last(run_dir: Path, *, model, optimizer, scheduler, generator: torch.Ge
         "torch_rng": torch.get_rng_state(),
         "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
     }
-    path = Path(run_dir) / LAST
+    path = Path(run_dir) / records.LAST
     tmp = path.with_suffix(".pt.tmp")
     torch.save(state, tmp)
     os.replace(tmp, path)
@@ -40,7 +38,7 @@ def load_last(run_dir: Path, *, model, optimizer, scheduler, generator: torch.Ge
     """Restore the state saved by ``save_last`` into the given objects; returns the bookkeeping
     (epoch, step, history, timing), or None when there is nothing to resume. Rewrites
     ``metrics.jsonl`` from the saved history, dropping rows of the epoch that was interrupted."""
-    path = Path(run_dir) / LAST
+    path = Path(run_dir) / records.LAST
     if not path.exists():
         return None
     state = torch.load(path, map_location="cpu", weights_only=False)
@@ -69,7 +67,7 @@ def save_model(run_dir: Path, model, config: dict, num_classes: int, mean=None, 
     if not all(torch.isfinite(t).all() for t in state.values() if t.is_floating_point()):
         log.warning("model.pt not saved: the weights are not finite (the run diverged)")
         return False
-    path = Path(run_dir) / MODEL
+    path = Path(run_dir) / records.MODEL
     tmp = path.with_suffix(".pt.tmp")
     torch.save({"model": state, "config": config, "num_classes": num_classes,
                 "mean": _floats(mean), "std": _floats(std)}, tmp)
@@ -83,7 +81,7 @@ def _floats(values) -> list | None:
 
 def load_model_state(run_dir: Path) -> dict:
     """The dict written by ``save_model``; a clear error when the run has no final weights."""
-    path = Path(run_dir) / MODEL
+    path = Path(run_dir) / records.MODEL
     if not path.exists():
         raise FileNotFoundError(
             f"{path} does not exist: the run has not finished, diverged (non-finite weights are "
@@ -92,4 +90,4 @@ def load_model_state(run_dir: Path) -> dict:
 
 
 def clear_last(run_dir: Path) -> None:
-    (Path(run_dir) / LAST).unlink(missing_ok=True)
+    (Path(run_dir) / records.LAST).unlink(missing_ok=True)

@@ -26,7 +26,8 @@ MODELS = ("vgg", "resnet")
 NORMS = ("bn", "none", "gn", "ln", "ghost_bn", "batch_renorm", "noisy_bn")
 DROPOUT_PLACEMENTS = ("before_norm", "after_norm", "classifier")
 SCHEDULES = ("cosine", "step", "constant")
-EVAL_MODES = ("ema", "precise", "batch", "adapted")
+EVAL_MODES = ("ema", "precise", "precise_bvar", "precise_sampler", "precise_sampler_bvar", "batch",
+              "batch_sampler", "adapted")
 PROBES = ("noise", "discrepancy", "calibration", "activations", "variance_shift", "weight_norm")
 FINETUNE_BN = ("train", "frozen_stats", "frozen_all", "adapt")
 LOGGERS = ("none", "tensorboard")
@@ -211,6 +212,7 @@ class ProbeConfig:
     noise_sizes: tuple[int, ...]
     noise_batches: int
     layer: Optional[str]
+    unit: Optional[int]
 
     def check(self) -> None:
         for name in self.names:
@@ -220,6 +222,8 @@ class ProbeConfig:
         for size in self.noise_sizes:
             _range("probes.noise_sizes", size, 2, 1 << 20)
         _range("probes.noise_batches", self.noise_batches, 2, 1 << 20)
+        if self.unit is not None and (not isinstance(self.unit, int) or self.unit < 0):
+            raise ConfigError(f"probes.unit={self.unit!r} must be a channel index >= 0 or null")
 
 
 @dataclass(frozen=True)

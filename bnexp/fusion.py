@@ -33,18 +33,21 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from . import records
-from .checkpoint import load_model_state
-from .config import ConfigError, parse_config
-from .data import load_data
-from .runtime import device_name, resolve_device, set_threads
+from .config import ConfigError
+from .runs import load_run
+from .runtime import device_name, set_threads
+from .stats import precise_pass
 
-FUSED = "fused.json"
+FUSED = records.FUSED  # kept for callers of the old name
 MODES = ("ema", "precise")  # statistics that are fixed at inference, hence foldable
 REFUSED_MODES = {
     "batch": "eval mode `batch` normalizes with the statistics of each test batch, which change "
              "from batch to batch; folded conv weights are fixed, so there is nothing to fold into",
     "adapted": "eval mode `adapted` re-estimates statistics on the test set itself; fold a run "
                "after adaptation with --mode ema on its saved weights instead",
+    "batch_sampler": "eval mode `batch_sampler` normalizes with the statistics of each "
+                     "(sampler-structured) test batch; folded conv weights are fixed, so there is "
+                     "nothing to fold into",
 }
 ROW_KEYS = ("mode", "stats", "bn_folded", "max_abs_logit_diff", "exact", "test_acc_before",
             "test_acc_after", "images_per_s_before", "images_per_s_after", "speedup", "batch_size",
@@ -146,34 +149,26 @@ def fuse_run(run_dir: Path, mode: str = "ema", device: str = "auto", batch_size:
              warmup: int = 2, repeats: int = 5, timing_images: int = 4096) -> dict:
     """Fold the BN layers of a finished run under statistics ``mode``, compare, and record.
 
-    Rebuilds the model from ``<run>/model.pt`` and the data from its saved config (fp32, eval
-    mode, batch ``batch_size``, default the run's ``eval.batch_size``); ``precise`` first
-    re-estimates the statistics on the training images as the run's precise eval mode does.
-    Merges the row (``ROW_KEYS``) into ``<run>/fused.json`` under ``mode`` and returns it.
-    Raises ``FusionError`` for modes or norms that cannot be folded, before loading any data.
+    Rebuilds the run with ``runs.load_run`` (fp32, eval mode, batch ``batch_size``, default the
+    run's ``eval.batch_size``); ``precise`` first re-estimates the statistics on the training
+    images as the run's precise eval mode does (``stats.precise_pass``). Merges the row
+    (``ROW_KEYS``) into ``<run>/fused.json`` under ``mode`` and returns it. Raises
+    ``FusionError`` for modes that cannot be folded (before loading anything) and for norms that
+    cannot be folded (before any timing).
     """
     if mode in REFUSED_MODES:
         raise FusionError(f"cannot fold with --mode {mode}: {REFUSED_MODES[mode]}")
     if mode not in MODES:
         raise FusionError(f"unknown --mode {mode!r}; foldable modes: {', '.join(MODES)}")
-    from .train import Pipeline, build  # the runner's own model builder and input pipeline
-
     run_dir = Path(run_dir)
-    state = load_model_state(run_dir)
     try:
-        cfg = parse_config(state["config"])
+        run = load_run(run_dir, device, precision="fp32")
     except ConfigError as err:
         raise FusionError(f"{run_dir}: its saved config does not parse ({err})") from err
-    dev = resolve_device(device)
-    model = build(cfg, state["num_classes"], dev)
-    model.load_state_dict(state["model"])
+    model, data, pipe, cfg = run.model, run.data, run.pipe, run.config
     check_foldable(model)
-    data = load_data(cfg.data, dev, seed=cfg.seed)
-    mean, std = _normalization(state, data, dev)
-    generator = torch.Generator(device=dev).manual_seed(cfg.seed + 2)
-    pipe = Pipeline(dev, "fp32", mean, std, cfg.channels_last, cfg.data.augment, generator)
-    if mode == "precise":
-        _precise(model, data, pipe, cfg)
+    if mode == "precise":  # the run's own precise mode's pass (i.i.d., pooled)
+        precise_pass(model, data, pipe, cfg.eval, cfg.data.batch_size, cfg.seed)
     model.eval()
     fused, folded = fuse_bn(model)
     if cfg.channels_last:
@@ -182,28 +177,10 @@ def fuse_run(run_dir: Path, mode: str = "ema", device: str = "auto", batch_size:
     batches = [pipe.prep(x) for x in data.test.x.split(bs)]
     timed = batches[:max(1, -(-timing_images // bs))]
     row = {"mode": mode, "stats": _stats_label(mode, cfg), "bn_folded": folded, "batch_size": bs,
-           "device": device_name(dev), "threads": torch.get_num_threads(),
+           "device": device_name(pipe.device), "threads": torch.get_num_threads(),
            **compare(model, fused, batches, data.test.y, timed, warmup, repeats)}
-    _merge_row(run_dir / FUSED, row)
+    _merge_row(run_dir / records.FUSED, row)
     return row
-
-
-def _normalization(state: dict, data, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """The input normalization the model was trained with: saved in model.pt when the run stored
-    it (a fine-tuned run keeps its source's), else the one its data config computes."""
-    if state.get("mean") is not None:
-        return (torch.as_tensor(state["mean"], dtype=torch.float32, device=device),
-                torch.as_tensor(state["std"], dtype=torch.float32, device=device))
-    return data.mean, data.std
-
-
-def _precise(model: nn.Module, data, pipe, cfg) -> None:
-    """Population statistics over ``eval.precise_samples`` training images, as the eval mode does."""
-    from .stats import input_batches, precise_bn
-
-    precise_bn(model, input_batches(data.train, cfg.eval.precise_samples,
-                                    cfg.eval.precise_batch_size or cfg.data.batch_size, pipe,
-                                    cfg.seed, "precise", augment=True), pipe)
 
 
 def _stats_label(mode: str, cfg) -> str:

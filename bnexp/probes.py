@@ -15,17 +15,25 @@ Each row is long-format: ``step, epoch, layer, name, value`` (noise rows add ``b
 * ``calibration.test_loss`` / ``.test_acc`` / ``.train_loss`` / ``.train_acc`` / ``.gen_gap`` /
   ``.ece`` (layer ``model``): eval mode (EMA) on up to ``CALIBRATION_MAX`` images of each split;
   ECE with 15 equal-width confidence bins (``stats.expected_calibration_error``).
-* ``activations.p15`` / ``.p50`` / ``.p85``: percentiles of the input of module ``probes.layer``
-  (default: the second norm layer, i.e. the output of the conv feeding it; for norm=none the
-  Identity in that place) on a fixed probe batch, BN in train mode (Ioffe & Szegedy 2015, Fig. 1).
-* ``variance_shift.ratio`` (per BN layer): running variance / the variance of the layer's input in
-  eval mode (dropout off), averaged over channels (Li et al. 2019): about 1 / (1 - p) when dropout
-  p before the layer inflated the training-time variance, 1 without a shift.
+* ``activations.p15`` / ``.p50`` / ``.p85`` (rows add ``unit``): percentiles of one fixed unit's
+  pre-activation, the input of the nonlinearity ``probes.layer`` (default: the ReLU after the
+  second conv's norm layer, whose input is that norm's output, or the conv output for norm=none)
+  in channel ``unit`` (``probes.unit``, else drawn once from the seed), over the images and
+  positions of a fixed probe batch, BN in train mode as training sees it (Ioffe & Szegedy 2015,
+  Fig. 1: the input distribution of one sigmoid over training).
+* ``variance_shift.abs_log`` / ``.max`` (per BN layer): per channel c, r_c = running_var_c /
+  var_c, with var_c the variance (about the mean, so the non-zero mean of post-ReLU inputs does not
+  count) of the layer's input in eval mode (dropout off) over the probe images (Li et al. 2019);
+  ``abs_log`` is the mean over channels of |log r_c| and ``max`` the largest max(r_c, 1 / r_c),
+  so channels shifted up and down do not cancel. 0 and 1 without a shift; dropout p before the
+  layer on zero-mean inputs gives r_c = 1 / (1 - p).
 * ``weight_norm.norm`` (every conv) and ``weight_norm.effective_lr`` = lr / ||w||^2 (convs whose
   output feeds a normalization layer, where the loss is scale-invariant in w).
 
 Probes never change the model or the training run: they run inside ``stats.preserved`` (which also
-restores the global RNG) and draw and augment their images with generators of their own.
+restores the global RNG) and draw and augment their images with generators of their own. The noise
+and discrepancy probes use plain batch statistics (``plain_statistics``: no injected noise, no
+renorm r/d). ``PROBES`` maps each name of ``probes.names`` to ``probe(recorder) -> rows``.
 """
 from __future__ import annotations
 
@@ -37,15 +45,19 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import records
-from .config import ProbeConfig
-from .data import DataBundle, Split
+from .config import ConfigError, ProbeConfig
+from .data import DataBundle, Split, seeded_generator
+from .moments import bn_train_mode, collect_moments, input_batches, plain_statistics, preserved
 from .norms import bn_layers
-from .stats import bn_train_mode, collect_moments, input_batches, preserved, score
+from .registry import Registry
+from .stats import score
 
 PERCENTILES = (0.15, 0.50, 0.85)
 PROBE_IMAGES = 512       # training images behind discrepancy and variance_shift
 CALIBRATION_MAX = 2048   # images per split behind calibration
 NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm)
+NONLINEARITIES = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh)
+PROBES = Registry("probes.names", "probe(recorder: Probes) -> list[dict]")
 
 
 # ------------------------------------------------------------------------------ the probes
@@ -54,14 +66,15 @@ def batch_noise(model: nn.Module, batches_by_size: dict, pipe) -> list[dict]:
     """Rows ``{layer, batch_size, name: noise.mean | noise.var, value}``; see the module doc.
     ``batches_by_size``: batch size -> list of prepared batches. Call inside ``preserved``."""
     bn_train_mode(model)
-    moments = {size: collect_moments(model, batches, pipe, keep=True)
-               for size, batches in batches_by_size.items()}
+    with plain_statistics(model):
+        moments = {size: collect_moments(model, batches, pipe, keep=True)
+                   for size, batches in batches_by_size.items()}
     rows = []
     for name, _ in bn_layers(model):
         per_size = [moments[size][name] for size in moments]
         means = torch.cat([torch.stack(m.batch_means) for m in per_size]).double()
         variances = torch.cat([torch.stack(m.batch_vars) for m in per_size]).double()
-        weights = torch.tensor([m.n // m.batches for m in per_size for _ in m.batch_means],
+        weights = torch.tensor([n for m in per_size for n in m.batch_counts],
                                dtype=torch.float64, device=means.device)[:, None]
         pop_mean = (weights * means).sum(0) / weights.sum()
         pop_var = (weights * (variances + (means - pop_mean).square())).sum(0) / weights.sum()
@@ -85,7 +98,7 @@ def discrepancy(model: nn.Module, batches: list, labels: list, pipe) -> list[dic
             bn_train_mode(model)
         else:
             model.eval()
-        with pipe.amp():
+        with plain_statistics(model), pipe.amp():
             outputs.append(torch.cat([model(x).float() for x in batches]))
     y = torch.cat(labels)
     loss = [F.cross_entropy(o, y).item() for o in outputs]
@@ -104,12 +117,13 @@ def calibration(model: nn.Module, train: Split, test: Split, pipe, batch_size: i
 
 
 @torch.no_grad()
-def activation_percentiles(model: nn.Module, x: torch.Tensor, pipe, layer: str) -> list[dict]:
-    """15/50/85th percentiles (``torch.quantile``, linear) of the input of module ``layer`` on the
-    prepared batch ``x``, BN layers in train mode. Call inside ``preserved``."""
+def activation_percentiles(model: nn.Module, x: torch.Tensor, pipe, layer: str,
+                           unit: int) -> list[dict]:
+    """15/50/85th percentiles (``torch.quantile``, linear) of channel ``unit`` of the input of
+    module ``layer`` on the prepared batch ``x``, BN layers in train mode. Call inside ``preserved``."""
     seen = []
     hook = dict(model.named_modules())[layer].register_forward_pre_hook(
-        lambda _, args: seen.append(args[0].detach().float().flatten()))
+        lambda _, args: seen.append(args[0].detach()[:, unit].float().flatten()))
     try:
         bn_train_mode(model)
         with pipe.amp():
@@ -120,18 +134,22 @@ def activation_percentiles(model: nn.Module, x: torch.Tensor, pipe, layer: str) 
     if values.numel() > 1 << 24:  # torch.quantile's input limit: an even subsample is plenty
         values = values[::-(-values.numel() // (1 << 24))]
     q = torch.quantile(values, torch.tensor(PERCENTILES, device=values.device))
-    return [{"layer": layer, "name": f"activations.p{round(100 * p)}", "value": v.item()}
+    return [{"layer": layer, "unit": unit, "name": f"activations.p{round(100 * p)}", "value": v.item()}
             for p, v in zip(PERCENTILES, q)]
 
 
 def variance_shift(model: nn.Module, batches: list, pipe) -> list[dict]:
-    """Per BN layer, running_var / pooled variance of its input in eval mode (mean over channels).
-    Call inside ``preserved``."""
+    """Per BN layer, ``abs_log`` = mean_c |log r_c| and ``max`` = max_c max(r_c, 1 / r_c), with
+    r_c = running_var_c / the pooled variance of channel c of its input in eval mode. Call inside
+    ``preserved``."""
     model.eval()
     moments = collect_moments(model, batches, pipe)
-    return [{"layer": name, "name": "variance_shift.ratio",
-             "value": (m.running_var.double() / moments[name].pooled()[1].clamp_min(1e-12)).mean().item()}
-            for name, m in bn_layers(model)]
+    rows = []
+    for name, m in bn_layers(model):
+        log_ratio = (m.running_var.double() / moments[name].pooled()[1].clamp_min(1e-12)).log()
+        rows += [{"layer": name, "name": "variance_shift.abs_log", "value": log_ratio.abs().mean().item()},
+                 {"layer": name, "name": "variance_shift.max", "value": log_ratio.abs().max().exp().item()}]
+    return rows
 
 
 def weight_norms(model: nn.Module, lr: float) -> list[dict]:
@@ -146,11 +164,35 @@ def weight_norms(model: nn.Module, lr: float) -> list[dict]:
 
 
 def default_layer(model: nn.Module) -> str:
-    """The module right after the second conv (its norm, or the Identity in its place)."""
-    convs = _convs_and_next(model)
-    if len(convs) < 2 or convs[1][2] is None:
-        raise ValueError("the activations probe needs a second conv followed by a module; set probes.layer")
-    return next(name for name, m in model.named_modules() if m is convs[1][2])
+    """The first nonlinearity after the second conv: its input is that conv's norm output (or
+    the conv output through the Identity in its place)."""
+    leaves = [(n, m) for n, m in model.named_modules() if not list(m.children())]
+    convs = [i for i, (_, m) in enumerate(leaves) if isinstance(m, nn.Conv2d)]
+    after = leaves[convs[1] + 1:] if len(convs) >= 2 else []
+    name = next((n for n, m in after if isinstance(m, NONLINEARITIES)), None)
+    if name is None:
+        raise ValueError("the activations probe needs a nonlinearity after a second conv; set probes.layer")
+    return name
+
+
+def pick_unit(model: nn.Module, layer: str, x: torch.Tensor, seed: int, unit: Optional[int]) -> int:
+    """The channel the activations probe follows: ``unit`` when given (checked against the
+    channels of ``layer``'s input), else one drawn from ``seed``. Call inside ``preserved``."""
+    shapes = []
+    hook = dict(model.named_modules())[layer].register_forward_pre_hook(
+        lambda _, args: shapes.append(args[0].shape))
+    try:
+        with torch.no_grad():
+            model.eval()
+            model(x[:1])
+    finally:
+        hook.remove()
+    channels = shapes[0][1]
+    if unit is None:
+        return int(torch.randint(channels, (1,), generator=seeded_generator(seed, "probe-unit")))
+    if not 0 <= unit < channels:
+        raise ConfigError(f"probes.unit={unit} is not a channel of {layer}'s input (0..{channels - 1})")
+    return unit
 
 
 def _convs_and_next(model: nn.Module) -> list[tuple]:
@@ -191,7 +233,7 @@ class Probes:
         done = records.read_jsonl(self.run_dir / records.PROBES) if cfg.enabled else []
         self.last_step = max((row["step"] for row in done), default=-1)
         self.layer: Optional[str] = cfg.layer
-        self._subsets: dict = {}
+        self.unit: Optional[int] = None  # the activations probe's unit, chosen at its first call
 
     def maybe_record(self, step: int, epoch: int) -> None:
         if self.every > 0 and step % self.every == 0 and step > self.last_step:
@@ -206,42 +248,56 @@ class Probes:
         rows = []
         with preserved(self.model):
             for name in self.cfg.names:
-                rows += getattr(self, f"_{name}")()
+                rows += PROBES.get(name)(self)
         rows = [{"step": step, "epoch": epoch, **row} for row in rows]
         records.write_probes(self.run_dir, rows)
         self.last_step = step
         return rows
 
-    # Each probe on this run's data; the images are drawn once (seeded) and prepared at each call.
-    def _images(self, tag: str, n: int, size: int) -> list:
+    def images(self, tag: str, n: int, size: int) -> list:
+        """This run's training images for probe ``tag``: drawn once (seeded), prepared each call."""
         return list(input_batches(self.data.train, n, size, self.pipe, self.seed, f"probe-{tag}", augment=True))
 
-    def _noise(self) -> list[dict]:
-        if not bn_layers(self.model):
-            return []
-        sizes = sorted({self.batch_size, *self.cfg.noise_sizes})
-        batches = {s: self._images(f"noise{s}", s * self.cfg.noise_batches, s) for s in sizes}
-        return batch_noise(self.model, batches, self.pipe)
 
-    def _discrepancy(self) -> list[dict]:
-        if not bn_layers(self.model):
-            return []
-        pairs = list(input_batches(self.data.train, max(PROBE_IMAGES, self.batch_size), self.batch_size,
-                                   self.pipe, self.seed, "probe-set", augment=True, labels=True))
-        return discrepancy(self.model, [x for x, _ in pairs], [y for _, y in pairs], self.pipe)
+# Each probe on the recorder's run; the recorder is the one argument (``PROBES.signature``).
+@PROBES.register("noise")
+def _noise(rec: Probes) -> list[dict]:
+    if not bn_layers(rec.model):
+        return []
+    sizes = sorted({rec.batch_size, *rec.cfg.noise_sizes})
+    batches = {s: rec.images(f"noise{s}", s * rec.cfg.noise_batches, s) for s in sizes}
+    return batch_noise(rec.model, batches, rec.pipe)
 
-    def _calibration(self) -> list[dict]:
-        return calibration(self.model, self.data.train, self.data.test, self.pipe, self.eval_batch_size)
 
-    def _activations(self) -> list[dict]:
-        self.layer = self.layer or default_layer(self.model)
-        x = self._images("set", self.batch_size, self.batch_size)[0]
-        return activation_percentiles(self.model, x, self.pipe, self.layer)
+@PROBES.register("discrepancy")
+def _discrepancy(rec: Probes) -> list[dict]:
+    if not bn_layers(rec.model):
+        return []
+    pairs = list(input_batches(rec.data.train, max(PROBE_IMAGES, rec.batch_size), rec.batch_size,
+                               rec.pipe, rec.seed, "probe-set", augment=True, labels=True))
+    return discrepancy(rec.model, [x for x, _ in pairs], [y for _, y in pairs], rec.pipe)
 
-    def _variance_shift(self) -> list[dict]:
-        return variance_shift(self.model, self._images("set", max(PROBE_IMAGES, self.batch_size),
-                                                       self.batch_size), self.pipe)
 
-    def _weight_norm(self) -> list[dict]:
-        return weight_norms(self.model, self.lr())
+@PROBES.register("calibration")
+def _calibration(rec: Probes) -> list[dict]:
+    return calibration(rec.model, rec.data.train, rec.data.test, rec.pipe, rec.eval_batch_size)
 
+
+@PROBES.register("activations")
+def _activations(rec: Probes) -> list[dict]:
+    rec.layer = rec.layer or default_layer(rec.model)
+    x = rec.images("set", rec.batch_size, rec.batch_size)[0]
+    if rec.unit is None:
+        rec.unit = pick_unit(rec.model, rec.layer, x, rec.seed, rec.cfg.unit)
+    return activation_percentiles(rec.model, x, rec.pipe, rec.layer, rec.unit)
+
+
+@PROBES.register("variance_shift")
+def _variance_shift(rec: Probes) -> list[dict]:
+    return variance_shift(rec.model, rec.images("set", max(PROBE_IMAGES, rec.batch_size), rec.batch_size),
+                          rec.pipe)
+
+
+@PROBES.register("weight_norm")
+def _weight_norm(rec: Probes) -> list[dict]:
+    return weight_norms(rec.model, rec.lr())

@@ -8,8 +8,13 @@ One folder per run::
       run.log                  the run's log (tracebacks of failed runs end up here)
       metrics.jsonl            one JSON object per epoch (EPOCH_KEYS, plus `test_acc.<mode>` ...)
       probes.jsonl             long-format probe rows: step, epoch, layer, name, value (opt-in)
+      precise_stats.json       per-layer tables of the precise-BN passes (stats.evaluate_modes)
       summary.json             written last, atomically: SUMMARY_KEYS (see below)
       model.pt / last.pt       final weights / resumable state (never in git)
+      fused.json               BN-folding rows per statistics mode (bnexp-fuse, post hoc)
+      precise_vs_n.json        test scores with precise BN at several N (stats.rescore_precise)
+
+Every file name above is spelled once, in the constants below; other modules import them.
 
 ``summary.json`` is the commit point: a run counts as finished exactly when it exists with a
 ``status`` of ``ok`` or ``diverged`` (``failed`` runs are retried with ``rerun_failed=true``).
@@ -31,6 +36,11 @@ from typing import Any, Iterable, Iterator
 SUMMARY = "summary.json"
 METRICS = "metrics.jsonl"
 PROBES = "probes.jsonl"
+PRECISE_STATS = "precise_stats.json"
+MODEL = "model.pt"
+LAST = "last.pt"
+FUSED = "fused.json"
+PRECISE_VS_N = "precise_vs_n.json"
 STATUSES = ("ok", "diverged", "failed")
 FINISHED = ("ok", "diverged")
 EPOCH_KEYS = ("epoch", "step", "lr", "train_loss", "train_acc", "test_loss", "test_acc",

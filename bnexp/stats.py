@@ -1,30 +1,41 @@
 """Which statistics BN uses at test time: the eval modes, precise BN, and model-state hygiene.
 
-Eval modes (named the same in configs, records and legends):
+Eval modes (``MODES``; named the same in configs, records and legends):
 
 * ``ema``: eval mode, the running averages kept during training (PyTorch momentum convention).
 * ``precise``: population statistics recomputed over ``precise_samples`` training images drawn
   i.i.d. (a seeded random subset, shuffled) in batches of ``precise_batch_size`` (default: the
   training batch size), with the training augmentation; only the BN layers in train mode (dropout
-  off, so the estimate is of the network that is evaluated), running statistics not updated. The
-  pooled estimator is used; see ``LayerMoments``.
+  off, so the estimate is of the network that is evaluated), plain batch statistics (no injected
+  noise, no renorm correction: ``norms.set_plain``), running statistics not updated. Mean and the
+  pooled variance of all values seen (see ``LayerMoments``).
+* ``precise_bvar``: the same pass, variance = the mean of the per-normalization-batch variances
+  (per ghost chunk for ghost BN, weighted by size), what ``swa_utils.update_bn`` estimates.
+* ``precise_sampler`` / ``precise_sampler_bvar``: the two estimators from a pass whose batches the
+  training sampler draws (its structure, e.g. P x K, at the training batch size): whole batches
+  until ``precise_samples`` images are reached.
 * ``batch``: each BN layer normalizes with the plain mean and biased variance of the current test
   batch (``F.batch_norm(training=True)``; ghost chunks, renorm corrections and noise are off).
   Test batches are a seeded shuffle cut into batches of exactly ``eval.batch_size``; the last one
   is topped up with images from the start of the shuffle, which are not scored twice.
+* ``batch_sampler``: test batches drawn by the training sampler over the test labels (its
+  structure at the training batch size, e.g. P x K); each layer normalizes as in training with
+  plain statistics (per ghost chunk for ghost BN). Images of the sampler's dropped remainder
+  (fewer than one batch) are not scored.
 * ``adapted``: AdaBN: precise statistics re-estimated on (up to ``adapt_samples``) test images,
   no augmentation, then eval mode.
 
-Every mode runs inside ``preserved(model)``: parameters, buffers, training flags, BN momentum and
-FrozenBN flags, and the global RNG state are exactly as before afterwards, so modes never
+Every mode runs inside ``preserved(model)``: parameters, buffers, training flags, BN momentum,
+FrozenBN and plain flags, and the global RNG state are exactly as before afterwards, so modes never
 contaminate each other or the training run. A model without BN layers has no statistics to
-choose: ``precise``, ``batch`` and ``adapted`` are skipped (with the reason) and ``ema`` is plain
-eval. Under bf16 autocast all statistics here are computed and kept in fp32 (float64 sums).
+choose: every mode but ``ema`` is skipped (with the reason) and ``ema`` is plain eval. Under bf16
+autocast all statistics here are computed and kept in fp32 (float64 sums).
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
+import json
+from pathlib import Path
 from typing import Callable, Iterable, Iterator, NamedTuple, Optional
 
 import torch
@@ -32,12 +43,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import records
-from .config import EvalConfig
-from .data import DataBundle, Pipeline, Split, seeded_generator
-from .norms import bn_layers
+from .config import EvalConfig, SamplerConfig
+from .data import DataBundle, Split, seeded_generator
+from .moments import (  # noqa: F401  (re-exported: callers have always found these in stats)
+    LayerMoments, bn_train_mode, collect_moments, input_batches, plain_statistics, precise_bn,
+    preserved, sample_indices, sampler_batches, sampler_indices)
+from .norms import bn_layers, set_plain
+from .registry import Registry
 
 ECE_BINS = 15
-PRECISE_STATS = "precise_stats.json"
+PRECISE_STATS = records.PRECISE_STATS  # kept for callers of the old name
+MODES = Registry("eval.modes", "mode(model, data, pipe, cfg: EvalConfig, batch_size: int, seed: int, "
+                               "sampler: SamplerConfig | None) -> (scores, info)")
 
 
 class ModeResults(NamedTuple):
@@ -96,153 +113,12 @@ def expected_calibration_error(logits: torch.Tensor, labels: torch.Tensor, bins:
     return ece_from_bins(calibration_bins(logits, labels, bins))
 
 
-# ------------------------------------------------------------------- state hygiene
-
-@contextlib.contextmanager
-def preserved(model: nn.Module) -> Iterator[nn.Module]:
-    """Undo, on exit, every change to ``model`` (parameters, buffers, training flags, BN momentum
-    and ``frozen`` flags, instance ``forward`` overrides) and to the global RNG state."""
-    tensors = [t.detach().clone() for t in (*model.parameters(), *model.buffers())]
-    flags = [(m, m.training) for m in model.modules()]
-    attrs = [(m, {k: m.__dict__[k] for k in ("momentum", "frozen", "forward") if k in m.__dict__})
-             for m in model.modules()]
-    param = next(model.parameters(), None)
-    cuda = [param.device.index or 0] if param is not None and param.device.type == "cuda" else []
-    try:
-        with torch.random.fork_rng(devices=cuda):
-            yield model
-    finally:
-        with torch.no_grad():
-            for t, saved in zip((*model.parameters(), *model.buffers()), tensors):
-                t.copy_(saved)
-        for m, training in flags:
-            m.training = training
-        for m, saved in attrs:
-            m.__dict__.pop("forward", None)
-            m.__dict__.update(saved)
-
-
-def bn_train_mode(model: nn.Module) -> list:
-    """Eval mode except the BN layers: train mode, unfrozen, momentum 0 (running stats untouched).
-    Use inside ``preserved``. Returns ``bn_layers(model)``."""
-    model.eval()
-    layers = bn_layers(model)
-    for _, m in layers:
-        m.train()
-        m.momentum = 0.0
-        if hasattr(m, "frozen"):
-            m.frozen = False
-    return layers
-
+# ------------------------------------------------------------------------ batch mode
 
 def _batch_stat_forward(m: nn.Module) -> Callable:
     def forward(x: torch.Tensor) -> torch.Tensor:
         return F.batch_norm(x, None, None, m.weight, m.bias, True, 0.0, m.eps)
     return forward
-
-
-# ------------------------------------------------------------------------ precise BN
-
-class LayerMoments:
-    """Streaming per-channel moments of one BN layer's input, batch by batch (float64).
-
-    ``pooled()``: mean and *unbiased* variance over all N * H * W values seen, i.e.
-    ``torch.var_mean(all_inputs, dim=(0, 2, 3), correction=1)`` whatever the batching (Chan et al.'s
-    parallel update); unbiased because PyTorch's ``running_var`` is. ``mean_batch_var()``: the mean
-    over batches of each batch's unbiased variance, what a cumulative average of batch statistics
-    (``swa_utils.update_bn``) gives; it misses the between-batch variance of the batch means, so it
-    is smaller than pooled under non-i.i.d. batches. ``keep=True`` also keeps each batch's mean and
-    biased variance (``batch_means``, ``batch_vars``), for the noise probe.
-    """
-
-    def __init__(self, keep: bool = False):
-        self.n, self.batches, self.keep = 0, 0, keep
-        self.mean = self.m2 = self.var_sum = None
-        self.batch_means, self.batch_vars = [], []
-
-    def add(self, x: torch.Tensor) -> None:
-        var, mean = torch.var_mean(x.detach().float(), dim=(0, 2, 3), correction=0)
-        nb = x.numel() // x.shape[1]
-        if self.mean is None:
-            self.mean, self.m2, self.var_sum = (torch.zeros_like(mean, dtype=torch.float64) for _ in range(3))
-        if self.keep:
-            self.batch_means.append(mean)
-            self.batch_vars.append(var)
-        var, mean, total = var.double(), mean.double(), self.n + nb
-        delta = mean - self.mean
-        self.mean += delta * (nb / total)
-        self.m2 += var * nb + delta.square() * (self.n * nb / total)
-        self.var_sum += var * (nb / max(nb - 1, 1))
-        self.n, self.batches = total, self.batches + 1
-
-    def pooled(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.mean, self.m2 / max(self.n - 1, 1)
-
-    def mean_batch_var(self) -> torch.Tensor:
-        return self.var_sum / max(self.batches, 1)
-
-
-@torch.no_grad()
-def collect_moments(model: nn.Module, inputs: Iterable[torch.Tensor], pipe,
-                    keep: bool = False) -> dict[str, LayerMoments]:
-    """Run prepared ``inputs`` through ``model`` as it is and return each BN layer's input moments."""
-    moments = {name: LayerMoments(keep) for name, _ in bn_layers(model)}
-    hooks = [m.register_forward_pre_hook(lambda _, args, acc=moments[name]: acc.add(args[0]))
-             for name, m in bn_layers(model)]
-    try:
-        for x in inputs:
-            with pipe.amp():
-                model(x)
-    finally:
-        for h in hooks:
-            h.remove()
-    return moments
-
-
-def precise_bn(model: nn.Module, inputs: Iterable[torch.Tensor], pipe) -> list[dict]:
-    """Set every BN layer's running mean/var to the pooled statistics of its input over ``inputs``
-    (BN layers in train mode, momentum 0, dropout off); return per-layer estimator summaries.
-
-    Changes the model (modes, momentum, running stats): call it inside ``preserved``.
-    """
-    layers = bn_train_mode(model)
-    ema = {name: (m.running_mean.clone(), m.running_var.clone()) for name, m in layers}
-    moments = collect_moments(model, inputs, pipe)
-    model.eval()
-    table = []
-    for name, m in layers:
-        mean, var = moments[name].pooled()
-        m.running_mean.copy_(mean)
-        m.running_var.copy_(var)
-        ema_mean, ema_var = (t.double() for t in ema[name])
-        var = var.clamp_min(1e-12)
-        table.append({"layer": name, "channels": len(mean), "batches": moments[name].batches,
-                      "values_per_channel": moments[name].n, "pooled_var": var.mean().item(),
-                      "var_ratio": (moments[name].mean_batch_var() / var).mean().item(),
-                      "ema_var_ratio": (ema_var / var).mean().item(),
-                      "ema_mean_shift": ((ema_mean - mean).abs() / var.sqrt()).mean().item()})
-    return table
-
-
-def sample_indices(n_total: int, n: int, generator: torch.Generator) -> torch.Tensor:
-    """``n`` indices in [0, n_total): a random subset, or whole permutations back to back (CPU)."""
-    reps = -(-n // n_total)
-    return torch.cat([torch.randperm(n_total, generator=generator) for _ in range(reps)])[:n]
-
-
-def input_batches(split: Split, n: int, batch_size: int, pipe, seed: int, tag: str,
-                  augment: bool, labels: bool = False) -> Iterator:
-    """Prepared i.i.d. batches of ``split``: a seeded random draw of ``n`` images cut into
-    ``ceil(n / batch_size)`` batches of near-equal size (4096 at 128 is 32 x 128; 50 at 16 is
-    13, 13, 12, 12), so every image counts and no batch is tiny. Augmented with a generator of
-    their own: training's augmentation stream is untouched. ``labels``: yield ``(x, y)``."""
-    idx = sample_indices(len(split), max(n, 1), seeded_generator(seed, tag)).to(split.x.device)
-    if augment:
-        pipe = dataclasses.replace(pipe, generator=seeded_generator(seed, tag, "augment",
-                                                                    device=pipe.generator.device))
-    for b in idx.tensor_split(-(-len(idx) // batch_size)):
-        x = pipe.prep(split.x.index_select(0, b), train=augment)
-        yield (x, split.y.index_select(0, b)) if labels else x
 
 
 def batch_mode_batches(split: Split, batch_size: int, seed: int) -> Iterator[tuple]:
@@ -260,77 +136,156 @@ def batch_mode_batches(split: Split, batch_size: int, seed: int) -> Iterator[tup
 
 # ---------------------------------------------------------------------------- the modes
 
-def _ema(model, data, pipe, cfg, batch_size, seed):
+@MODES.register("ema")
+def _ema(model, data, pipe, cfg, batch_size, seed, sampler=None):
     model.eval()
     return evaluate(model, data.test.x, data.test.y, pipe, cfg.batch_size), {}
 
 
-def _precise(model, data, pipe, cfg, batch_size, seed):
-    inputs = input_batches(data.train, cfg.precise_samples, cfg.precise_batch_size or batch_size,
-                           pipe, seed, "precise", augment=True)
-    table = precise_bn(model, inputs, pipe)
-    return evaluate(model, data.test.x, data.test.y, pipe, cfg.batch_size), {"layers": table}
+def precise_pass(model: nn.Module, data: DataBundle, pipe, cfg: EvalConfig, batch_size: int,
+                 seed: int, sampler: Optional[SamplerConfig] = None, estimator: str = "pooled") -> list[dict]:
+    """The precise modes' pass over the training images (see the module doc): i.i.d. without
+    ``sampler``, else drawn by ``sampler`` at ``batch_size``; sets the running statistics with
+    ``estimator`` and returns ``precise_bn``'s table. Call inside ``preserved``."""
+    if sampler is None:
+        inputs = input_batches(data.train, cfg.precise_samples, cfg.precise_batch_size or batch_size,
+                               pipe, seed, "precise", augment=True)
+    else:
+        inputs = sampler_batches(data.train, sampler, cfg.precise_samples, batch_size, pipe, seed,
+                                 "precise_sampler", augment=True)
+    return precise_bn(model, inputs, pipe, estimator)
 
 
-def _adapted(model, data, pipe, cfg, batch_size, seed):
-    inputs = input_batches(data.test, min(cfg.adapt_samples or len(data.test), len(data.test)),
-                           cfg.precise_batch_size or batch_size, pipe, seed, "adapted", augment=False)
-    precise_bn(model, inputs, pipe)
-    return evaluate(model, data.test.x, data.test.y, pipe, cfg.batch_size), {}
+def _precise_mode(name: str, loader: str, estimator: str) -> None:
+    def mode(model, data, pipe, cfg, batch_size, seed, sampler=None):
+        if loader == "sampler" and sampler is None:
+            raise ValueError(f"eval mode {name} draws its pass with the training sampler: pass sampler=")
+        table = precise_pass(model, data, pipe, cfg, batch_size, seed,
+                             sampler if loader == "sampler" else None, estimator)
+        info = {"pass": "precise" if loader == "iid" else "precise_sampler", "layers": table}
+        return evaluate(model, data.test.x, data.test.y, pipe, cfg.batch_size), info
+    MODES.register(name)(mode)
 
 
-def _batch(model, data, pipe, cfg, batch_size, seed):
+_precise_mode("precise", "iid", "pooled")
+_precise_mode("precise_bvar", "iid", "bvar")
+_precise_mode("precise_sampler", "sampler", "pooled")
+_precise_mode("precise_sampler_bvar", "sampler", "bvar")
+
+
+@MODES.register("batch")
+def _batch(model, data, pipe, cfg, batch_size, seed, sampler=None):
     model.eval()
     for _, m in bn_layers(model):
         m.forward = _batch_stat_forward(m)  # removed again by ``preserved``
     return score(model, batch_mode_batches(data.test, cfg.batch_size, seed), pipe), {}
 
 
-MODES = {"ema": _ema, "precise": _precise, "batch": _batch, "adapted": _adapted}
+@MODES.register("batch_sampler")
+def _batch_sampler(model, data, pipe, cfg, batch_size, seed, sampler=None):
+    if sampler is None:
+        raise ValueError("eval mode batch_sampler draws test batches with the training sampler: pass sampler=")
+    bn_train_mode(model)  # each layer normalizes as in training (ghost chunks), momentum 0
+    set_plain(model, True)  # restored by ``preserved``
+    batches = ((data.test.x.index_select(0, b), data.test.y.index_select(0, b), len(b))
+               for b in (i.to(data.test.x.device) for i in
+                         sampler_indices(sampler, data.test.y, batch_size, seed, "batch_sampler")))
+    return score(model, batches, pipe), {}
+
+
+@MODES.register("adapted")
+def _adapted(model, data, pipe, cfg, batch_size, seed, sampler=None):
+    inputs = input_batches(data.test, min(cfg.adapt_samples or len(data.test), len(data.test)),
+                           cfg.precise_batch_size or batch_size, pipe, seed, "adapted", augment=False)
+    precise_bn(model, inputs, pipe)
+    return evaluate(model, data.test.x, data.test.y, pipe, cfg.batch_size), {}
 
 
 def run_mode(mode: str, model: nn.Module, data: DataBundle, pipe, cfg: EvalConfig,
-             train_batch_size: int, seed: int) -> tuple[dict, dict]:
-    """Test loss/acc/ece of ``model`` under ``mode`` and the mode's details; the model is unchanged."""
+             train_batch_size: int, seed: int, sampler: Optional[SamplerConfig] = None) -> tuple[dict, dict]:
+    """Test loss/acc/ece of ``model`` under ``mode`` and the mode's details; the model is unchanged.
+    ``sampler``: the training sampler's section, for the ``*_sampler`` modes."""
     with preserved(model):
-        return MODES[mode](model, data, pipe, cfg, train_batch_size, seed)
+        return MODES.get(mode)(model, data, pipe, cfg, train_batch_size, seed, sampler)
 
 
 def evaluate_modes(model: nn.Module, data: DataBundle, pipe, cfg: EvalConfig, train_batch_size: int,
-                   seed: int, modes: Optional[Iterable[str]] = None, run_dir=None) -> ModeResults:
+                   seed: int, modes: Optional[Iterable[str]] = None, run_dir=None,
+                   sampler: Optional[SamplerConfig] = None) -> ModeResults:
     """Evaluate ``model`` on the test set under each of ``modes`` (default ``cfg.modes``) and the
     default mode; the model is left exactly as it was.
 
     ``metrics``: ``test_acc.<mode>``, ``test_loss.<mode>``, ``ece.<mode>`` for each mode that
     applies; ``test_acc``, ``test_loss``, ``ece`` of ``cfg.default_mode`` (of ``ema``, i.e. plain
-    eval, when that mode was skipped); ``precise.var_ratio`` (mean-of-batch-variances / pooled
-    variance), ``precise.ema_var_ratio`` (EMA / pooled) and ``precise.ema_mean_shift`` (|EMA -
-    pooled mean| / pooled std), each a mean over layers and channels. With ``run_dir``, precise's
-    per-layer table goes to ``<run_dir>/precise_stats.json``.
+    eval, when that mode was skipped); per precise pass (``precise`` for the i.i.d. one,
+    ``precise_sampler``) ``<pass>.var_ratio`` (mean-of-batch-variances / pooled variance),
+    ``<pass>.ema_var_ratio`` (EMA / pooled) and ``<pass>.ema_mean_shift`` (|EMA - pooled mean| /
+    pooled std), each a mean over layers and channels. With ``run_dir``, the passes' per-layer
+    tables (rows with a ``pass`` key) go to ``<run_dir>/precise_stats.json``.
     """
     wanted = list(dict.fromkeys([*(cfg.modes if modes is None else modes), cfg.default_mode]))
     has_bn = bool(bn_layers(model))
-    metrics, skipped = {}, {}
+    metrics, skipped, tables = {}, {}, {}
     for mode in wanted:
         if mode != "ema" and not has_bn:
             skipped[mode] = "no BatchNorm layers: no statistics to choose (same as ema)"
             continue
-        result, info = run_mode(mode, model, data, pipe, cfg, train_batch_size, seed)
-        for key in ("acc", "loss", "ece"):
-            metrics[f"test_{key}.{mode}" if key != "ece" else f"ece.{mode}"] = result[key]
+        result, info = run_mode(mode, model, data, pipe, cfg, train_batch_size, seed, sampler)
+        _put_scores(metrics, mode, result)
         if "layers" in info:
-            _precise_summary(metrics, info["layers"], run_dir)
+            tables[info["pass"]] = info["layers"]
     source = cfg.default_mode if cfg.default_mode not in skipped else "ema"
     if f"test_acc.{source}" not in metrics:
-        result, _ = run_mode("ema", model, data, pipe, cfg, train_batch_size, seed)
-        metrics.update({"test_acc.ema": result["acc"], "test_loss.ema": result["loss"], "ece.ema": result["ece"]})
+        _put_scores(metrics, "ema", run_mode("ema", model, data, pipe, cfg, train_batch_size, seed)[0])
     for key in ("test_acc", "test_loss", "ece"):
         metrics[key] = metrics[f"{key}.{source}"]
+    _precise_summary(metrics, tables, run_dir)
     return ModeResults(metrics, skipped, {"default_mode": cfg.default_mode, "test_acc_from": source})
 
 
-def _precise_summary(metrics: dict, table: list[dict], run_dir) -> None:
-    for key in ("var_ratio", "ema_var_ratio", "ema_mean_shift"):
-        metrics[f"precise.{key}"] = sum(row[key] for row in table) / max(len(table), 1)
-    if run_dir is not None:
-        records.write_json_atomic(run_dir / PRECISE_STATS, table)
+def _put_scores(metrics: dict, mode: str, result: dict) -> None:
+    metrics.update({f"test_acc.{mode}": result["acc"], f"test_loss.{mode}": result["loss"],
+                    f"ece.{mode}": result["ece"]})
+
+
+def _precise_summary(metrics: dict, tables: dict, run_dir) -> None:
+    for name, table in tables.items():
+        for key in ("var_ratio", "ema_var_ratio", "ema_mean_shift"):
+            metrics[f"{name}.{key}"] = sum(row[key] for row in table) / max(len(table), 1)
+    if run_dir is not None and tables:
+        rows = [{"pass": name, **row} for name, table in tables.items() for row in table]
+        records.write_json_atomic(Path(run_dir) / records.PRECISE_STATS, rows)
+
+
+# ----------------------------------------------------------------------------- post hoc
+
+def rescore_precise(run_dir, samples: list[int], device: str = "cpu", *, repeats: int = 1,
+                    mode: str = "precise") -> list[dict]:
+    """Test scores of a finished run's saved model with precise BN over N training images, for
+    each N in ``samples`` and draws ``r < repeats`` (draw r uses seed ``run seed + 1000 r``, so
+    r = 0 at the run's own N reproduces its ``test_acc.<mode>``): rows ``samples, repeat,
+    test_acc, test_loss``. ``mode``: any precise mode. The same code path as the run's own mode
+    (``run_mode``), on the model ``runs.load_run`` rebuilds. Cached in ``<run>/precise_vs_n.json``;
+    recomputed when the samples, repeats or mode differ.
+    """
+    if not mode.startswith("precise"):
+        raise ValueError(f"mode={mode!r}: rescore_precise takes a precise mode "
+                         f"({', '.join(m for m in MODES if m.startswith('precise'))})")
+    path = Path(run_dir) / records.PRECISE_VS_N
+    key = {"samples": [int(n) for n in samples], "repeats": repeats, "mode": mode}
+    if path.exists():
+        cached = json.loads(path.read_text())
+        if {k: cached.get(k) for k in key} == key:
+            return cached["rows"]
+    from .runs import load_run  # runs imports train, which imports this module
+
+    run = load_run(run_dir, device)
+    cfg, rows = run.config, []
+    for n in key["samples"]:
+        eval_cfg = dataclasses.replace(cfg.eval, precise_samples=n)
+        for r in range(repeats):
+            result, _ = run_mode(mode, run.model, run.data, run.pipe, eval_cfg, cfg.data.batch_size,
+                                 cfg.seed + 1000 * r, cfg.sampler)
+            rows.append({"samples": n, "repeat": r, "test_acc": result["acc"], "test_loss": result["loss"]})
+    records.write_json_atomic(path, {**key, "rows": rows})
+    return rows

@@ -1,12 +1,21 @@
-"""``fit()``: build the model, train it, evaluate it, and record everything in the run folder."""
+"""``fit()``: build the model, train it, evaluate it, and record everything in the run folder.
+
+``fit`` reads as the methods section: ``set_up`` (data, sampler, model, input pipeline,
+optimizer, schedule, probes), ``resume`` (from ``last.pt``), ``run_epoch`` for each epoch (train,
+evaluate, record, checkpoint), ``summarize`` (every eval mode, ``summary.json``). FrozenBN
+(``norm.freeze_after``) is done as Wu & Johnson 2021 do it: right before the first step whose
+training fraction reaches ``freeze_after`` (the step at which ``set_progress`` freezes the
+layers), the running statistics are re-estimated precisely and frozen (``stats.freeze_precisely``).
+"""
 from __future__ import annotations
 
 import dataclasses
 import logging
 import math
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -21,7 +30,8 @@ from .probes import Probes
 from .progress import RunProgress
 from .runtime import (device_name, resolve_device, resolve_precision, seed_everything,
                       set_threads)
-from .sampling import build_sampler
+from .sampling import BatchSampler, build_sampler
+from .moments import freeze_precisely
 from .stats import ModeResults, evaluate_modes, run_mode
 
 log = logging.getLogger(__name__)
@@ -60,29 +70,31 @@ def lr_factor(cfg: OptimConfig, steps_per_epoch: int) -> Callable[[int], float]:
     return factor
 
 
-def train_epoch(model, optimizer, scheduler, data: DataBundle, batches, pipe: Pipeline,
-                cfg: Config, first_step: int, total_steps: int,
-                probe: Callable[[int], None] = lambda step: None) -> dict:
-    """One pass over ``batches``. Returns running loss/acc, or ``diverged`` on a non-finite loss.
-    ``probe(step)`` runs before each update (``Probes.maybe_record``: a no-op unless due)."""
+def train_epoch(model, optimizer, scheduler, train: Split, batches, pipe: Pipeline, first_step: int,
+                total_steps: int, label_smoothing: float = 0.0, grad_clip: Optional[float] = None,
+                before_step: Callable[[int], None] = lambda step: None) -> dict:
+    """One pass over ``batches`` (index tensors into ``train``). Returns running loss/acc, or
+    ``diverged`` on a non-finite loss. ``before_step(step)`` runs before each update, ``step``
+    counting the updates done (probes, FrozenBN's freeze); then ``set_progress`` tells the norm
+    layers the training fraction."""
     model.train()
     device = pipe.device
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
     seen = 0
     for i, idx in enumerate(batches):
-        probe(first_step + i)
+        before_step(first_step + i)
         set_progress(model, (first_step + i) / total_steps)
         idx = idx.to(device, non_blocking=True)
-        x = pipe.prep(data.train.x.index_select(0, idx), train=True)
-        y = data.train.y.index_select(0, idx)
+        x = pipe.prep(train.x.index_select(0, idx), train=True)
+        y = train.y.index_select(0, idx)
         with pipe.amp():
             logits = model(x)
-        loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.optim.label_smoothing)
+        loss = F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        if cfg.optim.grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+        if grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
         optimizer.step()
         scheduler.step()
         loss_sum += loss.detach() * len(idx)
@@ -96,6 +108,17 @@ def train_epoch(model, optimizer, scheduler, data: DataBundle, batches, pipe: Pi
             "step": first_step + len(batches), "images": seen}
 
 
+def freeze_step(freeze_after: Optional[float], total_steps: int) -> Optional[int]:
+    """The first step s < ``total_steps`` with s / total_steps >= ``freeze_after`` (the test
+    ``set_progress`` applies), or None when training never gets there."""
+    if freeze_after is None:
+        return None
+    s = max(math.ceil(freeze_after * total_steps) - 1, 0)
+    while s / total_steps < freeze_after:  # ceil of a rounded product can be one off
+        s += 1
+    return s if s < total_steps else None
+
+
 def build(cfg: Config, num_classes: int, device: torch.device) -> torch.nn.Module:
     """The model of ``cfg`` for the input shape of ``cfg.data`` (``data.SPECS``: the shape
     ``load_data`` checks its images against) on ``device``, seeded, in channels_last when asked."""
@@ -106,14 +129,62 @@ def build(cfg: Config, num_classes: int, device: torch.device) -> torch.nn.Modul
     return model
 
 
+@dataclass
+class Session:
+    """Everything ``set_up`` builds for one run; the steps of ``fit`` share it."""
+    cfg: Config
+    run_dir: Path
+    device: torch.device
+    precision: str
+    data: DataBundle
+    sampler: BatchSampler
+    model: torch.nn.Module
+    forward: torch.nn.Module  # the model, or its torch.compile wrapper
+    pipe: Pipeline
+    generator: torch.Generator
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    probes: Probes
+    tuned: Optional[finetune.Started]
+    total_steps: int
+    freeze_at: Optional[int]
+    tracker: Optional[loggers.Logger] = None  # logger=...: set once resume knows the first step
+
+
+@dataclass
+class Progress:
+    """What a resumed run takes over from ``last.pt``: epoch rows, timing, steps done."""
+    history: list = field(default_factory=list)
+    timing: dict = field(default_factory=lambda: {"train_seconds": 0.0, "train_images": 0, "wall": 0.0})
+    step: int = 0
+    start_epoch: int = 0
+    resumed: bool = False
+    started: float = 0.0  # time.time() of this attempt
+    prior_wall: float = 0.0  # wall time spent before an interruption counts too
+
+
 def fit(cfg: Config, run_dir: Path, provenance: dict | None = None) -> dict:
     """Train one model as ``cfg`` says and write its records into ``run_dir``; return the summary.
 
     A non-finite training loss ends the run with status ``diverged`` (a result, not an error).
     Exceptions propagate; the entry point records them as ``failed``.
     """
-    run_dir = Path(run_dir)
     started = time.time()
+    run = set_up(cfg, Path(run_dir))
+    progress = resume(run, started)
+    run.tracker = loggers.make(run.cfg.logger, run.run_dir, progress.step)
+    bar = RunProgress(run.cfg.progress, run.cfg.optim.epochs, len(run.sampler), run.cfg.data.batch_size)
+    diverged_at = None
+    for epoch in range(progress.start_epoch, run.cfg.optim.epochs):
+        diverged_at = run_epoch(run, progress, epoch, bar)
+        if diverged_at:
+            break
+    bar.close()
+    return summarize(run, progress, diverged_at, provenance)
+
+
+def set_up(cfg: Config, run_dir: Path) -> Session:
+    """Seeds, data, sampler, model, input pipeline, optimizer, schedule and probes of ``cfg``."""
     cfg, source = finetune.resolve(cfg)  # with finetune.from: the source run's model/norm sections
     device = resolve_device(cfg.device)
     precision = resolve_precision(cfg.precision, device)
@@ -123,103 +194,142 @@ def fit(cfg: Config, run_dir: Path, provenance: dict | None = None) -> dict:
     sampler = build_sampler(cfg.sampler, data.train.y.cpu(), cfg.data.batch_size, cfg.seed)
     model = build(cfg, data.num_classes, device)
     generator = torch.Generator(device=device).manual_seed(cfg.seed + 1)
-    pipe = Pipeline(device, precision, data.mean, data.std, cfg.channels_last, cfg.data.augment, generator, data.pad, data.flip)
+    pipe = make_pipeline(cfg, data, device, precision, generator)
     # source weights, source input normalization, BN mode; before the optimizer sees the params
     tuned = finetune.start(model, source, cfg, data, pipe) if source else None
     optimizer = make_optimizer(model, cfg.optim, cfg.data.batch_size)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg.optim, len(sampler)))
-    forward = torch.compile(model) if cfg.compile else model
     probes = Probes(cfg.probes, model, data, pipe, cfg.data.batch_size, cfg.seed, run_dir,
                     lambda: optimizer.param_groups[0]["lr"], cfg.eval.batch_size)
     total_steps = cfg.optim.epochs * len(sampler)
     log.info("%s on %s, %s, %d train / %d test images, %d steps per epoch", cfg.model.name,
              device_name(device), precision, len(data.train.y), len(data.test.y), len(sampler))
+    return Session(cfg, run_dir, device, precision, data, sampler, model,
+                   torch.compile(model) if cfg.compile else model, pipe, generator, optimizer,
+                   scheduler, probes, tuned, total_steps, freeze_step(cfg.norm.freeze_after, total_steps))
 
-    resumed = load_last(run_dir, model=model, optimizer=optimizer, scheduler=scheduler,
-                        generator=generator) if cfg.checkpoint else None
-    history = resumed["history"] if resumed else []
-    timing = resumed["timing"] if resumed else {"train_seconds": 0.0, "train_images": 0, "wall": 0.0}
-    step = resumed["step"] if resumed else 0
-    start_epoch = resumed["epoch"] + 1 if resumed else 0
-    prior_wall = timing["wall"]  # wall time spent before an interruption counts too
-    if resumed:
-        log.info("resuming %s after epoch %d", run_dir, start_epoch)
-    else:  # a fresh start must not append to the rows of an attempt killed before its checkpoint
-        (run_dir / records.METRICS).unlink(missing_ok=True)
-    bar = RunProgress(cfg.progress, cfg.optim.epochs, len(sampler), cfg.data.batch_size)
-    tracker = loggers.make(cfg.logger, run_dir, step)
-    status, diverged_at = "ok", None
-    for epoch in range(start_epoch, cfg.optim.epochs):
-        tic = time.perf_counter()
-        lr = optimizer.param_groups[0]["lr"]
-        result = train_epoch(forward, optimizer, scheduler, data, bar.track(sampler.batches(epoch), epoch),
-                             pipe, cfg, step, total_steps, probe=lambda at: probes.maybe_record(at, epoch))
-        step = result["step"]
-        if result["diverged"]:
-            status, diverged_at = "diverged", {"epoch": epoch, "step": step}
-            log.warning("non-finite loss in epoch %d (by step %d): run diverged", epoch, step)
-            break
-        seconds = time.perf_counter() - tic
-        timing["train_seconds"] += seconds
-        timing["train_images"] += result["images"]
-        # the default eval mode every epoch; every mode when eval.every_epoch (see stats)
-        test = evaluate_modes(model, data, pipe, cfg.eval, cfg.data.batch_size, cfg.seed,
-                              modes=cfg.eval.modes if cfg.eval.every_epoch else ()).metrics
-        row = {"epoch": epoch, "step": step, "lr": lr, "train_loss": result["loss"],
-               "train_acc": result["acc"], "test_loss": test["test_loss"], "test_acc": test["test_acc"],
-               "seconds": seconds, "images_per_s": result["images"] / seconds, **test}
-        history.append(row)
-        records.write_epoch(run_dir, row)
-        tracker.log_epoch(row, step)
-        probes.end_epoch(step, epoch)
-        log.info("epoch %d/%d  loss %.3f  train %.1f%%  test %.1f%%  %.0f img/s", epoch + 1,
-                 cfg.optim.epochs, row["train_loss"], 100 * row["train_acc"], 100 * row["test_acc"],
-                 row["images_per_s"])
-        bar.epoch_done(epoch, row["images_per_s"])
-        if cfg.checkpoint:
-            timing["wall"] = prior_wall + time.time() - started
-            save_last(run_dir, model=model, optimizer=optimizer, scheduler=scheduler,
-                      generator=generator, epoch=epoch, step=step, history=history, timing=timing)
-    bar.close()
 
-    final = final_metrics(model, data, pipe, cfg, run_dir) if status != "diverged" else None
+def make_pipeline(cfg: Config, data: DataBundle, device: torch.device, precision: str,
+                  generator: torch.Generator) -> Pipeline:
+    """How this run's uint8 images become model inputs (``fit`` and ``runs.load_run``)."""
+    return Pipeline(device, precision, data.mean, data.std, cfg.channels_last, cfg.data.augment, generator,
+                    data.pad, data.flip)
+
+
+def resume(run: Session, started: float) -> Progress:
+    """Restore an interrupted run from ``last.pt`` (when ``checkpoint``), else start fresh."""
+    saved = load_last(run.run_dir, model=run.model, optimizer=run.optimizer, scheduler=run.scheduler,
+                      generator=run.generator) if run.cfg.checkpoint else None
+    if not saved:  # a fresh start must not append to the rows of an attempt killed before its checkpoint
+        (run.run_dir / records.METRICS).unlink(missing_ok=True)
+        return Progress(started=started)
+    log.info("resuming %s after epoch %d", run.run_dir, saved["epoch"] + 1)
+    return Progress(saved["history"], saved["timing"], saved["step"], saved["epoch"] + 1, True,
+                    started, saved["timing"]["wall"])
+
+
+def run_epoch(run: Session, progress: Progress, epoch: int, bar: RunProgress) -> Optional[dict]:
+    """Train one epoch, evaluate, append its row to metrics.jsonl, probe, checkpoint. Returns
+    ``{"epoch", "step"}`` when the loss went non-finite (the run diverged), else None."""
+    cfg, tic, lr = run.cfg, time.perf_counter(), run.optimizer.param_groups[0]["lr"]
+    result = train_epoch(run.forward, run.optimizer, run.scheduler, run.data.train,
+                         bar.track(run.sampler.batches(epoch), epoch), run.pipe, progress.step,
+                         run.total_steps, cfg.optim.label_smoothing, cfg.optim.grad_clip,
+                         before_step=lambda at: before_step(run, at, epoch))
+    progress.step = result["step"]
+    if result["diverged"]:
+        log.warning("non-finite loss in epoch %d (by step %d): run diverged", epoch, progress.step)
+        return {"epoch": epoch, "step": progress.step}
+    seconds = time.perf_counter() - tic
+    progress.timing["train_seconds"] += seconds
+    progress.timing["train_images"] += result["images"]
+    # the default eval mode every epoch; every mode when eval.every_epoch (see stats)
+    test = evaluate_modes(run.model, run.data, run.pipe, cfg.eval, cfg.data.batch_size, cfg.seed,
+                          modes=cfg.eval.modes if cfg.eval.every_epoch else (), sampler=cfg.sampler).metrics
+    row = {"epoch": epoch, "step": progress.step, "lr": lr, "train_loss": result["loss"],
+           "train_acc": result["acc"], "test_loss": test["test_loss"], "test_acc": test["test_acc"],
+           "seconds": seconds, "images_per_s": result["images"] / seconds, **test}
+    progress.history.append(row)
+    records.write_epoch(run.run_dir, row)
+    run.tracker.log_epoch(row, progress.step)
+    run.probes.end_epoch(progress.step, epoch)
+    log.info("epoch %d/%d  loss %.3f  train %.1f%%  test %.1f%%  %.0f img/s", epoch + 1, cfg.optim.epochs,
+             row["train_loss"], 100 * row["train_acc"], 100 * row["test_acc"], row["images_per_s"])
+    bar.epoch_done(epoch, row["images_per_s"])
+    if cfg.checkpoint:
+        progress.timing["wall"] = progress.prior_wall + time.time() - progress.started
+        save_last(run.run_dir, model=run.model, optimizer=run.optimizer, scheduler=run.scheduler,
+                  generator=run.generator, epoch=epoch, step=progress.step, history=progress.history,
+                  timing=progress.timing)
+    return None
+
+
+def before_step(run: Session, step: int, epoch: int) -> None:
+    """Before update ``step``: FrozenBN's precise re-estimate and freeze when due, then probes."""
+    if step == run.freeze_at:
+        ev = run.cfg.eval
+        freeze_precisely(run.model, run.data.train, run.pipe, ev.precise_samples,
+                         ev.precise_batch_size or run.cfg.data.batch_size, run.cfg.seed)
+        log.info("FrozenBN: statistics re-estimated precisely and frozen before step %d", step)
+    run.probes.maybe_record(step, epoch)
+
+
+def summarize(run: Session, progress: Progress, diverged_at: Optional[dict],
+              provenance: Optional[dict]) -> dict:
+    """Score every eval mode, save model.pt, write summary.json (the commit point), drop last.pt."""
+    cfg, status = run.cfg, "diverged" if diverged_at else "ok"
+    final = final_metrics(run.model, run.data, run.pipe, cfg, run.run_dir) if not diverged_at else None
     metrics, skipped = (final.metrics, final.skipped) if final else ({}, {})
-    if tuned:  # the source model scored on the target before fine-tuning (test_acc.before_finetune)
-        metrics.update(tuned.metrics)
+    if run.tuned:  # the source model scored on the target before fine-tuning (test_acc.before_finetune)
+        metrics.update(run.tuned.metrics)
+    timing = progress.timing
     summary = {
         "status": status, "metrics": metrics, "config": to_dict(cfg),
         "train_images_per_s": (timing["train_images"] / timing["train_seconds"]
                                if timing["train_seconds"] else None),
         "skipped_modes": skipped, "default_mode": cfg.eval.default_mode,
-        "frozen_after": cfg.norm.freeze_after, "error": None, "diverged_at": diverged_at,
-        "resumed": bool(resumed), "finetune": tuned.info if tuned else None,
+        "frozen_after": cfg.norm.freeze_after,
+        # the step before which FrozenBN re-estimated and froze the statistics (None: it did not)
+        "frozen_at_step": run.freeze_at if run.freeze_at is not None and progress.step > run.freeze_at else None,
+        "error": None, "diverged_at": diverged_at,
+        "resumed": progress.resumed, "finetune": run.tuned.info if run.tuned else None,
         # provenance: the entry point's ``overrides`` and ``choices``, commit, versions, times
-        **records.provenance(started, device=device_name(device), precision=precision,
-                             wall_time_s=prior_wall + time.time() - started, **(provenance or {})),
+        **records.provenance(progress.started, device=device_name(run.device), precision=run.precision,
+                             wall_time_s=progress.prior_wall + time.time() - progress.started,
+                             **(provenance or {})),
     }
     if cfg.checkpoint:
-        save_model(run_dir, model, to_dict(cfg), data.num_classes, mean=pipe.mean, std=pipe.std)
-    records.write_json_atomic(run_dir / records.SUMMARY, summary)
-    tracker.log_probes(records.read_jsonl(run_dir / records.PROBES))
-    tracker.log_summary(summary)
-    tracker.close()
-    clear_last(run_dir)
+        save_model(run.run_dir, run.model, to_dict(cfg), run.data.num_classes, mean=run.pipe.mean, std=run.pipe.std)
+    records.write_json_atomic(run.run_dir / records.SUMMARY, summary)
+    run.tracker.log_probes(records.read_jsonl(run.run_dir / records.PROBES))
+    run.tracker.log_summary(summary)
+    run.tracker.close()
+    clear_last(run.run_dir)
     return summary
 
 
 def final_metrics(model, data: DataBundle, pipe: Pipeline, cfg: Config, run_dir=None) -> ModeResults:
     """The test set under every eval mode (``stats.evaluate_modes``: ``test_acc`` is the default
     mode's), train loss/accuracy on up to ``TRAIN_EVAL_MAX`` un-augmented training images scored
-    under the same statistics as ``test_acc``, and ``gen_gap = train_acc - test_acc``.
+    under the same statistics as ``test_acc``, and ``gen_gap = train_acc - test_acc``; when the
+    ``precise`` mode was scored, also ``train_acc.precise``, ``train_loss.precise`` and
+    ``gen_gap.precise`` (train and test both under the precise statistics).
 
     Same statistics on both sides, so the gap measures memorization and not, say, the variance
     shift of dropout before BN (which lowers EMA-scored train and test accuracy alike).
     """
-    modes = evaluate_modes(model, data, pipe, cfg.eval, cfg.data.batch_size, cfg.seed, run_dir=run_dir)
+    modes = evaluate_modes(model, data, pipe, cfg.eval, cfg.data.batch_size, cfg.seed, run_dir=run_dir,
+                           sampler=cfg.sampler)
     n = min(len(data.train.y), TRAIN_EVAL_MAX)
     train_as_test = dataclasses.replace(data, test=Split(data.train.x[:n], data.train.y[:n]))
-    train, _ = run_mode(modes.extra["test_acc_from"], model, train_as_test, pipe, cfg.eval,
-                        cfg.data.batch_size, cfg.seed)
-    metrics = {"train_acc": train["acc"], "train_loss": train["loss"], **modes.metrics}
-    metrics["gen_gap"] = train["acc"] - metrics["test_acc"]
+    source = modes.extra["test_acc_from"]
+    scored = {mode: run_mode(mode, model, train_as_test, pipe, cfg.eval, cfg.data.batch_size,
+                             cfg.seed, cfg.sampler)[0]
+              for mode in dict.fromkeys([source, "precise"]) if f"test_acc.{mode}" in modes.metrics}
+    metrics = {"train_acc": scored[source]["acc"], "train_loss": scored[source]["loss"], **modes.metrics}
+    metrics["gen_gap"] = scored[source]["acc"] - metrics["test_acc"]
+    if "precise" in scored:
+        metrics.update({"train_acc.precise": scored["precise"]["acc"],
+                        "train_loss.precise": scored["precise"]["loss"],
+                        "gen_gap.precise": scored["precise"]["acc"] - metrics["test_acc.precise"]})
     return modes._replace(metrics=metrics)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 
 import pytest
 import torch
@@ -72,20 +73,28 @@ def by_hand(model, x, batch_stats: bool):
     return pre, model[8](h.mean((2, 3)))
 
 
-def test_activation_percentiles_are_torch_quantile_of_the_second_conv_output():
+def test_activations_follow_one_unit_of_the_nonlinearitys_input():
+    """Ioffe & Szegedy's Fig. 1: one unit's input to the nonlinearity, i.e. the second BN's output
+    (batch statistics, gamma, beta) before the ReLU, in one fixed channel."""
     model = two_conv_bn()
     x = torch.randn(8, 3, 6, 6, generator=torch.Generator().manual_seed(1))
     layer = probes.default_layer(model)
-    assert layer == "4"  # the second norm layer, whose input is the second conv's output
+    assert layer == "5"  # the ReLU after the second norm layer
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with stats.preserved(model):
-        rows = probes.activation_percentiles(model, x, RawPipe(), layer)
+        unit = probes.pick_unit(model, layer, x, seed=0, unit=None)
+        assert unit == probes.pick_unit(model, layer, x, seed=0, unit=None)  # chosen by the seed
+        rows = probes.activation_percentiles(model, x, RawPipe(), layer, unit)
     with torch.no_grad():
         pre, _ = by_hand(model, x, batch_stats=True)
-    expected = torch.quantile(pre.flatten(), torch.tensor([0.15, 0.5, 0.85]))
+        bn_out = F.batch_norm(pre, None, None, model[4].weight, model[4].bias, training=True, eps=model[4].eps)
+    expected = torch.quantile(bn_out[:, unit].flatten(), torch.tensor([0.15, 0.5, 0.85]))
     assert [r["name"] for r in rows] == ["activations.p15", "activations.p50", "activations.p85"]
     assert [r["value"] for r in rows] == pytest.approx(expected.tolist(), abs=1e-6)
+    assert {r["unit"] for r in rows} == {unit} and 0 <= unit < 5
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    with pytest.raises(ValueError, match=r"probes\.unit=7"):
+        probes.pick_unit(model, layer, x, seed=0, unit=7)
 
 
 def test_discrepancy_is_batch_stat_minus_ema_on_the_same_images():
@@ -105,28 +114,64 @@ def test_discrepancy_is_batch_stat_minus_ema_on_the_same_images():
     assert got["discrepancy.logit"] == pytest.approx((batch - ema).abs().mean().item(), rel=1e-5)
 
 
-@pytest.mark.parametrize("p", [0.0, 0.2, 0.5])
-def test_variance_shift_of_dropout_before_bn_is_one_over_one_minus_p(p):
-    # Dropout(p) -> 1x1 conv (weight 2) -> BN on zero-mean inputs: in train mode the BN input has
-    # variance 4 E[x^2] / (1 - p), in eval mode 4 E[x^2]; so running_var / real var ~ 1 / (1 - p).
+def dropout_conv_bn(p, relu: bool, seed=3):
+    """Dropout(p) -> 1x1 conv (weight 2) -> BN, trained with momentum None on inputs that are
+    N(0, 1) or, with ``relu``, ReLU of N(0, 1) (mean 1 / sqrt(2 pi) != 0); and probe batches."""
     torch.manual_seed(0)
     conv = identity_conv()
     with torch.no_grad():
         conv.weight.fill_(2.0)
     bn = nn.BatchNorm2d(1, momentum=None)  # cumulative average: running_var is the plain mean
     model = nn.Sequential(nn.Dropout(p), conv, bn).train()
-    g = torch.Generator().manual_seed(3)
-    train = [torch.randn(64, 1, 8, 8, generator=g) for _ in range(100)]
+    g = torch.Generator().manual_seed(seed)
+    draw = lambda: torch.randn(64, 1, 8, 8, generator=g).clamp_min(0.0 if relu else -float("inf"))
     with torch.no_grad():
-        for x in train:
-            model(x)
-    probe = [torch.randn(64, 1, 8, 8, generator=g) for _ in range(20)]
+        for _ in range(100):
+            model(draw())
+    return model, bn, [draw() for _ in range(20)]
+
+
+def shift_rows(model, probe):
     with stats.preserved(model):
-        [row] = probes.variance_shift(model, probe, RawPipe())
-    real = torch.var(torch.cat(probe).double() * 2.0)
-    assert row["value"] == pytest.approx((bn.running_var.double() / real).item(), rel=1e-5)
-    assert row["value"] == pytest.approx(1 / (1 - p), rel=0.03)
+        rows = {r["name"]: r["value"] for r in probes.variance_shift(model, probe, RawPipe())}
     assert model.training  # restored
+    return rows
+
+
+@pytest.mark.parametrize("p", [0.0, 0.2, 0.5])
+def test_variance_shift_of_dropout_before_bn_is_one_over_one_minus_p(p):
+    # Dropout(p) -> 1x1 conv (weight 2) -> BN on zero-mean inputs: in train mode the BN input has
+    # variance 4 E[x^2] / (1 - p), in eval mode 4 E[x^2]; so running_var / real var ~ 1 / (1 - p).
+    model, bn, probe = dropout_conv_bn(p, relu=False)
+    rows = shift_rows(model, probe)
+    real = torch.var(torch.cat(probe).double() * 2.0)
+    ratio = (bn.running_var.double() / real).item()
+    assert rows["variance_shift.abs_log"] == pytest.approx(abs(math.log(ratio)), rel=1e-5, abs=1e-9)
+    assert rows["variance_shift.max"] == pytest.approx(max(ratio, 1 / ratio), rel=1e-5)
+    assert rows["variance_shift.max"] == pytest.approx(1 / (1 - p), rel=0.03)
+
+
+@pytest.mark.parametrize("p", [0.2, 0.5])
+def test_variance_shift_after_relu_counts_variances_not_second_moments(p):
+    # After ReLU the input has mean m = 1 / sqrt(2 pi) and E[x^2] = 1/2. Train mode: dropout keeps
+    # E[x] and makes E[x^2] = 1 / (2 (1 - p)), so the train/eval variance ratio is
+    # (1 / (2 (1 - p)) - m^2) / (1/2 - m^2), larger than 1 / (1 - p), the second-moment ratio.
+    model, bn, probe = dropout_conv_bn(p, relu=True)
+    m2 = 1 / (2 * math.pi)
+    expected = (0.5 / (1 - p) - m2) / (0.5 - m2)
+    assert shift_rows(model, probe)["variance_shift.max"] == pytest.approx(expected, rel=0.03)
+    assert expected > 1.05 / (1 - p)  # 3% tolerance tells variances from second moments
+
+
+def test_variance_shift_channels_above_and_below_one_do_not_cancel():
+    model = nn.Sequential(identity_conv(2), nn.ReLU(), nn.BatchNorm2d(2))
+    probe = [torch.randn(16, 2, 4, 4, generator=torch.Generator().manual_seed(i)) + 0.5 for i in range(4)]
+    real = torch.var(torch.cat(probe).clamp_min(0).double(), dim=(0, 2, 3))
+    with torch.no_grad():
+        model[2].running_var.copy_(real * torch.tensor([1.5, 0.5], dtype=torch.float64))
+    rows = shift_rows(model, probe)  # the mean ratio is (1.5 + 0.5) / 2 = 1: no shift, wrongly
+    assert rows["variance_shift.abs_log"] == pytest.approx((math.log(1.5) + math.log(2)) / 2, rel=1e-5)
+    assert rows["variance_shift.max"] == pytest.approx(2.0, rel=1e-5)
 
 
 def test_weight_norms_and_effective_lr_only_where_a_norm_follows():
@@ -172,6 +217,7 @@ def test_recorder_runs_every_probe_leaves_the_model_alone_and_is_silent_when_off
     rows = records.read_jsonl(tmp_path / records.PROBES)
     assert sorted({r["step"] for r in rows}) == [0, 5]
     assert {r["name"].split(".")[0] for r in rows} == set(cfg.probes.names)
+    assert len({r["unit"] for r in rows if r["name"].startswith("activations")}) == 1  # one fixed unit
     assert all(set(r) >= {"step", "epoch", "layer", "name", "value"} for r in rows)
     assert {r["batch_size"] for r in rows if r["name"] == "noise.mean"} == {4, 8, 16}
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items()) and model.training
@@ -196,7 +242,7 @@ def test_probes_work_without_norm_layers(tmp_path, monkeypatch):
     rows = probes.Probes(cfg.probes, model, data, pipe, 16, cfg.seed, tmp_path, lambda: 0.1).record(0, 0)
     names = {r["name"].split(".")[0] for r in rows}
     assert names == {"calibration", "activations", "weight_norm"}  # no statistics to probe
-    assert {r["layer"] for r in rows if r["name"].startswith("activations")} == {"features.1.norm"}
+    assert {r["layer"] for r in rows if r["name"].startswith("activations")} == {"features.1.act"}
 
 
 def test_fit_with_probes_all_writes_every_probe_and_trains_exactly_as_without(tmp_path, monkeypatch):
@@ -223,3 +269,11 @@ def test_fit_with_probes_all_writes_every_probe_and_trains_exactly_as_without(tm
         assert 0 <= m[f"test_acc.{mode}"] <= 1 and m[f"ece.{mode}"] >= 0
     assert m["test_acc"] == m["test_acc.ema"] and on["skipped_modes"] == {}
     assert on["default_mode"] == "ema" and "frozen_after" in on
+
+
+def test_probe_registry_names_are_the_config_choices():
+    from bnexp import config
+
+    assert tuple(probes.PROBES) == config.PROBES
+    with pytest.raises(config.ConfigError, match=r"probes\.names='nosie'.*variance_shift"):
+        probes.PROBES.get("nosie")

@@ -3,6 +3,7 @@ vs F.batch_norm by hand, ECE vs a hand-made table, and every mode leaving the mo
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import math
 
@@ -11,10 +12,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bnexp import norms, stats, train
+from bnexp import config, moments, norms, records, stats, train
 from bnexp.train import Pipeline
 from bnexp.data import DataBundle, Split, load_data, normalize, seeded_generator
 from bnexp.models import build_model
+from bnexp.sampling import build_sampler
 from conftest import make_config
 
 
@@ -104,7 +106,7 @@ def tiny_setup(norm="bn", extra=(), n_train=96, n_test=50, seed=0):
 
 
 def model_state(model):
-    bn = [(m.momentum, getattr(m, "frozen", None)) for _, m in norms.bn_layers(model)]
+    bn = [(m.momentum, getattr(m, "frozen", None), getattr(m, "plain", None)) for _, m in norms.bn_layers(model)]
     return ({k: v.clone() for k, v in model.state_dict().items()},
             [m.training for m in model.modules()], bn, torch.get_rng_state())
 
@@ -112,13 +114,14 @@ def model_state(model):
 @pytest.mark.parametrize("norm", ["bn", "ghost_bn", "batch_renorm", "noisy_bn"])
 def test_every_mode_leaves_the_model_exactly_as_it_found_it(norm):
     cfg, model, data, pipe = tiny_setup(norm, ["model.dropout=0.3", "model.dropout_placement=before_norm",
-                                               "norm.noise_mul=0.2", "norm.virtual_batch=4"])
+                                               "norm.noise_mul=0.2", "norm.virtual_batch=4",
+                                               "sampler=pk", "sampler.p=2", "sampler.k=8"])
     model.train()
     norms.set_frozen(model, True)
     before, gen_state = model_state(model), pipe.generator.get_state()
     results = {}
     for mode in stats.MODES:
-        results[mode], _ = stats.run_mode(mode, model, data, pipe, cfg.eval, 16, cfg.seed)
+        results[mode], _ = stats.run_mode(mode, model, data, pipe, cfg.eval, 16, cfg.seed, cfg.sampler)
         after = model_state(model)
         assert after[0].keys() == before[0].keys()
         assert all(torch.equal(after[0][k], before[0][k]) for k in before[0]), mode
@@ -127,7 +130,7 @@ def test_every_mode_leaves_the_model_exactly_as_it_found_it(norm):
         assert not any("forward" in m.__dict__ for m in model.modules())
     assert torch.equal(pipe.generator.get_state(), gen_state)  # training's augmentation stream untouched
     # the modes really are different computations
-    assert len({round(r["loss"], 6) for r in results.values()}) == 4
+    assert len({round(r["loss"], 6) for r in results.values()}) == len(stats.MODES) == 8
     # and deterministic
     again, _ = stats.run_mode("batch", model, data, pipe, cfg.eval, 16, cfg.seed)
     assert again == results["batch"]
@@ -194,7 +197,7 @@ def test_precise_mode_recomputes_from_augmented_training_images_and_adapted_from
 def test_modes_are_skipped_with_a_reason_without_bn_and_default_mode_feeds_test_acc(tmp_path):
     cfg, model, data, pipe = tiny_setup("gn", ["eval.default_mode=precise"])
     out = stats.evaluate_modes(model, data, pipe, cfg.eval, 16, cfg.seed)
-    assert set(out.skipped) == {"precise", "batch", "adapted"}
+    assert set(out.skipped) == {"precise", "batch", "adapted"}  # the default modes, less ema
     assert all("no BatchNorm" in why for why in out.skipped.values())
     assert out.metrics["test_acc"] == out.metrics["test_acc.ema"]
     assert "test_acc.precise" not in out.metrics and out.extra["test_acc_from"] == "ema"
@@ -206,7 +209,7 @@ def test_modes_are_skipped_with_a_reason_without_bn_and_default_mode_feeds_test_
                                                                       "test_acc.precise"}
     assert out.metrics["test_loss"] == out.metrics["test_loss.precise"]
     assert out.metrics["ece"] == out.metrics["ece.precise"]
-    assert 0 < out.metrics["precise.var_ratio"] and (tmp_path / stats.PRECISE_STATS).exists()
+    assert 0 < out.metrics["precise.var_ratio"] and (tmp_path / records.PRECISE_STATS).exists()
 
 
 def test_statistics_stay_fp32_under_bf16_autocast():
@@ -257,3 +260,144 @@ def test_final_train_acc_uses_the_statistics_of_test_acc(mode):
     assert metrics["train_acc"] == pytest.approx(by_hand[mode], abs=1e-6)
     assert metrics["test_acc"] == metrics[f"test_acc.{mode}"]
     assert metrics["gen_gap"] == pytest.approx(metrics["train_acc"] - metrics["test_acc"])
+
+
+# ------------------------------------------------- normalization batches, estimators, samplers
+
+def test_registry_names_are_the_config_choices():
+    assert tuple(stats.MODES) == config.EVAL_MODES
+    with pytest.raises(config.ConfigError, match=r"eval\.modes='exact'.*precise_sampler_bvar"):
+        stats.MODES.get("exact")
+
+
+def test_ghost_bn_moments_are_per_chunk_with_the_remainder_weighted_by_size():
+    """Ghost BN normalizes chunks x[0:8], x[8:16], x[16:20] of a batch of 20 (and a batch of 5
+    whole): precise BN's moments must be those of each chunk, as torch.var_mean computes them."""
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.randn(20, 3, 4, 4, generator=g) * torch.arange(1, 21).view(-1, 1, 1, 1) / 5,
+               torch.randn(5, 3, 4, 4, generator=g) + 2.0]
+    chunks = [*batches[0].split(8), batches[1]]  # sizes 8, 8, 4, 5
+    model = nn.Sequential(norms.GhostBatchNorm2d(3, virtual_batch=8))
+    with stats.preserved(model):
+        stats.bn_train_mode(model)
+        got = stats.collect_moments(model, batches, RawPipe(), keep=True)["0"]
+    assert got.batches == 4 and got.batch_counts == [8 * 16, 8 * 16, 4 * 16, 5 * 16]
+    for chunk, mean, var in zip(chunks, got.batch_means, got.batch_vars):
+        want_var, want_mean = torch.var_mean(chunk, dim=(0, 2, 3), correction=0)
+        assert torch.allclose(mean, want_mean, atol=1e-6) and torch.allclose(var, want_var, rtol=1e-5)
+    sizes = torch.tensor([len(c) for c in chunks], dtype=torch.float64).view(-1, 1)
+    unbiased = torch.stack([torch.var(c.double(), dim=(0, 2, 3)) for c in chunks])
+    assert torch.allclose(got.mean_batch_var(), (sizes * unbiased).sum(0) / sizes.sum(), rtol=1e-6)
+    var, mean = torch.var_mean(torch.cat(batches).double(), dim=(0, 2, 3), correction=1)
+    assert torch.allclose(got.pooled()[0], mean, atol=1e-6) and torch.allclose(got.pooled()[1], var, rtol=1e-5)
+    stats.precise_bn(model, batches, RawPipe(), estimator="bvar")  # what precise_bvar sets
+    assert torch.allclose(model[0].running_var.double(), (sizes * unbiased).sum(0) / sizes.sum(), rtol=1e-5)
+
+
+def first_conv_out(model, x):
+    return model.features[0].conv(x).detach().double()
+
+
+def test_sampler_pass_estimators_differ_by_the_between_batch_variance():
+    """Class-sorted precise pass: pooled variance = within-batch + between-batch variance (law of
+    total variance); precise_sampler_bvar keeps only the first, precise_sampler both."""
+    cfg, model, data, pipe = tiny_setup(extra=["sampler=sorted"])
+    layer = norms.bn_layers(model)[0][1]
+    set_vars = {}
+    for estimator in moments.ESTIMATORS:
+        with stats.preserved(model):
+            stats.precise_pass(model, data, pipe, cfg.eval, 16, cfg.seed, cfg.sampler, estimator)
+            set_vars[estimator] = layer.running_var.double().clone()
+    # by hand: the same sorted batches (build_sampler, seed derived from (seed, tag)), first layer input
+    sampler = build_sampler(cfg.sampler, data.train.y, 16, seeded_generator(cfg.seed, "precise_sampler").initial_seed())
+    idx = sampler.batches(0)[:cfg.eval.precise_samples // 16]
+    assert all(len(set(data.train.y[b].tolist())) == 1 for b in idx)  # one class per batch
+    gen = dataclasses.replace(pipe, generator=seeded_generator(cfg.seed, "precise_sampler", "augment"))
+    with torch.no_grad():
+        outs = [first_conv_out(model, gen.prep(data.train.x[b], train=True)) for b in idx]
+    n = outs[0].numel() // outs[0].shape[1]
+    total = n * len(outs)
+    pooled, _ = torch.var_mean(torch.cat(outs), dim=(0, 2, 3), correction=1)
+    within = torch.stack([torch.var(o, dim=(0, 2, 3)) for o in outs]).mean(0)  # unbiased, equal sizes
+    between = torch.stack([o.mean((0, 2, 3)) for o in outs]).var(0, correction=0)
+    assert torch.allclose(set_vars["pooled"], pooled, rtol=1e-4)
+    assert torch.allclose(set_vars["bvar"], within, rtol=1e-4)
+    law = set_vars["pooled"] * (total - 1) / total - set_vars["bvar"] * (n - 1) / n
+    assert torch.allclose(law, between, rtol=1e-3, atol=1e-6)
+    assert (set_vars["bvar"] / set_vars["pooled"]).min() < 0.9  # the classes differ in brightness
+
+
+def test_batch_sampler_mode_normalizes_each_sampler_batch_of_the_test_set():
+    cfg, model, data, pipe = tiny_setup(extra=["sampler=sorted"], n_test=48)
+    got, _ = stats.run_mode("batch_sampler", model, data, pipe, cfg.eval, 16, cfg.seed, cfg.sampler)
+    sampler = build_sampler(cfg.sampler, data.test.y, 16, seeded_generator(cfg.seed, "batch_sampler").initial_seed())
+    with torch.no_grad():
+        logits = [(manual_forward(model, pipe.prep(data.test.x[b]), True), data.test.y[b]) for b in sampler.batches(0)]
+    assert all(len(set(y.tolist())) == 1 for _, y in logits)
+    loss = torch.cat([F.cross_entropy(z, y, reduction="none") for z, y in logits]).mean()
+    assert got["loss"] == pytest.approx(loss.item(), rel=1e-5)
+    batch, _ = stats.run_mode("batch", model, data, pipe, cfg.eval, 16, cfg.seed)
+    assert batch["loss"] != pytest.approx(got["loss"], rel=1e-3)  # i.i.d. test batches differ
+
+
+class SpyBN(norms.BatchNorm2d):
+    """A bnexp BN layer that notes the ``plain`` flag of every train-mode forward."""
+    seen: list
+
+    def _train_forward(self, x):
+        self.seen.append(self.plain)
+        return super()._train_forward(x)
+
+
+def test_statistics_passes_use_plain_batch_statistics_and_restore_the_flag():
+    from bnexp import probes
+
+    spy = SpyBN(3)
+    spy.seen = []
+    model = nn.Sequential(spy, nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    batches = sorted_batches()
+    with stats.preserved(model):
+        norms.set_plain(model, True)
+    assert spy.plain is False  # preserved restores it
+    stats.precise_bn(model, batches, RawPipe())
+    assert spy.seen == [True] * len(batches) and spy.plain is False
+    spy.seen.clear()
+    with stats.preserved(model):
+        probes.batch_noise(model, {40: batches}, RawPipe())
+        probes.discrepancy(model, batches, [torch.zeros(40, dtype=torch.long)] * 4, RawPipe())
+    assert spy.seen and all(spy.seen) and spy.plain is False
+
+
+def test_gen_gap_under_precise_statistics_scores_train_and_test_alike():
+    cfg, model, data, pipe = tiny_setup(extra=["eval.modes=[ema,precise]"])
+    metrics = train.final_metrics(model, data, pipe, cfg).metrics
+    with stats.preserved(model), torch.no_grad():
+        stats.precise_bn(model, stats.input_batches(data.train, 64, 16, pipe, cfg.seed, "precise", augment=True), pipe)
+        logits = model(pipe.prep(data.train.x))
+        acc = (logits.argmax(1) == data.train.y).float().mean().item()
+        loss = F.cross_entropy(logits, data.train.y).item()
+    assert metrics["train_acc.precise"] == pytest.approx(acc)
+    assert metrics["train_loss.precise"] == pytest.approx(loss, rel=1e-5)
+    assert metrics["gen_gap.precise"] == pytest.approx(acc - metrics["test_acc.precise"])
+    assert metrics["gen_gap"] == pytest.approx(metrics["train_acc"] - metrics["test_acc.ema"])
+
+
+def test_rescore_precise_reproduces_the_runs_own_precise_score_and_caches(tmp_path, monkeypatch):
+    from conftest import TINY
+    from bnexp import runs
+
+    cfg = make_config([*TINY, "optim.epochs=1", "data.synthetic_train=128", "data.batch_size=32",
+                       "data.synthetic_test=64", "eval.precise_samples=64", "eval.modes=[ema,precise]"])
+    summary = train.fit(cfg, tmp_path)
+    run = runs.load_run(tmp_path, "cpu")
+    assert run.config == cfg and not run.model.training
+    ema = stats.evaluate(run.model, run.data.test.x, run.data.test.y, run.pipe, 128)
+    assert ema["acc"] == pytest.approx(summary["metrics"]["test_acc.ema"])
+    rows = stats.rescore_precise(tmp_path, [64, 32], repeats=2)
+    assert [(r["samples"], r["repeat"]) for r in rows] == [(64, 0), (64, 1), (32, 0), (32, 1)]
+    assert rows[0]["test_acc"] == pytest.approx(summary["metrics"]["test_acc.precise"])
+    assert rows[0]["test_loss"] == pytest.approx(summary["metrics"]["test_loss.precise"], rel=1e-6)
+    assert rows[0]["test_loss"] != rows[1]["test_loss"]  # another draw of the 64 images
+    monkeypatch.setattr(runs, "load_run", None)  # cached: the model is not rebuilt
+    assert stats.rescore_precise(tmp_path, [64, 32], repeats=2) == rows
+    assert (tmp_path / records.PRECISE_VS_N).exists()

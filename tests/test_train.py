@@ -7,8 +7,10 @@ import subprocess
 import sys
 
 import pytest
+import torch
+import torch.nn.functional as F
 
-from bnexp import records, train
+from bnexp import norms, records, stats, train
 from conftest import TINY, make_config
 
 TIMING = {"seconds", "images_per_s"}
@@ -33,7 +35,7 @@ def test_training_lowers_loss_and_writes_records(tmp_path):
     assert m["test_acc"] > 0.2  # 10 classes: clearly above chance after 64 tiny steps
     assert on_disk["config"]["norm"]["name"] == "bn" and on_disk["precision"] == "fp32"
     assert on_disk["versions"]["torch"] and on_disk["train_images_per_s"] > 0
-    assert (run_dir / "model.pt").exists() and not (run_dir / "last.pt").exists()
+    assert (run_dir / records.MODEL).exists() and not (run_dir / records.LAST).exists()
 
 
 def test_same_seed_same_numbers_different_seed_differs(tmp_path):
@@ -68,7 +70,7 @@ def test_interrupted_run_resumes_to_identical_records(tmp_path, monkeypatch):
         run_fit(tmp_path, ["optim.epochs=3", "model.dropout=0.2"], "cut")
     monkeypatch.setattr(train, "save_last", real_save)
     cut_dir = tmp_path / "cut"
-    assert not (cut_dir / records.SUMMARY).exists() and (cut_dir / "last.pt").exists()
+    assert not (cut_dir / records.SUMMARY).exists() and (cut_dir / records.LAST).exists()
     resumed = train.fit(make_config([*TINY, "optim.epochs=3", "model.dropout=0.2"]), cut_dir)
 
     strip = lambda rows: [{k: v for k, v in r.items() if k not in TIMING} for r in rows]
@@ -136,7 +138,7 @@ def test_cli_diverged_run_exits_0_and_keeps_no_nan_weights(tmp_path):
                "progress=off"], cwd=tmp_path)
     [run_dir] = list((tmp_path / "scratch").iterdir())
     assert out.returncode == 0 and records.read_summary(run_dir)["status"] == "diverged"
-    assert not (run_dir / "model.pt").exists() and not (run_dir / "last.pt").exists()
+    assert not (run_dir / records.MODEL).exists() and not (run_dir / records.LAST).exists()
     from bnexp.checkpoint import load_model_state
 
     with pytest.raises(FileNotFoundError, match="diverged"):
@@ -187,3 +189,54 @@ def test_write_json_atomic_honours_the_umask(tmp_path):
         os.umask(old)
     assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o640  # mkstemp alone gives 0o600
     assert not list(tmp_path.glob(".a.json.*"))
+
+
+def vgg_bn_inputs(model, x):
+    """The input of every BN layer of a VGG (no dropout) in train mode with plain batch
+    statistics, written out with F.conv2d / F.batch_norm."""
+    inputs = []
+    for block in model.features:
+        if "pool" in block._modules:
+            x = F.max_pool2d(x, 2)
+        x = F.conv2d(x, block.conv.weight, block.conv.bias, padding=1)
+        inputs.append(x.double())
+        n = block.norm
+        x = F.relu(F.batch_norm(x, None, None, n.weight, n.bias, training=True, eps=n.eps))
+    return inputs
+
+
+@pytest.mark.parametrize("freeze_after,step", [(0.75, 48), (0.7, 45), (0.0, 0), (1.0, None)])
+def test_freeze_step_is_where_set_progress_freezes(freeze_after, step):
+    assert train.freeze_step(freeze_after, 64) == step
+    if step is not None:
+        assert step / 64 >= freeze_after and (step == 0 or (step - 1) / 64 < freeze_after)
+
+
+def test_frozen_bn_freezes_precise_statistics_and_training_loss_does_not_rise(tmp_path, monkeypatch):
+    """FrozenBN as Wu & Johnson: with a tiny momentum the EMA is stale (97% of its weight still on
+    the initial 0/1 buffers after 48 steps), so freezing it, as the old code did, sends the
+    training loss up (measured: 1.34 -> 2.68); frozen precise statistics keep it falling."""
+    real, seen = train.freeze_precisely, []
+
+    def spy(model, split, pipe, samples, batch_size, seed):
+        assert not any(m.frozen for _, m in norms.bn_layers(model))  # not frozen before
+        real(model, split, pipe, samples, batch_size, seed)
+        assert all(m.frozen for _, m in norms.bn_layers(model))
+        batches = list(stats.input_batches(split, samples, batch_size, pipe, seed, "freeze", augment=True))
+        with torch.no_grad():
+            per_layer = zip(*[vgg_bn_inputs(model, x) for x in batches])
+            want = [torch.var_mean(torch.cat(xs), dim=(0, 2, 3), correction=1) for xs in per_layer]
+        seen.append([(m.running_mean.double().clone(), m.running_var.double().clone(), w)
+                     for (_, m), w in zip(norms.bn_layers(model), want)])
+
+    monkeypatch.setattr(train, "freeze_precisely", spy)
+    summary, run_dir = run_fit(tmp_path, ["optim.epochs=8", "norm.momentum=0.001", "norm.freeze_after=0.75",
+                                          "checkpoint=false", "eval.modes=[ema]"])
+    [layers] = seen  # once, before step 48 = 0.75 * 8 epochs * 8 steps
+    assert summary["frozen_at_step"] == 48 and summary["frozen_after"] == 0.75
+    for mean, var, (want_var, want_mean) in layers:
+        torch.testing.assert_close(mean, want_mean, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(var, want_var, rtol=1e-4, atol=1e-6)
+    loss = [r["train_loss"] for r in records.read_jsonl(run_dir / records.METRICS)]
+    assert sum(loss[6:]) / 2 <= loss[5], loss  # epochs 6, 7 frozen; epoch 5 with batch statistics
+    assert summary["status"] == "ok"
