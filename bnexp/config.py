@@ -75,16 +75,28 @@ class DataConfig:
 @dataclass(frozen=True)
 class SamplerConfig:
     name: str
-    p: int
-    k: int
+    p: int       # pk: classes per group
+    k: int       # pk: examples per class per group
+    groups: int  # pk: P x K groups per batch, contiguous (batch = groups * p * k)
     alpha: float
 
     def check(self) -> None:
         _choice("sampler.name", self.name, SAMPLERS)
         _positive("sampler.p", self.p)
         _positive("sampler.k", self.k)
+        _positive("sampler.groups", self.groups)
+        if self.groups != 1 and self.name != "pk":
+            raise ConfigError(f"sampler.groups={self.groups} applies to sampler=pk only (class-sorted "
+                              "groups: sampler=pk sampler.p=1); other samplers need sampler.groups=1")
         if self.alpha <= 0:
             raise ConfigError(f"sampler.alpha={self.alpha} must be > 0")
+
+    def check_batch(self, batch_size: int) -> None:
+        """A P x K batch must add up: ``groups * p * k == batch_size`` (other samplers: no rule)."""
+        if self.name == "pk" and self.p * self.k * self.groups != batch_size:
+            raise ConfigError(
+                f"sampler=pk needs sampler.p * sampler.k == data.batch_size / sampler.groups, got "
+                f"{self.p} * {self.k} = {self.p * self.k} != {batch_size} / {self.groups}")
 
 
 @dataclass(frozen=True)
@@ -273,11 +285,7 @@ class Config:
             raise ConfigError(f"threads={self.threads} must be >= 0 (0 = torch's default)")
         for section in SECTIONS:
             getattr(self, section).check()
-        if self.sampler.name == "pk" and self.sampler.p * self.sampler.k != self.data.batch_size:
-            raise ConfigError(
-                f"sampler=pk needs sampler.p * sampler.k == data.batch_size, got "
-                f"{self.sampler.p} * {self.sampler.k} = {self.sampler.p * self.sampler.k} "
-                f"!= {self.data.batch_size}")
+        self.sampler.check_batch(self.data.batch_size)
 
 
 SECTIONS = {

@@ -3,28 +3,45 @@
 A sampler turns an epoch number into a list of int64 CPU index tensors into the training split,
 one per step, each of exactly ``batch_size`` indices. The list depends only on (seed, epoch), so a
 resumed run redraws the batches it would have seen, however often ``batches`` was called before.
-Within a batch the order is shuffled, so sub-batches (ghost BN) are random subsets of it.
 
 - ``iid``: a fresh permutation per epoch, cut into ``N // batch_size`` batches;
-- ``pk``: P classes x K examples per batch (metric-learning style);
+- ``pk``: ``groups`` contiguous P x K groups per batch (P classes x K examples each; all
+  ``groups * P`` classes of a batch distinct), shuffled within each group, so that ghost BN with
+  ``virtual_batch = P * K`` normalizes exactly one group per chunk. ``groups=1`` is the
+  metric-learning P x K batch; ``P=1`` gives class-sorted groups; with ``groups * P`` equal to
+  the number of classes every batch holds every class exactly K times (Ioffe 2017's setting:
+  each worker normalizes a few classes while the gradient sums over all of them);
 - ``sorted``: every batch from a single class;
 - ``dirichlet``: per batch, class proportions ``q ~ Dir(alpha * share)`` (Hsu et al. 2019,
   "Measuring the effects of non-identical data distribution"), ``share`` being each class's part of
   the examples not yet drawn this epoch: small alpha gives one-class batches, large alpha i.i.d.
-  ones, and drawing in proportion to what is left keeps coverage near one pass per epoch.
+  ones.
 
-The non-i.i.d. samplers draw each class from a per-epoch shuffle of its examples; a class that runs
-dry is reshuffled and drawn again, so small classes repeat rather than stall.
+An epoch of ``iid``, ``pk`` and ``dirichlet`` is one pass over the data: **no index appears twice
+in an epoch**. What the batch structure leaves out, and so the exact epoch guarantees:
+
+- ``dirichlet``: ``N // batch_size`` batches; the ``N mod batch_size`` examples left over are the
+  only ones not drawn, so each class's count per epoch is within ``batch_size`` of its share.
+- ``pk``: classes are drawn in whole blocks of K from a per-epoch shuffle of each class, so each
+  class gives up to K - 1 examples per epoch (a different few each epoch), and a class with fewer
+  than K examples is never drawn. A class appears at most once per batch, so it gets at most one
+  block per step; the number of steps is the largest S for which the blocks fill S batches under
+  that rule, and fewer than ``groups * P`` surplus blocks are dropped at random per epoch. A class
+  not capped by the one-per-batch rule gets within 2K of its share of the epoch's draws; under
+  ``groups * P`` = classes every class gets exactly K per batch (the smallest class then sets S).
+- ``sorted`` rounds each class to whole batches, topped up from a reshuffle of the class: up to
+  half a batch per class repeats (the one sampler that does).
 """
 from __future__ import annotations
 
-from typing import Callable, Protocol
+from typing import Protocol
 
 import numpy as np
 import torch
 
 from bnexp.config import ConfigError, SamplerConfig
 from bnexp.data import seeded_generator
+from bnexp.registry import Registry
 
 
 class BatchSampler(Protocol):
@@ -50,30 +67,49 @@ class IIDSampler:
 
 
 class PKSampler:
-    """P distinct classes x K examples per batch; ``N // (P * K)`` steps per epoch.
+    """``groups`` P x K groups per batch of ``groups * p * k``, every class of a batch distinct.
 
-    Classes are drawn per batch without replacement, with weights equal to the examples each has
-    left this epoch, so every example is used about once per epoch.
+    Batch layout: ``batch.view(groups, p * k)[g]`` is group g, p classes x k examples in random
+    order. Which classes share a batch, and a group, is drawn per step in proportion to the blocks
+    of K each class has left this epoch; a class with as many blocks left as steps remain is taken
+    for sure, which is what lets every block find a batch (see the module docstring).
     """
 
-    def __init__(self, labels: torch.Tensor, p: int, k: int, seed: int):
+    def __init__(self, labels: torch.Tensor, p: int, k: int, seed: int, groups: int = 1):
         self.members = _members_by_class(labels)
-        if p > len(self.members):
-            raise ConfigError(f"sampler.p={p} is larger than the {len(self.members)} classes in the "
-                              "training set")
-        self.p, self.k, self.seed, self.n = p, k, seed, labels.numel()
+        self.p, self.k, self.groups, self.seed = p, k, groups, seed
+        self.slots = p * groups  # distinct classes per batch
+        if self.slots > len(self.members):
+            raise ConfigError(f"sampler.p={p} x sampler.groups={groups} = {self.slots} distinct classes "
+                              f"per batch is more than the {len(self.members)} classes in the training set")
+        self.blocks = np.array([len(m) // k for m in self.members], dtype=np.int64)
+        if int((self.blocks > 0).sum()) < self.slots:
+            raise ConfigError(f"sampler=pk needs {self.slots} classes of at least sampler.k={k} examples; "
+                              f"the training set has {int((self.blocks > 0).sum())}")
+        self.steps = _max_steps(self.blocks, self.slots)
 
     def __len__(self) -> int:
-        return self.n // (self.p * self.k)
+        return self.steps
 
     def batches(self, epoch: int) -> list[torch.Tensor]:
         g = _generator("pk", self.seed, epoch)
-        pools = _ClassPools(self.members, g)
+        quota = _quota(self.blocks, self.steps, self.slots, g)
+        # block j of class c: the examples [j*k, (j+1)*k) of this epoch's shuffle of c
+        queues = [torch.from_numpy(m)[torch.randperm(len(m), generator=g)[: q * self.k]].view(q, self.k)
+                  for m, q in zip(self.members, quota.tolist())]
+        used = [0] * len(queues)
         out = []
-        for _ in range(len(self)):
-            # + 1e-3: a class whose shuffle is used up can still be picked when fewer than P have any left
-            chosen = torch.multinomial(torch.from_numpy(pools.remaining() + 1e-3), self.p, generator=g)
-            out.append(_shuffled([pools.take(c, self.k) for c in chosen.tolist()], g))
+        for classes in _schedule(quota, self.steps, self.slots, g):
+            order = classes[torch.randperm(self.slots, generator=g)].view(self.groups, self.p)
+            groups = []
+            for group in order.tolist():
+                blocks = []
+                for c in group:
+                    blocks.append(queues[c][used[c]])
+                    used[c] += 1
+                block = torch.cat(blocks)
+                groups.append(block[torch.randperm(len(block), generator=g)])
+            out.append(torch.cat(groups))
         return out
 
 
@@ -99,7 +135,8 @@ class SortedSampler:
 
 class DirichletSampler:
     """Per batch, class proportions ``q ~ Dir(alpha * share)``, then ``multinomial(batch_size, q)``
-    examples per class (see the module docstring); ``N // batch_size`` steps per epoch."""
+    examples per class, capped at what each class has left (the excess goes to the classes ``q``
+    favours next); ``N // batch_size`` steps per epoch, no index twice in an epoch."""
 
     def __init__(self, labels: torch.Tensor, batch_size: int, alpha: float, seed: int):
         self.members, self.batch_size, self.alpha, self.seed = _members_by_class(labels), batch_size, alpha, seed
@@ -114,36 +151,104 @@ class DirichletSampler:
         pools = _ClassPools(self.members, g)
         out = []
         for _ in range(len(self)):
-            left = pools.remaining().astype(np.float64)
-            share = left / left.sum() if left.sum() > 0 else np.full(len(left), 1 / len(left))
-            # floor: Dirichlet parameters must be > 0; an exhausted class is then (almost) never drawn
+            left = pools.remaining()
+            share = left / left.sum()  # > 0: at least one batch of examples is left
+            # floor: Dirichlet parameters must be > 0; an exhausted class then gets q ~ 0
             q = rng.dirichlet(self.alpha * np.maximum(share, 1e-9))
-            counts = rng.multinomial(self.batch_size, q / q.sum())
+            counts = _fit(rng.multinomial(self.batch_size, q / q.sum()), left, q)
             parts = [pools.take(int(c), int(counts[c])) for c in np.flatnonzero(counts)]
             out.append(_shuffled(parts, g))
         return out
 
 
-_Factory = Callable[[SamplerConfig, torch.Tensor, int, int], BatchSampler]
-SAMPLERS: dict[str, _Factory] = {
-    "iid": lambda cfg, labels, batch_size, seed: IIDSampler(labels, batch_size, seed),
-    "pk": lambda cfg, labels, batch_size, seed: PKSampler(labels, cfg.p, cfg.k, seed),
-    "sorted": lambda cfg, labels, batch_size, seed: SortedSampler(labels, batch_size, seed),
-    "dirichlet": lambda cfg, labels, batch_size, seed: DirichletSampler(labels, batch_size, cfg.alpha, seed),
-}
+SAMPLERS = Registry("sampler.name", "(cfg: SamplerConfig, labels, batch_size, seed) -> BatchSampler")
+
+
+@SAMPLERS.register("iid")
+def iid(cfg: SamplerConfig, labels: torch.Tensor, batch_size: int, seed: int) -> BatchSampler:
+    return IIDSampler(labels, batch_size, seed)
+
+
+@SAMPLERS.register("pk")
+def pk(cfg: SamplerConfig, labels: torch.Tensor, batch_size: int, seed: int) -> BatchSampler:
+    return PKSampler(labels, cfg.p, cfg.k, seed, groups=cfg.groups)
+
+
+@SAMPLERS.register("sorted")
+def sorted_(cfg: SamplerConfig, labels: torch.Tensor, batch_size: int, seed: int) -> BatchSampler:
+    return SortedSampler(labels, batch_size, seed)
+
+
+@SAMPLERS.register("dirichlet")
+def dirichlet(cfg: SamplerConfig, labels: torch.Tensor, batch_size: int, seed: int) -> BatchSampler:
+    return DirichletSampler(labels, batch_size, cfg.alpha, seed)
 
 
 def build_sampler(cfg: SamplerConfig, labels: torch.Tensor, batch_size: int, seed: int) -> BatchSampler:
     """The sampler ``cfg.name`` over the training ``labels`` (any device; kept on the CPU)."""
-    if cfg.name not in SAMPLERS:
-        raise ConfigError(f"sampler.name={cfg.name!r} is not an option; allowed values: {', '.join(SAMPLERS)}")
+    factory = SAMPLERS.get(cfg.name)
     n = labels.numel()
     if batch_size > n:
         raise ConfigError(f"data.batch_size={batch_size} is larger than the training set ({n} images)")
-    if cfg.name == "pk" and cfg.p * cfg.k != batch_size:
-        raise ConfigError(f"sampler=pk needs sampler.p * sampler.k == data.batch_size, got "
-                          f"{cfg.p} * {cfg.k} = {cfg.p * cfg.k} != {batch_size}")
-    return SAMPLERS[cfg.name](cfg, labels.detach().cpu().long(), batch_size, seed)
+    cfg.check_batch(batch_size)
+    return factory(cfg, labels.detach().cpu().long(), batch_size, seed)
+
+
+def _max_steps(blocks: np.ndarray, slots: int) -> int:
+    """The largest S such that ``sum(min(blocks, S)) >= S * slots``: a class fills at most one of
+    a batch's ``slots`` per step, so S batches can use at most S of its blocks."""
+    lo, hi = 0, int(blocks.sum()) // slots  # the condition holds at lo and is monotone in S
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if np.minimum(blocks, mid).sum() >= mid * slots else (lo, mid - 1)
+    return lo
+
+
+def _quota(blocks: np.ndarray, steps: int, slots: int, g: torch.Generator) -> np.ndarray:
+    """Blocks each class gives this epoch: ``min(blocks, steps)``, less one block from each of a
+    few random classes (weights: their blocks) so that exactly ``steps * slots`` remain. By the
+    choice of ``steps`` fewer than ``slots`` are dropped, so the classes stay distinct."""
+    quota = np.minimum(blocks, steps)
+    surplus = int(quota.sum()) - steps * slots
+    if surplus > 0:
+        drop = torch.multinomial(torch.from_numpy(quota).double(), surplus, generator=g)
+        quota[drop.numpy()] -= 1
+    return quota
+
+
+def _schedule(quota: np.ndarray, steps: int, slots: int, g: torch.Generator) -> list[torch.Tensor]:
+    """Per step, ``slots`` distinct classes that use up ``quota`` exactly in ``steps`` steps.
+
+    Invariant (holds at the start by ``_quota``): with R steps left, the classes have ``R * slots``
+    blocks and none more than R. Taking every class that has exactly R (there are at most
+    ``slots``), then the rest in proportion to the blocks left, keeps it for R - 1.
+    """
+    left = torch.from_numpy(quota.copy())
+    out = []
+    for remaining in range(steps, 0, -1):
+        forced = torch.nonzero(left == remaining).flatten()
+        weights = left.double()
+        weights[forced] = 0
+        free = slots - len(forced)
+        drawn = torch.multinomial(weights, free, generator=g) if free else forced[:0]
+        classes = torch.cat([forced, drawn])
+        left[classes] -= 1
+        out.append(classes)
+    return out
+
+
+def _fit(counts: np.ndarray, left: np.ndarray, q: np.ndarray) -> np.ndarray:
+    """``counts`` capped at ``left`` per class, the excess given to the classes with room, the
+    largest ``q`` first (the classes this batch favours), so the batch keeps its size."""
+    fitted = np.minimum(counts, left)
+    deficit = int(counts.sum() - fitted.sum())
+    for c in np.argsort(-q, kind="stable"):
+        if deficit == 0:
+            break
+        extra = min(deficit, int(left[c] - fitted[c]))
+        fitted[c] += extra
+        deficit -= extra
+    return fitted
 
 
 class _ClassPools:
@@ -168,7 +273,7 @@ class _ClassPools:
         """The next ``n`` indices of class ``c``, reshuffling the class whenever it runs dry.
 
         Distinct as long as ``n`` <= the class size: a reshuffle that starts mid-take puts the
-        indices this take already returned at its back.
+        indices this take already returned at its back. Only ``sorted`` takes past a class's end.
         """
         parts = []
         while n > 0:
