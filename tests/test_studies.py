@@ -125,8 +125,12 @@ def test_study_script_documents_command_and_expectation(name):
     doc = ast.get_docstring(tree) or ""
     assert f"make study S={name}" in doc or (name == "demo" and "make demo" in doc), doc[:300]
     assert "Expected" in doc, f"experiments/{name}.py: the docstring states no expected outcome"
-    defined = {n.name for n in tree.body if isinstance(n, ast.FunctionDef)}
-    assert "analyze" in defined and f'run_study("{name}"' in script.read_text()
+    # the study is declared once (bnexp.studies.Study) and run through the shared path
+    studies = [n.value for n in tree.body if isinstance(n, ast.Assign)
+               and any(getattr(t, "id", None) == "STUDY" for t in n.targets)]
+    assert studies and isinstance(studies[0], ast.Call) and studies[0].func.id == "Study"
+    assert ast.literal_eval(studies[0].args[0]) == name
+    assert "run_study(STUDY" in script.read_text()
 
 
 # ------------------------------------------------------------------------------ end to end
@@ -138,7 +142,8 @@ def test_study_runs_end_to_end_at_smoke_scale(name, tmp_path):
            "scale=smoke", f"results_dir={tmp_path}", "progress=off", "launcher=joblib"]
     out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=3600)
     assert out.returncode == 0, out.stderr[-3000:]
-    study_dir = tmp_path / name
+    data = "fashion_mnist" if name == "demo" and "falling back" not in out.stdout else "synthetic"
+    study_dir = tmp_path / name / f"{data}-smoke"  # one folder per (study, data, scale)
     report = (study_dir / "report.md").read_text()
     assert report.startswith(f"# {name}") and "## Result" in report
     assert list((study_dir / "figures").glob("*.png")), "no figure"
@@ -146,3 +151,7 @@ def test_study_runs_end_to_end_at_smoke_scale(name, tmp_path):
         statuses = [row["status"] for row in csv.DictReader(f)]
     assert statuses and set(statuses) <= {"ok", "diverged"}, statuses
     assert " 0 failed, 0 incomplete, 0 pending" in report
+    assert "## Did every arm train?" in report
+    verdicts = report.split("## Expected shapes", 1)[1].strip().splitlines()
+    assert verdicts and all(v.startswith(("- **shown**", "- **not shown**", "- **partly**",
+                                          "- **not tested**")) for v in verdicts), verdicts
