@@ -119,14 +119,17 @@ def training_text(arms: pd.DataFrame) -> str:
             "compared:\n\n" + markdown_table(failed))
 
 
-def mean_diff(values, metric: str, a: str, b: str = "0", where: str = "", ref: float = 0.0) -> Diff:
-    """``Diff`` of the mean of ``values`` (e.g. per-run differences, or a gap) against ``ref``,
-    with the one-sample t interval (``tables.mean_ci``): for claims about one quantity."""
+def mean_diff(rows: pd.DataFrame, column: str, metric: str, a: str, b: str = "0", where: str = "",
+              ref: float = 0.0) -> Diff:
+    """``Diff`` of the mean of ``rows[column]`` (e.g. per-run differences, or a gap) against
+    ``ref``, with the one-sample t interval (``tables.mean_ci``): for claims about one quantity.
+    Rows with ``trained`` False make it untrained (not compared)."""
     from .tables import mean_ci
 
-    mean, _, n, half = mean_ci(values)
+    mean, _, n, half = mean_ci(rows[column])
+    untrained = (a,) if "trained" in rows and (rows["trained"] == False).any() else ()  # noqa: E712
     return Diff(a, b, metric, where, mean - ref, mean - ref - half, mean - ref + half,
-                f"n={n}", "95% t CI", missing="" if n else "no finished run")
+                f"n={n}", "95% t CI", missing="" if n else "no finished run", untrained=untrained)
 
 
 # ----------------------------------------------------------------------------- verdicts

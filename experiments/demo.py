@@ -101,7 +101,7 @@ def bn_ahead(d: StudyData):
 
 def bn_gap(d: StudyData):
     bn = d.runs[(d.runs["norm"] == "bn") & (d.runs["status"] == "ok")]
-    return expect([(mean_diff(bn["gen_gap"], "gen_gap", "bn gen_gap", where=""), +1)])
+    return expect([(mean_diff(bn, "gen_gap", "gen_gap", "bn gen_gap"), +1)])
 
 
 def notes(d: StudyData) -> str:

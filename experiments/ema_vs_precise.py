@@ -256,17 +256,17 @@ def notes(d: StudyData) -> str:
 
 def ema_above_precise(d: StudyData):
     ok = A.with_error(d.runs[d.runs["status"] == "ok"])
-    lag = ok["test_err.ema"] - ok["test_err.precise"]  # the same model: paired by construction
-    return expect([(mean_diff(lag[ok[MOMENTUM] == m], "test_err", "EMA", "precise",
+    ok = ok.assign(lag=ok["test_err.ema"] - ok["test_err.precise"])  # the same model: paired
+    return expect([(mean_diff(ok[ok[MOMENTUM] == m], "lag", "test_err", "EMA", "precise",
                               f" at {momentum_label(m)}"), +1)
                    for m in sorted(ok[MOMENTUM].dropna().unique())])
 
 
 def precise_matches_from_1k(d: StudyData):
-    per_n = d.extra["per_n"]
+    per_n = d.extra["per_n"].merge(d.runs[["run", "trained"]], on="run", how="left")
     sizes = sorted(n for n in per_n["eval.precise_samples"].unique() if n >= 1000)[:-1]
     largest = per_n["eval.precise_samples"].max()
-    return expect([(mean_diff(per_n.loc[per_n["eval.precise_samples"] == n, "excess_err"], "test_err",
+    return expect([(mean_diff(per_n[per_n["eval.precise_samples"] == n], "excess_err", "test_err",
                               f"precise N={n}", f"N={largest}"), "flat") for n in sizes])
 
 

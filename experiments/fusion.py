@@ -189,7 +189,7 @@ def exact(d: StudyData) -> Verdict:
 
 def faster(d: StudyData) -> Verdict:
     fused = d.extra["fused"]
-    return expect([(mean_diff(fused.loc[fused["stats"] == s, "speedup"], "speedup",
+    return expect([(mean_diff(fused[fused["stats"] == s], "speedup", "speedup",
                               f"speedup ({s})", "1", ref=1.0), +1)
                    for s in sorted(fused["stats"].unique())])
 

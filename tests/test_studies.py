@@ -155,3 +155,40 @@ def test_study_runs_end_to_end_at_smoke_scale(name, tmp_path):
     verdicts = report.split("## Expected shapes", 1)[1].strip().splitlines()
     assert verdicts and all(v.startswith(("- **shown**", "- **not shown**", "- **partly**",
                                           "- **not tested**")) for v in verdicts), verdicts
+
+
+# ------------------------------------------------------------------------------ one folder per sweep
+def test_two_sweeps_of_other_data_or_scale_get_their_own_folders_and_reports(tmp_path):
+    """Two sweeps of one study, at two scales, land in ``<study>/<data>-<scale>/`` folders that
+    ``experiments/common.study_dir`` finds by composing the config, each with its own report of
+    its own runs only."""
+    sys.path.insert(0, str(ROOT / "experiments"))
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from common import study_dir
+
+    from bnexp.studies import Study, analyze
+
+    tiny = ["data=synthetic", "data.synthetic_train=128", "data.synthetic_test=64", "model.width=8",
+            "model.depth=4", "optim.epochs=1", "eval.modes=[ema]", "device=cpu", "progress=off",
+            f"results_dir={tmp_path}", "hydra.sweeper.params.seed='0,1'"]
+    folders = []
+    for scale in ("smoke", "full"):
+        overrides = [f"scale={scale}", "data.batch_size=32"]
+        subprocess.run([sys.executable, "-m", "bnexp", "-m", "study=finetune_source", *tiny, *overrides],
+                       cwd=ROOT, check=True, capture_output=True, timeout=600,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+        folder = study_dir("finetune_source", [*tiny, *overrides])
+        assert folder == tmp_path / "finetune_source" / f"synthetic-{scale}"
+        report = analyze(Study("finetune_source", "Toy question."), folder, "cmd").read_text()
+        assert "**Runs.** 2 done" in report, report[:600]
+        assert pd_runs(folder) == {"scale_name": {scale}, "n": 2}
+        folders.append(folder)
+    assert folders[0] != folders[1]
+
+
+def pd_runs(folder: Path) -> dict:
+    with open(folder / "runs.csv") as f:
+        rows = list(csv.DictReader(f))
+    return {"scale_name": {r["scale_name"] for r in rows}, "n": len(rows)}
