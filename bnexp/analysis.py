@@ -11,7 +11,8 @@ script needs one import::
     fig = A.plot_metric_vs(runs, x="data.batch_size", y="test_acc", hue="norm")
     A.save_figure(fig, "results/batch_size/figures", "acc_vs_batch")
 
-``analyze`` is the generic pipeline behind ``bnexp-analyze RESULTS_DIR``: it does not know the
+A study script declares a ``Study`` (``bnexp.studies``), whose ``analyze`` is the one path every
+study takes. ``analyze`` here is the generic pipeline behind ``bnexp-analyze RESULTS_DIR``: it does not know the
 study, so it plots the default metric against the first numeric swept key, coloured by the next.
 """
 from __future__ import annotations
@@ -22,13 +23,50 @@ from pathlib import Path
 
 import pandas as pd
 
-from .plots import (LABELS, is_percent, knob_label, label, plot_bars, plot_curves, plot_heatmap,
-                    plot_metric_vs, plot_probe, save_figure, set_style)
-from .report import (LOWER_IS_BETTER, compare_statement, format_summary, markdown_table,
-                     paired_statement, welch_difference, write_report)
-from .tables import (collect_probes, collect_runs, eval_modes_long, expected_run_names, flatten,
-                     mean_ci, override_dirname, select, status_counts, summarize, swept_columns,
-                     t_cdf, t_quantile, with_error)
+from .plots import (
+    LABELS,
+    is_percent,
+    knob_label,
+    label,
+    plot_bars,
+    plot_curves,
+    plot_heatmap,
+    plot_metric_vs,
+    plot_probe,
+    save_figure,
+    set_style,
+)
+from .report import (
+    LOWER_IS_BETTER,
+    Diff,
+    compare_statement,
+    format_summary,
+    markdown_table,
+    paired_diff,
+    paired_statement,
+    sentence,
+    welch_diff,
+    welch_difference,
+    write_report,
+)
+from .studies import Study, StudyData, sweep_runs
+from .tables import (
+    collect_probes,
+    collect_runs,
+    eval_modes_long,
+    expected_run_names,
+    flatten,
+    mean_ci,
+    override_dirname,
+    select,
+    status_counts,
+    summarize,
+    swept_columns,
+    t_cdf,
+    t_quantile,
+    with_error,
+)
+from .verdicts import Shape, Verdict, check_training, expect
 
 MAX_CURVE_GROUPS = 8  # more lines than this on one curve plot stop being readable
 MAX_PROBE_FIGURES = 4
@@ -45,6 +83,9 @@ def analyze(study_dir, metric: str | None = None, x: str | None = None, hue: str
     study_dir = Path(study_dir)
     runs, curves = collect_runs(study_dir)
     probes = collect_probes(study_dir)
+    runs, _ = sweep_runs(study_dir, runs)
+    curves, probes = (df[df["run"].isin(set(runs["run"]))] if "run" in df else df
+                      for df in (curves, probes))
     study_dir.mkdir(parents=True, exist_ok=True)
     runs.to_csv(study_dir / "runs.csv", index=False)
     curves.to_csv(study_dir / "curves.csv", index=False)
@@ -148,20 +189,26 @@ def sweep_command(study_dir) -> str:
     return "bnexp -m " + " ".join(str(t) for t in task)
 
 
-def _study_dirs(path: Path) -> list[Path]:
-    """``path`` when it is a study folder, else its children that are (results/ holds many)."""
-    def is_study(p: Path) -> bool:
+def _study_dirs(path: Path, depth: int = 2) -> list[Path]:
+    """``path`` when it holds a sweep, else the sweep folders below it, ``depth`` levels down:
+    ``results/`` holds ``<study>/``, which holds one ``<data>-<scale>/`` per sweep."""
+    def is_sweep(p: Path) -> bool:
         return (p / "multirun.yaml").exists() or (p / "runs").is_dir()
 
-    if is_study(path):
+    if is_sweep(path):
         return [path]
-    return sorted(p for p in path.iterdir() if p.is_dir() and is_study(p)) or [path]
+    found = [p for p in sorted(path.iterdir()) if p.is_dir() and is_sweep(p)]
+    if depth > 1:
+        found += [s for p in sorted(path.iterdir()) if p.is_dir() and not is_sweep(p)
+                  for s in _study_dirs(p, depth - 1) if s != p]
+    return sorted(found) or [path]
 
 
 def main(argv: list[str] | None = None) -> int:
     """``bnexp-analyze RESULTS_DIR`` (report per study) / ``bnexp-analyze --status RESULTS_DIR``."""
     parser = argparse.ArgumentParser(prog="bnexp-analyze", description=main.__doc__)
-    parser.add_argument("results_dir", type=Path, help="a study folder (results/<name>) or results/")
+    parser.add_argument("results_dir", type=Path,
+                        help="a sweep folder (results/<study>/<data>-<scale>), a study folder or results/")
     parser.add_argument("--status", action="store_true",
                         help="print done/diverged/failed/incomplete/pending counts and exit")
     parser.add_argument("--metric", help="metric to plot and rank (default test_acc)")
@@ -182,15 +229,57 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-__all__ = ["LABELS", "LOWER_IS_BETTER", "analyze", "collect_probes", "collect_runs",
-           "compare_statement", "default_axes", "default_figures", "eval_modes_long",
-           "expected_run_names", "flatten", "format_summary", "generic_statement", "is_percent",
-           "knob_label", "label", "main", "markdown_table", "mean_ci", "override_dirname",
-           "paired_statement",
-           "plot_bars", "plot_curves", "plot_heatmap", "plot_metric_vs", "plot_probe",
-           "save_figure", "select", "set_style", "status_counts", "summarize", "swept_columns",
-           "sweep_command", "t_cdf", "t_quantile", "welch_difference", "with_error",
-           "write_report"]
+__all__ = [
+    "LABELS",
+    "LOWER_IS_BETTER",
+    "Diff",
+    "Shape",
+    "Study",
+    "StudyData",
+    "Verdict",
+    "analyze",
+    "check_training",
+    "collect_probes",
+    "collect_runs",
+    "compare_statement",
+    "default_axes",
+    "default_figures",
+    "eval_modes_long",
+    "expect",
+    "expected_run_names",
+    "flatten",
+    "format_summary",
+    "generic_statement",
+    "is_percent",
+    "knob_label",
+    "label",
+    "main",
+    "markdown_table",
+    "mean_ci",
+    "override_dirname",
+    "paired_diff",
+    "paired_statement",
+    "plot_bars",
+    "plot_curves",
+    "plot_heatmap",
+    "plot_metric_vs",
+    "plot_probe",
+    "save_figure",
+    "select",
+    "sentence",
+    "set_style",
+    "status_counts",
+    "summarize",
+    "sweep_command",
+    "sweep_runs",
+    "swept_columns",
+    "t_cdf",
+    "t_quantile",
+    "welch_diff",
+    "welch_difference",
+    "with_error",
+    "write_report",
+]
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,7 +1,9 @@
 """Words and tables for people: a statement with its uncertainty, markdown tables, report.md.
 
-``compare_statement`` turns two groups of runs into one sentence with a Welch interval, and
-``paired_statement`` does it for differences paired by seed (the same model or source);
+``welch_diff`` and ``paired_diff`` compute a difference of two groups of runs with its interval
+(``scipy.stats``: Welch's ``ttest_ind``, paired ``ttest_rel``) as a ``Diff``, which
+``compare_statement`` / ``paired_statement`` turn into one sentence and ``bnexp.verdicts`` into
+a shape verdict;
 ``format_summary`` and ``markdown_table`` render ``summarize`` output without ``tabulate``;
 ``write_report`` writes a study's report.md. Reads run folders through ``bnexp.records`` only.
 """
@@ -10,26 +12,69 @@ from __future__ import annotations
 import math
 import os
 import subprocess
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
+import scipy.stats
 
 from . import records
 from .plots import is_percent
-from .tables import mean_ci, select, status_counts, summarize, t_quantile
+from .tables import quiet, select, status_counts, summarize
 
 LOWER_IS_BETTER = ("loss", "gap", "err", "time")  # metric names where smaller wins
 
 
-# ----------------------------------------------------------------------------- statements
-def compare_statement(summary_df: pd.DataFrame, metric: str, by: str, a, b, at: dict | None = None,
-                      ci: float = 0.95) -> str:
-    """One sentence comparing group ``a`` with group ``b`` of column ``by`` on ``metric``.
+# ----------------------------------------------------------------------------- differences
+@dataclass(frozen=True)
+class Diff:
+    """``a - b`` of ``metric`` with its confidence interval ``[lo, hi]``: what a statement
+    (one sentence) and a shape verdict (``bnexp.verdicts``) both read. ``missing`` says why there
+    is no number; ``untrained`` names the sides that did not train (they are not compared)."""
+    a: object
+    b: object
+    metric: str
+    where: str = ""
+    mean: float = math.nan
+    lo: float = math.nan
+    hi: float = math.nan
+    count: str = ""
+    method: str = ""
+    notes: str = ""
+    missing: str = ""
+    untrained: tuple = ()
+
+    @property
+    def half(self) -> float:
+        return (self.hi - self.lo) / 2  # t intervals are symmetric
+
+    @property
+    def sign(self) -> int | None:
+        """+1 / -1 when the interval lies above / below 0, 0 when it holds 0, None when there is
+        nothing to read (a side missing or untrained, or too few runs for an interval)."""
+        if self.missing or self.untrained or math.isnan(self.lo):
+            return None
+        return 1 if self.lo > 0 else -1 if self.hi < 0 else 0
+
+    def numbers(self) -> str:
+        """``a - b on m = +3.0 points [+1.2, +4.8] (paired by seed, n=3 pairs)``: the evidence."""
+        if self.missing or self.untrained:
+            return sentence(self)
+        scale, unit = (100.0, " points") if is_percent(self.metric) else (1.0, "")
+        fmt = "{:+.1f}" if scale != 1.0 else "{:+.3g}"
+        ci = "" if math.isnan(self.lo) else \
+            f" [{fmt.format(self.lo * scale)}, {fmt.format(self.hi * scale)}]"
+        return (f"{self.a} - {self.b} on {self.metric}{self.where} = "
+                f"{fmt.format(self.mean * scale)}{unit}{ci} ({self.count}, {self.method})")
+
+
+def welch_diff(summary_df: pd.DataFrame, metric: str, by: str, a, b, at: dict | None = None,
+               ci: float = 0.95) -> Diff:
+    """``a - b`` between two groups of runs, Welch's interval (``scipy.stats.ttest_ind`` with
+    ``equal_var=False``): runs are treated as independent, not paired by seed.
 
     ``summary_df`` is ``summarize`` output (or per-run rows, summarized here over ``by`` and the
-    keys of ``at``); ``at`` fixes the other columns. The interval of the difference of means is
-    Welch's (unequal variances, Welch-Satterthwaite degrees of freedom) from each group's mean,
-    std and n: runs are treated as independent, not paired by seed. Accuracies in points.
+    keys of ``at``); ``at`` fixes the other columns.
     """
     at = dict(at or {})
     if f"{metric}.mean" not in summary_df:
@@ -41,65 +86,95 @@ def compare_statement(summary_df: pd.DataFrame, metric: str, by: str, a, b, at: 
                          f"got {len(ra)} and {len(rb)}")
     ra, rb = ra.iloc[0], rb.iloc[0]
     diff, half, (na, nb) = welch_difference(ra, rb, metric, ci)
-    where = " at " + ", ".join(f"{k}={v}" for k, v in at.items()) if at else ""
-    runs = f"n={na} vs {nb}" if na != nb else f"n={na}"
     notes = "".join(f"; {int(r['n_diverged'])} diverged {r[by]} run(s) excluded"
                     for r in (ra, rb) if r.get("n_diverged", 0))
-    if math.isnan(diff):
-        missing = " and ".join(str(v) for v, n in ((a, na), (b, nb)) if n == 0)
-        return f"{a} vs {b} on {metric}{where}: {missing} has no finished run ({runs}{notes})"
-    return _verdict(a, b, metric, diff, half, where, runs, f"Welch {ci:.0%} CI", notes)
+    missing = " and ".join(str(v) for v, n in ((a, na), (b, nb)) if n == 0)
+    untrained = tuple(r[by] for r in (ra, rb) if r.get("n_untrained", 0) > 0)
+    return Diff(a, b, metric, _where(at), diff, diff - half, diff + half,
+                f"n={na} vs {nb}" if na != nb else f"n={na}", f"Welch {ci:.0%} CI", notes,
+                f"{missing} has no finished run" if missing else "", untrained)
+
+
+def paired_diff(runs: pd.DataFrame, metric: str, by: str, a, b, pair: str = "seed",
+                at: dict | None = None, ci: float = 0.95) -> Diff:
+    """``a - b`` paired on ``pair``: rows of ``by`` = a and = b matched by ``pair`` (the seed,
+    when both score the same model or share initialization and batch order), the interval that
+    of the mean difference (``scipy.stats.ttest_rel``). ``runs`` holds per-run rows (only status
+    ``ok`` is used when there is a status column); pairs missing either side are dropped."""
+    rows = select(runs, at)
+    if "status" in rows:
+        rows = rows[rows["status"] == "ok"]
+    sides = [select(rows, {by: v}) for v in (a, b)]
+    untrained = tuple(v for v, side in zip((a, b), sides)
+                      if "trained" in side and (side["trained"] == False).any())
+    both = pd.concat([side.groupby(pair)[metric].mean() for side in sides], axis=1).dropna()
+    n = len(both)
+    diff = (both.iloc[:, 0] - both.iloc[:, 1]) if n else pd.Series(dtype=float)
+    mean, half = (float(diff.mean()) if n else math.nan), math.nan
+    if n >= 2:
+        with quiet():
+            half = 0.0 if diff.std() == 0 else float(
+                mean - scipy.stats.ttest_rel(both.iloc[:, 0], both.iloc[:, 1]).confidence_interval(ci)[0])
+    return Diff(a, b, metric, _where(at), mean, mean - half, mean + half,
+                f"paired by {pair}, n={n} pairs", f"{ci:.0%} t CI",
+                missing="" if n else f"no {pair} has both", untrained=untrained)
+
+
+def welch_difference(ra: pd.Series, rb: pd.Series, metric: str, ci: float = 0.95):
+    """``(mean_a - mean_b, CI half-width, (n_a, n_b))`` from two ``summarize`` rows: Welch's
+    interval of ``scipy.stats.ttest_ind(equal_var=False)`` on the rows' ``<metric>.values``."""
+    va, vb = ra[f"{metric}.values"], rb[f"{metric}.values"]
+    na, nb = len(va), len(vb)
+    diff = ra[f"{metric}.mean"] - rb[f"{metric}.mean"]
+    if na < 2 or nb < 2:
+        return diff, math.nan, (na, nb)
+    if ra[f"{metric}.std"] == 0 and rb[f"{metric}.std"] == 0:
+        return diff, 0.0, (na, nb)
+    with quiet():
+        low, _ = scipy.stats.ttest_ind(va, vb, equal_var=False).confidence_interval(ci)
+    return diff, diff - float(low), (na, nb)
+
+
+def _where(at: dict | None) -> str:
+    return " at " + ", ".join(f"{k}={v}" for k, v in at.items()) if at else ""
+
+
+# ----------------------------------------------------------------------------- statements
+def compare_statement(summary_df: pd.DataFrame, metric: str, by: str, a, b, at: dict | None = None,
+                      ci: float = 0.95) -> str:
+    """One sentence comparing group ``a`` with group ``b`` of column ``by`` on ``metric``
+    (``welch_diff``: Welch's interval, runs independent). Accuracies in points."""
+    return sentence(welch_diff(summary_df, metric, by, a, b, at, ci))
 
 
 def paired_statement(runs: pd.DataFrame, metric: str, by: str, a, b, pair: str = "seed",
                      at: dict | None = None, ci: float = 0.95) -> str:
-    """One sentence on ``a - b`` of ``metric`` paired on ``pair``: rows of ``by`` = a and = b are
-    matched by ``pair`` (e.g. the seed, when both score the same model or start from the same
-    source), and the interval is the t interval of the mean of those differences.
-
-    ``runs`` holds per-run rows (only status ``ok`` is used when there is a status column);
-    ``at`` fixes other columns. Pairs missing either side are dropped. Accuracies in points.
-    """
-    rows = select(runs, at)
-    if "status" in rows:
-        rows = rows[rows["status"] == "ok"]
-    sides = [select(rows, {by: v}).groupby(pair)[metric].mean() for v in (a, b)]
-    diff = (sides[0] - sides[1]).dropna()
-    mean, _, n, half = mean_ci(diff, ci)
-    where = " at " + ", ".join(f"{k}={v}" for k, v in at.items()) if at else ""
-    if n == 0:
-        return f"{a} vs {b} on {metric}{where}: no {pair} has both"
-    return _verdict(a, b, metric, mean, half, where, f"paired by {pair}, n={n} pairs", f"{ci:.0%} t CI")
+    """One sentence on ``a - b`` of ``metric`` paired on ``pair`` (``paired_diff``)."""
+    return sentence(paired_diff(runs, metric, by, a, b, pair, at, ci))
 
 
-def _verdict(a, b, metric: str, diff: float, half: float, where: str, count: str, method: str,
-             notes: str = "") -> str:
-    """The sentence for ``a - b = diff +/- half``: who wins (by the metric's direction), or not
-    distinguishable when the interval holds 0, or no interval (NaN ``half``: too few runs)."""
-    scale, unit = (100.0, " points") if is_percent(metric) else (1.0, "")
-    if math.isnan(half):
-        return (f"{a} - {b} on {metric} = {diff * scale:+.1f}{unit}{where} "
-                f"({count}: too few runs for an interval{notes})")
-    if abs(diff) <= half:
-        return (f"{a} and {b} are not distinguishable on {metric}{where}: difference "
-                f"{diff * scale:+.1f} +/- {half * scale:.1f}{unit} ({count}, {method}{notes})")
-    lower_better = any(w in metric for w in LOWER_IS_BETTER)
-    win, lose = (a, b) if ((diff < 0) if lower_better else (diff > 0)) else (b, a)
-    return (f"{win} beats {lose} on {metric} ({'lower' if lower_better else 'higher'} is better) by "
-            f"{abs(diff) * scale:.1f} +/- {half * scale:.1f}{unit}{where} ({count}, {method}{notes})")
-
-
-def welch_difference(ra: pd.Series, rb: pd.Series, metric: str, ci: float = 0.95):
-    """``(mean_a - mean_b, CI half-width, (n_a, n_b))`` from two summary rows (Welch's t)."""
-    ma, sa, na = ra[f"{metric}.mean"], ra[f"{metric}.std"], int(ra[f"{metric}.n"])
-    mb, sb, nb = rb[f"{metric}.mean"], rb[f"{metric}.std"], int(rb[f"{metric}.n"])
-    if na < 2 or nb < 2:
-        return ma - mb, math.nan, (na, nb)
-    va, vb = sa * sa / na, sb * sb / nb
-    if va + vb == 0:
-        return ma - mb, 0.0, (na, nb)
-    dof = (va + vb) ** 2 / (va * va / (na - 1) + vb * vb / (nb - 1))
-    return ma - mb, t_quantile(0.5 + ci / 2, dof) * math.sqrt(va + vb), (na, nb)
+def sentence(d: Diff) -> str:
+    """The sentence for ``d``: not compared (a side did not train), a side missing, who wins (by
+    the metric's direction), not distinguishable when the interval holds 0 (no "best" claim), or
+    no interval (too few runs)."""
+    scale, unit = (100.0, " points") if is_percent(d.metric) else (1.0, "")
+    if d.untrained:
+        names = " and ".join(map(str, d.untrained))
+        return (f"{d.a} vs {d.b} on {d.metric}{d.where}: not compared, {names} did not train "
+                f"({d.count})")
+    if d.missing:
+        return f"{d.a} vs {d.b} on {d.metric}{d.where}: {d.missing} ({d.count}{d.notes})"
+    if math.isnan(d.half):
+        return (f"{d.a} - {d.b} on {d.metric} = {d.mean * scale:+.1f}{unit}{d.where} "
+                f"({d.count}: too few runs for an interval{d.notes})")
+    if d.sign == 0:
+        return (f"{d.a} and {d.b} are not distinguishable on {d.metric}{d.where}: difference "
+                f"{d.mean * scale:+.1f} +/- {d.half * scale:.1f}{unit} ({d.count}, {d.method}{d.notes})")
+    lower_better = any(w in d.metric for w in LOWER_IS_BETTER)
+    win, lose = (d.a, d.b) if ((d.mean < 0) if lower_better else (d.mean > 0)) else (d.b, d.a)
+    return (f"{win} beats {lose} on {d.metric} ({'lower' if lower_better else 'higher'} is better) by "
+            f"{abs(d.mean) * scale:.1f} +/- {d.half * scale:.1f}{unit}{d.where} ({d.count}, "
+            f"{d.method}{d.notes})")
 
 
 # ----------------------------------------------------------------------------- tables
@@ -146,16 +221,21 @@ def markdown_table(df: pd.DataFrame) -> str:
 
 # ----------------------------------------------------------------------------- report
 def write_report(study_dir, name: str, question: str, command: str, figures: list,
-                 table: pd.DataFrame, statement: str, notes: str = "") -> Path:
+                 table: pd.DataFrame, statement: str, notes: str = "", checks: str = "",
+                 verdicts: list[str] | None = None) -> Path:
     """Write ``<study_dir>/report.md``: question, command, commits, run counts by status, the
-    statement, figures (relative links, PNG shown, PDF linked) and ``table`` as markdown."""
+    training check (``checks``, before any comparison), the statement, figures (relative links,
+    PNG shown, PDF linked), ``table`` as markdown, notes, and last one line per expected shape
+    (``verdicts``)."""
     study_dir = Path(study_dir)
     counts = status_counts(study_dir)
     count_text = ", ".join(f"{'?' if v is None else v} {k}" for k, v in counts.items())
     lines = [f"# {name}", "", f"**Question.** {question}", "",
              "**Command.**", "", "```bash", command, "```", "",
-             f"**Code.** {_commits(study_dir)}", "", f"**Runs.** {count_text}.", "",
-             "## Result", "", statement, ""]
+             f"**Code.** {_commits(study_dir)}", "", f"**Runs.** {count_text}.", ""]
+    if checks:
+        lines += ["## Did every arm train?", "", checks, ""]
+    lines += ["## Result", "", statement, ""]
     if figures:
         lines += ["## Figures", ""]
         for fig in map(Path, figures):
@@ -166,6 +246,8 @@ def write_report(study_dir, name: str, question: str, command: str, figures: lis
     lines += ["## Table", "", markdown_table(table), ""]
     if notes:
         lines += ["## Notes", "", notes, ""]
+    if verdicts:
+        lines += ["## Expected shapes", "", *verdicts, ""]
     path = study_dir / "report.md"
     path.write_text("\n".join(lines))
     return path

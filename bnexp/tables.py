@@ -8,13 +8,17 @@ row per run folder; columns are named exactly as the knobs are on the command li
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
+import warnings
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import pandas as pd
+import scipy.stats
 
 from . import records
 
@@ -271,60 +275,16 @@ def status_counts(study_dir) -> dict:
 
 
 # ----------------------------------------------------------------------------- statistics
-@functools.lru_cache(maxsize=1024)  # summaries ask for the same few (p, n - 1) over and over
 def t_quantile(p: float, df: float) -> float:
-    """Quantile of Student's t with ``df`` (> 0, may be fractional) degrees of freedom.
-
-    Bisection on the CDF, which comes from the regularized incomplete beta function: no scipy.
-    """
+    """Quantile of Student's t with ``df`` (> 0, may be fractional) degrees of freedom (scipy)."""
     if not 0.0 < p < 1.0 or not df > 0:
         raise ValueError(f"t_quantile needs 0 < p < 1 and df > 0, got p={p}, df={df}")
-    if p < 0.5:
-        return -t_quantile(1.0 - p, df)
-    lo, hi = 0.0, 1.0
-    while t_cdf(hi, df) < p:
-        lo, hi = hi, hi * 2.0
-    for _ in range(200):
-        mid = 0.5 * (lo + hi)
-        lo, hi = (mid, hi) if t_cdf(mid, df) < p else (lo, mid)
-        if hi - lo <= 1e-12 * max(1.0, hi):
-            break
-    return 0.5 * (lo + hi)
+    return float(scipy.stats.t.ppf(p, df))
 
 
 def t_cdf(t: float, df: float) -> float:
-    """P(T <= t) for Student's t: 1 - I_x(df/2, 1/2) / 2 with x = df / (df + t^2), for t > 0."""
-    tail = 0.5 * _betainc(0.5 * df, 0.5, df / (df + t * t))
-    return 1.0 - tail if t > 0 else tail
-
-
-def _betainc(a: float, b: float, x: float) -> float:
-    """Regularized incomplete beta I_x(a, b) (continued fraction, Numerical Recipes 6.4)."""
-    if x <= 0.0 or x >= 1.0:
-        return 0.0 if x <= 0.0 else 1.0
-    log_front = (math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b)
-                 + a * math.log(x) + b * math.log1p(-x))
-    if x < (a + 1.0) / (a + b + 2.0):  # the fraction converges fast on this side
-        return math.exp(log_front) * _betacf(a, b, x) / a
-    return 1.0 - math.exp(log_front) * _betacf(b, a, 1.0 - x) / b
-
-
-def _betacf(a: float, b: float, x: float, tiny: float = 1e-300) -> float:
-    """Modified Lentz evaluation of the continued fraction of I_x(a, b)."""
-    c, d = 1.0, 1.0 - (a + b) * x / (a + 1.0)
-    d = 1.0 / (d if abs(d) > tiny else tiny)
-    h = d
-    for m in range(1, 500):
-        for num in (m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
-                    -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))):
-            d = 1.0 + num * d
-            d = 1.0 / (d if abs(d) > tiny else tiny)
-            c = 1.0 + num / c
-            c = c if abs(c) > tiny else tiny
-            h *= d * c
-        if abs(d * c - 1.0) < 1e-15:
-            break
-    return h
+    """P(T <= t) for Student's t with ``df`` degrees of freedom (scipy)."""
+    return float(scipy.stats.t.cdf(t, df))
 
 
 def mean_ci(values, ci: float = 0.95) -> tuple[float, float, int, float]:
@@ -337,7 +297,25 @@ def mean_ci(values, ci: float = 0.95) -> tuple[float, float, int, float]:
     if n < 2:
         return mean, math.nan, 1, math.nan
     std = math.sqrt(math.fsum((v - mean) ** 2 for v in vals) / (n - 1))
-    return mean, std, n, t_quantile(0.5 + ci / 2, n - 1) * std / math.sqrt(n)
+    if std == 0.0:  # scipy's interval is NaN for constant samples; the spread is exactly 0
+        return mean, 0.0, n, 0.0
+    with quiet():
+        low, _ = scipy.stats.ttest_1samp(vals, 0.0).confidence_interval(ci)
+    return mean, std, n, mean - float(low)
+
+
+@contextlib.contextmanager
+def quiet():
+    """Silences scipy's "precision loss" warning for nearly equal samples (seeds that agree to
+    ~1e-16): the interval it returns is still right, and a report should not print it."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        yield
+
+
+def _finite(values) -> tuple:
+    """The finite numbers among ``values`` (missing and non-finite dropped), as a tuple."""
+    return tuple(float(v) for v in pd.to_numeric(values, errors="coerce") if math.isfinite(v))
 
 
 def summarize(runs: pd.DataFrame, by: list[str], metrics: list[str], ci: float = 0.95,
@@ -348,6 +326,10 @@ def summarize(runs: pd.DataFrame, by: list[str], metrics: list[str], ci: float =
     (``diverged`` too with ``include_diverged``); ``n_runs``, ``n_diverged``, ``n_failed`` and
     ``n_incomplete`` count the group's folders so a figure can mark what is missing. The interval
     is mean +/- t_{(1+ci)/2, n-1} * std / sqrt(n) (std with n - 1); NaN when n < 2.
+    ``<metric>.values`` keeps the group's values (a tuple), so that an interval between two
+    groups (Welch's, ``bnexp.report``) can be computed from the samples themselves. With a
+    ``trained`` column (``bnexp.verdicts.check_training``), ``n_untrained`` counts the group's
+    used runs that did not train.
     """
     by = [by] if isinstance(by, str) else list(by)
     status = runs["status"] if "status" in runs else pd.Series("ok", index=runs.index)
@@ -359,9 +341,12 @@ def summarize(runs: pd.DataFrame, by: list[str], metrics: list[str], ci: float =
         row.update(n_runs=len(group), **{f"n_{s}": int((st == s).sum())
                                          for s in ("diverged", "failed", "incomplete")})
         kept = group[st.isin(used)]
+        if "trained" in kept:
+            row["n_untrained"] = int((kept["trained"] == False).sum())
         for m in metrics:
-            mean, std, n, half = mean_ci(kept[m] if m in kept else [], ci)
+            values = _finite(kept[m]) if m in kept else ()
+            mean, std, n, half = mean_ci(values, ci)
             row.update({f"{m}.mean": mean, f"{m}.std": std, f"{m}.n": n,
-                        f"{m}.ci_lo": mean - half, f"{m}.ci_hi": mean + half})
+                        f"{m}.ci_lo": mean - half, f"{m}.ci_hi": mean + half, f"{m}.values": values})
         out.append(row)
     return pd.DataFrame(out)

@@ -23,12 +23,12 @@ initial spread.
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 import pandas as pd
 
 from bnexp import analysis as A
-from common import question, run_study
+from bnexp.studies import Study, StudyData
+from bnexp.verdicts import Shape, expect
+from common import run_study
 
 PERCENTILES = {"activations.p15": "15th", "activations.p50": "50th (median)", "activations.p85": "85th"}
 
@@ -73,31 +73,45 @@ def statement(summary: pd.DataFrame) -> str:
             + "; ".join(parts) + ".")
 
 
-def analyze(study_dir: Path, command: str) -> Path:
-    runs, curves = A.collect_runs(study_dir)
-    probes = A.collect_probes(study_dir)
-    runs.to_csv(study_dir / "runs.csv", index=False)
-    curves.to_csv(study_dir / "curves.csv", index=False)
-    acts = percentiles(probes)
-    acts.to_csv(study_dir / "probes.csv", index=False)
-    if acts.empty:
-        return A.write_report(study_dir, "activations", question(__doc__), command, [],
-                              runs[["run", "status"]], "No activation probes recorded yet.")
-    layer = acts["layer"].iloc[0]
-    figures = [A.save_figure(figure(acts, layer), study_dir / "figures", "activation_percentiles")[0]]
-    per_run = runs.merge(drift(acts), on="run", how="left")
-    metrics = ["spread_ratio", "median_shift", "test_acc"]
-    summary = A.summarize(per_run, ["norm"], metrics)
-    steps = int(acts["step"].max())
-    acc = summary.set_index("norm")["test_acc.mean"] * 100
-    notes = (f"Probe layer: `{layer}` (input of the ReLU = pre-activation). Values are raw "
-             "pre-activations on a fixed batch of augmented training images; the bands are 95% "
-             f"t-intervals over seeds. The last probe ran at step {steps}; the nets reached "
-             + ", ".join(f"{acc[k]:.1f}% ({k})" for k in acc.index) + " test accuracy: drift "
-             "needs the weights to move, so a net that has learned little has drifted little.")
-    return A.write_report(study_dir, "activations", question(__doc__), command, figures,
-                          A.format_summary(summary, ["norm"], metrics), statement(summary), notes)
+METRICS = ("spread_ratio", "median_shift", "test_acc")
+
+
+def prepare(d: StudyData) -> StudyData:
+    d.extra["acts"] = acts = percentiles(d.probes)
+    d.runs = d.runs.merge(drift(acts), on="run", how="left")
+    return d
+
+
+def summary(d: StudyData) -> pd.DataFrame:
+    return A.summarize(d.runs, ["norm"], list(METRICS))
+
+
+def notes(d: StudyData) -> str:
+    acts = d.extra["acts"]
+    acc = summary(d).set_index("norm")["test_acc.mean"] * 100
+    return (f"Probe layer: `{acts['layer'].iloc[0]}` (input of the ReLU = pre-activation). Values are "
+            "raw pre-activations on a fixed batch of augmented training images; the bands are 95% "
+            f"t-intervals over seeds. The last probe ran at step {int(acts['step'].max())}; the nets "
+            "reached " + ", ".join(f"{acc[k]:.1f}% ({k})" for k in acc.index) + " test accuracy: "
+            "drift needs the weights to move, so a net that has learned little has drifted little.")
+
+
+def stable_with_bn(d: StudyData):
+    return expect([(A.welch_diff(d.runs, "median_shift", "norm", "bn", "none"), -1)])
+
+
+def _has_probes(d: StudyData) -> bool:
+    return len(d.probes) > 0 and d.probes["name"].isin(list(PERCENTILES)).any()
+
+
+STUDY = Study(
+    "activations", __doc__,
+    shapes=[Shape("the pre-activation distribution stays put with BN and drifts without (median "
+                  "shift in units of the initial spread)", "Ioffe & Szegedy 2015, Fig. 1", stable_with_bn)],
+    requires=_has_probes, prepare=prepare,
+    figures=lambda d: {"activation_percentiles": figure(d.extra["acts"], d.extra["acts"]["layer"].iloc[0])},
+    by=("norm",), metrics=METRICS, comparisons=lambda d: statement(summary(d)), notes=notes)
 
 
 if __name__ == "__main__":
-    run_study("activations", __doc__, analyze)
+    run_study(STUDY)

@@ -17,13 +17,15 @@ BN's small-batch regime at every batch.
 """
 from __future__ import annotations
 
-from pathlib import Path
+from dataclasses import replace
 
 import pandas as pd
 from matplotlib.figure import Figure
 
 from bnexp import analysis as A
-from common import question, run_study
+from bnexp.studies import Study, StudyData
+from bnexp.verdicts import Shape, expect
+from common import run_study
 
 BATCH = "data.batch_size"
 NORMS = ("bn", "ghost_bn", "batch_renorm", "gn", "ln", "none", "dropout")  # legend order
@@ -61,29 +63,51 @@ def steps_note(curves: pd.DataFrame) -> str:
     return f" Every run trains for the same epochs: steps per epoch were {steps}."
 
 
-def analyze(study_dir: Path, command: str) -> Path:
-    runs, curves = A.collect_runs(study_dir)
-    runs.to_csv(study_dir / "runs.csv", index=False)
-    curves.to_csv(study_dir / "curves.csv", index=False)
-    runs = A.with_error(runs)
+def title(runs: pd.DataFrame) -> str:
     lr = runs["optim.lr"].dropna()
-    title = f"lr {lr.iloc[0]:g} x batch / 128" if len(lr) else ""
+    text = f"lr {lr.iloc[0]:g} x batch / 128" if len(lr) else ""
     if "norm.virtual_batch" in runs and (runs["norm"] == "ghost_bn").any():
         vb = int(runs["norm.virtual_batch"].iloc[0])
-        title += f"; ghost_bn normalizes {vb} images: = bn at batch <= {vb}"
-    figures = [A.save_figure(plot_vs_batch(runs, title=title), study_dir / "figures",
-                             "test_err_vs_batch")[0]]
-    by, metrics = ["norm", BATCH], ["test_err", "test_err.precise", "gen_gap"]
-    metrics = [m for m in metrics if m in runs]
-    table = A.format_summary(A.summarize(runs, by, metrics), by, metrics)
-    statement = "\n".join(f"- {s}." for s in statements(runs))
-    notes = ("Error is 1 - accuracy with EMA statistics. `test_err.precise` (population statistics "
-             "recomputed after training) separates a poor EMA estimate from a poorly trained "
-             "model; it is missing where the model has no BN layer (gn, none)."
-             + steps_note(curves))
-    return A.write_report(study_dir, "batch_size", question(__doc__), command, figures, table,
-                          statement, notes)
+        text += f"; ghost_bn normalizes {vb} images: = bn at batch <= {vb}"
+    return text
+
+
+def ends(d: StudyData) -> tuple:
+    batches = sorted(d.runs[BATCH].dropna().unique())
+    return batches[0], batches[-1]
+
+
+def bn_rises(d: StudyData):
+    small, large = ends(d)
+    return expect([(A.welch_diff(d.runs, "test_err", BATCH, small, large, at={"norm": "bn"}), +1)])
+
+
+def gn_flat(d: StudyData):
+    small, large = ends(d)
+    return expect([(A.welch_diff(d.runs, "test_err", BATCH, small, large, at={"norm": "gn"}), "flat")])
+
+
+def gn_small_bn_large(d: StudyData):
+    small, large = ends(d)
+    return expect([(A.welch_diff(d.runs, "test_err", "norm", "gn", "bn", at={BATCH: small}), -1),
+                   (A.welch_diff(d.runs, "test_err", "norm", "bn", "gn", at={BATCH: large}), -1)])
+
+
+SOURCE = "Wu & He 2018, Group Normalization, Fig. 1"
+STUDY = Study(
+    "batch_size", __doc__,
+    shapes=[Shape("BN's error rises as the batch shrinks", SOURCE, bn_rises),
+            Shape("GN's error stays flat across batch sizes", SOURCE, gn_flat),
+            Shape("GN wins at the smallest batch, BN at the largest", SOURCE, gn_small_bn_large)],
+    prepare=lambda d: replace(d, runs=A.with_error(d.runs)),
+    figures=lambda d: {"test_err_vs_batch": plot_vs_batch(d.runs, title=title(d.runs))},
+    by=("norm", BATCH), metrics=("test_err", "test_err.precise", "gen_gap"),
+    comparisons=lambda d: statements(d.runs),
+    notes=lambda d: ("Error is 1 - accuracy with EMA statistics. `test_err.precise` (population "
+                     "statistics recomputed after training) separates a poor EMA estimate from a "
+                     "poorly trained model; it is missing where the model has no BN layer (gn, none)."
+                     + steps_note(d.curves)))
 
 
 if __name__ == "__main__":
-    run_study("batch_size", __doc__, analyze)
+    run_study(STUDY)

@@ -21,12 +21,13 @@ statistics recomputed with dropout off recover much of that loss.
 """
 from __future__ import annotations
 
-from pathlib import Path
 
 import pandas as pd
 
 from bnexp import analysis as A
-from common import question, run_study
+from bnexp.studies import Study, StudyData
+from bnexp.verdicts import Shape, expect
+from common import run_study
 
 P, PLACE = "model.dropout", "model.dropout_placement"
 ARMS = {("bn", "before_norm"): "BN, dropout before every BN",
@@ -71,7 +72,7 @@ def gap_curves(probes: pd.DataFrame, p_max: float) -> pd.DataFrame:
     return pd.concat([base, top.assign(line=top["arm"] + f", p={p_max:g}")], ignore_index=True)
 
 
-def figures(runs, probes, fig_dir: Path) -> list[Path]:
+def figures(runs, probes) -> dict:
     setup = "normalization and dropout placement"
     figs = {"gen_gap_vs_p": titled(A.plot_metric_vs(runs, P, "gen_gap", "arm", logx=False), setup),
             "test_acc_vs_p": titled(A.plot_metric_vs(runs, P, "test_acc", "arm", logx=False), setup)}
@@ -103,7 +104,7 @@ def figures(runs, probes, fig_dir: Path) -> list[Path]:
         epochs = sorted(curves["epoch"].unique())
         figs["gen_gap_per_epoch"].axes[0].set_xticks(epochs, [str(e + 1) for e in epochs])
         figs["gen_gap_per_epoch"].axes[0].set_xlabel("epochs completed")
-    return [A.save_figure(fig, fig_dir, stem)[0] for stem, fig in figs.items()]
+    return figs
 
 
 def statements(runs: pd.DataFrame) -> str:
@@ -148,33 +149,54 @@ def fit_note(runs: pd.DataFrame) -> str:
     return text
 
 
-def analyze(study_dir: Path, command: str) -> Path:
-    runs, curves = A.collect_runs(study_dir)
-    probes = A.collect_probes(study_dir)
-    runs.to_csv(study_dir / "runs.csv", index=False)
-    curves.to_csv(study_dir / "curves.csv", index=False)
-    probes.to_csv(study_dir / "probes.csv", index=False)
-    if "gen_gap" not in runs:
-        return A.write_report(study_dir, "bn_vs_dropout", question(__doc__), command, [],
-                              runs[["run", "status"]], "No finished run yet.")
-    runs = with_arm(runs)
-    shift = variance_shift(probes)
+def prepare(d: StudyData) -> StudyData:
+    runs = with_arm(d.runs)
+    shift = variance_shift(d.probes)
     if len(shift):
         runs = runs.merge(shift.groupby("run")["value"].mean().rename("var_shift"), on="run", how="left")
-    figs = figures(runs, probes, study_dir / "figures")
-    by = ["norm", PLACE, P]
-    metrics = [m for m in ("test_acc", "test_acc.precise", "train_acc", "gen_gap", "var_shift", "ece")
-               if m in runs]
-    table = A.format_summary(A.summarize(runs, by, metrics), by, metrics)
-    notes = (fit_note(runs) + " "
-             "gen_gap = train accuracy (eval mode, EMA statistics, un-augmented training images) "
-             "minus test accuracy, in points. var_shift = running_var / variance of the layer's "
-             "input in eval mode, mean over BN layers, after the last epoch. Runs without BN have "
-             "no precise mode and no variance shift (-). At p = 0 the two placements are the "
-             "same net trained twice.")
-    return A.write_report(study_dir, "bn_vs_dropout", question(__doc__), command, figs, table,
-                          statements(runs), notes)
+    d.runs = runs
+    return d
+
+
+def notes(d: StudyData) -> str:
+    return (fit_note(d.runs) + " "
+            "gen_gap = train accuracy (eval mode, EMA statistics, un-augmented training images) "
+            "minus test accuracy, in points. var_shift = running_var / variance of the layer's "
+            "input in eval mode, mean over BN layers, after the last epoch. Runs without BN have "
+            "no precise mode and no variance shift (-). At p = 0 the two placements are the "
+            "same net trained twice.")
+
+
+def bn_narrows_gap(d: StudyData):
+    base = d.runs[d.runs[PLACE] == "before_norm"]
+    return expect([(A.welch_diff(base, "gen_gap", "norm", "bn", "none", at={P: 0}), -1)])
+
+
+def before_bn_hurts(d: StudyData):
+    bn = d.runs[d.runs["norm"] == "bn"]
+    return expect([(A.welch_diff(bn, "test_acc", PLACE, "after_norm", "before_norm",
+                                 at={P: d.runs[P].max()}), +1)])
+
+
+def precise_undoes(d: StudyData):
+    bn = d.runs[(d.runs["norm"] == "bn") & (d.runs[PLACE] == "before_norm") & (d.runs[P] == d.runs[P].max())]
+    long = A.eval_modes_long(bn, "test_acc")
+    return expect([(A.paired_diff(long, "test_acc", "eval_mode", "precise", "ema"), +1)])
+
+
+SOURCE = "Li et al. 2019, variance shift"
+STUDY = Study(
+    "bn_vs_dropout", __doc__,
+    shapes=[Shape("BN alone narrows the generalization gap (no dropout)", "Ioffe & Szegedy 2015",
+                  bn_narrows_gap),
+            Shape("dropout placed before BN costs test accuracy against dropout after it", SOURCE,
+                  before_bn_hurts),
+            Shape("precise statistics recover much of that loss", SOURCE, precise_undoes)],
+    requires="gen_gap", prepare=prepare,
+    figures=lambda d: figures(d.runs, d.probes), by=("norm", PLACE, P),
+    metrics=("test_acc", "test_acc.precise", "train_acc", "gen_gap", "var_shift", "ece"),
+    comparisons=lambda d: statements(d.runs), notes=notes)
 
 
 if __name__ == "__main__":
-    run_study("bn_vs_dropout", __doc__, analyze)
+    run_study(STUDY)

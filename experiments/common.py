@@ -1,11 +1,14 @@
-"""Plumbing shared by the study scripts: run a study's sweep, then hand its folder to an analysis.
+"""Plumbing shared by the study scripts: run a study's sweep, then hand its folder to the analysis.
 
 A study script is ``experiments/<name>.py``: its docstring states the question, the command and
-the expected outcome with its source; its ``analyze(study_dir, command)`` makes the figures, the
-table and the statement through ``bnexp.analysis``; and its last line is::
+the expected outcome with its source; it declares ``STUDY = Study("<name>", __doc__, ...)``
+(``bnexp.studies``: expected shapes, figure recipes, table, comparisons); and its last lines are::
 
     if __name__ == "__main__":
-        run_study("<name>", __doc__, analyze)
+        run_study(STUDY)
+
+Each (study, data, scale) has its own folder, ``<results_dir>/<study_name>/<data>-<scale>/``
+(``hydra.sweep.dir`` in conf/config.yaml), so runs of other data or scale never share a report.
 
 Usage of every script (``make study S=<name> ARGS="..."`` calls it)::
 
@@ -21,14 +24,23 @@ import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
+from bnexp.studies import Study, analyze
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def study_dir(name: str, overrides: Sequence[str]) -> Path:
-    """Where the sweep writes: ``<results_dir>/<study_name>`` (both overridable)."""
-    opts = dict(o.split("=", 1) for o in overrides if "=" in o and not o.startswith(("+", "~")))
-    results = Path(opts.get("results_dir", "results"))
-    return (results if results.is_absolute() else ROOT / results) / opts.get("study_name", name)
+    """Where the sweep of study ``name`` with ``overrides`` writes: ``hydra.sweep.dir`` of the
+    config Hydra composes for them (``<results_dir>/<study_name>/<data.name>-<scale_name>``),
+    relative paths taken from the repository root, where the sweep runs."""
+    from hydra import compose, initialize_config_module
+    from omegaconf import OmegaConf
+
+    with initialize_config_module(config_module="bnexp.conf", version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[f"study={name}", *overrides],
+                      return_hydra_config=True)
+    path = Path(str(OmegaConf.select(cfg, "hydra.sweep.dir")))
+    return path if path.is_absolute() else ROOT / path
 
 
 def sweep(name: str, overrides: Sequence[str]) -> str:
@@ -43,26 +55,24 @@ def sweep(name: str, overrides: Sequence[str]) -> str:
     return shown
 
 
-def question(doc: str) -> str:
-    """The first paragraph of a study script's docstring."""
-    return " ".join(doc.strip().split("\n\n")[0].split())
-
-
-def run_study(name: str, doc: str, analyze: Callable[[Path, str], Path],
-              argv: Sequence[str] | None = None,
-              prepare: Callable[[list[str]], object] | None = None) -> Path:
-    """Parse the command line, run the sweep (after ``prepare(overrides)``, e.g. a first sweep
-    that the study's runs start from; both skipped with ``--analyze-only``), then ``analyze``."""
-    parser = argparse.ArgumentParser(prog=f"experiments/{name}.py", description=question(doc))
+def run_study(study: Study, argv: Sequence[str] | None = None,
+              before_sweep: Callable[[list[str]], object] | None = None) -> Path:
+    """Parse the command line, run the sweep (after ``before_sweep(overrides)``, e.g. a first
+    sweep that the study's runs start from; both skipped with ``--analyze-only``), then the
+    shared analysis (``bnexp.studies.analyze``) of the sweep's folder."""
+    parser = argparse.ArgumentParser(prog=f"experiments/{study.name}.py", description=study.question)
     parser.add_argument("--analyze-only", action="store_true", help="skip the sweep")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides passed to the sweep")
     args = parser.parse_args(argv)
     if args.analyze_only:
-        command = "bnexp -m " + " ".join([f"study={name}", *map(shlex.quote, args.overrides)])
+        command = "bnexp -m " + " ".join([f"study={study.name}", *map(shlex.quote, args.overrides)])
     else:
-        if prepare is not None:
-            prepare(list(args.overrides))
-        command = sweep(name, args.overrides)
-    report = analyze(study_dir(name, args.overrides), command)
+        if before_sweep is not None:
+            before_sweep(list(args.overrides))
+        command = sweep(study.name, args.overrides)
+    import matplotlib
+
+    matplotlib.use("Agg")  # the analysis only writes files; never open a window
+    report = analyze(study, study_dir(study.name, args.overrides), command)
     print(f"report: {report}")
     return report

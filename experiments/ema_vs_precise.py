@@ -1,6 +1,7 @@
 """When is the EMA of batch statistics a poor estimate of the population statistics?
 
-Sweep (conf/study/ema_vs_precise.yaml): BN momentum {0.01, 0.1, 0.4} x seeds {0, 1, 2} at a
+Sweep (conf/study/ema_vs_precise.yaml): BN momentum {0.01, 0.1, 0.4} and the cumulative
+average (`norm.momentum=null`: every batch weighs the same, a control) x seeds {0, 1, 2} at a
 large batch (CIFAR-10: 1024, 48 steps per epoch; smoke: 256 on 2000 images, 7 steps per epoch),
 linear lr scaling with warmup. Every epoch the model is scored with its EMA statistics and with
 precise statistics (population statistics recomputed over `eval.precise_samples` training images).
@@ -14,7 +15,8 @@ same weights, so the curve shows the estimator alone. It uses the same code path
 precise mode (`bnexp.stats.run_mode`); draw r = 0 at the run's own N reproduces its
 `test_acc.precise`. Only the momentum-0.1 runs are re-scored: train-mode BN never reads its
 running statistics, so the momentum does not change the weights (the report checks this: the
-per-epoch precise curves of a seed coincide across momenta).
+per-epoch precise curves of a seed coincide across momenta). The report also gives (1 - m)^t,
+the weight the EMA still puts on its initial buffers (mean 0, variance 1) after t steps.
 
     make study S=ema_vs_precise ARGS="data=synthetic scale=smoke"   # 9 runs, a few CPU minutes
     make study S=ema_vs_precise                                     # CIFAR-10: 9 runs, one GPU
@@ -35,7 +37,9 @@ import pandas as pd
 
 from bnexp import analysis as A
 from bnexp.plots import PALETTE
-from common import question, run_study
+from bnexp.studies import Study, StudyData
+from bnexp.verdicts import Shape, expect, mean_diff
+from common import run_study
 
 MOMENTUM = "norm.momentum"
 RESULT = "precise_vs_n.json"
@@ -43,6 +47,8 @@ REFERENCE_MOMENTUM = 0.1  # the runs re-scored at every N (any momentum gives th
 
 
 # ----------------------------------------------------------------------------- re-scoring at N
+# TODO(lead): switch to bnexp.stats.rescore_precise(run_dir, samples, device) once merged (its
+# rows: samples, test_acc, test_loss); this keeps the repeats and the cache until then.
 def precise_vs_n(run_dir: Path, sizes: list[int], repeats: int) -> list[dict]:
     """Test loss/accuracy of the run's saved model with precise BN over N training images, for
     each N in ``sizes`` and draws ``r < repeats`` (draw r uses seed ``run seed + 1000 r``).
@@ -109,6 +115,11 @@ def _grid_spec(run: pd.Series) -> dict:
             "repeats": int(run[f"grid.{scale}.repeats"])}
 
 
+def momentum_label(m) -> str:
+    """``momentum 0.1``, or ``cumulative average`` for ``norm.momentum=null`` (NaN here)."""
+    return "cumulative average" if pd.isna(m) else f"momentum {m:g}"
+
+
 def reference_momentum(runs: pd.DataFrame) -> float:
     """0.1 when swept, else the swept momentum closest to it."""
     values = runs[MOMENTUM].dropna().unique()
@@ -120,7 +131,7 @@ def epoch_lines(curves: pd.DataFrame, ref: float) -> pd.DataFrame:
     """Per-epoch test error: an ``EMA, momentum m`` line per momentum and one ``precise`` line
     (reference-momentum runs only: the others hold the same weights, and would count seeds twice)."""
     curves = A.with_error(curves)
-    ema = curves.assign(line=[f"EMA, momentum {m:g}" for m in curves[MOMENTUM]],
+    ema = curves.assign(line=[f"EMA, {momentum_label(m)}" for m in curves[MOMENTUM]],
                         test_err=curves["test_err.ema"])
     precise = curves[curves[MOMENTUM] == ref]
     precise = precise.assign(line="precise BN", test_err=precise["test_err.precise"])
@@ -133,15 +144,14 @@ def n_lines(per_n: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
     sizes = sorted(per_n["eval.precise_samples"].unique())
     population = per_n[per_n["eval.precise_samples"] == sizes[-1]].set_index("seed")["test_err"]
     ema = A.with_error(runs[runs["status"] == "ok"])
-    ema = ema.assign(line=[f"EMA, momentum {m:g}" for m in ema[MOMENTUM]],
+    ema = ema.assign(line=[f"EMA, {momentum_label(m)}" for m in ema[MOMENTUM]],
                      excess_err=ema["test_err.ema"] - ema["seed"].map(population))
     keep = ["run", "status", "seed", "eval.precise_samples", "line", "excess_err"]
     flat = [ema.assign(**{"eval.precise_samples": n})[keep] for n in sizes]
     return pd.concat([per_n.assign(line="precise BN")[keep], *flat], ignore_index=True)
 
 
-def figures(curves: pd.DataFrame, per_n: pd.DataFrame, runs: pd.DataFrame, ref: float,
-            fig_dir: Path) -> list[Path]:
+def figures(curves: pd.DataFrame, per_n: pd.DataFrame, runs: pd.DataFrame, ref: float) -> dict:
     per_epoch = A.plot_curves(epoch_lines(curves, ref), "epoch", "test_err", "line",
                               title="test error per epoch (mean over seeds, 95% CI)")
     epochs = sorted(curves["epoch"].unique())
@@ -162,15 +172,14 @@ def figures(curves: pd.DataFrame, per_n: pd.DataFrame, runs: pd.DataFrame, ref: 
     per_epoch.axes[0].get_legend().set_title("BN statistics")
     zoom.axes[0].legend(title="BN statistics")
     vs_n.axes[0].legend(title="BN statistics", loc="center right")  # clear of the top line
-    return [A.save_figure(fig, fig_dir, stem)[0]
-            for stem, fig in (("test_err_per_epoch", per_epoch), ("test_err_vs_n", vs_n),
-                              ("precise_err_vs_n", zoom))]
+    return {"test_err_per_epoch": per_epoch, "test_err_vs_n": vs_n, "precise_err_vs_n": zoom}
 
 
 def same_weights_check(curves: pd.DataFrame) -> float:
     """Largest difference (accuracy points) between momenta of one seed in the per-epoch precise
     accuracy: 0 when the momentum did not change the weights."""
-    wide = curves.pivot_table(index=["seed", "epoch"], columns=MOMENTUM, values="test_acc.precise")
+    wide = curves.assign(m=curves[MOMENTUM].map(momentum_label)).pivot_table(
+        index=["seed", "epoch"], columns="m", values="test_acc.precise")
     return float((wide.max(axis=1) - wide.min(axis=1)).max() * 100)
 
 
@@ -186,12 +195,14 @@ def statements(runs: pd.DataFrame, curves: pd.DataFrame, per_n: pd.DataFrame) ->
     text = [f"Same weights across momenta: per-epoch precise accuracy of a seed differs by at most "
             f"{same_weights_check(curves):.2f} points between momenta."]
     errs = A.with_error(curves).assign(lag=lambda d: d["test_err.ema"] - d["test_err.precise"])
-    mean_lag = errs.groupby(["run", MOMENTUM])["lag"].mean().groupby(MOMENTUM)
+    errs = errs.assign(m=errs[MOMENTUM].map(momentum_label))
+    mean_lag = errs.groupby(["run", "m"])["lag"].mean().groupby("m")
     final = A.with_error(runs[runs["status"] == "ok"])
-    final_lag = (final["test_err.ema"] - final["test_err.precise"]).groupby(final[MOMENTUM])
+    final_lag = (final["test_err.ema"] - final["test_err.precise"]).groupby(
+        final[MOMENTUM].map(momentum_label))
     text.append("EMA minus precise test error (same model), averaged over epochs: " + "; ".join(
-        f"momentum {m:g} {_paired(v)}" for m, v in mean_lag) + ". After the last epoch: " + "; ".join(
-        f"momentum {m:g} {_paired(v)}" for m, v in final_lag) + ".")
+        f"{m} {_paired(v)}" for m, v in mean_lag) + ". After the last epoch: " + "; ".join(
+        f"{m} {_paired(v)}" for m, v in final_lag) + ".")
     if len(per_n):
         largest = per_n["eval.precise_samples"].max()
         by_n = per_n[per_n["eval.precise_samples"] < largest].groupby("eval.precise_samples")
@@ -200,29 +211,80 @@ def statements(runs: pd.DataFrame, curves: pd.DataFrame, per_n: pd.DataFrame) ->
     return " ".join(text)
 
 
-def analyze(study_dir: Path, command: str) -> Path:
-    runs, curves = A.collect_runs(study_dir)
-    runs.to_csv(study_dir / "runs.csv", index=False)
-    curves.to_csv(study_dir / "curves.csv", index=False)
-    if "test_acc.precise" not in curves or (runs["status"] != "ok").all():
-        return A.write_report(study_dir, "ema_vs_precise", question(__doc__), command, [],
-                              runs[["run", "status"]], "No finished run yet.")
-    ref = reference_momentum(runs)
-    per_n = rescore(study_dir, runs)
-    per_n.to_csv(study_dir / "precise_vs_n.csv", index=False)
-    paths = figures(curves, per_n, runs, ref, study_dir / "figures")
+def initial_weight(runs: pd.DataFrame, curves: pd.DataFrame) -> pd.DataFrame:
+    """Per momentum m: steps per epoch, steps in all (t), and (1 - m)^t after one epoch and at
+    the end: the weight the EMA still puts on its initial buffers (PyTorch convention, running =
+    (1 - m) running + m batch). The cumulative average (m = null) weighs the first batch by 1,
+    so nothing of the initial buffers is left after one step."""
+    first = curves[curves["epoch"] == curves["epoch"].min()]["step"].max()
+    total = curves["step"].max()
+    rows = []
+    for m in sorted(runs[MOMENTUM].unique(), key=lambda v: (pd.isna(v), v)):
+        after = (lambda t: 0.0) if pd.isna(m) else (lambda t, m=m: (1.0 - m) ** t)
+        rows.append({MOMENTUM: momentum_label(m), "steps per epoch": int(first),
+                     "steps t": int(total), "(1 - m)^t after epoch 1": f"{after(first):.2g}",
+                     "(1 - m)^t at the end": f"{after(total):.2g}"})
+    return pd.DataFrame(rows)
+
+
+def prepare(d: StudyData) -> StudyData:
+    d.extra["ref"] = reference_momentum(d.runs)
+    d.extra["per_n"] = per_n = rescore(d.study_dir, d.runs)  # training side: the saved models
+    per_n.to_csv(d.study_dir / "precise_vs_n.csv", index=False)
+    return d
+
+
+def table(d: StudyData) -> pd.DataFrame:
+    runs = A.with_error(d.runs)
+    runs = runs.assign(**{MOMENTUM: runs[MOMENTUM].map(momentum_label)})
     metrics = ["test_err.ema", "test_err.precise"]
-    table = A.format_summary(A.summarize(A.with_error(runs), [MOMENTUM], metrics), [MOMENTUM], metrics)
+    return A.format_summary(A.summarize(runs, [MOMENTUM], metrics), [MOMENTUM], metrics)
+
+
+def notes(d: StudyData) -> str:
+    per_n, runs = d.extra["per_n"], d.runs
     n_metrics = ["test_err", "excess_err", "draw_std_points"]
     by_n = A.summarize(per_n, ["eval.precise_samples"], n_metrics)
-    notes = (f"Precise BN re-scored at each N on the momentum-{ref:g} runs: mean over "
-             f"{int(_grid_spec(runs.iloc[0])['repeats'])} independent draws of the N images per "
-             "run, then 95% CI over seeds; excess_err is paired by seed (minus the largest N); "
-             "draw_std_points is the accuracy spread (std, points) between draws of one model.\n\n"
-             + A.markdown_table(A.format_summary(by_n, ["eval.precise_samples"], n_metrics)))
-    return A.write_report(study_dir, "ema_vs_precise", question(__doc__), command, paths, table,
-                          statements(runs, curves, per_n), notes)
+    return (f"Precise BN re-scored at each N on the momentum-{d.extra['ref']:g} runs: mean over "
+            f"{int(_grid_spec(runs.iloc[0])['repeats'])} independent draws of the N images per "
+            "run, then 95% CI over seeds; excess_err is paired by seed (minus the largest N); "
+            "draw_std_points is the accuracy spread (std, points) between draws of one model.\n\n"
+            + A.markdown_table(A.format_summary(by_n, ["eval.precise_samples"], n_metrics))
+            + "\n\nThe weight the EMA still puts on its initial buffers, (1 - m)^t after t steps:\n\n"
+            + A.markdown_table(initial_weight(runs, d.curves)))
+
+
+def ema_above_precise(d: StudyData):
+    ok = A.with_error(d.runs[d.runs["status"] == "ok"])
+    ok = ok.assign(lag=ok["test_err.ema"] - ok["test_err.precise"])  # the same model: paired
+    return expect([(mean_diff(ok[ok[MOMENTUM] == m], "lag", "test_err", "EMA", "precise",
+                              f" at {momentum_label(m)}"), +1)
+                   for m in sorted(ok[MOMENTUM].dropna().unique())])
+
+
+def precise_matches_from_1k(d: StudyData):
+    per_n = d.extra["per_n"].merge(d.runs[["run", "trained"]], on="run", how="left")
+    sizes = sorted(n for n in per_n["eval.precise_samples"].unique() if n >= 1000)[:-1]
+    largest = per_n["eval.precise_samples"].max()
+    return expect([(mean_diff(per_n[per_n["eval.precise_samples"] == n], "excess_err", "test_err",
+                              f"precise N={n}", f"N={largest}"), "flat") for n in sizes])
+
+
+def _ready(d: StudyData) -> bool:
+    return "test_acc.precise" in d.curves and (d.runs["status"] == "ok").any()
+
+
+SOURCE = "Wu & Johnson 2021, Sec. 3"
+STUDY = Study(
+    "ema_vs_precise", __doc__,
+    shapes=[Shape("with few steps per epoch the EMA's test error is above precise BN's, at every "
+                  "momentum", SOURCE, ema_above_precise),
+            Shape("precise BN with >= ~1k samples matches the population estimate", SOURCE,
+                  precise_matches_from_1k)],
+    requires=_ready, prepare=prepare,
+    figures=lambda d: figures(d.curves, d.extra["per_n"], d.runs, d.extra["ref"]),
+    table=table, comparisons=lambda d: statements(d.runs, d.curves, d.extra["per_n"]), notes=notes)
 
 
 if __name__ == "__main__":
-    run_study("ema_vs_precise", __doc__, analyze)
+    run_study(STUDY)

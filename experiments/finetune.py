@@ -19,7 +19,8 @@ rows). Target accuracy is the test accuracy on shifted test images with the run'
 Every override goes to both sweeps except those that define the target (`data.shift*`,
 `data.batch_size`, `data.train_size`, `finetune.*`), which go to the second only. A source is
 found by dataset, scale and seed (`finetune.from`); a source trained under other settings is
-reused with a config-drift warning: delete `<results_dir>/finetune_source` to retrain.
+reused with a config-drift warning: delete `<results_dir>/finetune_source/<data>-<scale>` to
+retrain.
 
 Expected (Wu & Johnson 2021, "Rethinking 'Batch' in BatchNorm", Sec. 5; Ioffe 2017, Batch
 Renormalization; Li et al. 2016, AdaBN): under covariate shift, re-estimating the BN statistics on
@@ -35,8 +36,10 @@ from pathlib import Path
 import pandas as pd
 
 from bnexp import analysis as A
+from bnexp.studies import Study, StudyData, analyze
+from bnexp.verdicts import Shape, expect
 import finetune_source
-from common import question, run_study, study_dir, sweep
+from common import run_study, study_dir, sweep
 
 MODE, BATCH = "finetune.bn", "data.batch_size"
 TARGET_ONLY = ("data.shift", "data.batch_size", "data.train_size", "finetune")
@@ -59,7 +62,7 @@ def make_sources(overrides: list[str]) -> None:
     """Phase 1: the source sweep (finished sources are skipped) and its report."""
     given = source_overrides(overrides)
     command = sweep("finetune_source", given)
-    finetune_source.analyze(study_dir("finetune_source", given), command)
+    analyze(finetune_source.STUDY, study_dir("finetune_source", given), command)
 
 
 def cells(runs: pd.DataFrame) -> pd.DataFrame:
@@ -68,12 +71,13 @@ def cells(runs: pd.DataFrame) -> pd.DataFrame:
     averages the ok ones and counts the diverged and failed ones, which the heatmap prints in
     their cell. Eval-only values depend on the seed alone (the AdaBN pass runs at a fixed batch,
     before any training), so one per seed and column is taken from whichever run recorded it."""
-    cols = ["run", "status", "seed", BATCH, "row", "test_acc"]
+    cols = ["run", "status", "seed", BATCH, "row", "test_acc"] + (["trained"] if "trained" in runs else [])
     parts = [runs.assign(row=runs[MODE].map(ROWS))[cols]]
     for col, name in EVAL_ONLY.items():
-        if col in runs:
+        if col in runs:  # the source model, before training: whether a fine-tune trained is moot
             scored = runs.dropna(subset=[col]).drop_duplicates(["seed", BATCH])
-            parts.append(scored.assign(row=name, test_acc=scored[col], status="ok")[cols])
+            parts.append(scored.assign(row=name, test_acc=scored[col], status="ok",
+                                       trained=float("nan"))[cols])
     return pd.concat(parts, ignore_index=True)
 
 
@@ -128,36 +132,65 @@ def shift_cost(runs: pd.DataFrame, sources: pd.DataFrame) -> str:
             "that re-estimated statistics or fine-tuning can recover.")
 
 
-def analyze(study_dir: Path, command: str) -> Path:
-    runs, curves = A.collect_runs(study_dir)
-    runs.to_csv(study_dir / "runs.csv", index=False)
-    curves.to_csv(study_dir / "curves.csv", index=False)
-    source_dir = study_dir.parent / "finetune_source"
-    command = f"{A.sweep_command(source_dir)}   # phase 1: sources\n{command}"
-    if "test_acc" not in runs:
-        return A.write_report(study_dir, "finetune", question(__doc__), command, [],
-                              runs[["run", "status"]], "No finished run yet.")
-    long = cells(runs)
-    heat = A.plot_heatmap(long, "row", BATCH, "test_acc",
+def source_dir(study_dir: Path) -> Path:
+    """The sources' folder of the same data and scale: ``<results>/finetune_source/<data>-<scale>``."""
+    return study_dir.parent.parent / "finetune_source" / study_dir.name
+
+
+def prepare(d: StudyData) -> StudyData:
+    d.command = f"{A.sweep_command(source_dir(d.study_dir))}   # phase 1: sources\n{d.command}"
+    d.extra["long"] = cells(d.runs)
+    d.extra["sources"], _ = A.collect_runs(source_dir(d.study_dir))
+    return d
+
+
+def figures(d: StudyData) -> dict:
+    heat = A.plot_heatmap(d.extra["long"], "row", BATCH, "test_acc",
                           title="target accuracy after fine-tuning (shifted test set)")
     heat.axes[0].set_ylabel("BN treatment")
     heat.axes[0].set_xlabel("fine-tune batch size [data.batch_size]")
-    paths = [A.save_figure(heat, study_dir / "figures", "target_acc_heatmap")[0]]
-    if "test_acc.before_finetune" in runs:
-        paths.append(A.save_figure(gain_figure(long, runs), study_dir / "figures", "gain_over_source")[0])
-    summary = A.summarize(long, ["row", BATCH], ["test_acc"])
-    sources, _ = A.collect_runs(source_dir)
+    figs = {"target_acc_heatmap": heat}
+    if "test_acc.before_finetune" in d.runs:
+        figs["gain_over_source"] = gain_figure(d.extra["long"], d.runs)
+    return figs
+
+
+def notes(d: StudyData) -> str:
+    runs, sources = d.runs, d.extra["sources"]
     cfg = runs[runs["status"] == "ok"].iloc[0]
-    notes = (shift_cost(runs, sources) + " "
-             f"Target: data.shift={cfg['data.shift']} (severity {cfg['data.shift_severity']}), "
-             f"{cfg['data.train_size']} target training images, {cfg['optim.epochs']} epochs, lr "
-             f"{cfg['optim.lr']:g} at batch 128 scaled linearly. Sources (clean test set, EMA stats): "
-             f"{100 * sources['test_acc'].mean():.1f}% mean over {len(sources)} seeds. Eval-only "
-             "rows do not depend on the fine-tune batch: each column repeats them.")
-    return A.write_report(study_dir, "finetune", question(__doc__), command, paths,
-                          A.format_summary(summary, ["row", BATCH], ["test_acc"]),
-                          statements(long), notes)
+    return (shift_cost(runs, sources) + " "
+            f"Target: data.shift={cfg['data.shift']} (severity {cfg['data.shift_severity']}), "
+            f"{cfg['data.train_size']} target training images, {cfg['optim.epochs']} epochs, lr "
+            f"{cfg['optim.lr']:g} at batch 128 scaled linearly. Sources (clean test set, EMA stats): "
+            f"{100 * sources['test_acc'].mean():.1f}% mean over {len(sources)} seeds. Eval-only "
+            "rows do not depend on the fine-tune batch: each column repeats them.")
+
+
+def adapted_helps(d: StudyData):
+    long = d.extra["long"]
+    return expect([(A.paired_diff(long, "test_acc", "row", EVAL_ONLY["test_acc.before_finetune.adapted"],
+                                  EVAL_ONLY["test_acc.before_finetune"], at={BATCH: long[BATCH].max()}), +1)])
+
+
+def tiny_batch_train_hurts(d: StudyData):
+    long = d.extra["long"]
+    at = {BATCH: long[BATCH].min()}
+    return expect([(A.paired_diff(long, "test_acc", "row", ROWS["train"], ROWS[other], at=at), -1)
+                   for other in ("frozen_stats", "adapt")])
+
+
+SOURCE = "Wu & Johnson 2021, Sec. 5; Li et al. 2016, AdaBN"
+STUDY = Study(
+    "finetune", __doc__,
+    shapes=[Shape("re-estimating the statistics on the target helps even without training", SOURCE,
+                  adapted_helps),
+            Shape("train-mode BN at a tiny fine-tune batch (2) hurts against frozen or "
+                  "re-estimated statistics", SOURCE, tiny_batch_train_hurts)],
+    prepare=prepare, figures=figures,
+    table=lambda d: A.format_summary(A.summarize(d.extra["long"], ["row", BATCH], ["test_acc"]),
+                                     ["row", BATCH], ["test_acc"]),
+    comparisons=lambda d: statements(d.extra["long"]), notes=notes)
 
 
 if __name__ == "__main__":
-    run_study("finetune", __doc__, analyze, prepare=make_sources)
+    run_study(STUDY, before_sweep=make_sources)

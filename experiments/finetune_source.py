@@ -3,7 +3,7 @@
 Phase 1 of the finetune study (`make study S=finetune` runs it first, with the same overrides
 minus the target's; see experiments/finetune.py). Sweep (conf/study/finetune_source.yaml): BN
 nets trained on clean images, seeds {0, 1, 2}; each run folder is named
-`runs/<dataset>-<scale>-clean-seed<seed>`, the path conf/study/finetune.yaml's `finetune.from`
+`<dataset>-<scale>/runs/<dataset>-<scale>-clean-seed<seed>`, the path conf/study/finetune.yaml's `finetune.from`
 points at.
 
     make study S=finetune_source ARGS="data=synthetic scale=smoke"   # 3 runs, about a CPU minute
@@ -15,33 +15,36 @@ lose on the shifted target, before any fine-tuning, is in the finetune report's 
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 from bnexp import analysis as A
-from common import question, run_study
+from bnexp.studies import Study, StudyData
+from bnexp.verdicts import Shape, expect
+from common import run_study
 
 
-def analyze(study_dir: Path, command: str) -> Path:
-    runs, curves = A.collect_runs(study_dir)
-    runs.to_csv(study_dir / "runs.csv", index=False)
-    curves.to_csv(study_dir / "curves.csv", index=False)
-    if "test_acc" not in runs:
-        return A.write_report(study_dir, "finetune_source", question(__doc__), command, [],
-                              runs[["run", "status"]], "No finished run yet.")
-    modes = A.eval_modes_long(runs, "test_acc")
+def figures(d: StudyData) -> dict:
+    modes = A.eval_modes_long(d.runs, "test_acc")
     figs = {"test_acc_by_eval_mode": A.plot_bars(modes, "eval_mode", "test_acc",
                                                  title="source models on the clean test set"),
-            "test_acc_curves": A.plot_curves(curves, "epoch", "test_acc",
+            "test_acc_curves": A.plot_curves(d.curves, "epoch", "test_acc",
                                              title="source training (mean over seeds, 95% CI)")}
-    epochs = sorted(curves["epoch"].unique())
+    epochs = sorted(d.curves["epoch"].unique())
     figs["test_acc_curves"].axes[0].set_xticks(epochs, [str(e + 1) for e in epochs])  # completed
-    paths = [A.save_figure(fig, study_dir / "figures", stem)[0] for stem, fig in figs.items()]
-    metrics = [m for m in ("test_acc", "test_acc.precise", "train_acc", "gen_gap") if m in runs]
-    summary = A.summarize(runs.assign(source="clean"), ["source"], metrics)
-    text = A.paired_statement(modes, "test_acc", "eval_mode", "precise", "ema") + "."  # same model
-    return A.write_report(study_dir, "finetune_source", question(__doc__), command, paths,
-                          A.format_summary(summary, ["source"], metrics), text)
+    return figs
+
+
+def precise_vs_ema(d: StudyData):
+    modes = A.eval_modes_long(d.runs, "test_acc")  # two modes of the same model: paired
+    return A.paired_diff(modes, "test_acc", "eval_mode", "precise", "ema")
+
+
+STUDY = Study(
+    "finetune_source", __doc__,
+    shapes=[Shape("EMA and precise statistics within about a point of each other", "Wu & Johnson 2021",
+                  lambda d: expect([(precise_vs_ema(d), "flat")]))],
+    figures=figures, by=("source",), metrics=("test_acc", "test_acc.precise", "train_acc", "gen_gap"),
+    table_rows=lambda d: d.runs.assign(source="clean"),
+    comparisons=lambda d: A.sentence(precise_vs_ema(d)) + ".", arm=())
 
 
 if __name__ == "__main__":
-    run_study("finetune_source", __doc__, analyze)
+    run_study(STUDY)

@@ -34,7 +34,9 @@ from pathlib import Path
 import pandas as pd
 
 from bnexp import analysis as A
-from common import question, run_study
+from bnexp.studies import Study, StudyData
+from bnexp.verdicts import NOT_SHOWN, SHOWN, Shape, Verdict, expect, mean_diff
+from common import run_study
 
 FREEZE = "norm.freeze_after"
 METRICS = ("max_abs_logit_diff", "test_acc.before", "test_acc.after", "images_per_s.before",
@@ -43,7 +45,8 @@ METRICS = ("max_abs_logit_diff", "test_acc.before", "test_acc.after", "images_pe
 
 def fold_runs(study_dir: Path, runs: pd.DataFrame) -> pd.DataFrame:
     """One row per (finished run, foldable statistics mode): the fuse_run row with the run's
-    swept settings. A run's rows come from its fused.json when present (no re-timing)."""
+    swept settings. A run's rows come from its fused.json when present (no re-timing). The
+    training-side step of this study (``bnexp.fusion.fuse_run``, the same as ``bnexp-fuse``)."""
     from bnexp.fusion import FUSED, fuse_run  # training side: a study script may import it
     from bnexp.runtime import set_threads
 
@@ -115,7 +118,7 @@ def _pm(r: pd.Series, metric: str) -> str:
     return f"{r[f'{metric}.mean']:.2f}" + ("" if math.isnan(half) else f" ± {half:.2f}")
 
 
-def figures(fused: pd.DataFrame, fig_dir: Path) -> list[Path]:
+def figures(fused: pd.DataFrame) -> dict:
     hue = "model" if fused["model"].nunique() > 1 else None
     speed = A.plot_bars(fused, "stats", "speedup", hue, title="inference speedup from folding BN")
     speed.axes[0].axhline(1.0, color="0.3", lw=0.8, ls="--")
@@ -132,8 +135,7 @@ def figures(fused: pd.DataFrame, fig_dir: Path) -> list[Path]:
                 xytext=(-2, 3), textcoords="offset points", ha="right", fontsize=7)
     ax.set_xlabel("statistics folded")
     ax.set_ylabel("max |logit diff| over the test set")
-    return [A.save_figure(fig, fig_dir, stem)[0]
-            for stem, fig in (("speedup", speed), ("max_logit_diff", diff))]
+    return {"speedup": speed, "max_logit_diff": diff}
 
 
 def statement(fused: pd.DataFrame, refused: dict) -> str:
@@ -158,27 +160,58 @@ def accuracy_note(runs: pd.DataFrame) -> str:
     return "; ".join(parts) + f" (the runs' own {precision} evaluation; the fold is compared in fp32)."
 
 
-def analyze(study_dir: Path, command: str) -> Path:
-    runs, curves = A.collect_runs(study_dir)
-    runs.to_csv(study_dir / "runs.csv", index=False)
-    curves.to_csv(study_dir / "curves.csv", index=False)
-    if (runs["status"] != "ok").all():
-        return A.write_report(study_dir, "fusion", question(__doc__), command, [],
-                              runs[["run", "status"]], "No finished run yet.")
-    fused = fold_runs(study_dir, runs)
-    fused.to_csv(study_dir / "fused.csv", index=False)
-    refused = refusals(study_dir, runs)
+def prepare(d: StudyData) -> StudyData:
+    d.extra["fused"] = fused = fold_runs(d.study_dir, d.runs)
+    fused.to_csv(d.study_dir / "fused.csv", index=False)
+    d.extra["refused"] = refusals(d.study_dir, d.runs)
+    return d
+
+
+def notes(d: StudyData) -> str:
+    fused = d.extra["fused"]
     device = ", ".join(sorted(set(fused["device"])))
     threads = ", ".join(str(t) for t in sorted(set(fused["threads"])))
-    notes = (f"Timed on {device} with {threads} torch thread(s), fp32, eval batch "
-             f"{int(fused['batch_size'].iloc[0])}; on a shared machine images/s are noisy (the "
-             "two models alternate, so load hits both). `frozen` = EMA buffers of runs trained "
-             f"with {FREEZE}=0.75. Folding reproduces whatever the statistics give: "
-             + accuracy_note(runs))
-    return A.write_report(study_dir, "fusion", question(__doc__), command,
-                          figures(fused, study_dir / "figures"), table(fused, refused),
-                          statement(fused, refused), notes)
+    return (f"Timed on {device} with {threads} torch thread(s), fp32, eval batch "
+            f"{int(fused['batch_size'].iloc[0])}; on a shared machine images/s are noisy (the "
+            "two models alternate, so load hits both). `frozen` = EMA buffers of runs trained "
+            f"with {FREEZE}=0.75. Folding reproduces whatever the statistics give: "
+            + accuracy_note(d.runs))
+
+
+def exact(d: StudyData) -> Verdict:
+    fused = d.extra["fused"]
+    evidence = (f"{int(fused['exact'].sum())} of {len(fused)} folds exact within the fp32 tolerance, "
+                f"largest max |logit diff| {fused['max_abs_logit_diff'].max():.1e}")
+    if fused["exact"].all():
+        return Verdict(SHOWN, evidence)
+    return Verdict(NOT_SHOWN, evidence, "some folds differ by more than fp32 rounding")
+
+
+def faster(d: StudyData) -> Verdict:
+    fused = d.extra["fused"]
+    return expect([(mean_diff(fused[fused["stats"] == s], "speedup", "speedup",
+                              f"speedup ({s})", "1", ref=1.0), +1)
+                   for s in sorted(fused["stats"].unique())])
+
+
+def refused_batch_modes(d: StudyData) -> Verdict:
+    refused = d.extra["refused"]
+    evidence = "refused: " + (", ".join(refused) or "none")
+    return Verdict(SHOWN if "batch" in refused else NOT_SHOWN, evidence,
+                   "" if "batch" in refused else "fuse_run did not refuse mode batch")
+
+
+SOURCE = "Ioffe & Szegedy 2015, Alg. 2"
+STUDY = Study(
+    "fusion", __doc__,
+    shapes=[Shape("the folded net computes the same function up to float rounding", SOURCE, exact),
+            Shape("the folded net infers faster", SOURCE, faster),
+            Shape("folding is not applicable to batch-statistic modes", SOURCE, refused_batch_modes)],
+    requires=lambda d: (d.runs["status"] == "ok").any(), prepare=prepare,
+    figures=lambda d: figures(d.extra["fused"]),
+    table=lambda d: table(d.extra["fused"], d.extra["refused"]),
+    comparisons=lambda d: statement(d.extra["fused"], d.extra["refused"]), notes=notes)
 
 
 if __name__ == "__main__":
-    run_study("fusion", __doc__, analyze)
+    run_study(STUDY)

@@ -17,13 +17,12 @@ BN's best accuracy, reached at a larger learning rate, is the best overall.
 """
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import pandas as pd
 
 from bnexp import analysis as A
-from common import question, run_study
+from bnexp.studies import Study, StudyData
+from bnexp.verdicts import NOT_SHOWN, NOT_TESTED, SHOWN, Shape, Verdict, chance, expect
+from common import run_study
 
 LR = "optim.lr"
 
@@ -34,19 +33,10 @@ def best_lr(summary: pd.DataFrame, metric: str) -> pd.DataFrame:
     return ranked.groupby("norm", sort=True).head(1).set_index("norm")
 
 
-def chance(runs: pd.DataFrame) -> float:
-    """Accuracy of guessing: 1 / number of classes of the runs' dataset."""
-    row = runs.iloc[0]
-    classes = row.get("data.classes")
-    if isinstance(classes, str) and classes.startswith("["):
-        return 1.0 / len(json.loads(classes))
-    return 1.0 / {"cifar10": 10, "cifar100": 100}.get(row["data.name"], row["data.synthetic_classes"])
-
-
 def stability(runs: pd.DataFrame) -> list[str]:
     """Per norm, the learning rates at which some seed diverged (loss non-finite) and those at
     which every finished seed stalled (final train accuracy below twice chance)."""
-    out, stall = [], 2 * chance(runs)
+    out, stall = [], 2 * chance(runs.iloc[0])
     for norm, group in runs.groupby("norm", sort=True):
         diverged = sorted(group.loc[group["status"] == "diverged", LR].unique())
         ok = group[group["status"] == "ok"]
@@ -74,30 +64,60 @@ def statements(runs: pd.DataFrame, metric: str = "test_acc") -> list[str]:
     return out
 
 
-def analyze(study_dir: Path, command: str) -> Path:
-    runs, curves = A.collect_runs(study_dir)
-    runs.to_csv(study_dir / "runs.csv", index=False)
-    curves.to_csv(study_dir / "curves.csv", index=False)
-    fig = A.plot_metric_vs(runs, LR, "test_acc", "norm", logx=10,
-                           title="final test accuracy; x = a run that diverged")
-    figures = [A.save_figure(fig, study_dir / "figures", "test_acc_vs_lr")[0]]
-    if "train_loss" in runs:  # does it train at all: a stalled run keeps the initial ~ln(classes)
-        fig = A.plot_metric_vs(runs, LR, "train_loss", "norm", logx=10,
-                               title="final training loss (eval mode); x = a run that diverged")
-        figures.append(A.save_figure(fig, study_dir / "figures", "train_loss_vs_lr")[0])
-    by = ["norm", LR]
-    metrics = [m for m in ("test_acc", "train_acc", "train_loss") if m in runs]
-    table = A.format_summary(A.summarize(runs, by, metrics), by, metrics)
-    statement = "\n".join(f"- {s}." for s in statements(runs))
-    notes = ("Means and intervals use the runs that finished; the `diverged` column counts the "
-             "others (their loss became non-finite), drawn as x marks above their learning rate. "
-             "A run can also fail without diverging: it stalls near chance with a finite loss, "
-             "which the training-loss figure shows (a flat line at ln(classes)); both count as "
-             "'does not train at this learning rate'. At a learning rate too small for the "
-             "number of steps, both networks stall alike.")
-    return A.write_report(study_dir, "lr_sensitivity", question(__doc__), command, figures, table,
-                          statement, notes)
+def figures(d: StudyData) -> dict:
+    figs = {"test_acc_vs_lr": A.plot_metric_vs(d.runs, LR, "test_acc", "norm", logx=10,
+                                               title="final test accuracy; x = a run that diverged")}
+    if "train_loss" in d.runs:  # does it train at all: a stalled run keeps the initial ~ln(classes)
+        figs["train_loss_vs_lr"] = A.plot_metric_vs(
+            d.runs, LR, "train_loss", "norm", logx=10,
+            title="final training loss (eval mode); x = a run that diverged")
+    return figs
+
+
+def equal_at_small_lr(d: StudyData):
+    return expect([(A.welch_diff(d.runs, "test_acc", "norm", "bn", "none", at={LR: d.runs[LR].min()}),
+                    "flat")])
+
+
+def only_bn_at_high_lr(d: StudyData):
+    """At the largest lr: every BN seed trained and some unnormalized one did not (training check)."""
+    arms = d.arms.set_index(["norm", LR])
+    top = d.runs[LR].max()
+    if ("bn", top) not in arms.index or ("none", top) not in arms.index:
+        return Verdict(NOT_TESTED, reason=f"no finished bn and none runs at lr {top:g}")
+    bn, none = arms.loc[("bn", top)], arms.loc[("none", top)]
+    evidence = (f"at lr {top:g}: bn trained in {bn['trained']} of {bn['runs']} runs, none in "
+                f"{none['trained']} of {none['runs']} ({none['why not'] or 'all trained'})")
+    if bn["trained"] == bn["runs"] and none["trained"] < none["runs"]:
+        return Verdict(SHOWN, evidence)
+    return Verdict(NOT_SHOWN, evidence, "bn did not train there" if bn["trained"] < bn["runs"]
+                   else "the unnormalized net trained there too")
+
+
+def bn_best(d: StudyData):
+    summary = A.summarize(d.runs, ["norm", LR], ["test_acc"])
+    best = best_lr(summary, "test_acc")
+    runs = d.runs.assign(arm=d.runs["norm"] + " at lr " + d.runs[LR].map("{:g}".format))
+    arms = {n: f"{n} at lr {best.loc[n, LR]:g}" for n in ("bn", "none")}
+    return expect([(A.welch_diff(runs, "test_acc", "arm", arms["bn"], arms["none"]), +1)])
+
+
+SOURCE = "Bjorck et al. 2018; Santurkar et al. 2018"
+STUDY = Study(
+    "lr_sensitivity", __doc__,
+    shapes=[Shape("equal accuracy at the smallest learning rate", SOURCE, equal_at_small_lr),
+            Shape("only BN trains at the largest learning rate", SOURCE, only_bn_at_high_lr),
+            Shape("BN's best accuracy (at its best lr) is the best overall", SOURCE, bn_best)],
+    figures=figures, by=("norm", LR), metrics=("test_acc", "train_acc", "train_loss"),
+    comparisons=lambda d: statements(d.runs),
+    notes=lambda d: (
+        "Means and intervals use the runs that finished; the `diverged` column counts the "
+        "others (their loss became non-finite), drawn as x marks above their learning rate. "
+        "A run can also fail without diverging: it stalls near chance with a finite loss, "
+        "which the training-loss figure shows (a flat line at ln(classes)); both count as "
+        "'does not train at this learning rate'. At a learning rate too small for the "
+        "number of steps, both networks stall alike."))
 
 
 if __name__ == "__main__":
-    run_study("lr_sensitivity", __doc__, analyze)
+    run_study(STUDY)

@@ -29,15 +29,16 @@ regularizes more (smaller train/test gap, better test accuracy) up to a point, b
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
 from bnexp import analysis as A
+from bnexp.studies import Study, StudyData
+from bnexp.verdicts import Shape, expect
 from bnexp.plots import PALETTE
-from common import question, run_study
+from common import run_study
 
 
 def noise_rows(probes: pd.DataFrame) -> pd.DataFrame:
@@ -157,34 +158,56 @@ def statements(runs: pd.DataFrame) -> str:
     return " ".join(text)
 
 
-def analyze(study_dir: Path, command: str) -> Path:
-    runs, curves = A.collect_runs(study_dir)
-    probes = A.collect_probes(study_dir)
-    runs.to_csv(study_dir / "runs.csv", index=False)
-    curves.to_csv(study_dir / "curves.csv", index=False)
-    noise = noise_rows(probes)
-    noise.to_csv(study_dir / "probes.csv", index=False)
-    if "test_acc" not in runs:
-        return A.write_report(study_dir, "noise", question(__doc__), command, [],
-                              runs[["run", "status"]], "No finished run yet.")
-    runs = runs.merge(measured_noise(runs, noise), left_on="run", right_index=True, how="left")
-    figs = {"test_acc_vs_noise": plot_vs_noise(runs)}
+def prepare(d: StudyData) -> StudyData:
+    noise = noise_rows(d.probes)
+    d.extra["noise"] = noise
+    d.runs = d.runs.merge(measured_noise(d.runs, noise), left_on="run", right_index=True, how="left")
+    return d
+
+
+def figures(d: StudyData) -> dict:
+    figs = {"test_acc_vs_noise": plot_vs_noise(d.runs)}
+    noise = d.extra["noise"]
     bn_noise = noise[noise["norm"] == "bn"] if len(noise) else noise
     if len(bn_noise):
         figs["noise_vs_batch_size"] = plot_noise_vs_batch(
             bn_noise, "batch-statistic noise per layer (norm=bn, after training)")
-    paths = [A.save_figure(fig, study_dir / "figures", stem)[0] for stem, fig in figs.items()]
-    metrics = [m for m in ("noise", "test_acc", "test_acc.precise", "train_acc", "gen_gap") if m in runs]
-    table = A.format_summary(A.summarize(runs, ["norm"], metrics), ["norm"], metrics)
-    notes = ("noise: see the module docstring of experiments/noise.py (unitless; 0 for none). "
-             "Bars and bands are 95% t-intervals over seeds. The per-layer figure uses the norm=bn "
-             "runs' last-epoch probe; the dashed line is the 1/sqrt(B) scaling of i.i.d. batches. "
-             "Reading the result: where more noise narrows the gap but lowers train accuracy as "
-             "much, the noise slows fitting rather than improving generalization, which is what a "
-             "net that is not yet overfitting strongly (train accuracy in the table) can show.")
-    return A.write_report(study_dir, "noise", question(__doc__), command, paths, table,
-                          statements(runs), notes)
+    return figs
+
+
+def noise_grows(d: StudyData):
+    return expect([(A.welch_diff(d.runs, "noise", "norm", a, b), +1)
+                   for a, b in (("ghost_bn4", "ghost_bn16"), ("ghost_bn16", "ghost_bn64"),
+                                ("ghost_bn64", "bn"))])
+
+
+def more_noise_regularizes(d: StudyData):
+    return expect([(A.welch_diff(d.runs, "gen_gap", "norm", "ghost_bn16", "bn"), -1),
+                   (A.welch_diff(d.runs, "test_acc", "norm", "ghost_bn16", "bn"), +1)])
+
+
+def too_much_hurts(d: StudyData):
+    return expect([(A.welch_diff(d.runs, "test_acc", "norm", "ghost_bn4", "ghost_bn16"), -1)])
+
+
+SOURCE = "Hoffer et al. 2017; Santurkar et al. 2018; Luo et al. 2019"
+STUDY = Study(
+    "noise", __doc__,
+    shapes=[Shape("batch-statistic noise grows as the normalization batch shrinks", SOURCE, noise_grows),
+            Shape("more noise (ghost BN 16) regularizes more than BN: smaller gap, better test "
+                  "accuracy", SOURCE, more_noise_regularizes),
+            Shape("beyond a point (ghost BN 4) the noise hurts accuracy", SOURCE, too_much_hurts)],
+    prepare=prepare, figures=figures, by=("norm",),
+    metrics=("noise", "test_acc", "test_acc.precise", "train_acc", "gen_gap"),
+    comparisons=lambda d: statements(d.runs),
+    notes=lambda d: (
+        "noise: see the module docstring of experiments/noise.py (unitless; 0 for none). "
+        "Bars and bands are 95% t-intervals over seeds. The per-layer figure uses the norm=bn "
+        "runs' last-epoch probe; the dashed line is the 1/sqrt(B) scaling of i.i.d. batches. "
+        "Reading the result: where more noise narrows the gap but lowers train accuracy as "
+        "much, the noise slows fitting rather than improving generalization, which is what a "
+        "net that is not yet overfitting strongly (train accuracy in the table) can show."))
 
 
 if __name__ == "__main__":
-    run_study("noise", __doc__, analyze)
+    run_study(STUDY)

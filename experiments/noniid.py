@@ -20,12 +20,13 @@ i.i.d. accuracy.
 """
 from __future__ import annotations
 
-from pathlib import Path
 
 import pandas as pd
 
 from bnexp import analysis as A
-from common import question, run_study
+from bnexp.studies import Study, StudyData
+from bnexp.verdicts import Shape, expect
+from common import run_study
 
 NORMS = ("bn", "batch_renorm", "gn")
 MODES = ("ema", "precise", "batch")
@@ -106,37 +107,78 @@ def statements(long: pd.DataFrame, metric: str = "test_acc") -> list[str]:
     return out
 
 
-def analyze(study_dir: Path, command: str) -> Path:
-    runs, curves = A.collect_runs(study_dir)
-    runs.to_csv(study_dir / "runs.csv", index=False)
-    curves.to_csv(study_dir / "curves.csv", index=False)
-    runs = with_train_mode_acc(runs, curves)
-    long = by_stats(runs)
-    pk, names = samplers(runs)
-    fig = A.plot_bars(long, "sampler", "test_acc", STATS, hue_order=stats_order(long),
-                      title="final test accuracy per batch sampler (bars: mean, 95% CI; dots: runs)")
-    figures = [A.save_figure(fig, study_dir / "figures", "test_acc_by_sampler_and_eval_mode")[0]]
-    for sampler in pk if len(curves) else []:
-        steps = by_stats(curves[curves["sampler"] == sampler])
+def prepare(d: StudyData) -> StudyData:
+    d.runs = with_train_mode_acc(d.runs, d.curves)
+    d.extra["long"] = by_stats(d.runs)
+    return d
+
+
+def figures(d: StudyData) -> dict:
+    long = d.extra["long"]
+    pk, _ = samplers(d.runs)
+    figs = {"test_acc_by_sampler_and_eval_mode": A.plot_bars(
+        long, "sampler", "test_acc", STATS, hue_order=stats_order(long),
+        title="final test accuracy per batch sampler (bars: mean, 95% CI; dots: runs)")}
+    for sampler in pk if len(d.curves) else []:
+        steps = by_stats(d.curves[d.curves["sampler"] == sampler])
         steps = steps[steps[STATS].isin(CURVES)]
-        fig = A.plot_curves(steps, "step", "test_acc", STATS, hue_order=stats_order(steps),
-                            title=f"test accuracy during training, sampler {sampler}")
-        figures.append(A.save_figure(fig, study_dir / "figures", f"test_acc_curves_{sampler}")[0])
-    by = ["norm", "sampler"]
+        figs[f"test_acc_curves_{sampler}"] = A.plot_curves(
+            steps, "step", "test_acc", STATS, hue_order=stats_order(steps),
+            title=f"test accuracy during training, sampler {sampler}")
+    return figs
+
+
+def table(d: StudyData) -> pd.DataFrame:
+    """Norm x sampler, samplers in the order iid, pk..., others."""
+    runs, by = d.runs, ["norm", "sampler"]
     metrics = [m for m in ("train_acc.train_mode", *(f"test_acc.{m}" for m in MODES),
                            "precise.ema_var_ratio") if m in runs]
     summary = A.summarize(runs, by, metrics)
-    summary["sampler"] = pd.Categorical(summary["sampler"], names, ordered=True)
+    summary["sampler"] = pd.Categorical(summary["sampler"], samplers(runs)[1], ordered=True)
     summary["norm"] = pd.Categorical(summary["norm"], [n for n in NORMS if n in set(runs["norm"])])
-    table = A.format_summary(summary.sort_values(["norm", "sampler"]), by, metrics)
-    statement = "\n".join(f"- {s}." for s in statements(long))
-    notes = ("Precise statistics are recomputed from i.i.d. batches of training images, whatever "
-             "sampler trained the model; `batch` normalizes i.i.d. test batches of "
-             f"{int(runs['eval.batch_size'].iloc[0])}. GN has no batch statistics: ema only. "
-             + diagnosis(runs))
-    return A.write_report(study_dir, "noniid", question(__doc__), command, figures, table,
-                          statement, notes)
+    return A.format_summary(summary.sort_values(["norm", "sampler"]), by, metrics)
+
+
+def notes(d: StudyData) -> str:
+    return ("Precise statistics are recomputed from i.i.d. batches of training images, whatever "
+            "sampler trained the model; `batch` normalizes i.i.d. test batches of "
+            f"{int(d.runs['eval.batch_size'].iloc[0])}. GN has no batch statistics: ema only. "
+            + diagnosis(d.runs))
+
+
+def bn_ema_degrades(d: StudyData):
+    pk, _ = samplers(d.runs)
+    at = {STATS: "bn / ema"}
+    return expect([(A.welch_diff(d.extra["long"], "test_acc", "sampler", s, "iid", at=at), -1)
+                   for s in pk])
+
+
+def gn_unaffected(d: StudyData):
+    pk, _ = samplers(d.runs)
+    at = {STATS: "gn / ema"}
+    return expect([(A.welch_diff(d.extra["long"], "test_acc", "sampler", s, "iid", at=at), "flat")
+                   for s in pk])
+
+
+def recovered(d: StudyData):
+    long, (pk, _) = d.extra["long"], samplers(d.runs)
+    parts = [(A.paired_diff(long, "test_acc", STATS, "bn / precise", "bn / ema", at={"sampler": s}), +1)
+             for s in pk]  # the same BN models
+    parts += [(A.welch_diff(long, "test_acc", STATS, "batch_renorm / ema", "bn / ema",
+                            at={"sampler": s}), +1) for s in pk]
+    return expect(parts)
+
+
+SOURCE = "Ioffe 2017, Batch Renormalization; Irpan 2017"
+STUDY = Study(
+    "noniid", __doc__,
+    shapes=[Shape("BN with EMA statistics degrades under P x K batches", SOURCE, bn_ema_degrades),
+            Shape("GN is unaffected by the batch structure", SOURCE, gn_unaffected),
+            Shape("precise statistics and batch renorm recover accuracy over BN with EMA", SOURCE,
+                  recovered)],
+    prepare=prepare, figures=figures, table=table,
+    comparisons=lambda d: statements(d.extra["long"]), notes=notes)
 
 
 if __name__ == "__main__":
-    run_study("noniid", __doc__, analyze)
+    run_study(STUDY)

@@ -21,13 +21,15 @@ train/test inconsistency that hurts small NBS.
 """
 from __future__ import annotations
 
-from pathlib import Path
+from dataclasses import replace
 
 import pandas as pd
 from matplotlib.figure import Figure
 
 from bnexp import analysis as A
-from common import question, run_study
+from bnexp.studies import Study, StudyData
+from bnexp.verdicts import Shape, expect
+from common import run_study
 
 NBS = "norm.virtual_batch"
 FREEZE = "norm.freeze_after"
@@ -93,25 +95,65 @@ def steps_note(runs: pd.DataFrame, curves: pd.DataFrame) -> str:
     return f"Training took {steps} steps per epoch for {epochs} epochs.{memory}{frozen}"
 
 
-def analyze(study_dir: Path, command: str) -> Path:
-    runs, curves = A.collect_runs(study_dir)
-    runs.to_csv(study_dir / "runs.csv", index=False)
-    curves.to_csv(study_dir / "curves.csv", index=False)
-    runs = A.with_error(runs)
-    fig = plot_modes(runs, NBS, title="ghost BN at optimization batch "
-                     + ", ".join(map(str, sorted(runs["data.batch_size"].unique()))))
-    figures = [A.save_figure(fig, study_dir / "figures", "test_err_vs_nbs_by_eval_mode")[0]]
-    by = [FREEZE, NBS]
-    metrics = [f"test_err.{m}" for m in MODES if f"test_err.{m}" in runs]
-    labelled = runs.astype({FREEZE: object}).fillna({FREEZE: "none"})
-    table = A.format_summary(A.summarize(labelled, by, metrics), by, metrics)
-    statement = "\n".join(f"- {s}." for s in statements(mode_lines(runs), NBS))
-    notes = (steps_note(runs, curves) + " The `frozen` line is the ema score of the runs with "
-             "`norm.freeze_after` set (statistics frozen for the rest of training); the table "
-             "lists every mode of both kinds of run, `norm.freeze_after = none` being plain ghost BN.")
-    return A.write_report(study_dir, "stat_modes_vs_batch", question(__doc__), command, figures,
-                          table, statement, notes)
+def figures(d: StudyData) -> dict:
+    title = "ghost BN at optimization batch " + ", ".join(
+        map(str, sorted(d.runs["data.batch_size"].unique())))
+    return {"test_err_vs_nbs_by_eval_mode": plot_modes(d.runs, NBS, title=title)}
+
+
+def labelled(d: StudyData) -> pd.DataFrame:
+    """The runs with ``norm.freeze_after`` = "none" for plain ghost BN (a table row label)."""
+    return d.runs.astype({FREEZE: object}).fillna({FREEZE: "none"})
+
+
+def nbs(d: StudyData) -> list:
+    return sorted(d.runs[NBS].dropna().unique())
+
+
+def population_flat_then_rising(d: StudyData):
+    """Precise error: above at the smallest NBS than at 16 (rising), flat from 16 to the largest."""
+    long, xs = mode_lines(d.runs), nbs(d)
+    mid = min(xs, key=lambda x: abs(x - 16))
+    at = {"eval_mode": "precise"}
+    return expect([(A.welch_diff(long, "test_err", NBS, xs[0], mid, at=at), +1),
+                   (A.welch_diff(long, "test_err", NBS, mid, xs[-1], at=at), "flat")])
+
+
+def batch_worse(d: StudyData):
+    long, xs = mode_lines(d.runs), nbs(d)
+    return expect([(A.paired_diff(long, "test_err", "eval_mode", "batch", "precise", at={NBS: x}), +1)
+                   for x in (xs[0], xs[-1])])
+
+
+def ema_close(d: StudyData):
+    long, xs = mode_lines(d.runs), nbs(d)
+    return expect([(A.paired_diff(long, "test_err", "eval_mode", "ema", "precise", at={NBS: xs[-1]}),
+                    "flat")])
+
+
+def frozen_not_worse(d: StudyData):
+    long, xs = mode_lines(d.runs), nbs(d)
+    return expect([(A.paired_diff(long, "test_err", "eval_mode", "frozen", "ema", at={NBS: xs[0]}), "<=")])
+
+
+SOURCE = "Wu & Johnson 2021, Rethinking Batch in BatchNorm"
+STUDY = Study(
+    "stat_modes_vs_batch", __doc__,
+    shapes=[Shape("population-stat (precise) error flat for NBS >= 16 and rising at NBS 2-4", SOURCE,
+                  population_flat_then_rising),
+            Shape("batch-stat evaluation worse than population statistics", SOURCE, batch_worse),
+            Shape("EMA close to precise (many steps per epoch)", SOURCE, ema_close),
+            Shape("FrozenBN at least as good as batch-stat training at small NBS", SOURCE,
+                  frozen_not_worse)],
+    prepare=lambda d: replace(d, runs=A.with_error(d.runs)),
+    figures=figures, by=(FREEZE, NBS), metrics=tuple(f"test_err.{m}" for m in MODES),
+    table_rows=labelled,
+    comparisons=lambda d: statements(mode_lines(d.runs), NBS),
+    notes=lambda d: (steps_note(d.runs, d.curves) + " The `frozen` line is the ema score of the "
+                     "runs with `norm.freeze_after` set (statistics frozen for the rest of "
+                     "training); the table lists every mode of both kinds of run, "
+                     "`norm.freeze_after = none` being plain ghost BN."))
 
 
 if __name__ == "__main__":
-    run_study("stat_modes_vs_batch", __doc__, analyze)
+    run_study(STUDY)

@@ -374,7 +374,8 @@ def test_analyze_pipeline_and_cli(study, capsys):
 
 def test_analysis_never_imports_the_training_code():
     code = ("import sys, bnexp.analysis; bad = [m for m in sys.modules if m == 'torch' or "
-            "m.split('.')[-1] in ('train', 'models', 'norms', 'data', 'sampling')]; print(bad)")
+            "m.startswith('bnexp.') and m.split('.')[-1] in ('train', 'models', 'norms', 'data', "
+            "'sampling')]; print(bad)")  # bnexp's modules only: scipy has a scipy.sparse.data
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
 
@@ -401,3 +402,131 @@ def test_save_figure_writes_the_same_bytes_twice(runs, tmp_path):
     second = [p.read_bytes() for p in A.save_figure(fig, tmp_path / "b", "bars")]
     assert first == second and first[1].startswith(b"%PDF")
     assert b"CreationDate" not in first[1]  # what would differ between runs a second apart
+
+
+# ----------------------------------------------------------------------------- scipy intervals
+def test_paired_and_welch_intervals_match_direct_formulas():
+    """Paired: mean of per-seed differences +/- t_{0.975, n-1} sd / sqrt(n) (table t); Welch with
+    equal n and std: dof exactly 2(n - 1), half-width t_{0.975, 4} sqrt(2 s^2 / n)."""
+    a, b = [0.80, 0.84, 0.83], [0.78, 0.80, 0.82]
+    rows = pd.DataFrame([{"arm": arm, "seed": i, "status": "ok", "test_acc": v}
+                         for arm, vals in (("a", a), ("b", b)) for i, v in enumerate(vals)])
+    d = A.paired_diff(rows, "test_acc", "arm", "a", "b")
+    diffs = [x - y for x, y in zip(a, b)]
+    half = T975[2] * statistics.stdev(diffs) / math.sqrt(3)
+    assert (d.mean, d.lo, d.hi) == pytest.approx((statistics.mean(diffs),) * 3 +
+                                                 np.array([0, -half, half]), abs=1e-4)
+    w = A.welch_diff(rows.assign(test_acc=[0.80, 0.82, 0.84, 0.70, 0.72, 0.74]), "test_acc", "arm", "a", "b")
+    half = T975[4] * math.sqrt(2 * statistics.variance([0.80, 0.82, 0.84]) / 3)
+    assert (w.mean, w.half) == pytest.approx((0.10, half), abs=1e-4) and w.sign == 1
+
+
+def test_summary_interval_is_the_t_interval_of_the_values():
+    values = [0.1, 0.4, 0.35, 0.2, 0.3]
+    s = A.summarize(pd.DataFrame({"g": "x", "m": values}), ["g"], ["m"]).iloc[0]
+    half = T975[4] * statistics.stdev(values) / math.sqrt(5)
+    assert s["m.ci_hi"] - s["m.mean"] == pytest.approx(half, abs=1e-4)
+    assert s["m.values"] == tuple(values)
+
+
+# ----------------------------------------------------------------------------- training check
+def test_loss_change_over_the_last_fifth():
+    from bnexp.verdicts import loss_change
+
+    assert loss_change([2.0, 1.0, 0.8, 0.78, 0.77]) == pytest.approx((0.78 - 0.77) / 0.78)  # 1 epoch
+    ten = [2.0, 1.5, 1.2, 1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4]  # window of 2 epochs
+    assert loss_change(ten) == pytest.approx((0.6 - 0.4) / 0.6)
+    assert loss_change([1.0, 1.5]) == pytest.approx(-0.5)  # rising
+    assert math.isnan(loss_change([1.0]))
+
+
+def _arm_runs(losses: dict, accs: dict, classes: int = 10):
+    runs, curves = [], []
+    for run, loss in losses.items():
+        arm, seed = run.split("-")
+        runs.append({"run": run, "status": "diverged" if arm == "div" else "ok", "arm": arm,
+                     "seed": int(seed), "data.name": "synthetic", "data.synthetic_classes": classes})
+        curves += [{"run": run, "epoch": e, "train_loss": v, "train_acc": accs[run]}
+                   for e, v in enumerate(loss)]
+    return pd.DataFrame(runs), pd.DataFrame(curves)
+
+
+def test_check_training_names_arms_that_did_not_train():
+    from bnexp.verdicts import check_training
+
+    flat, falling = [2.0, 1.0, 0.9, 0.899, 0.898], [2.0, 1.6, 1.3, 1.0, 0.7]
+    losses = {"ok-0": flat, "ok-1": flat, "slow-0": flat, "slow-1": falling,
+              "chance-0": flat, "div-0": flat}
+    accs = {"ok-0": 0.9, "ok-1": 0.8, "slow-0": 0.9, "slow-1": 0.9, "chance-0": 0.15, "div-0": 0.5}
+    runs, arms = check_training(*_arm_runs(losses, accs), ["arm"])
+    assert dict(zip(runs["run"], runs["trained"])) == {
+        "ok-0": True, "ok-1": True, "slow-0": True, "slow-1": False, "chance-0": False, "div-0": False}
+    arms = arms.set_index("arm")
+    assert (arms.loc["ok", "trained"], arms.loc["slow", "trained"], arms.loc["slow", "runs"]) == (2, 1, 2)
+    assert "still falling" in arms.loc["slow", "why not"]
+    assert "< 2 x chance" in arms.loc["chance", "why not"]  # 15% < 2 x 10%
+    assert arms.loc["div", "why not"] == "diverged"
+
+
+def test_untrained_arms_are_not_compared():
+    from bnexp.verdicts import NOT_TESTED, expect
+
+    rows = pd.DataFrame([{"arm": arm, "seed": s, "status": "ok", "test_acc": acc + 0.01 * s,
+                          "trained": arm != "c"} for arm, acc in (("a", 0.9), ("b", 0.5), ("c", 0.1))
+                         for s in range(3)])
+    assert "beats" in A.compare_statement(rows, "test_acc", "arm", "a", "b")
+    for text in (A.compare_statement(rows, "test_acc", "arm", "a", "c"),
+                 A.paired_statement(rows, "test_acc", "arm", "a", "c")):
+        assert "not compared, c did not train" in text and "beats" not in text
+    assert expect([(A.welch_diff(rows, "test_acc", "arm", "a", "c"), +1)]).status == NOT_TESTED
+
+
+# ----------------------------------------------------------------------------- verdicts
+def test_expect_reads_the_interval_not_the_mean():
+    from bnexp.verdicts import NOT_SHOWN, PARTLY, SHOWN, Shape, expect
+
+    def diff(mean, half):
+        return A.Diff("a", "b", "test_acc", mean=mean, lo=mean - half, hi=mean + half,
+                      count="n=3", method="95% t CI")
+
+    assert expect([(diff(0.05, 0.02), +1)]).status == SHOWN
+    covers = expect([(diff(0.05, 0.08), +1)])  # a "best" whose interval holds 0: not shown
+    assert covers.status == NOT_SHOWN and "holds 0" in covers.reason
+    assert expect([(diff(-0.05, 0.02), +1)]).reason.endswith("the opposite direction")
+    assert expect([(diff(0.05, 0.02), +1), (diff(0.0, 0.05), "flat")]).status == PARTLY
+    assert expect([(diff(0.001, 0.01), "flat")]).status == SHOWN
+    line = Shape("a beats b", "Someone 2020", lambda d: expect([(diff(0.05, 0.02), +1)])).line(None)
+    assert line == ("- **shown**: a beats b (Someone 2020). a - b on test_acc = +5.0 points "
+                    "[+3.0, +7.0] (n=3, 95% t CI).")
+    missing = Shape("x", "y", lambda d: d["nope"]).line({})
+    assert missing.startswith("- **not tested**: x (y).") and "nope" in missing
+
+
+# ----------------------------------------------------------------------------- one sweep, one folder
+def test_runs_of_another_data_or_scale_are_excluded(study):
+    """A run whose config has another dataset than the folder's sweep stays out of the report."""
+    from bnexp.studies import sweep_runs
+
+    runs = A.collect_runs(study)[0]
+    odd = runs.copy()
+    odd.loc[0, "data.name"] = "cifar10"
+    odd.loc[1, "scale_name"] = "full"
+    cfg = yaml.safe_load((study / "multirun.yaml").read_text())
+    cfg["data"] = {"name": "synthetic"}
+    (study / "multirun.yaml").write_text(yaml.safe_dump(cfg))
+    with pytest.warns(UserWarning, match="excluded"):
+        kept, why = sweep_runs(study, odd.assign(scale_name=["smoke"] + ["full"] + ["smoke"] * (len(odd) - 2)))
+    assert set(why) == {odd.loc[0, "run"], odd.loc[1, "run"]} and len(kept) == len(runs) - 2
+    assert "data.name=cifar10 (sweep: synthetic)" in why[odd.loc[0, "run"]]
+
+
+def test_status_finds_sweeps_in_the_study_data_scale_layout(tmp_path, capsys):
+    """``bnexp-analyze --status results/`` reaches ``results/<study>/<data>-<scale>/``."""
+    for leaf in ("synthetic-smoke", "fashion_mnist-small"):
+        sweep = tmp_path / "toy" / leaf
+        write_run(sweep, 8, "bn", 0, "ok", 0.8)
+        write_multirun(sweep)
+    assert A.main(["--status", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    for leaf in ("synthetic-smoke", "fashion_mnist-small"):
+        assert f"{tmp_path / 'toy' / leaf}: done=1" in out

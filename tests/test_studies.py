@@ -125,8 +125,12 @@ def test_study_script_documents_command_and_expectation(name):
     doc = ast.get_docstring(tree) or ""
     assert f"make study S={name}" in doc or (name == "demo" and "make demo" in doc), doc[:300]
     assert "Expected" in doc, f"experiments/{name}.py: the docstring states no expected outcome"
-    defined = {n.name for n in tree.body if isinstance(n, ast.FunctionDef)}
-    assert "analyze" in defined and f'run_study("{name}"' in script.read_text()
+    # the study is declared once (bnexp.studies.Study) and run through the shared path
+    studies = [n.value for n in tree.body if isinstance(n, ast.Assign)
+               and any(getattr(t, "id", None) == "STUDY" for t in n.targets)]
+    assert studies and isinstance(studies[0], ast.Call) and studies[0].func.id == "Study"
+    assert ast.literal_eval(studies[0].args[0]) == name
+    assert "run_study(STUDY" in script.read_text()
 
 
 # ------------------------------------------------------------------------------ end to end
@@ -138,7 +142,8 @@ def test_study_runs_end_to_end_at_smoke_scale(name, tmp_path):
            "scale=smoke", f"results_dir={tmp_path}", "progress=off", "launcher=joblib"]
     out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=3600)
     assert out.returncode == 0, out.stderr[-3000:]
-    study_dir = tmp_path / name
+    data = "fashion_mnist" if name == "demo" and "falling back" not in out.stdout else "synthetic"
+    study_dir = tmp_path / name / f"{data}-smoke"  # one folder per (study, data, scale)
     report = (study_dir / "report.md").read_text()
     assert report.startswith(f"# {name}") and "## Result" in report
     assert list((study_dir / "figures").glob("*.png")), "no figure"
@@ -146,3 +151,44 @@ def test_study_runs_end_to_end_at_smoke_scale(name, tmp_path):
         statuses = [row["status"] for row in csv.DictReader(f)]
     assert statuses and set(statuses) <= {"ok", "diverged"}, statuses
     assert " 0 failed, 0 incomplete, 0 pending" in report
+    assert "## Did every arm train?" in report
+    verdicts = report.split("## Expected shapes", 1)[1].strip().splitlines()
+    assert verdicts and all(v.startswith(("- **shown**", "- **not shown**", "- **partly**",
+                                          "- **not tested**")) for v in verdicts), verdicts
+
+
+# ------------------------------------------------------------------------------ one folder per sweep
+def test_two_sweeps_of_other_data_or_scale_get_their_own_folders_and_reports(tmp_path):
+    """Two sweeps of one study, at two scales, land in ``<study>/<data>-<scale>/`` folders that
+    ``experiments/common.study_dir`` finds by composing the config, each with its own report of
+    its own runs only."""
+    sys.path.insert(0, str(ROOT / "experiments"))
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from common import study_dir
+
+    from bnexp.studies import Study, analyze
+
+    tiny = ["data=synthetic", "data.synthetic_train=128", "data.synthetic_test=64", "model.width=8",
+            "model.depth=4", "optim.epochs=1", "eval.modes=[ema]", "device=cpu", "progress=off",
+            f"results_dir={tmp_path}", "hydra.sweeper.params.seed='0,1'"]
+    folders = []
+    for scale in ("smoke", "full"):
+        overrides = [f"scale={scale}", "data.batch_size=32"]
+        subprocess.run([sys.executable, "-m", "bnexp", "-m", "study=finetune_source", *tiny, *overrides],
+                       cwd=ROOT, check=True, capture_output=True, timeout=600,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+        folder = study_dir("finetune_source", [*tiny, *overrides])
+        assert folder == tmp_path / "finetune_source" / f"synthetic-{scale}"
+        report = analyze(Study("finetune_source", "Toy question."), folder, "cmd").read_text()
+        assert "**Runs.** 2 done" in report, report[:600]
+        assert pd_runs(folder) == {"scale_name": {scale}, "n": 2}
+        folders.append(folder)
+    assert folders[0] != folders[1]
+
+
+def pd_runs(folder: Path) -> dict:
+    with open(folder / "runs.csv") as f:
+        rows = list(csv.DictReader(f))
+    return {"scale_name": {r["scale_name"] for r in rows}, "n": len(rows)}

@@ -1,0 +1,191 @@
+"""One analysis path for every study: a script declares a ``Study``; ``analyze`` does the rest.
+
+pycls keeps one metrics table and one plotting path for every sweep; here every
+``experiments/<name>.py`` states only what is particular to it, as a ``Study``: its name and
+docstring (the question), its expected shapes (``bnexp.verdicts.Shape``: claim, source, verdict
+function), its figure recipes, the summary table's group keys and metrics, and its comparisons.
+``analyze(study, study_dir, command)`` then runs the same steps for all of them:
+
+1. collect the run folders, keeping exactly the runs of the sweep the folder holds
+   (``sweep_runs``: other data or scale, or runs of an earlier sweep, are excluded with a warning);
+2. write runs.csv, curves.csv (and probes.csv);
+3. the "no run yet" guard (``Study.requires``);
+4. the training check of every arm (``bnexp.verdicts.check_training``), before any comparison;
+5. ``Study.prepare``: derived columns and training-side steps (re-scoring, fusion);
+6. figures, summary table, comparisons, notes, one verdict line per expected shape -> report.md.
+
+Analysis side: never imports the training code (a script's ``prepare`` may, lazily).
+"""
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from .plots import save_figure
+from .report import format_summary, write_report
+from .tables import (
+    collect_probes,
+    collect_runs,
+    expected_run_names,
+    summarize,
+    swept_columns,
+)
+from .verdicts import Shape, check_training, training_text
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class StudyData:
+    """What a study's functions read: the sweep's runs (one row per run), per-epoch curves,
+    probe rows, the folder, the command, and ``extra`` (tables a ``prepare`` step computes,
+    e.g. re-scored or fused rows). ``arms`` is the training check (one row per arm)."""
+    study_dir: Path
+    command: str
+    runs: pd.DataFrame
+    curves: pd.DataFrame
+    probes: pd.DataFrame
+    arms: pd.DataFrame = field(default_factory=pd.DataFrame)
+    excluded: dict = field(default_factory=dict)
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Study:
+    """What is particular to one study (see the module docstring for what is shared).
+
+    ``figures(data) -> {stem: Figure}``; ``comparisons(data)`` -> sentences (a list, shown as
+    bullets, or one paragraph); ``notes(data) -> str``; ``prepare(data) -> data`` runs after the
+    training check; ``table(data)`` replaces the default table (``summarize`` of
+    ``table_rows(data)``, else of the runs, over ``by`` and the ``metrics`` present);
+    ``requires``: a column that must exist in the runs with a finished run, or a predicate;
+    ``arm``: the columns of one arm (default: the swept override keys but the seed).
+    """
+    name: str
+    doc: str
+    shapes: Sequence[Shape] = ()
+    figures: Callable[[StudyData], dict] = lambda data: {}
+    by: Sequence[str] = ()
+    metrics: Sequence[str] = ()
+    comparisons: Callable[[StudyData], object] | None = None
+    notes: Callable[[StudyData], str] | None = None
+    prepare: Callable[[StudyData], StudyData] | None = None
+    table: Callable[[StudyData], pd.DataFrame] | None = None
+    table_rows: Callable[[StudyData], pd.DataFrame] | None = None
+    requires: str | Callable[[StudyData], bool] = "test_acc"
+    arm: Sequence[str] | None = None
+
+    @property
+    def question(self) -> str:
+        """The first paragraph of the script's docstring."""
+        return " ".join(self.doc.strip().split("\n\n")[0].split())
+
+
+# ----------------------------------------------------------------------------- the shared path
+def analyze(study: Study, study_dir, command: str) -> Path:
+    """Steps 1-6 of the module docstring for ``study`` on ``study_dir``; returns report.md."""
+    data = load(study_dir, command)
+    if not _has(data, study.requires):
+        return write_report(data.study_dir, study.name, study.question, data.command, [],
+                            data.runs[["run", "status"]], "No finished run yet.",
+                            _excluded_note(data))
+    arm = list(study.arm) if study.arm is not None else swept_columns(data.runs)
+    data.runs, data.arms = check_training(data.runs, data.curves, arm)
+    data = study.prepare(data) if study.prepare else data
+    figures = [save_figure(fig, data.study_dir / "figures", stem)[0]
+               for stem, fig in study.figures(data).items()]
+    statement = _paragraph(study.comparisons(data) if study.comparisons else "")
+    notes = " ".join(t for t in (study.notes(data) if study.notes else "", _excluded_note(data)) if t)
+    return write_report(data.study_dir, study.name, study.question, data.command, figures,
+                        summary_table(study, data), statement, notes, training_text(data.arms),
+                        [shape.line(data) for shape in study.shapes])
+
+
+def load(study_dir, command: str) -> StudyData:
+    """Steps 1-2: the sweep's runs, curves and probes of ``study_dir``, written as CSVs."""
+    study_dir = Path(study_dir)
+    runs, curves = collect_runs(study_dir)
+    probes = collect_probes(study_dir)
+    runs, excluded = sweep_runs(study_dir, runs)
+    keep = set(runs["run"])
+    curves, probes = (df[df["run"].isin(keep)] if "run" in df else df for df in (curves, probes))
+    study_dir.mkdir(parents=True, exist_ok=True)
+    runs.to_csv(study_dir / "runs.csv", index=False)
+    curves.to_csv(study_dir / "curves.csv", index=False)
+    if len(probes):
+        probes.to_csv(study_dir / "probes.csv", index=False)
+    return StudyData(study_dir, command, runs, curves, probes, excluded=excluded)
+
+
+def summary_table(study: Study, data: StudyData) -> pd.DataFrame:
+    """The report's table: the study's own, else ``summarize`` over ``by`` and its metrics."""
+    if study.table is not None:
+        return study.table(data)
+    rows = study.table_rows(data) if study.table_rows else data.runs
+    metrics = [m for m in study.metrics if m in rows]
+    return format_summary(summarize(rows, list(study.by), metrics), list(study.by), metrics)
+
+
+def _has(data: StudyData, requires) -> bool:
+    if callable(requires):
+        return bool(requires(data))
+    ok = data.runs["status"] == "ok" if "status" in data.runs else []
+    return requires in data.runs and bool(len(data.runs[ok]))
+
+
+def _paragraph(comparisons) -> str:
+    if isinstance(comparisons, str):
+        return comparisons
+    return "\n".join(f"- {s}." for s in comparisons)
+
+
+# ----------------------------------------------------------------------------- which runs
+def sweep_setting(study_dir: Path) -> dict:
+    """``{"data.name": ..., "scale_name": ...}`` of the sweep a folder holds: from its
+    multirun.yaml (the sweep's composed config), else from a ``<data>-<scale>`` folder name."""
+    from omegaconf import OmegaConf
+
+    path = Path(study_dir) / "multirun.yaml"
+    if path.exists():
+        cfg = OmegaConf.load(path)
+        found = {k: OmegaConf.select(cfg, k, default=None) for k in ("data.name", "scale_name")}
+        return {k: v for k, v in found.items() if v is not None}
+    data, sep, scale = Path(study_dir).name.rpartition("-")
+    return {"data.name": data, "scale_name": scale} if sep else {}
+
+
+def sweep_runs(study_dir: Path, runs: pd.DataFrame) -> tuple[pd.DataFrame, dict]:
+    """``(runs of the folder's sweep, {run: why excluded})``. A run is excluded when its config
+    has another dataset or scale than the folder's sweep, or when multirun.yaml (the last sweep
+    launched into the folder) does not list it (unless it lists none of the folders: then its
+    expansion is not trusted). Each exclusion is warned about."""
+    setting = sweep_setting(study_dir)
+    expected = expected_run_names(study_dir)
+    why = {}
+    if expected is not None and not set(expected) & set(runs["run"]):
+        expected = None  # no folder matches: the expansion went wrong, do not drop everything
+    for _, r in runs.iterrows():
+        wrong = [f"{k}={r.get(k)} (sweep: {v})" for k, v in setting.items()
+                 if k in runs and str(r.get(k)) != str(v)]
+        if wrong:
+            why[r["run"]] = ", ".join(wrong)
+        elif expected is not None and r["run"] not in expected:
+            why[r["run"]] = "not a run of the sweep in multirun.yaml"
+    for run, reason in why.items():
+        warnings.warn(f"{study_dir}: run {run} excluded from the report: {reason}", stacklevel=2)
+    kept = runs[~runs["run"].isin(list(why))].reset_index(drop=True)
+    kept.attrs = dict(runs.attrs)
+    return kept, why
+
+
+def _excluded_note(data: StudyData) -> str:
+    if not data.excluded:
+        return ""
+    items = "; ".join(f"`{run}`: {why}" for run, why in data.excluded.items())
+    return (f"{len(data.excluded)} run folder(s) here are not runs of this sweep and are not "
+            f"analyzed (the run counts above include them): {items}.")
