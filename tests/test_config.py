@@ -153,7 +153,7 @@ def test_cli_key_check_leaves_hydra_features_alone(tmp_path):
 def test_cli_sweep_records_wrong_types_and_goes_on(tmp_path):
     out = bnexp("-m", "optim.lr=abc,-1", f"results_dir={tmp_path}", "study_name=t", cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-2000:]
-    errors = sorted(json.loads(p.read_text())["error"] for p in tmp_path.glob("t/runs/*/summary.json"))
+    errors = sorted(json.loads(p.read_text())["error"] for p in tmp_path.glob("t/synthetic-full/runs/*/summary.json"))
     assert len(errors) == 2 and "optim.lr='abc' has the wrong type" in errors[0]
     assert "optim.lr=-1.0 must be > 0" in errors[1]
 

@@ -46,7 +46,7 @@ def sweep(tmp_path, *args, study="s", progress="off", timeout=300) -> subprocess
 
 
 def run_dirs(root: Path, study: str) -> dict[str, Path]:
-    runs = root / study / "runs"
+    runs = root / study / "synthetic-full" / "runs"
     return {p.name: p for p in sorted(runs.iterdir())} if runs.exists() else {}
 
 
@@ -161,7 +161,7 @@ def test_sweep_skips_a_locked_run_and_shows_progress(tmp_path):
         cfg = compose_config(tiny("optim.epochs=1", f"seed={seed}", "study_name=s"),
                              return_hydra_config=True)
         names[seed] = cfg.hydra.job.override_dirname
-    busy = tmp_path / "s" / "runs" / names[1]
+    busy = tmp_path / "s" / "synthetic-full" / "runs" / names[1]
     with launch.run_lock(busy) as held:
         assert held
         out = sweep(tmp_path, "optim.epochs=1", "seed=0,1", progress="on")
@@ -208,7 +208,7 @@ def test_killed_sweep_resumes_and_trains_every_run_once(tmp_path):
         proc = subprocess.Popen(bnexp_cmd(*args), cwd=tmp_path, env=ENV, stdout=log_file,
                                 stderr=subprocess.STDOUT)
         try:
-            finished, partial = _wait_for_finished_and_partial(tmp_path / "k" / "runs", proc)
+            finished, partial = _wait_for_finished_and_partial(tmp_path / "k" / "synthetic-full" / "runs", proc)
             proc.send_signal(signal.SIGKILL)
         finally:
             proc.kill()
