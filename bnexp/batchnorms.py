@@ -217,7 +217,27 @@ class PopulationNorm2d(BatchNorm2d):
     """Population normalization (Luo, Wang, Shao & Peng, ICLR 2019): BN whose train-mode forward
     normalizes with the running statistics, i.e. BN's normalization without its batch noise.
 
-    PN_DOC_PLACEHOLDER
+    Start: at the first train-mode forward (``num_batches_tracked == 0``) the layer is BN and its
+    buffers take that batch's mean and unbiased variance (momentum 1): the running statistics at
+    step 0 are the first batch's, not the 0/1 defaults, whose first steps would be unnormalized.
+    A layer that has seen batches (a checkpoint, a loaded state) goes straight on.
+
+    Forward, later steps: ``gamma * (x - mu_run) / sqrt(var_run + eps) + beta`` with the buffers as
+    they were before this batch, i.e. eval-mode BN: a sample's output depends on its own input and
+    the buffers only, so there is no batch noise; what remains is the EMA's memory of the last
+    ~1/momentum batches (its estimation noise, a momentum/(2 - momentum) share of one batch's
+    variance, and its lag behind the moving weights). The buffers are then updated from the batch
+    exactly as BN's.
+
+    Backward: straight-through, ``z = z_B + (z_pop - z_B).detach()``: the gradient is train-mode
+    BN's, through the batch mean and variance, so it keeps BN's projection (no gradient along a
+    channel's shift and scale, the scale invariance that lets BN train at large learning rates)
+    and with it BN's batch noise in the backward pass only. Why: with no gradient through any
+    statistics (the naive form) issue 11 measured 56% training accuracy where BN reached 100%;
+    the gradient then pushes shifts and scales that the running statistics undo a few steps
+    later. Measured here (5,000 Fashion-MNIST images, 4-conv net of width 16, 15 epochs, SGD 0.1
+    Nesterov, cosine, batch 128, 2 seeds): training accuracy 88.6% / 85.1% against BN's 92.3% /
+    92.4%; neither reached ~100% in 15 epochs, so "trains as well as BN" is not shown yet.
     """
 
     def _normalize(self, x, weight, bias):
