@@ -23,7 +23,7 @@ DATASETS = ("synthetic", "cifar10", "cifar100", "fashion_mnist", "mnist")  # = b
 SHIFTS = ("noise", "blur", "contrast", "brightness")
 SAMPLERS = ("iid", "pk", "sorted", "dirichlet")
 MODELS = ("vgg", "resnet")
-NORMS = ("bn", "none", "gn", "ln", "ghost_bn", "batch_renorm", "noisy_bn")
+NORMS = ("bn", "none", "gn", "ln", "ghost_bn", "batch_renorm", "noisy_bn", "pn")
 DROPOUT_PLACEMENTS = ("before_norm", "after_norm", "classifier")
 SCHEDULES = ("cosine", "step", "constant")
 EVAL_MODES = ("ema", "precise", "precise_bvar", "precise_sampler", "precise_sampler_bvar", "batch",
@@ -119,33 +119,45 @@ class ModelConfig:
 @dataclass(frozen=True)
 class NormConfig:
     name: str
-    momentum: float  # PyTorch convention: running = (1 - momentum) * running + momentum * batch
+    # PyTorch convention: running = (1 - momentum) * running + momentum * batch; None: the
+    # cumulative average over the batches seen (PyTorch's momentum=None)
+    momentum: Optional[float]
     eps: float
     groups: int
     virtual_batch: int
     r_max: float
     d_max: float
     renorm_warmup: float
-    renorm_ramp: float
-    noise_mul: float
-    noise_add: float
+    renorm_r_ramp: float
+    renorm_d_ramp: float
+    noise_mean: float   # noisy_bn: n_mu, per-unit per-step shift mu_t ~ U(-n_mu, n_mu)
+    noise_scale: float  # noisy_bn: n_sigma, per-unit per-step scale sigma_t ~ U(1, n_sigma)
+    noise_mul: float    # noisy_bn: std of the per-sample jitter of the scale around sigma_t
+    noise_add: float    # noisy_bn: std of the per-sample jitter of the shift around mu_t
+    ghost_noise: Optional[int]  # ghost noise injection: ghost batch size N (None: off)
     freeze_after: Optional[float]
 
     def check(self) -> None:
         _choice("norm.name", self.name, NORMS)
-        if not 0.0 < self.momentum <= 1.0:
+        if self.momentum is not None and not 0.0 < self.momentum <= 1.0:
             raise ConfigError(
-                f"norm.momentum={self.momentum} must be in (0, 1] (PyTorch convention: "
-                "running = (1 - momentum) * running + momentum * batch; Keras' 0.99 is 0.01 here)")
+                f"norm.momentum={self.momentum} must be in (0, 1] or null (PyTorch convention: "
+                "running = (1 - momentum) * running + momentum * batch; Keras' 0.99 is 0.01 here; "
+                "null: cumulative average)")
         if self.eps <= 0:
             raise ConfigError(f"norm.eps={self.eps} must be > 0")
         _positive("norm.groups", self.groups)
         _positive("norm.virtual_batch", self.virtual_batch)
+        if self.ghost_noise is not None:
+            _positive("norm.ghost_noise", self.ghost_noise)
         if self.r_max < 1.0 or self.d_max < 0.0:
             raise ConfigError(f"norm.r_max={self.r_max} must be >= 1 and norm.d_max={self.d_max} >= 0")
+        if self.noise_mean < 0 or self.noise_scale < 1:
+            raise ConfigError(f"norm.noise_mean={self.noise_mean} must be >= 0 and "
+                              f"norm.noise_scale={self.noise_scale} >= 1 (U(-n_mu, n_mu), U(1, n_sigma))")
         if self.noise_mul < 0 or self.noise_add < 0:
             raise ConfigError("norm.noise_mul and norm.noise_add are standard deviations: must be >= 0")
-        for key in ("renorm_warmup", "renorm_ramp"):
+        for key in ("renorm_warmup", "renorm_r_ramp", "renorm_d_ramp"):
             if not 0.0 <= getattr(self, key) <= 1.0:
                 raise ConfigError(f"norm.{key}={getattr(self, key)} must be a fraction in [0, 1]")
         if self.freeze_after is not None and not 0.0 <= self.freeze_after <= 1.0:

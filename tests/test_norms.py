@@ -8,15 +8,20 @@ from torch import nn
 
 from bnexp import config
 from bnexp.norms import (NORMS, BatchNorm2d, BatchRenorm2d, GhostBatchNorm2d, NoisyBatchNorm2d,
-                         bn_layers, group_count, make_norm, set_frozen, set_progress)
+                         PopulationNorm2d, bn_layers, group_count, make_norm, set_frozen,
+                         set_plain, set_progress)
+from bnexp.ghost_noise import ghost_noise_injection
+from bnexp.registry import Registry
 
 # Registry entries that keep running statistics, with settings that make them differ from BN
 # on a batch of 8 (ghost chunks of 4 plus a remainder, renorm clips active, noise on).
 BN_LIKE = {
     "bn": {},
     "ghost_bn": {"virtual_batch": 3},
-    "batch_renorm": {"r_max": 1.5, "d_max": 0.5, "renorm_warmup": 0.0, "renorm_ramp": 0.0},
-    "noisy_bn": {"noise_mul": 0.2, "noise_add": 0.2},
+    "batch_renorm": {"r_max": 1.5, "d_max": 0.5, "renorm_warmup": 0.0, "renorm_r_ramp": 0.0,
+                     "renorm_d_ramp": 0.0},
+    "noisy_bn": {"noise_mul": 0.2, "noise_add": 0.2, "noise_mean": 0.5, "noise_scale": 1.5},
+    "pn": {},
 }
 
 
@@ -36,6 +41,7 @@ def with_known_state(layer: nn.Module, seed=1) -> nn.Module:
         layer.bias.copy_(torch.randn(c, generator=g))
         layer.running_mean.copy_(torch.randn(c, generator=g))
         layer.running_var.copy_(torch.rand(c, generator=g) + 0.5)
+        layer.num_batches_tracked.fill_(1)  # buffers from a batch already seen (PN has started)
     return layer
 
 
@@ -43,6 +49,15 @@ def reference_bn(x, weight, bias, eps=1e-5):
     """Train-mode BN from torch.var_mean: biased variance normalizes."""
     var, mean = torch.var_mean(x, dim=(0, 2, 3), unbiased=False, keepdim=True)
     return (x - mean) / torch.sqrt(var + eps) * weight.view(1, -1, 1, 1) + bias.view(1, -1, 1, 1)
+
+
+def chunk_weighted_moments(chunks):
+    """Unbiased variance and mean of each chunk (torch.var_mean), averaged with weights n_g / N."""
+    n = sum(len(c) for c in chunks)
+    stats = [torch.var_mean(c, dim=(0, 2, 3), unbiased=True) for c in chunks]
+    var = sum(len(c) / n * v for c, (v, _) in zip(chunks, stats))
+    mean = sum(len(c) / n * mu for c, (_, mu) in zip(chunks, stats))
+    return var, mean
 
 
 def run_pair(a: nn.Module, b: nn.Module, x: torch.Tensor):
@@ -69,7 +84,8 @@ def assert_same_as_bn(layer: nn.Module, x: torch.Tensor, steps=3):
 
 
 def test_registry_matches_config_choices():
-    assert tuple(NORMS) == config.NORMS
+    assert isinstance(NORMS, Registry) and NORMS.setting == "norm.name"
+    assert NORMS.names() == config.NORMS
 
 
 def test_unknown_norm_name_is_an_error_naming_the_setting(norm_cfg):
@@ -92,7 +108,7 @@ def test_every_norm_keeps_shape_and_is_differentiable(name, norm_cfg):
 def test_momentum_convention(name, active, norm_cfg):
     """running = (1-m) * running + m * batch, with the unbiased batch variance (PyTorch's).
     ``variant_on``: BN_LIKE's settings, so ghost chunks, renorm clips and noise are in play:
-    ghost BN feeds the mean of its chunks' statistics, renorm and noisy BN the batch's own."""
+    ghost BN feeds its chunks' statistics weighted by chunk size, the others the batch's own."""
     m = 0.3
     layer = with_known_state(make_norm(norm_cfg(name=name, momentum=m, **(BN_LIKE[name] if active else {})))(5))
     set_progress(layer, 1.0)  # renorm: past its warmup and ramp
@@ -100,8 +116,7 @@ def test_momentum_convention(name, active, norm_cfg):
     x = batch()
     layer(x)  # at the defaults ghost/renorm/noisy behave as BN on this batch of 8
     chunks = x.split(3) if active and name == "ghost_bn" else [x]
-    stats = [torch.var_mean(c, dim=(0, 2, 3), unbiased=True) for c in chunks]
-    var, mean = torch.stack([s[0] for s in stats]).mean(0), torch.stack([s[1] for s in stats]).mean(0)
+    var, mean = chunk_weighted_moments(chunks)
     torch.testing.assert_close(layer.running_mean, (1 - m) * init_mean + m * mean)
     torch.testing.assert_close(layer.running_var, (1 - m) * init_var + m * var)
 
@@ -124,9 +139,7 @@ def test_ghost_bn_normalizes_each_chunk_with_its_own_statistics(n, size, channel
     want = torch.cat([reference_bn(c, layer.weight, layer.bias) for c in chunks])
     torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5)
     assert y.is_contiguous(memory_format=torch.channels_last) == channels_last
-    stats = [torch.var_mean(c, dim=(0, 2, 3), unbiased=True) for c in chunks]
-    mean = torch.stack([s[1] for s in stats]).mean(0)
-    var = torch.stack([s[0] for s in stats]).mean(0)
+    var, mean = chunk_weighted_moments(chunks)  # the remainder chunk counts for its size
     torch.testing.assert_close(layer.running_mean, (1 - m) * init_mean + m * mean)
     torch.testing.assert_close(layer.running_var, (1 - m) * init_var + m * var)
 
@@ -139,6 +152,19 @@ def test_ghost_bn_cumulative_average_when_momentum_is_none():
         layer(x)
     means = [torch.stack([c.mean((0, 2, 3)) for c in x.split(4)]).mean(0) for x in xs]
     torch.testing.assert_close(layer.running_mean, torch.stack(means).mean(0))
+
+
+def test_ghost_bn_remainder_chunk_weighs_by_its_size():
+    """Chunks of 4, 4 and 1: the single-sample remainder gets weight 1/9, not 1/3. The running
+    mean is then exactly the batch mean; the variance the size-weighted chunk variances."""
+    layer = GhostBatchNorm2d(3, 4, momentum=1.0)
+    x = batch(9, c=3)
+    x[8] += 10.0  # the remainder sample is far off: an equal-weight average would show it
+    layer(x)
+    torch.testing.assert_close(layer.running_mean, x.mean((0, 2, 3)))
+    chunks = x.split(4)
+    want = sum(len(c) / 9 * torch.var(c, dim=(0, 2, 3), unbiased=True) for c in chunks)
+    torch.testing.assert_close(layer.running_var, want)
 
 
 @pytest.mark.parametrize("progress", [0.0, 1.0])
@@ -176,13 +202,21 @@ def test_batch_renorm_matches_the_paper_formula():
     torch.testing.assert_close(layer.running_mean, 0.8 * mu + 0.2 * x.mean((0, 2, 3)))
 
 
-def test_batch_renorm_schedule():
-    layer = BatchRenorm2d(3, r_max=3.0, d_max=5.0, warmup=0.1, ramp=0.4)
+def test_batch_renorm_schedule_ramps_r_and_d_over_their_own_spans(norm_cfg):
+    """Ioffe 2017: r's clip and d's clip leave 1 and 0 together after the warmup and reach
+    r_max and d_max at different times. Hand computation, warmup 0.1, r over 0.4, d over 0.2."""
+    cfg = norm_cfg(name="batch_renorm", r_max=3.0, d_max=5.0, renorm_warmup=0.1,
+                   renorm_r_ramp=0.4, renorm_d_ramp=0.2)
+    layer = make_norm(cfg)(3)
     assert layer.current_clips() == (1.0, 0.0)  # before any set_progress: the start of training
-    for fraction, want in [(0.05, (1.0, 0.0)), (0.1, (1.0, 0.0)), (0.3, (2.0, 2.5)),
+    for fraction, want in [(0.05, (1.0, 0.0)), (0.1, (1.0, 0.0)), (0.15, (1.25, 1.25)),
+                           (0.2, (1.5, 2.5)), (0.3, (2.0, 5.0)), (0.4, (2.5, 5.0)),
                            (0.5, (3.0, 5.0)), (0.9, (3.0, 5.0))]:
         set_progress(layer, fraction)
-        assert layer.current_clips() == pytest.approx(want)
+        assert layer.current_clips() == pytest.approx(want), fraction
+    instant = BatchRenorm2d(3, r_max=3.0, d_max=5.0, warmup=0.2, r_ramp=0.0, d_ramp=0.5)
+    set_progress(instant, 0.45)  # a ramp of 0 opens at once; d is half way
+    assert instant.current_clips() == pytest.approx((3.0, 2.5))
 
 
 def test_noisy_bn_without_noise_equals_bn():
@@ -283,3 +317,248 @@ def test_group_count_is_the_largest_divisor_not_above_groups(norm_cfg):
     x = batch(c=12)
     want = (x - x.mean((1, 2, 3), keepdim=True)) / torch.sqrt(x.var((1, 2, 3), unbiased=False, keepdim=True) + 1e-5)
     torch.testing.assert_close(ln(x), want, rtol=1e-4, atol=1e-5)
+
+
+# --- noisy BN: Santurkar et al. 2018, Algorithm 1 -------------------------------------------------
+
+def per_sample_affine(z: torch.Tensor, y: torch.Tensor):
+    """(a, b) with y = a * z + b per (sample, channel) over H x W, by least squares."""
+    zc, yc = z - z.mean((2, 3), keepdim=True), y - y.mean((2, 3), keepdim=True)
+    a = (zc * yc).sum((2, 3)) / zc.square().sum((2, 3))
+    return a, y.mean((2, 3)) - a * z.mean((2, 3))
+
+
+def test_noisy_bn_per_step_shift_and_scale_are_uniform_per_channel():
+    """Without jitter every sample of a channel gets the same (sigma_t, mu_t); over many steps
+    and channels they are U(1, n_sigma) and U(-n_mu, n_mu) (KS test), and redrawn each step."""
+    stats = pytest.importorskip("scipy.stats")
+    torch.manual_seed(0)
+    layer = NoisyBatchNorm2d(16, noise_mean=0.5, noise_scale=1.25)  # weight 1, bias 0
+    scales, shifts = [], []
+    for step in range(200):
+        x = batch(n=8, c=16, hw=3, seed=step)
+        a, b = per_sample_affine(reference_bn(x, torch.ones(16), torch.zeros(16)), layer(x).detach())
+        torch.testing.assert_close(a, a[:1].expand_as(a), rtol=1e-4, atol=1e-4)  # shared by samples
+        torch.testing.assert_close(b, b[:1].expand_as(b), rtol=1e-4, atol=1e-4)
+        scales.append(a[0])
+        shifts.append(b[0])
+    scales, shifts = torch.cat(scales).numpy(), torch.cat(shifts).numpy()
+    assert stats.kstest(scales, stats.uniform(loc=1.0, scale=0.25).cdf).pvalue > 0.01
+    assert stats.kstest(shifts, stats.uniform(loc=-0.5, scale=1.0).cdf).pvalue > 0.01
+    assert scales.min() >= 1.0 - 1e-4 and scales.max() <= 1.25 + 1e-4
+    assert abs(shifts).max() <= 0.5 + 1e-4
+
+
+def test_noisy_bn_per_sample_jitter_has_the_stated_spread_around_the_step_draws():
+    """With jitter, per channel and step the samples' scales spread with std noise_mul and their
+    shifts with std noise_add around that step's (sigma_t, mu_t); the step draws spread too."""
+    torch.manual_seed(1)
+    layer = NoisyBatchNorm2d(32, noise_mul=0.1, noise_add=0.2, noise_mean=1.0, noise_scale=2.0)
+    x = batch(n=256, c=32, hw=3)
+    a, b = per_sample_affine(reference_bn(x, torch.ones(32), torch.zeros(32)), layer(x).detach())
+    assert a.std(0).mean().item() == pytest.approx(0.1, rel=0.1)
+    assert b.std(0).mean().item() == pytest.approx(0.2, rel=0.1)
+    # channel means over 256 samples estimate (sigma_t, mu_t): U(1, 2) and U(-1, 1) have stds
+    # 1/sqrt(12) and 2/sqrt(12), far above the jitter's 0.1/16 and 0.2/16
+    assert a.mean(0).std().item() == pytest.approx(12 ** -0.5, rel=0.35)
+    assert b.mean(0).std().item() == pytest.approx(2 * 12 ** -0.5, rel=0.35)
+
+
+def test_noisy_bn_noise_follows_the_affine_map():
+    """The noise acts on the BN layer's output ("after BatchNorm layers"), after gamma and beta."""
+    torch.manual_seed(2)
+    layer = with_known_state(NoisyBatchNorm2d(5, noise_mean=0.5, noise_scale=1.5))
+    x = batch()
+    a, b = per_sample_affine(reference_bn(x, layer.weight, layer.bias).detach(), layer(x).detach())
+    torch.testing.assert_close(a, a[:1].expand_as(a), rtol=1e-4, atol=1e-4)
+    assert ((a >= 1 - 1e-4) & (a <= 1.5 + 1e-4)).all() and (b.abs() <= 0.5 + 1e-4).all()
+
+
+# --- momentum=None: PyTorch's cumulative average ------------------------------------------------
+
+@pytest.mark.parametrize("name", BN_LIKE)
+def test_momentum_none_is_the_cumulative_average(name, norm_cfg):
+    """After k batches the buffers are the plain average of the k batch statistics (ghost BN:
+    of its size-weighted chunk statistics), whatever they held before, as nn.BatchNorm2d."""
+    layer = with_known_state(make_norm(norm_cfg(name=name, momentum=None, **BN_LIKE[name]))(5))
+    layer.num_batches_tracked.zero_()
+    set_progress(layer, 1.0)
+    xs = [batch(8, seed=s) * (1 + s) for s in range(3)]
+    for x in xs:
+        layer(x)
+    size = BN_LIKE[name].get("virtual_batch", 8)
+    moments = [chunk_weighted_moments(x.split(size)) for x in xs]
+    torch.testing.assert_close(layer.running_mean, sum(m for _, m in moments) / 3)
+    torch.testing.assert_close(layer.running_var, sum(v for v, _ in moments) / 3)
+    assert int(layer.num_batches_tracked) == 3
+
+
+def test_config_accepts_null_momentum_and_keeps_the_range_otherwise(norm_cfg):
+    norm_cfg(momentum=None).check()
+    for bad in (0.0, 1.5):
+        with pytest.raises(config.ConfigError, match=r"norm\.momentum"):
+            norm_cfg(momentum=bad).check()
+
+
+# --- PN: population normalization ---------------------------------------------------------------
+
+def test_pn_train_forward_is_eval_bn_with_the_same_buffers_and_buffers_update_as_bn():
+    pn = with_known_state(PopulationNorm2d(5, momentum=0.2))
+    bn = with_known_state(nn.BatchNorm2d(5, momentum=0.2))
+    for step in range(4):
+        x = batch(seed=step) * (1 + step) + step
+        want = F.batch_norm(x, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, 1e-5)
+        got = pn(x)
+        bn(x)  # train mode: the running-statistics update PN must copy
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(pn.running_mean, bn.running_mean)
+        torch.testing.assert_close(pn.running_var, bn.running_var)
+
+
+def test_pn_backward_is_bns_backward_through_the_batch_statistics():
+    """Straight-through: the input gradient is train-mode BN's (through the batch statistics);
+    gamma's gradient pairs the upstream gradient with PN's own normalized output."""
+    pn, bn = with_known_state(PopulationNorm2d(5)), with_known_state(nn.BatchNorm2d(5))
+    z_pop = F.batch_norm(batch() * 2 + 1, pn.running_mean, pn.running_var, None, None, False, 0.0, 1e-5)
+    (y, gx, gw, gb), (_, wx, _, wb) = run_pair(pn, bn, batch() * 2 + 1)
+    upstream = torch.cos(torch.arange(y.numel(), dtype=y.dtype)).view_as(y)
+    torch.testing.assert_close(gx, wx, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(gw, (upstream * z_pop).sum((0, 2, 3)), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gb, wb, rtol=1e-5, atol=1e-5)
+
+
+def test_pn_starts_as_bn_with_buffers_set_to_the_first_batch():
+    """Step 0 (num_batches_tracked == 0): normalize with the batch, buffers <- its statistics."""
+    pn = PopulationNorm2d(5, momentum=0.1)
+    x = batch() * 3 + 2
+    y = pn(x)
+    torch.testing.assert_close(y, reference_bn(x, pn.weight, pn.bias), rtol=1e-5, atol=1e-5)
+    var, mean = torch.var_mean(x, dim=(0, 2, 3), unbiased=True)
+    torch.testing.assert_close(pn.running_mean, mean)
+    torch.testing.assert_close(pn.running_var, var)
+
+
+# --- ghost noise injection (Kosson et al. 2024) ---------------------------------------------------
+
+def test_gni_with_the_whole_batch_as_ghost_batch_is_the_identity():
+    x = batch(n=6)
+    whole = torch.arange(6).expand(6, 6)
+    torch.testing.assert_close(ghost_noise_injection(x, 6, indices=whole), x, rtol=1e-6, atol=1e-6)
+
+
+def test_gni_shift_and_scale_are_the_ghost_batch_statistics_against_the_batchs():
+    """Given ghost batches, y_i = (x_i - (mu_g - mu)) / sqrt((var_g + eps) / (var + eps)), from
+    torch.var_mean over each ghost batch directly; the noise carries no gradient."""
+    x = batch(n=8).requires_grad_()
+    idx = torch.randint(8, (8, 3), generator=torch.Generator().manual_seed(0))
+    y = ghost_noise_injection(x, 3, indices=idx)
+    var, mean = torch.var_mean(x.detach(), dim=(0, 2, 3), unbiased=False)
+    want, scales = [], []
+    for i in range(8):
+        gvar, gmean = torch.var_mean(x.detach()[idx[i]], dim=(0, 2, 3), unbiased=False)
+        scale = ((gvar + 1e-3) / (var + 1e-3)).sqrt()
+        want.append((x.detach()[i] - (gmean - mean).view(-1, 1, 1)) / scale.view(-1, 1, 1))
+        scales.append(scale)
+    torch.testing.assert_close(y.detach(), torch.stack(want), rtol=1e-5, atol=1e-5)
+    upstream = torch.cos(torch.arange(y.numel(), dtype=y.dtype)).view_as(y)
+    y.backward(upstream)
+    torch.testing.assert_close(x.grad, upstream / torch.stack(scales)[..., None, None], rtol=1e-5, atol=1e-6)
+
+
+def test_gni_shift_spreads_as_ghost_batch_means_drawn_with_replacement():
+    """The injected shift (recovered from the output) spreads like means of N samples drawn with
+    replacement from the batch, computed directly from the per-sample means."""
+    torch.manual_seed(0)
+    x = batch(n=32, c=4, hw=4) + torch.randn(32, 4, 1, 1) * 2  # samples with distinct means
+    shifts = []
+    for _ in range(100):
+        a, b = per_sample_affine(x, ghost_noise_injection(x, 8))
+        shifts.append(-b / a)  # y = (x - shift) / scale
+    got = torch.stack(shifts).flatten(0, 1).std(0)
+    inst = x.mean((2, 3))
+    g = torch.Generator().manual_seed(1)
+    direct = torch.stack([inst[torch.randint(32, (8,), generator=g)].mean(0) - inst.mean(0)
+                          for _ in range(3200)]).std(0)
+    torch.testing.assert_close(got, direct, rtol=0.1, atol=0.0)
+    torch.testing.assert_close(got, inst.var(0, unbiased=False).div(8).sqrt(), rtol=0.1, atol=0.0)
+
+
+GNI_NORMS = ["none", "ln", "gn", "pn", "bn", "ghost_bn", "batch_renorm", "noisy_bn"]
+
+
+def gni_pair(name, norm_cfg, santurkar=True):
+    """The same layer (same parameters and buffers) without and with ghost noise of 4;
+    ``santurkar=False``: noisy BN without its own noise, so that GNI is the only noise."""
+    opts = {**BN_LIKE.get(name, {}), "virtual_batch": 4, "groups": 2}
+    if name == "noisy_bn" and not santurkar:
+        opts.update(noise_mul=0.0, noise_add=0.0, noise_mean=0.0, noise_scale=1.0)
+    plain, noisy = (make_norm(norm_cfg(name=name, ghost_noise=g, **opts))(6) for g in (None, 4))
+    if isinstance(plain, nn.BatchNorm2d):
+        with_known_state(plain)
+    noisy.load_state_dict(plain.state_dict())
+    return plain, noisy
+
+
+@pytest.mark.parametrize("name", GNI_NORMS)
+def test_gni_composes_with_every_norm_between_normalization_and_affine(name, norm_cfg):
+    """Normalized output (affine undone) with GNI = a per-(sample, channel) shift and scale of the
+    one without; the conv before ``none`` keeps its bias (the layer is still an nn.Identity)."""
+    plain, noisy = gni_pair(name, norm_cfg, santurkar=False)
+    assert type(noisy) is not nn.Identity and isinstance(noisy, nn.Identity) == (name == "none")
+    x = batch(n=12, c=6, seed=3).requires_grad_()
+    torch.manual_seed(0)
+    want = plain(x)
+    got = noisy(x)
+    weight = getattr(plain, "weight", None)
+    w = torch.ones(6) if weight is None else weight.detach()
+    bias = torch.zeros(6) if weight is None else plain.bias.detach()
+    z_plain, z_noisy = [(t.detach() - bias.view(1, -1, 1, 1)) / w.view(1, -1, 1, 1) for t in (want, got)]
+    a, b = per_sample_affine(z_plain, z_noisy)  # normalized output: a per-(sample, channel) affine map
+    torch.testing.assert_close(z_noisy, a[..., None, None] * z_plain + b[..., None, None], rtol=1e-4, atol=1e-4)
+    assert (a - 1).abs().max() > 1e-3 and b.abs().max() > 1e-3
+    got.square().sum().backward()
+    assert torch.isfinite(x.grad).all()
+
+
+@pytest.mark.parametrize("name", GNI_NORMS)
+def test_gni_is_off_in_eval_mode_and_under_set_plain(name, norm_cfg):
+    plain, noisy = gni_pair(name, norm_cfg)
+    x = batch(n=12, c=6, seed=4)
+    for layer in (plain, noisy):
+        layer.eval()
+    torch.testing.assert_close(noisy(x), plain(x))
+    for layer in (plain, noisy):
+        layer.train()
+        set_plain(layer, True)
+    torch.manual_seed(0)
+    want = plain(x)
+    torch.manual_seed(0)
+    torch.testing.assert_close(noisy(x), want)
+
+
+# --- set_plain: plain batch statistics for every layer that has extras --------------------------
+
+@pytest.mark.parametrize("name", NORMS)
+def test_set_plain_gives_plain_batch_statistics(name, norm_cfg):
+    """Under set_plain every layer's train forward is its plain form: BN with the batch's
+    statistics for bn/renorm/noisy/pn, per-chunk BN for ghost BN, GroupNorm or identity else."""
+    opts = {**BN_LIKE.get(name, {}), "virtual_batch": 4}
+    model = nn.Sequential(make_norm(norm_cfg(name=name, ghost_noise=4, **opts))(6))
+    layer = model[0]
+    if isinstance(layer, nn.BatchNorm2d):
+        with_known_state(layer)
+    set_progress(model, 1.0)
+    assert set_plain(model, True) == ["0"]
+    x = batch(n=10, c=6, seed=5)
+    got = model(x)
+    if name == "ghost_bn":
+        want = torch.cat([reference_bn(c, layer.weight, layer.bias) for c in x.split(4)])
+    elif isinstance(layer, nn.BatchNorm2d):
+        want = reference_bn(x, layer.weight, layer.bias)
+    elif isinstance(layer, nn.GroupNorm):
+        want = F.group_norm(x, layer.num_groups, layer.weight, layer.bias, layer.eps)
+    else:
+        want = x
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    set_plain(model, False)
+    assert not layer.plain
