@@ -149,8 +149,8 @@ def read_overrides(run_dir: Path) -> list[str]:
 def iter_run_dirs(root: Path) -> Iterator[Path]:
     """Every run folder below ``root``: folders holding a ``.hydra`` dir or a summary."""
     root = Path(root)
-    for hydra_dir in sorted(root.rglob(".hydra")):
-        yield hydra_dir.parent
+    found = {p.parent for p in root.rglob(".hydra")} | {p.parent for p in root.rglob(SUMMARY)}
+    yield from sorted(found)
 
 
 def write_epoch(run_dir: Path, row: dict) -> None:

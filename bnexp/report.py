@@ -257,18 +257,25 @@ def _commits(study_dir: Path) -> str:
     """The commits the runs recorded, and the one this analysis ran at."""
     runs = sorted({(records.read_summary(d) or {}).get("git_commit") or "unknown"
                    for d in records.iter_run_dirs(study_dir) if records.read_summary(d)})
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent,
-                              capture_output=True, text=True, timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        head = ""
-    text = f"runs at commit {', '.join(runs) or 'none finished'}; analysis at {head or 'unknown'}"
+    head = _code_commit()
+    text = f"runs at commit {', '.join(runs) or 'none finished'}; analysis code at {head or 'unknown'}"
     if len(runs) > 1:
         text += (f". The runs come from {len(runs)} commits: check that what changed between them "
                  "does not change the numbers, or re-run the study")
     if any(r.endswith("-dirty") for r in runs):
         text += ". '-dirty': the code had uncommitted changes (files outside results/)"
     return text
+
+
+def _code_commit() -> str:
+    """The last commit that changed the code (bnexp/, conf/, experiments/), not HEAD: committing
+    a study's results moves HEAD, and a report re-made from them must come out the same."""
+    try:
+        return subprocess.run(["git", "log", "-1", "--format=%H", "--", ":(top)bnexp", ":(top)conf",
+                               ":(top)experiments"], cwd=Path(__file__).parent, capture_output=True,
+                              text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
 
 
 def _relpath(path: Path, start: Path) -> str:
