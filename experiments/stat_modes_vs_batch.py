@@ -35,7 +35,7 @@ from bnexp import analysis as A
 from bnexp import records
 from bnexp.report import Diff
 from bnexp.studies import Study, StudyData
-from bnexp.verdicts import NOT_TESTED, Shape, Verdict, expect, mean_diff
+from bnexp.verdicts import NOT_TESTED, Shape, Verdict, check_training, expect, mean_diff
 from common import run_study
 
 NBS = "norm.virtual_batch"
@@ -205,9 +205,24 @@ def frozen_loss_does_not_rise(d: StudyData):
                    for x, g in loss.groupby(NBS)])
 
 
+def before_freeze(curves: pd.DataFrame, frozen_at: dict) -> pd.DataFrame:
+    """The epochs of each run that started before its freeze: after it, the train-mode loss is
+    measured with the frozen population statistics instead of batch statistics, so its level
+    steps (down, at small NBS) without the model learning more. The plateau check reads these."""
+    start = curves.sort_values("epoch").groupby("run")["step"].shift(1, fill_value=0)
+    at = curves["run"].map(lambda r: frozen_at.get(r)).astype(float)
+    return curves[~(start.reindex(curves.index) >= at)]
+
+
 def prepare(d: StudyData) -> StudyData:
-    d = replace(d, runs=A.with_error(d.runs))
-    d.extra["freeze_loss"] = loss_around_freeze(d.runs, d.curves, frozen_steps(d.study_dir))
+    """Error columns; FrozenBN runs' training check redone on their epochs before the freeze
+    (``before_freeze``; whether the loss rises after it is a shape of its own); the loss around
+    each freeze (``loss_around_freeze``)."""
+    frozen_at = frozen_steps(d.study_dir)
+    runs = A.with_error(d.runs).drop(columns=["trained", "train_check"], errors="ignore")
+    runs, arms = check_training(runs, before_freeze(d.curves, frozen_at), A.swept_columns(runs))
+    d = replace(d, runs=runs, arms=arms)
+    d.extra["freeze_loss"] = loss_around_freeze(d.runs, d.curves, frozen_at)
     return d
 
 
