@@ -93,20 +93,9 @@ class GhostBatchNorm2d(BatchNorm2d):
         self.virtual_batch = virtual_batch
 
     def _normalize(self, x, weight, bias):
-        batch, size = x.shape[0], self.virtual_batch
-        if batch <= size:
+        if x.shape[0] <= self.virtual_batch:
             return super()._normalize(x, weight, bias)
-        full = batch // size * size
-        parts = [_chunked_batch_norm(x[:full], full // size, weight, bias, self.eps)]
-        if full < batch:
-            parts.append(_chunked_batch_norm(x[full:], 1, weight, bias, self.eps))
-        share = torch.full((batch // size + (full < batch), 1), size / batch, device=x.device)
-        share[full // size:] = (batch - full) / batch  # the remainder chunk, if any
-        factor = self._update_factor()
-        with torch.no_grad():
-            self.running_mean.lerp_((torch.cat([p[1] for p in parts]) * share).sum(0), factor)
-            self.running_var.lerp_((torch.cat([p[2] for p in parts]) * share).sum(0), factor)
-        return parts[0][0] if len(parts) == 1 else torch.cat([p[0] for p in parts])
+        return _ghost_normalize(self, x, weight, bias)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, virtual_batch={self.virtual_batch}"
@@ -125,18 +114,30 @@ class BatchRenorm2d(BatchNorm2d):
     (clips 1 and 0) while ``f < warmup``; then r's clip grows linearly from 1 to ``r_max`` over the
     next ``r_ramp`` and d's from 0 to ``d_max`` over the next ``d_ramp`` (a ramp of 0: at once).
     Before any ``set_progress`` call f = 0. With clips 1 and 0, or under ``plain``, the layer is BN.
+
+    ``virtual_batch`` (``None``: the whole batch): renormalize per ghost chunk, as each worker of
+    Ioffe's multi-worker setting does. The batch is cut as ``GhostBatchNorm2d`` cuts it
+    (contiguous chunks, the remainder last); each chunk g gets its own ``r_g``, ``d_g`` from its
+    own mean and biased variance against the same running statistics (those before this batch),
+    and the running statistics are updated once per forward with the chunks' means and unbiased
+    variances weighted by chunk size, as ghost BN does. With clips 1 and 0 or under ``plain`` the
+    layer is then ghost BN (plain per-chunk BN).
     """
 
     def __init__(self, num_features: int, r_max: float = 3.0, d_max: float = 5.0,
                  warmup: float = 0.0, r_ramp: float = 0.0, d_ramp: float = 0.0,
                  eps: float = 1e-5, momentum: Optional[float] = 0.1,
-                 freeze_after: Optional[float] = None, ghost_noise: Optional[int] = None):
+                 freeze_after: Optional[float] = None, ghost_noise: Optional[int] = None,
+                 virtual_batch: Optional[int] = None):
         if r_max < 1.0 or d_max < 0.0:
             raise ValueError(f"r_max={r_max} must be >= 1 and d_max={d_max} >= 0")
+        if virtual_batch is not None and virtual_batch < 1:
+            raise ValueError(f"virtual_batch={virtual_batch} must be >= 1 (or None: the whole batch)")
         super().__init__(num_features, eps=eps, momentum=momentum, freeze_after=freeze_after,
                          ghost_noise=ghost_noise)
         self.r_max, self.d_max, self.warmup = r_max, d_max, warmup
         self.r_ramp, self.d_ramp = r_ramp, d_ramp
+        self.virtual_batch = virtual_batch
         self.progress = 0.0
 
     def set_progress(self, fraction: float) -> None:
@@ -154,8 +155,11 @@ class BatchRenorm2d(BatchNorm2d):
 
     def _normalize(self, x, weight, bias):
         r_max, d_max = self.current_clips()
+        chunked = self.virtual_batch is not None and x.shape[0] > self.virtual_batch
         if self.plain or (r_max == 1.0 and d_max == 0.0):
-            return super()._normalize(x, weight, bias)
+            return _ghost_normalize(self, x, weight, bias) if chunked else super()._normalize(x, weight, bias)
+        if chunked:
+            return _ghost_normalize(self, x, weight, bias, (r_max, d_max))
         r, d = _renorm_correction(x, self.running_mean, self.running_var, self.eps, r_max, d_max)
         # gamma * (x_hat * r + d) + beta is BN with weight gamma * r and bias gamma * d + beta,
         # so the fused kernel does the work and gradients flow through the batch statistics.
@@ -166,7 +170,8 @@ class BatchRenorm2d(BatchNorm2d):
 
     def extra_repr(self) -> str:
         return (f"{super().extra_repr()}, r_max={self.r_max}, d_max={self.d_max}, "
-                f"warmup={self.warmup}, r_ramp={self.r_ramp}, d_ramp={self.d_ramp}")
+                f"warmup={self.warmup}, r_ramp={self.r_ramp}, d_ramp={self.d_ramp}, "
+                f"virtual_batch={self.virtual_batch}")
 
 
 class NoisyBatchNorm2d(BatchNorm2d):
@@ -293,21 +298,52 @@ def _renorm_correction(x: torch.Tensor, running_mean: torch.Tensor, running_var:
     return r, d
 
 
+def _ghost_normalize(layer: BatchNorm2d, x: torch.Tensor, weight: Optional[torch.Tensor],
+                     bias: Optional[torch.Tensor],
+                     clips: Optional[tuple[float, float]] = None) -> torch.Tensor:
+    """Train-mode normalization of ``x`` in contiguous chunks of ``layer.virtual_batch`` (the
+    remainder last), each with its own statistics; ``clips = (r_max, d_max)``: batch renorm of each
+    chunk against ``layer``'s running statistics as they were before this call. Then one update
+    of the running statistics with the chunks' means and unbiased variances, each chunk weighted
+    by its share of the batch (n_g / N), so a remainder of 2 counts for 2 samples."""
+    batch, size = x.shape[0], layer.virtual_batch
+    full = batch // size * size
+    renorm = None if clips is None else (layer.running_mean, layer.running_var, *clips)
+    parts = [_chunked_batch_norm(x[:full], full // size, weight, bias, layer.eps, renorm)]
+    if full < batch:
+        parts.append(_chunked_batch_norm(x[full:], 1, weight, bias, layer.eps, renorm))
+    share = torch.full((batch // size + (full < batch), 1), size / batch, device=x.device)
+    share[full // size:] = (batch - full) / batch  # the remainder chunk, if any
+    factor = layer._update_factor()
+    with torch.no_grad():  # after every chunk's r, d: they all saw the same running statistics
+        layer.running_mean.lerp_((torch.cat([p[1] for p in parts]) * share).sum(0), factor)
+        layer.running_var.lerp_((torch.cat([p[2] for p in parts]) * share).sum(0), factor)
+    return parts[0][0] if len(parts) == 1 else torch.cat([p[0] for p in parts])
+
+
 def _chunked_batch_norm(x: torch.Tensor, chunks: int, weight: Optional[torch.Tensor],
-                        bias: Optional[torch.Tensor], eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                        bias: Optional[torch.Tensor], eps: float,
+                        renorm: Optional[tuple] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Train-mode BN of ``chunks`` equal contiguous sub-batches of ``x``, each with its own stats.
 
     Returns the output (shape and memory format of ``x``) and the per-chunk means and unbiased
     variances, each ``[chunks, C]`` fp32. The chunks become channels of one wider batch so that a
     single fused ``F.batch_norm`` call computes all of them (no Python loop over chunks).
+    ``renorm = (running_mean, running_var, r_max, d_max)``: batch renorm instead, each chunk's
+    ``r``, ``d`` from its own moments against those running statistics (``_renorm_correction``).
     """
     c = x.shape[1]
+    folded = _fold(x, chunks)
     means = torch.zeros(chunks * c, device=x.device, dtype=torch.float32)
     variances = torch.zeros_like(means)
-    # momentum 1 writes each chunk's mean and unbiased variance into the zeroed buffers
     if weight is not None:
         weight, bias = weight.repeat(chunks), bias.repeat(chunks)
-    y = F.batch_norm(_fold(x, chunks), means, variances, weight, bias, True, 1.0, eps)
+    if renorm is not None:  # per-chunk weight gamma * r_g and bias gamma * d_g + beta, as in BN
+        mean, var, r_max, d_max = renorm
+        r, d = _renorm_correction(folded, mean.repeat(chunks), var.repeat(chunks), eps, r_max, d_max)
+        weight, bias = (r, d) if weight is None else (weight * r, bias + weight * d)
+    # momentum 1 writes each chunk's mean and unbiased variance into the zeroed buffers
+    y = F.batch_norm(folded, means, variances, weight, bias, True, 1.0, eps)
     return _unfold(y, chunks), means.view(chunks, c), variances.view(chunks, c)
 
 

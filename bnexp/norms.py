@@ -100,7 +100,8 @@ def _ghost_bn(cfg: NormConfig) -> Callable[[int], nn.Module]:
 def _batch_renorm(cfg: NormConfig) -> Callable[[int], nn.Module]:
     return functools.partial(BatchRenorm2d, r_max=cfg.r_max, d_max=cfg.d_max,
                              warmup=cfg.renorm_warmup, r_ramp=cfg.renorm_r_ramp,
-                             d_ramp=cfg.renorm_d_ramp, **_bn_kwargs(cfg))
+                             d_ramp=cfg.renorm_d_ramp, virtual_batch=cfg.virtual_batch,
+                             **_bn_kwargs(cfg))
 
 
 @NORMS.register("noisy_bn")

@@ -1,38 +1,53 @@
 """What do non-i.i.d. minibatches do to BN?
 
-Batches of 32 are drawn i.i.d., as P x K batches (P classes x K images: 4x8 and 2x16 on the
-10-class datasets, 16x2 on CIFAR-100) or class-sorted (one class per batch), for BN, batch
-renormalization and group norm. Every model is scored after every epoch with its EMA statistics,
-with precise population statistics recomputed from an i.i.d. pass over the training set, and
-with the statistics of i.i.d. test batches (``batch``); GN has no statistics to choose (ema only).
+Design (conf/study/noniid.yaml, STUDIES.md): an optimization batch of 160 made of contiguous
+groups, each group one BN normalization batch (ghost BN / batch renorm with
+``norm.virtual_batch`` = the group), while the classes of the groups together cover every class
+once per batch, so the gradient is class-balanced and only BN sees few classes (Ioffe's
+multi-worker setting). Samplers on 10 classes: ``iid`` (i.i.d. batches, chunks of 32),
+``pk2x16g5`` (5 groups of 2 classes x 16 images, chunks of 32), ``sorted16g10`` (10 one-class
+groups of 16, chunks of 16). Norms: ``ghost_bn`` (BN per group), ``batch_renorm`` (Ioffe 2017,
+r and d per group), ``gn`` (no batch statistics: the control that must train as well as under
+i.i.d. batches). Every model is scored after every epoch under each eval mode: ``ema``;
+``precise`` / ``precise_bvar`` (population statistics from an i.i.d. pass, pooled variance / mean
+of per-chunk variances); ``precise_sampler`` / ``precise_sampler_bvar`` (the same from a pass
+drawn by the training sampler); ``batch`` (statistics of i.i.d. test batches of 160, cut into the
+training chunks) and ``batch_sampler`` (test batches with the training sampler's structure). The
+training error with batch statistics is the train-mode accuracy of the last epoch.
 
 Run::
 
-    make study S=noniid ARGS="data=synthetic scale=smoke"   # 4 samplers x 3 norms x 3 seeds
-    make study S=noniid                                     # CIFAR-10, 36 runs
-    make study S=noniid ARGS="data=cifar100"                # samplers iid, pk16x2, sorted
+    make study S=noniid ARGS="data=synthetic scale=smoke"                   # 27 runs
+    make study S=noniid ARGS="data=fashion_mnist scale=small launcher=joblib"  # 45 runs, <= 45 min
+    make study S=noniid                                                     # CIFAR-10, 27 runs
 
 Expected (Ioffe 2017, "Batch Renormalization"; Irpan 2017, "On the perils of batch norm"): BN
-evaluated with its EMA statistics collapses when trained on P x K batches, because every batch
-normalizes with the statistics of a few classes, which the population statistics do not match;
-batch renorm, GN, and BN with precise statistics from an i.i.d. loader recover most of the
-i.i.d. accuracy.
+scored with its EMA statistics degrades under P x K groups, because it trained to normalize with
+the statistics of a few classes, which population statistics do not match: the model fits the
+batch structure (good on test batches with that structure, poor on single examples, i.e. with
+any fixed statistics); GN is unaffected; batch renorm and precise (population) statistics recover
+most of the i.i.d. accuracy.
 """
 from __future__ import annotations
 
-
 import pandas as pd
+
+from matplotlib.figure import Figure
 
 from bnexp import analysis as A
 from bnexp.studies import Study, StudyData
 from bnexp.verdicts import Shape, expect
 from common import run_study
 
-NORMS = ("bn", "batch_renorm", "gn")
-MODES = ("ema", "precise", "batch")
+NORMS = ("ghost_bn", "batch_renorm", "gn")
+BN = ("ghost_bn", "batch_renorm")  # the norms with batch statistics
+MODES = ("ema", "precise", "precise_bvar", "precise_sampler", "precise_sampler_bvar", "batch",
+         "batch_sampler")
 STATS = "norm / eval mode"  # one bar or line per (norm, eval mode) pair
-# the curves show the literature's contenders only (all pairs make 7 overlapping bands)
-CURVES = ("bn / ema", "bn / precise", "batch_renorm / ema", "gn / ema")
+CONTROL = "gn / ema (control)"  # GN's one score, drawn as a bar beside each BN figure's modes
+# the curves show the literature's contenders only (all pairs make 15 overlapping bands)
+CURVES = ("ghost_bn / ema", "ghost_bn / precise", "ghost_bn / batch_sampler",
+          "batch_renorm / ema", "gn / ema")
 
 
 def by_stats(df: pd.DataFrame, metric: str = "test_acc") -> pd.DataFrame:
@@ -51,10 +66,10 @@ def stats_order(long: pd.DataFrame) -> list[str]:
 
 
 def samplers(runs: pd.DataFrame) -> tuple[list, list]:
-    """(non-i.i.d. P x K presets, all samplers) in the order iid, pk..., others."""
+    """(non-i.i.d. samplers, all samplers) in the order iid, pk..., sorted..., others."""
     names = sorted(runs["sampler"].dropna().unique(),
                    key=lambda s: (s != "iid", not s.startswith("pk"), s))
-    return [s for s in names if s.startswith("pk")], names
+    return [s for s in names if s != "iid"], names
 
 
 def with_train_mode_acc(runs: pd.DataFrame, curves: pd.DataFrame) -> pd.DataFrame:
@@ -67,72 +82,120 @@ def with_train_mode_acc(runs: pd.DataFrame, curves: pd.DataFrame) -> pd.DataFram
     return runs.assign(**{"train_acc.train_mode": runs["run"].map(last)})
 
 
-def diagnosis(runs: pd.DataFrame) -> str:
-    """Per non-i.i.d. sampler, BN's train-mode accuracy, its ema - precise gap and the EMA /
-    population variance ratio: which of 'did not train' and 'wrong test statistics' happened."""
-    bn = runs[(runs["norm"] == "bn") & (runs["status"] == "ok")]
-    cols = ["train_acc.train_mode", "test_acc.ema", "test_acc.precise", "precise.ema_var_ratio"]
-    if bn.empty or not set(cols) <= set(bn):
-        return ""
-    means = bn.groupby("sampler")[cols].mean()
-    parts = [f"{s}: train-mode accuracy {100 * m.iloc[0]:.0f}%, ema - precise "
-             f"{100 * (m.iloc[1] - m.iloc[2]):+.1f} points, EMA / population variance "
-             f"{m.iloc[3]:.2f}" for s, m in means.iterrows() if s != "iid"]
-    return ("BN, mean over seeds, by sampler: " + "; ".join(parts) + ". A collapse of the EMA "
-            "statistics shows as a large negative ema - precise gap with a variance ratio well "
-            "below 1 (the EMA of per-batch variances misses the spread of the class-skewed "
-            "batch means); a train-mode accuracy near chance means the model did not train on "
-            "those batches at all, which no choice of test statistics repairs.")
+def chunk_sizes(runs: pd.DataFrame) -> dict:
+    """``{sampler: normalization batch}`` of the BN arms (``norm.virtual_batch``)."""
+    bn = runs[runs["norm"].isin(BN)]
+    return {s: int(v) for s, v in bn.groupby("sampler")["norm.virtual_batch"].first().items()}
 
 
+# ----------------------------------------------------------------------------- statements
 def statements(long: pd.DataFrame, metric: str = "test_acc") -> list[str]:
-    """BN with EMA statistics under each non-i.i.d. sampler against i.i.d. batches; then, under
-    each P x K sampler, what recovers: precise statistics, batch renorm, GN."""
+    """Per BN norm: EMA under each non-i.i.d. sampler against i.i.d.; then, under each, what
+    recovers (precise statistics, batch renorm) and how much of the loss, and the structured
+    test batches against single-example (EMA) scoring; GN against i.i.d."""
     summary = A.summarize(long, [STATS, "sampler"], [metric])
     have = set(summary[STATS])
-    pk, names = samplers(long)
+    noniid, names = samplers(long)
     out = []
-    if "bn / ema" in have and "iid" in names:
-        out += [f"bn / ema, sampler {s} vs iid: "
-                + A.compare_statement(summary, metric, "sampler", s, "iid", at={STATS: "bn / ema"})
-                for s in names if s != "iid"]
-    for s in pk:
-        for rescue in ("bn / precise", "batch_renorm / ema", "gn / ema"):
-            if {rescue, "bn / ema"} <= have and rescue.startswith("bn /"):  # the same BN models
-                out.append(A.paired_statement(long, metric, STATS, rescue, "bn / ema",
+    for label in ("ghost_bn / ema", "batch_renorm / ema", "gn / ema"):
+        if label in have and "iid" in names:
+            out += [f"{label}, sampler {s} vs iid: " + A.compare_statement(
+                summary, metric, "sampler", s, "iid", at={STATS: label}) for s in noniid]
+    for s in noniid:
+        for rescue in ("ghost_bn / precise", "ghost_bn / precise_sampler",
+                       "ghost_bn / precise_sampler_bvar", "ghost_bn / batch_sampler"):
+            if {rescue, "ghost_bn / ema"} <= have:  # the same models: paired by seed
+                out.append(A.paired_statement(long, metric, STATS, rescue, "ghost_bn / ema",
                                               at={"sampler": s}))
-            elif {rescue, "bn / ema"} <= have:
-                out.append(A.compare_statement(summary, metric, STATS, rescue, "bn / ema",
-                                               at={"sampler": s}))
+        if {"batch_renorm / ema", "ghost_bn / ema"} <= have:
+            out.append(A.compare_statement(summary, metric, STATS, "batch_renorm / ema",
+                                           "ghost_bn / ema", at={"sampler": s}))
+        out += [t for t in [recovered_share(summary, s, r, metric)
+                            for r in ("ghost_bn / precise", "batch_renorm / ema")] if t]
     return out
 
 
+def recovered_share(summary: pd.DataFrame, sampler: str, rescue: str, metric: str) -> str:
+    """"<rescue> recovers X% of the accuracy ghost_bn / ema lost under <sampler>" (means)."""
+    def mean(label, s):
+        row = A.select(summary, {STATS: label, "sampler": s})
+        return float(row[f"{metric}.mean"].iloc[0]) if len(row) else float("nan")
+
+    iid, lost, got = mean("ghost_bn / ema", "iid"), mean("ghost_bn / ema", sampler), mean(rescue, sampler)
+    if not iid - lost > 0.01:  # less than a point lost: no share to speak of
+        return ""
+    return (f"under {sampler}, {rescue} recovers {100 * (got - lost) / (iid - lost):.0f}% of the "
+            f"{100 * (iid - lost):.1f} points that ghost_bn / ema lost against iid (means)")
+
+
+def diagnosis(runs: pd.DataFrame) -> str:
+    """Per BN norm and non-i.i.d. sampler: train-mode accuracy, ema - precise, the EMA /
+    population variance ratio and, for the P x K pass, the mean per-group variance / pooled one."""
+    cols = ["train_acc.train_mode", "test_acc.ema", "test_acc.precise", "precise.ema_var_ratio",
+            "precise_sampler.var_ratio"]
+    bn = runs[runs["norm"].isin(BN) & (runs["status"] == "ok")]
+    if bn.empty or not set(cols) <= set(bn):
+        return ""
+    means = bn.groupby(["norm", "sampler"])[cols].mean()
+    parts = [f"{n} / {s}: train-mode accuracy {100 * m.iloc[0]:.0f}%, ema - precise "
+             f"{100 * (m.iloc[1] - m.iloc[2]):+.1f} points, EMA / population variance "
+             f"{m.iloc[3]:.2f}, per-group / pooled variance of the sampler pass {m.iloc[4]:.2f}"
+             for (n, s), m in means.iterrows()]
+    return ("Mean over seeds: " + "; ".join(parts) + ". Under P x K groups the per-group "
+            "variance misses the spread of the group means, so the EMA (fed per-group variances) "
+            "and `precise_sampler_bvar` underestimate the population variance (ratio < 1); a "
+            "train-mode accuracy near chance means the model did not train on those batches, "
+            "which no choice of test statistics repairs.")
+
+
+def confound(runs: pd.DataFrame) -> str:
+    sizes = chunk_sizes(runs)
+    if len(set(sizes.values())) < 2:
+        return ""
+    text = ", ".join(f"{s} {v}" for s, v in sizes.items())
+    return (f"Normalization batch per sampler: {text}. When each of 10 classes appears once per "
+            "batch of 160, a one-class group holds 16 images and a two-class group 32, so "
+            "the sorted arm against iid also halves the normalization batch (32 -> 16), a second "
+            "cause of noisier statistics next to the one-class groups; batch_size's "
+            "ghost_bn16 vs ghost_bn32 measures that effect alone.")
+
+
+# ----------------------------------------------------------------------------- figures, table
 def prepare(d: StudyData) -> StudyData:
     d.runs = with_train_mode_acc(d.runs, d.curves)
     d.extra["long"] = by_stats(d.runs)
     return d
 
 
+def bars(long: pd.DataFrame, norm: str) -> Figure:
+    """Test accuracy per sampler, one bar per eval mode of ``norm``, GN's ema as the control."""
+    rows = long[long["norm"] == norm]
+    gn = long[long[STATS] == "gn / ema"].assign(eval_mode=CONTROL)
+    order = [m for m in MODES if m in set(rows["eval_mode"])] + ([CONTROL] if len(gn) else [])
+    return A.plot_bars(pd.concat([rows, gn], ignore_index=True), "sampler", "test_acc",
+                       "eval_mode", hue_order=order,
+                       title=f"norm={norm}: final test accuracy (bars: mean, 95% CI; dots: runs)")
+
+
 def figures(d: StudyData) -> dict:
     long = d.extra["long"]
-    pk, _ = samplers(d.runs)
-    figs = {"test_acc_by_sampler_and_eval_mode": A.plot_bars(
-        long, "sampler", "test_acc", STATS, hue_order=stats_order(long),
-        title="final test accuracy per batch sampler (bars: mean, 95% CI; dots: runs)")}
-    for sampler in pk if len(d.curves) else []:
+    figs = {f"test_acc_by_sampler_and_eval_mode_{n}": bars(long, n)
+            for n in BN if (long["norm"] == n).any()}
+    _, names = samplers(d.runs)
+    for sampler in names if len(d.curves) else []:
         steps = by_stats(d.curves[d.curves["sampler"] == sampler])
         steps = steps[steps[STATS].isin(CURVES)]
         figs[f"test_acc_curves_{sampler}"] = A.plot_curves(
-            steps, "step", "test_acc", STATS, hue_order=stats_order(steps),
-            title=f"test accuracy during training, sampler {sampler}")
+            steps, "step", "test_acc", STATS, hue_order=[c for c in CURVES if c in set(steps[STATS])],
+            title=f"test accuracy during training, sampler={sampler} (mean, 95% CI)")
     return figs
 
 
 def table(d: StudyData) -> pd.DataFrame:
-    """Norm x sampler, samplers in the order iid, pk..., others."""
+    """Norm x sampler, samplers in the order iid, pk..., sorted..."""
     runs, by = d.runs, ["norm", "sampler"]
     metrics = [m for m in ("train_acc.train_mode", *(f"test_acc.{m}" for m in MODES),
-                           "precise.ema_var_ratio") if m in runs]
+                           "precise.ema_var_ratio", "precise_sampler.var_ratio") if m in runs]
     summary = A.summarize(runs, by, metrics)
     summary["sampler"] = pd.Categorical(summary["sampler"], samplers(runs)[1], ordered=True)
     summary["norm"] = pd.Categorical(summary["norm"], [n for n in NORMS if n in set(runs["norm"])])
@@ -140,42 +203,58 @@ def table(d: StudyData) -> pd.DataFrame:
 
 
 def notes(d: StudyData) -> str:
-    return ("Precise statistics are recomputed from i.i.d. batches of training images, whatever "
-            "sampler trained the model; `batch` normalizes i.i.d. test batches of "
-            f"{int(d.runs['eval.batch_size'].iloc[0])}. GN has no batch statistics: ema only. "
+    return ("`batch` normalizes i.i.d. test batches and `batch_sampler` test batches drawn by "
+            f"the training sampler, both of {int(d.runs['eval.batch_size'].iloc[0])} images cut "
+            "into the training chunks; the precise passes use plain batch statistics per chunk "
+            "(no renorm r, d). GN has no batch statistics: ema only. " + confound(d.runs) + " "
             + diagnosis(d.runs))
 
 
-def bn_ema_degrades(d: StudyData):
-    pk, _ = samplers(d.runs)
-    at = {STATS: "bn / ema"}
+# ----------------------------------------------------------------------------- verdicts
+def ema_degrades(d: StudyData):
+    noniid, _ = samplers(d.runs)
+    at = {STATS: "ghost_bn / ema"}
     return expect([(A.welch_diff(d.extra["long"], "test_acc", "sampler", s, "iid", at=at), -1)
-                   for s in pk])
+                   for s in noniid])
 
 
 def gn_unaffected(d: StudyData):
-    pk, _ = samplers(d.runs)
+    noniid, _ = samplers(d.runs)
     at = {STATS: "gn / ema"}
     return expect([(A.welch_diff(d.extra["long"], "test_acc", "sampler", s, "iid", at=at), "flat")
-                   for s in pk])
+                   for s in noniid])
 
 
 def recovered(d: StudyData):
-    long, (pk, _) = d.extra["long"], samplers(d.runs)
-    parts = [(A.paired_diff(long, "test_acc", STATS, "bn / precise", "bn / ema", at={"sampler": s}), +1)
-             for s in pk]  # the same BN models
-    parts += [(A.welch_diff(long, "test_acc", STATS, "batch_renorm / ema", "bn / ema",
-                            at={"sampler": s}), +1) for s in pk]
+    long, (noniid, _) = d.extra["long"], samplers(d.runs)
+    parts = [(A.paired_diff(long, "test_acc", STATS, "ghost_bn / precise", "ghost_bn / ema",
+                            at={"sampler": s}), +1) for s in noniid]  # the same models
+    parts += [(A.welch_diff(long, "test_acc", STATS, "batch_renorm / ema", "ghost_bn / ema",
+                            at={"sampler": s}), +1) for s in noniid]
+    return expect(parts)
+
+
+def fits_the_structure(d: StudyData):
+    """Structured test batches beat single-example scoring (ema) and i.i.d. test batches."""
+    long, (noniid, _) = d.extra["long"], samplers(d.runs)
+    parts = [(A.paired_diff(long, "test_acc", STATS, "ghost_bn / batch_sampler", other,
+                            at={"sampler": s}), +1)
+             for s in noniid for other in ("ghost_bn / ema", "ghost_bn / batch")]
     return expect(parts)
 
 
 SOURCE = "Ioffe 2017, Batch Renormalization; Irpan 2017"
 STUDY = Study(
     "noniid", __doc__,
-    shapes=[Shape("BN with EMA statistics degrades under P x K batches", SOURCE, bn_ema_degrades),
-            Shape("GN is unaffected by the batch structure", SOURCE, gn_unaffected),
+    shapes=[Shape("BN (ghost_bn) with EMA statistics degrades under P x K and class-sorted groups "
+                  "against i.i.d. batches", SOURCE, ema_degrades),
+            Shape("GN is unaffected by the batch structure (within +/- 2 points of iid)", SOURCE,
+                  gn_unaffected),
             Shape("precise statistics and batch renorm recover accuracy over BN with EMA", SOURCE,
-                  recovered)],
+                  recovered),
+            Shape("BN fits the batch structure: test batches with the training sampler's "
+                  "structure (batch_sampler) score above single examples (ema) and i.i.d. test "
+                  "batches", "Irpan 2017", fits_the_structure)],
     prepare=prepare, figures=figures, table=table,
     comparisons=lambda d: statements(d.extra["long"]), notes=notes)
 

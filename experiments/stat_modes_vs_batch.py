@@ -4,20 +4,25 @@ batch size?
 Ghost BN normalizes sub-batches of NBS = ``norm.virtual_batch`` images (2 ... 128) of a fixed
 optimization batch of 128, so only the normalization batch changes. Every model is scored with
 its EMA statistics (``ema``), with population statistics recomputed after training (``precise``)
-and with the statistics of i.i.d. test batches of NBS images (``batch``); a second set of runs
-freezes the BN statistics for the last 20% of training (FrozenBN, ``norm.freeze_after=0.8``,
-scored with the statistics it trained with: the ``frozen`` line).
+and with the statistics of i.i.d. test batches of NBS images (``batch``). A second set of runs is
+FrozenBN as Wu & Johnson do it (``norm.freeze_after=0.9``, late in the cosine schedule, when the
+lr is 2.4% of its peak): at the freeze point the statistics are re-estimated precisely with the
+current weights and then used, frozen, in training as at test time; the ``frozen`` line is their
+score with those statistics. Its training loss must not rise after the freeze (checked from the
+per-epoch training loss around ``frozen_at_step``).
 
 Run::
 
     make study S=stat_modes_vs_batch ARGS="data=synthetic scale=smoke"   # 24 runs, a few CPU minutes
+    make study S=stat_modes_vs_batch ARGS="data=fashion_mnist scale=small launcher=joblib"  # 42 runs
     make study S=stat_modes_vs_batch                                    # CIFAR-10: 42 runs, one GPU
 
 Expected (Wu & Johnson 2021, "Rethinking 'Batch' in BatchNorm", Sec. 3-4): the error with
 population statistics (precise) is flat for NBS >= 16 and rises sharply at NBS 2-4; batch-stat
 evaluation is flat in NBS but worse; EMA is close to precise except when training has few steps
-per epoch (the EMA then lags the weights); freezing the statistics late in training removes the
-train/test inconsistency that hurts small NBS.
+per epoch (the EMA then lags the weights); FrozenBN, which removes the train/test inconsistency
+that hurts small NBS, is at least as good as batch-stat training there, and its training loss
+does not rise after the freeze.
 """
 from __future__ import annotations
 
@@ -27,8 +32,10 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from bnexp import analysis as A
+from bnexp import records
+from bnexp.report import Diff
 from bnexp.studies import Study, StudyData
-from bnexp.verdicts import Shape, expect
+from bnexp.verdicts import NOT_TESTED, Shape, Verdict, check_training, expect, mean_diff
 from common import run_study
 
 NBS = "norm.virtual_batch"
@@ -88,13 +95,48 @@ def steps_note(runs: pd.DataFrame, curves: pd.DataFrame) -> str:
     memory = f" BN momentum {momentum.iloc[0]:g} makes the EMA average over about " \
         f"{1 / momentum.iloc[0]:.0f} steps." if len(momentum) else ""
     steps, epochs = int(first.max()), int(runs["optim.epochs"].max())
-    freeze = runs[FREEZE].dropna() if FREEZE in runs else []
-    frozen = (f" FrozenBN runs froze their statistics after step {round(freeze.iloc[0] * steps * epochs)}"
-              f" of {steps * epochs}, at the EMA of that moment (Wu & Johnson freeze late in a long "
-              "schedule, when the lr is small and the EMA has settled)." if len(freeze) else "")
-    return f"Training took {steps} steps per epoch for {epochs} epochs.{memory}{frozen}"
+    return f"Training took {steps} steps per epoch for {epochs} epochs.{memory}"
 
 
+# ----------------------------------------------------------------------------- FrozenBN's loss
+def frozen_steps(study_dir) -> dict:
+    """``{run: frozen_at_step}`` from each run's summary.json (None where it never froze)."""
+    return {p.name: (records.read_summary(p) or {}).get("frozen_at_step")
+            for p in records.iter_run_dirs(study_dir)}
+
+
+def loss_around_freeze(runs: pd.DataFrame, curves: pd.DataFrame, frozen_at: dict) -> pd.DataFrame:
+    """Per FrozenBN run: the training loss of the last epoch before the freeze (``before``), the
+    mean over the epochs after it (``after``) and ``rise = (after - before) / before``. Epoch rows
+    carry the step count at their end, so an epoch is after the freeze when it started at or
+    after ``frozen_at_step``; the epoch holding the freeze step counts as neither."""
+    rows = []
+    for _, r in runs[runs[FREEZE].notna() & (runs["status"] == "ok")].iterrows():
+        at, c = frozen_at.get(r["run"]), curves[curves["run"] == r["run"]].sort_values("epoch")
+        if at is None or c.empty:
+            continue
+        start = c["step"].shift(1, fill_value=0)  # the step count at the start of each epoch
+        before, after = c[c["step"] <= at]["train_loss"], c[start >= at]["train_loss"]
+        if len(before) and len(after):
+            b, a = float(before.iloc[-1]), float(after.mean())
+            rows.append({"run": r["run"], "seed": r["seed"], NBS: r[NBS], "trained": r.get("trained"),
+                         "frozen_at_step": at, "before": b, "after": a, "rise": (a - b) / b})
+    return pd.DataFrame(rows, columns=["run", "seed", NBS, "trained", "frozen_at_step", "before",
+                                       "after", "rise"])
+
+
+def freeze_note(loss: pd.DataFrame) -> str:
+    if loss.empty:
+        return ""
+    by = loss.groupby(NBS)[["before", "after", "rise"]].mean()
+    text = "; ".join(f"NBS {int(n)}: {m['before']:.3f} -> {m['after']:.3f} ({100 * m['rise']:+.1f}%)"
+                     for n, m in by.iterrows())
+    return (f" FrozenBN runs froze at step {int(loss['frozen_at_step'].median())} (median); their "
+            f"training loss in the last epoch before the freeze -> mean over the epochs after it "
+            f"(mean over seeds): {text}.")
+
+
+# ----------------------------------------------------------------------------- figures, verdicts
 def figures(d: StudyData) -> dict:
     title = "ghost BN at optimization batch " + ", ".join(
         map(str, sorted(d.runs["data.batch_size"].unique())))
@@ -110,48 +152,99 @@ def nbs(d: StudyData) -> list:
     return sorted(d.runs[NBS].dropna().unique())
 
 
+def nearest(xs: list, value: float):
+    return min(xs, key=lambda x: abs(x - value))
+
+
+def paired(long: pd.DataFrame, a: str, b: str, x) -> Diff:
+    """``a - b`` of test error between two eval-mode lines at NBS ``x``, paired by seed: two
+    modes of the same models, or a FrozenBN run and its unfrozen twin (same initialization and
+    batches until the freeze)."""
+    return A.paired_diff(long, "test_err", "eval_mode", a, b, at={NBS: x})
+
+
 def population_flat_then_rising(d: StudyData):
-    """Precise error: above at the smallest NBS than at 16 (rising), flat from 16 to the largest."""
+    """Precise error at NBS 2 and 4 above that at 16 (rising); 16 vs the largest flat. The NBS
+    arms share initialization and batch order (the seed): paired."""
     long, xs = mode_lines(d.runs), nbs(d)
-    mid = min(xs, key=lambda x: abs(x - 16))
-    at = {"eval_mode": "precise"}
-    return expect([(A.welch_diff(long, "test_err", NBS, xs[0], mid, at=at), +1),
-                   (A.welch_diff(long, "test_err", NBS, mid, xs[-1], at=at), "flat")])
+    mid, at = nearest(xs, 16), {"eval_mode": "precise"}
+    small = [x for x in xs if x <= 4] or xs[:1]
+    return expect([(A.paired_diff(long, "test_err", NBS, x, mid, at=at), +1) for x in small]
+                  + [(A.paired_diff(long, "test_err", NBS, mid, xs[-1], at=at), "flat")])
 
 
-def batch_worse(d: StudyData):
+def batch_flat_but_worse(d: StudyData):
+    """Batch-stat evaluation worse than precise where population statistics are good (NBS 16,
+    32), and flat from the smallest to the largest NBS."""
     long, xs = mode_lines(d.runs), nbs(d)
-    return expect([(A.paired_diff(long, "test_err", "eval_mode", "batch", "precise", at={NBS: x}), +1)
-                   for x in (xs[0], xs[-1])])
+    mids = sorted({nearest(xs, 16), nearest(xs, 32)})
+    at = {"eval_mode": "batch"}
+    return expect([(paired(long, "batch", "precise", x), +1) for x in mids]
+                  + [(A.paired_diff(long, "test_err", NBS, xs[0], xs[-1], at=at), "flat")])
 
 
 def ema_close(d: StudyData):
     long, xs = mode_lines(d.runs), nbs(d)
-    return expect([(A.paired_diff(long, "test_err", "eval_mode", "ema", "precise", at={NBS: xs[-1]}),
-                    "flat")])
+    return expect([(paired(long, "ema", "precise", x), "flat") for x in sorted({nearest(xs, 16), xs[-1]})])
 
 
 def frozen_not_worse(d: StudyData):
     long, xs = mode_lines(d.runs), nbs(d)
-    return expect([(A.paired_diff(long, "test_err", "eval_mode", "frozen", "ema", at={NBS: xs[0]}), "<=")])
+    return expect([(paired(long, "frozen", "ema", x), "<=") for x in xs if x <= 4] or
+                  [(paired(long, "frozen", "ema", xs[0]), "<=")])
+
+
+def frozen_loss_does_not_rise(d: StudyData):
+    """Per NBS, the mean relative change of FrozenBN's training loss after the freeze is not
+    above FLAT_MARGIN (2%): the interval's top below it."""
+    loss = d.extra["freeze_loss"]
+    if loss.empty:
+        return Verdict(NOT_TESTED, reason="no finished FrozenBN run with epochs after its freeze")
+    return expect([(mean_diff(g, "rise", "relative rise of the training loss after the freeze",
+                              "frozen", where=f" at {NBS}={x:g}"), "<=")
+                   for x, g in loss.groupby(NBS)])
+
+
+def before_freeze(curves: pd.DataFrame, frozen_at: dict) -> pd.DataFrame:
+    """The epochs of each run that started before its freeze: after it, the train-mode loss is
+    measured with the frozen population statistics instead of batch statistics, so its level
+    steps (down, at small NBS) without the model learning more. The plateau check reads these."""
+    start = curves.sort_values("epoch").groupby("run")["step"].shift(1, fill_value=0)
+    at = curves["run"].map(lambda r: frozen_at.get(r)).astype(float)
+    return curves[~(start.reindex(curves.index) >= at)]
+
+
+def prepare(d: StudyData) -> StudyData:
+    """Error columns; FrozenBN runs' training check redone on their epochs before the freeze
+    (``before_freeze``; whether the loss rises after it is a shape of its own); the loss around
+    each freeze (``loss_around_freeze``)."""
+    frozen_at = frozen_steps(d.study_dir)
+    runs = A.with_error(d.runs).drop(columns=["trained", "train_check"], errors="ignore")
+    runs, arms = check_training(runs, before_freeze(d.curves, frozen_at), A.swept_columns(runs))
+    d = replace(d, runs=runs, arms=arms)
+    d.extra["freeze_loss"] = loss_around_freeze(d.runs, d.curves, frozen_at)
+    return d
 
 
 SOURCE = "Wu & Johnson 2021, Rethinking Batch in BatchNorm"
 STUDY = Study(
     "stat_modes_vs_batch", __doc__,
-    shapes=[Shape("population-stat (precise) error flat for NBS >= 16 and rising at NBS 2-4", SOURCE,
-                  population_flat_then_rising),
-            Shape("batch-stat evaluation worse than population statistics", SOURCE, batch_worse),
+    shapes=[Shape("population-stat (precise) error rising at NBS 2-4 against 16 and flat from 16 "
+                  "to the largest NBS", SOURCE, population_flat_then_rising),
+            Shape("batch-stat evaluation flat across NBS but worse than population statistics",
+                  SOURCE, batch_flat_but_worse),
             Shape("EMA close to precise (many steps per epoch)", SOURCE, ema_close),
-            Shape("FrozenBN at least as good as batch-stat training at small NBS", SOURCE,
-                  frozen_not_worse)],
-    prepare=lambda d: replace(d, runs=A.with_error(d.runs)),
-    figures=figures, by=(FREEZE, NBS), metrics=tuple(f"test_err.{m}" for m in MODES),
+            Shape("FrozenBN at least as good as batch-stat training (its EMA) at small NBS", SOURCE,
+                  frozen_not_worse),
+            Shape("FrozenBN's training loss does not rise after the freeze (mean relative change "
+                  "at most +2%)", SOURCE, frozen_loss_does_not_rise)],
+    prepare=prepare, figures=figures, by=(FREEZE, NBS), metrics=tuple(f"test_err.{m}" for m in MODES),
     table_rows=labelled,
     comparisons=lambda d: statements(mode_lines(d.runs), NBS),
-    notes=lambda d: (steps_note(d.runs, d.curves) + " The `frozen` line is the ema score of the "
-                     "runs with `norm.freeze_after` set (statistics frozen for the rest of "
-                     "training); the table lists every mode of both kinds of run, "
+    notes=lambda d: (steps_note(d.runs, d.curves) + freeze_note(d.extra["freeze_loss"])
+                     + " The `frozen` line is the ema score of the runs with `norm.freeze_after` "
+                     "set (statistics re-estimated precisely at the freeze and used, frozen, for "
+                     "the rest of training); the table lists every mode of both kinds of run, "
                      "`norm.freeze_after = none` being plain ghost BN."))
 
 

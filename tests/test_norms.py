@@ -19,7 +19,7 @@ BN_LIKE = {
     "bn": {},
     "ghost_bn": {"virtual_batch": 3},
     "batch_renorm": {"r_max": 1.5, "d_max": 0.5, "renorm_warmup": 0.0, "renorm_r_ramp": 0.0,
-                     "renorm_d_ramp": 0.0},
+                     "renorm_d_ramp": 0.0, "virtual_batch": 3},
     "noisy_bn": {"noise_mul": 0.2, "noise_add": 0.2, "noise_mean": 0.5, "noise_scale": 1.5},
     "pn": {},
 }
@@ -108,14 +108,15 @@ def test_every_norm_keeps_shape_and_is_differentiable(name, norm_cfg):
 def test_momentum_convention(name, active, norm_cfg):
     """running = (1-m) * running + m * batch, with the unbiased batch variance (PyTorch's).
     ``variant_on``: BN_LIKE's settings, so ghost chunks, renorm clips and noise are in play:
-    ghost BN feeds its chunks' statistics weighted by chunk size, the others the batch's own."""
+    ghost BN and batch renorm feed their chunks' statistics weighted by chunk size, the others
+    the batch's own."""
     m = 0.3
     layer = with_known_state(make_norm(norm_cfg(name=name, momentum=m, **(BN_LIKE[name] if active else {})))(5))
     set_progress(layer, 1.0)  # renorm: past its warmup and ramp
     init_mean, init_var = layer.running_mean.clone(), layer.running_var.clone()
     x = batch()
     layer(x)  # at the defaults ghost/renorm/noisy behave as BN on this batch of 8
-    chunks = x.split(3) if active and name == "ghost_bn" else [x]
+    chunks = x.split(3) if active and name in ("ghost_bn", "batch_renorm") else [x]
     var, mean = chunk_weighted_moments(chunks)
     torch.testing.assert_close(layer.running_mean, (1 - m) * init_mean + m * mean)
     torch.testing.assert_close(layer.running_var, (1 - m) * init_var + m * var)
@@ -200,6 +201,48 @@ def test_batch_renorm_matches_the_paper_formula():
     torch.testing.assert_close(got.detach(), want.detach(), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(xl.grad, xr.grad, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(layer.running_mean, 0.8 * mu + 0.2 * x.mean((0, 2, 3)))
+
+
+@pytest.mark.parametrize("n, size", [(12, 4), (10, 4)], ids=["even", "remainder"])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_batch_renorm_renormalizes_each_ghost_chunk(n, size, channels_last, norm_cfg):
+    """Ioffe 2017 per normalization batch, by hand: each chunk's r_g and d_g come from its own
+    torch.var_mean against the running statistics as they were before the batch (detached);
+    the running statistics take the chunks' moments weighted by chunk size, the remainder too."""
+    m = 0.2
+    cfg = norm_cfg(name="batch_renorm", momentum=m, virtual_batch=size, r_max=1.5, d_max=0.5,
+                   renorm_warmup=0.0, renorm_r_ramp=0.0, renorm_d_ramp=0.0)
+    layer = with_known_state(make_norm(cfg)(5))  # through the registry: it passes virtual_batch
+    set_progress(layer, 1.0)
+    mu, var0 = layer.running_mean.clone(), layer.running_var.clone()
+    sigma, w, b = (var0 + 1e-5).sqrt(), layer.weight.detach(), layer.bias.detach()
+    x = batch(n) * 2
+    x[:size] += 3.0  # the first chunk far off: its r and d differ from the others'
+    xr = x.clone().requires_grad_()
+    outs, corrections = [], []
+    for c in xr.split(size):
+        var, mean = torch.var_mean(c, dim=(0, 2, 3), unbiased=False)
+        sigma_b = (var + 1e-5).sqrt()
+        r = (sigma_b / sigma).clamp(1 / 1.5, 1.5).detach()
+        d = ((mean - mu) / sigma).clamp(-0.5, 0.5).detach()
+        corrections.append((r, d))
+        col = lambda t: t.view(1, -1, 1, 1)  # noqa: E731
+        x_hat = (c - col(mean)) / col(sigma_b) * col(r) + col(d)
+        outs.append(x_hat * col(w) + col(b))
+    want = torch.cat(outs)
+    (r0, d0), (r1, d1) = corrections[:2]
+    assert not torch.allclose(r0, r1) and not torch.allclose(d0, d1)  # one r, d per chunk
+    upstream = torch.cos(torch.arange(want.numel(), dtype=want.dtype)).view_as(want)
+    want.backward(upstream)
+    xl = x.clone().contiguous(memory_format=torch.channels_last) if channels_last else x.clone()
+    xl.requires_grad_()
+    got = layer(xl)
+    got.backward(upstream)
+    torch.testing.assert_close(got.detach(), want.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(xl.grad, xr.grad, rtol=1e-4, atol=1e-5)
+    var, mean = chunk_weighted_moments(x.split(size))
+    torch.testing.assert_close(layer.running_mean, (1 - m) * mu + m * mean)
+    torch.testing.assert_close(layer.running_var, (1 - m) * var0 + m * var)
 
 
 def test_batch_renorm_schedule_ramps_r_and_d_over_their_own_spans(norm_cfg):
@@ -541,7 +584,7 @@ def test_gni_is_off_in_eval_mode_and_under_set_plain(name, norm_cfg):
 @pytest.mark.parametrize("name", NORMS)
 def test_set_plain_gives_plain_batch_statistics(name, norm_cfg):
     """Under set_plain every layer's train forward is its plain form: BN with the batch's
-    statistics for bn/renorm/noisy/pn, per-chunk BN for ghost BN, GroupNorm or identity else."""
+    statistics for bn/noisy/pn, per-chunk BN for ghost BN and batch renorm, GroupNorm or identity else."""
     opts = {**BN_LIKE.get(name, {}), "virtual_batch": 4}
     model = nn.Sequential(make_norm(norm_cfg(name=name, ghost_noise=4, **opts))(6))
     layer = model[0]
@@ -551,7 +594,7 @@ def test_set_plain_gives_plain_batch_statistics(name, norm_cfg):
     assert set_plain(model, True) == ["0"]
     x = batch(n=10, c=6, seed=5)
     got = model(x)
-    if name == "ghost_bn":
+    if name in ("ghost_bn", "batch_renorm"):  # per chunk, renorm's r and d off
         want = torch.cat([reference_bn(c, layer.weight, layer.bias) for c in x.split(4)])
     elif isinstance(layer, nn.BatchNorm2d):
         want = reference_bn(x, layer.weight, layer.bias)

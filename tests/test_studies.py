@@ -133,6 +133,30 @@ def test_study_script_documents_command_and_expectation(name):
     assert "run_study(STUDY" in script.read_text()
 
 
+# Studies with a grid.small budget (PHASE2: `data=fashion_mnist scale=small`); the others follow.
+SMALL_STUDIES = ["batch_size", "batch_size_true", "noniid", "stat_modes_vs_batch"]
+
+
+@pytest.mark.parametrize("name", SMALL_STUDIES)
+def test_small_scale_budget_composes_and_parses(name):
+    """Each value of every swept axis at small scale, on top of the first combination, parses;
+    the budget comes from grid.small (epochs and a training subset), not the full-scale one."""
+    overrides = ["data=fashion_mnist", "scale=small"]
+    cfg = compose_config([f"study={name}", *overrides], return_hydra_config=True)
+    params = OmegaConf.to_container(cfg.hydra.sweeper.params, resolve=True)
+    axes = {ov.get_key_element(): list(ov.sweep_iterator()) if ov.is_sweep_override() else [ov.value()]
+            for ov in _parser().parse_overrides([f"{k}={v}" for k, v in params.items()])}
+    assert len(set(axes["seed"])) >= 3
+    small = OmegaConf.to_container(cfg.grid.small, resolve=True)
+    for key, values in axes.items():
+        for value in values:
+            first = [_override(k, value if k == key else v[0]) for k, v in axes.items()]
+            parsed = parse(compose_config([f"study={name}", *overrides, *first]))
+            assert (parsed.scale_name, parsed.data.name) == ("small", "fashion_mnist")
+            assert parsed.optim.epochs == small["epochs"]
+            assert parsed.data.train_size == small["train_size"] is not None
+
+
 # ------------------------------------------------------------------------------ end to end
 @pytest.mark.slow
 @pytest.mark.parametrize("name", STUDIES)

@@ -25,6 +25,8 @@ import ema_vs_precise  # noqa: E402
 import finetune  # noqa: E402
 import fusion  # noqa: E402
 import noise  # noqa: E402
+import stat_modes_vs_batch  # noqa: E402
+import batch_size_true  # noqa: E402
 
 
 def test_precise_vs_n_reproduces_the_runs_own_precise_mode(tmp_path):
@@ -182,3 +184,30 @@ def test_finetune_cells_keep_diverged_runs_and_eval_only_rows_of_every_seed():
     summary = finetune.A.summarize(long, ["row", "data.batch_size"], ["test_acc"])
     cell = summary[summary["row"] == finetune.ROWS["train"]].iloc[0]
     assert (cell["n_diverged"], cell["test_acc.n"]) == (1, 1)
+
+
+def test_frozen_bn_loss_around_the_freeze_and_the_plateau_check_before_it():
+    """Epochs of 10 steps, frozen at step 30: epoch 2 (steps 20-30) is the last before, epochs
+    3-4 are after; the plateau check of a frozen run sees epochs 0-2 only, a plain run all."""
+    losses = {"frozen": [2.0, 1.0, 0.8, 0.6, 0.6], "plain": [2.0, 1.0, 0.8, 0.79, 0.79]}
+    curves = pd.DataFrame([{"run": r, "epoch": e, "step": 10 * (e + 1), "train_loss": v}
+                           for r, vs in losses.items() for e, v in enumerate(vs)])
+    runs = pd.DataFrame([{"run": "frozen", "seed": 0, "status": "ok", "norm.freeze_after": 0.6,
+                          "norm.virtual_batch": 2, "trained": True},
+                         {"run": "plain", "seed": 0, "status": "ok", "norm.freeze_after": None,
+                          "norm.virtual_batch": 2, "trained": True}])
+    frozen_at = {"frozen": 30, "plain": None}
+    loss = stat_modes_vs_batch.loss_around_freeze(runs, curves, frozen_at)
+    want = [{"run": "frozen", "before": 0.8, "after": 0.6}]
+    assert loss[["run", "before", "after"]].to_dict("records") == want
+    assert loss["rise"].iloc[0] == pytest.approx(-0.25)
+    kept = stat_modes_vs_batch.before_freeze(curves, frozen_at)
+    assert kept.groupby("run")["epoch"].max().to_dict() == {"frozen": 2, "plain": 4}
+
+
+def test_true_batch_compares_only_where_every_arm_trained():
+    """Batch 2: gn did not train, so 2 is not readable; 8 and 32 are."""
+    rows = [{"run": f"{n}{b}{s}", "norm": n, "data.batch_size": b, "seed": s, "status": "ok",
+             "trained": not (n == "gn" and b == 2 and s == 1)}
+            for n in ("bn", "gn") for b in (2, 8, 32) for s in (0, 1)]
+    assert batch_size_true.readable(pd.DataFrame(rows)) == [8, 32]

@@ -1,0 +1,145 @@
+"""Does BN's edge hold as the batch gets small, when the batch is the true optimization batch?
+
+Design (b) of STUDIES.md (conf/study/batch_size_true.yaml), the companion of batch_size's
+per-worker design: the batch itself, for the optimization and for BN alike, is {2, 4, 8, 16, 32,
+128}, with the linear scaling rule (lr = 0.1 x batch / 128, Goyal et al. 2017) after a one-epoch
+linear warmup, and equal epochs, so batch 2 takes 64x the steps of batch 128; norms bn, gn (8
+groups), ln and none. Equal epochs tie the batch to the step count and the lr, so the
+comparison is read only where every arm converged: a batch size at which some arm did not train
+(training loss not flat, or train-mode accuracy near chance) is marked in the figure and left
+out of every comparison.
+
+Run::
+
+    make study S=batch_size_true ARGS="data=synthetic scale=smoke"                    # 48 runs
+    make study S=batch_size_true ARGS="data=fashion_mnist scale=small launcher=joblib"  # 72 runs
+    make study S=batch_size_true                                                      # CIFAR-10: 72 runs
+
+Expected (Wu & He 2018, "Group Normalization", Fig. 1): BN's error rises as the batch shrinks to
+2-4, GN and LN stay flat and win at small batch, BN wins at large batch.
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pandas as pd
+from matplotlib.figure import Figure
+
+from bnexp import analysis as A
+from bnexp.studies import Study, StudyData
+from bnexp.verdicts import NOT_TESTED, Shape, Verdict, expect
+from common import run_study
+
+BATCH = "data.batch_size"
+NORMS = ("bn", "gn", "ln", "none")  # legend order
+
+
+def arm_trained(runs: pd.DataFrame) -> pd.DataFrame:
+    """One row per (norm, batch): ``trained`` when each of its finished runs trained."""
+    ok = runs[runs["status"].isin(("ok", "diverged"))]
+    flags = ok.assign(ok=ok["trained"] == True)  # noqa: E712 (NaN counts as not trained)
+    return flags.groupby(["norm", BATCH], as_index=False)["ok"].all().rename(columns={"ok": "trained"})
+
+
+def readable(runs: pd.DataFrame) -> list:
+    """The batch sizes at which every arm trained: the only ones compared."""
+    arms, present = arm_trained(runs), set(runs["norm"])
+    return sorted(b for b, g in arms.groupby(BATCH)
+                  if bool(g["trained"].all()) and set(g["norm"]) == present)
+
+
+def plot_vs_batch(runs: pd.DataFrame, metric: str = "test_err") -> Figure:
+    """``metric`` against the batch (log2 x), a line with CI band per norm; an open red circle on
+    each (norm, batch) that did not train, and the batch sizes not compared shaded grey."""
+    order = [n for n in NORMS if n in set(runs["norm"])]
+    fig = A.plot_metric_vs(runs, BATCH, metric, "norm", logx=2, hue_order=order,
+                           title="equal epochs, lr = 0.1 x batch / 128 after 1 warmup epoch")
+    ax = fig.axes[0]
+    stats = A.summarize(runs, ["norm", BATCH], [metric]).merge(arm_trained(runs), on=["norm", BATCH])
+    bad = stats[~stats["trained"].astype(bool)]
+    scale = 100.0 if A.is_percent(metric) else 1.0
+    if len(bad):
+        ax.plot(bad[BATCH], bad[f"{metric}.mean"] * scale, ls="none", marker="o", ms=11, mfc="none",
+                mec="red", mew=1.5, label="did not train")
+    for b in sorted(set(runs[BATCH].dropna()) - set(readable(runs))):
+        ax.axvspan(b / 2 ** 0.3, b * 2 ** 0.3, color="0.85", alpha=0.6, lw=0, zorder=0)
+    if len(bad) or set(runs[BATCH].dropna()) - set(readable(runs)):
+        ax.plot([], [], ls="none", marker="s", ms=8, color="0.85",
+                label="not compared (an arm did not train)")
+    ax.legend(title=A.knob_label("norm"), loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    return fig
+
+
+def ends(d: StudyData) -> tuple | Verdict:
+    """(smallest, largest) batch at which every arm trained, or a "not tested" verdict."""
+    xs = readable(d.runs)
+    if len(xs) < 2:
+        return Verdict(NOT_TESTED, reason=f"every arm trained at {len(xs)} batch size(s) only "
+                       f"({', '.join(map(str, xs)) or 'none'}); a comparison needs two")
+    return xs[0], xs[-1]
+
+
+def diff(d: StudyData, by: str, a, b, at: dict):
+    return A.welch_diff(d.runs, "test_err", by, a, b, at=at)  # other batches: other batch orders
+
+
+def bn_rises(d: StudyData):
+    xs = ends(d)
+    return xs if isinstance(xs, Verdict) else expect(
+        [(diff(d, BATCH, xs[0], xs[1], {"norm": "bn"}), +1)])
+
+
+def gn_ln_flat(d: StudyData):
+    xs = ends(d)
+    return xs if isinstance(xs, Verdict) else expect(
+        [(diff(d, BATCH, xs[0], xs[1], {"norm": n}), "flat") for n in ("gn", "ln")])
+
+
+def gn_small_bn_large(d: StudyData):
+    xs = ends(d)
+    return xs if isinstance(xs, Verdict) else expect(
+        [(diff(d, "norm", n, "bn", {BATCH: xs[0]}), -1) for n in ("gn", "ln")]
+        + [(diff(d, "norm", "bn", n, {BATCH: xs[1]}), -1) for n in ("gn", "ln")])
+
+
+def statements(d: StudyData) -> list[str]:
+    xs = readable(d.runs)
+    left = sorted(set(d.runs[BATCH].dropna()) - set(xs))
+    out = [f"batch sizes at which every arm trained (compared): {', '.join(map(str, xs)) or 'none'}; "
+           f"not compared: {', '.join(map(str, left)) or 'none'}"]
+    if len(xs) < 2:
+        return out
+    norms = [n for n in NORMS if n in set(d.runs["norm"])]
+    out += [f"{n}, batch {xs[0]} vs {xs[-1]}: " + A.sentence(diff(d, BATCH, xs[0], xs[-1], {"norm": n}))
+            for n in norms]
+    out += [A.sentence(diff(d, "norm", n, "bn", {BATCH: b})) for b in (xs[0], xs[-1])
+            for n in ("gn", "ln") if n in norms]
+    return out
+
+
+def steps_note(curves: pd.DataFrame) -> str:
+    if not len(curves) or "step" not in curves:
+        return ""
+    first = curves[curves["epoch"] == curves["epoch"].min()].groupby(BATCH)["step"].max()
+    return " Steps per epoch: " + ", ".join(f"{int(s)} at batch {b}" for b, s in first.items()) + "."
+
+
+SOURCE = "Wu & He 2018, Group Normalization, Fig. 1"
+STUDY = Study(
+    "batch_size_true", __doc__,
+    shapes=[Shape("BN's error rises as the (true) batch shrinks", SOURCE, bn_rises),
+            Shape("GN's and LN's error stay flat across batch sizes", SOURCE, gn_ln_flat),
+            Shape("GN and LN win at the smallest batch, BN at the largest", SOURCE,
+                  gn_small_bn_large)],
+    prepare=lambda d: replace(d, runs=A.with_error(d.runs)),
+    figures=lambda d: {"test_err_vs_batch": plot_vs_batch(d.runs)},
+    by=("norm", BATCH), metrics=("test_err", "test_err.precise", "train_loss", "gen_gap"),
+    comparisons=statements,
+    notes=lambda d: ("Error is 1 - accuracy with EMA statistics (`test_err.precise`: population "
+                     "statistics, BN only). Comparisons are made only at batch sizes where every "
+                     "arm trained; the batch arms differ in batch order as well as size, so their "
+                     "differences are Welch intervals, not paired." + steps_note(d.curves)))
+
+
+if __name__ == "__main__":
+    run_study(STUDY)
