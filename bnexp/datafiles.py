@@ -16,9 +16,9 @@ Checks. A ``.gz`` file's md5 (``check_integrity``) must be the one in torchvisio
 one in the package's own list (dpkg's ``md5sums``, what ``dpkg --verify`` checks): Debian
 re-gzipped the upstream files (gzip header time 2020-06-05), so their ``.gz`` md5s differ from
 torchvision's, while the bytes inside are the release's (md5 of train-images-idx3-ubyte
-f4a8712d..., of t10k-labels-idx1-ubyte 15d48437..., compared when this was written). Plain idx files have no md5 in torchvision's list, so for them, and for every
-file after decompression, the idx header (magic number; N x 28 x 28 images, N labels, the same N
-in a pair) and the exact byte length are checked instead; gzip's own CRC-32 catches damage
+f4a8712d..., of t10k-labels-idx1-ubyte 15d48437..., compared when this was written). Plain
+idx files have no md5 in torchvision's list, so for them, and for every file after
+decompression, the idx header (magic number; N x 28 x 28 images, N labels, the same N in a pair) and the exact byte length are checked instead; gzip's own CRC-32 catches damage
 inside a ``.gz``. ``verify_checksums=false`` skips the md5s only. Any failure is a one-line
 ``DataError`` that names the file and says how to get it.
 

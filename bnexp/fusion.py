@@ -231,7 +231,7 @@ def main(argv: list[str] | None = None) -> None:
                        args.repeats, args.timing_images)
     except (FusionError, FileNotFoundError) as err:
         print(f"bnexp-fuse: {err}", file=sys.stderr)
-        raise SystemExit(2)
+        raise SystemExit(2) from None
     print(format_report(args.run_dir, row))
     print(f"wrote {args.run_dir / FUSED}")
 

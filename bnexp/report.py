@@ -106,7 +106,7 @@ def paired_diff(runs: pd.DataFrame, metric: str, by: str, a, b, pair: str = "see
         rows = rows[rows["status"] == "ok"]
     sides = [select(rows, {by: v}) for v in (a, b)]
     untrained = tuple(v for v, side in zip((a, b), sides)
-                      if "trained" in side and (side["trained"] == False).any())
+                      if "trained" in side and (side["trained"].eq(False)).any())
     both = pd.concat([side.groupby(pair)[metric].mean() for side in sides], axis=1).dropna()
     n = len(both)
     diff = (both.iloc[:, 0] - both.iloc[:, 1]) if n else pd.Series(dtype=float)

@@ -86,7 +86,8 @@ def eval_modes_long(runs: pd.DataFrame, metric: str = "test_acc") -> pd.DataFram
     if not modes:
         return pd.DataFrame(columns=["run", "status", "eval_mode", metric])
     keep = [c for c in runs.columns if c not in modes and c != metric]
-    long = runs.drop(columns=[metric], errors="ignore").melt(id_vars=keep, value_vars=modes, var_name="eval_mode", value_name=metric)
+    long = runs.drop(columns=[metric], errors="ignore").melt(id_vars=keep, value_vars=modes,
+                                                             var_name="eval_mode", value_name=metric)
     long["eval_mode"] = long["eval_mode"].str.removeprefix(metric + ".")
     return long
 
@@ -342,7 +343,7 @@ def summarize(runs: pd.DataFrame, by: list[str], metrics: list[str], ci: float =
                                          for s in ("diverged", "failed", "incomplete")})
         kept = group[st.isin(used)]
         if "trained" in kept:
-            row["n_untrained"] = int((kept["trained"] == False).sum())
+            row["n_untrained"] = int((kept["trained"].eq(False)).sum())
         for m in metrics:
             values = _finite(kept[m]) if m in kept else ()
             mean, std, n, half = mean_ci(values, ci)

@@ -97,7 +97,7 @@ def check_training(runs: pd.DataFrame, curves: pd.DataFrame, arm: Sequence[str])
     rows = []
     for key, g in out[checked].groupby(arm, dropna=False, sort=True) if arm else [((), out[checked])]:
         row = dict(zip(arm, key if isinstance(key, tuple) else (key,)))
-        bad = g[g["trained"] == False]
+        bad = g[g["trained"].eq(False)]
         rows.append({**row, "runs": len(g), "trained": len(g) - len(bad),
                      "why not": "; ".join(dict.fromkeys(bad["train_check"]))})
     return out, pd.DataFrame(rows)
@@ -127,7 +127,7 @@ def mean_diff(rows: pd.DataFrame, column: str, metric: str, a: str, b: str = "0"
     from .tables import mean_ci
 
     mean, _, n, half = mean_ci(rows[column])
-    untrained = (a,) if "trained" in rows and (rows["trained"] == False).any() else ()  # noqa: E712
+    untrained = (a,) if "trained" in rows and (rows["trained"].eq(False)).any() else ()
     return Diff(a, b, metric, where, mean - ref, mean - ref - half, mean - ref + half,
                 f"n={n}", "95% t CI", missing="" if n else "no finished run", untrained=untrained)
 

@@ -299,7 +299,7 @@ def test_synthetic_is_learnable_but_not_trivial():
     net = torch.nn.Sequential(*layers, torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(64, 10))
     opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4)
     g = seeded_generator("learnable")
-    for epoch in range(5):
+    for _ in range(5):  # epochs
         for idx in torch.randperm(3000, generator=g)[:23 * 128].view(23, 128):
             x = normalize(augment(b.train.x[idx], g), b.mean, b.std)
             loss = F.cross_entropy(net(x), b.train.y[idx])

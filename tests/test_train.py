@@ -88,17 +88,18 @@ def test_cli_sweep_folders_are_stable_and_failures_do_not_stop_it(tmp_path):
     args = ["-m", *TINY, "optim.epochs=1", f"results_dir={tmp_path}", "study_name=t",
             "data.train_size=100,100000"]
     out = cli(args, cwd=tmp_path)
-    runs = sorted(p.name for p in (tmp_path / "t" / "synthetic-full" / "runs").iterdir())
+    runs_dir = tmp_path / "t" / "synthetic-full" / "runs"
+    runs = sorted(p.name for p in (runs_dir).iterdir())
     assert len(runs) == 2, out.stderr
-    statuses = {name: records.read_summary(tmp_path / "t" / "synthetic-full" / "runs" / name)["status"] for name in runs}
+    statuses = {name: records.read_summary(runs_dir / name)["status"] for name in runs}
     bad = [n for n in runs if "data.train_size=100000" in n][0]
-    assert statuses[bad] == "failed" and "data.train_size" in records.read_summary(tmp_path / "t" / "synthetic-full" / "runs" / bad)["error"]
+    assert statuses[bad] == "failed" and "data.train_size" in records.read_summary(runs_dir / bad)["error"]
     assert statuses[[n for n in runs if n != bad][0]] == "ok"
     # the same command again skips both (finished folders are never retrained, nor rewritten)
-    written = {n: (tmp_path / "t" / "synthetic-full" / "runs" / n / records.SUMMARY).stat().st_mtime_ns for n in runs}
+    written = {n: (runs_dir / n / records.SUMMARY).stat().st_mtime_ns for n in runs}
     again = cli(args, cwd=tmp_path)
-    assert {n: (tmp_path / "t" / "synthetic-full" / "runs" / n / records.SUMMARY).stat().st_mtime_ns for n in runs} == written
-    assert sorted(p.name for p in (tmp_path / "t" / "synthetic-full" / "runs").iterdir()) == runs, again.stderr
+    assert {n: (runs_dir / n / records.SUMMARY).stat().st_mtime_ns for n in runs} == written
+    assert sorted(p.name for p in (runs_dir).iterdir()) == runs, again.stderr
 
 
 @pytest.mark.parametrize("args,rc,message", [
