@@ -18,8 +18,9 @@ re-gzipped the upstream files (gzip header time 2020-06-05), so their ``.gz`` md
 torchvision's, while the bytes inside are the release's (md5 of train-images-idx3-ubyte
 f4a8712d..., of t10k-labels-idx1-ubyte 15d48437..., compared when this was written). Plain
 idx files have no md5 in torchvision's list, so for them, and for every file after
-decompression, the idx header (magic number; N x 28 x 28 images, N labels, the same N in a pair) and the exact byte length are checked instead; gzip's own CRC-32 catches damage
-inside a ``.gz``. ``verify_checksums=false`` skips the md5s only. Any failure is a one-line
+decompression, the idx header (magic number; N x 28 x 28 images, N labels, the same N in a
+pair) and the exact byte length are checked instead; gzip's own CRC-32 catches damage inside a
+``.gz``. ``verify_checksums=false`` skips the md5s only. Any failure is a one-line
 ``DataError`` that names the file and says how to get it.
 
 ``python -m bnexp.datafiles fetch fashion_mnist`` (``make data``) gets a dataset onto a machine.
