@@ -3,7 +3,7 @@
 Before any shape verdict a report checks every arm (one combination of the swept settings,
 seeds pooled) with ``check_training``: a run trained when it finished (status ``ok``), its
 per-epoch training loss is flat over the last fifth of training (it moved by less than 5%, or
-by less than 0.005 nats: a memorized training set) and its final train-mode accuracy is well
+by less than 0.01 nats: a memorized training set) and its final train-mode accuracy is well
 above chance. An arm trained when each of its finished runs did; an arm that
 did not is named, and ``bnexp.report``'s statements refuse to compare it (``Diff.untrained``).
 
@@ -32,10 +32,12 @@ from .report import Diff, markdown_table
 PLATEAU_FRACTION = 0.2
 PLATEAU_MAX_REL_CHANGE = 0.05
 # ... or by less than this many nats: a net that has memorized its training set sits at a loss of
-# a few thousandths (weight decay's floor), where tiny absolute moves are large relative ones.
-# Measured on Fashion-MNIST (scale=small, bn_vs_dropout's BN net, 3000 images, no augmentation,
-# 16 epochs): 100% train accuracy from epoch 13, loss 0.0070 -> 0.0058 over the last fifth, -18%.
-PLATEAU_MAX_ABS_CHANGE = 0.005
+# a few hundredths or thousandths (weight decay's floor, plus the batch noise of train-mode BN),
+# where tiny absolute moves are large relative ones. Measured on Fashion-MNIST (scale=small, no
+# augmentation, 100% train accuracy): bn_vs_dropout's BN net (3000 images, 16 epochs) 0.0070 ->
+# 0.0058 over the last fifth (-18%); the demo's BN net at batch 8 (1000 images, 20 epochs) 0.0365
+# -> 0.0278 (-24%, 0.009 nats), its epoch-to-epoch noise at that floor about +/- 0.01.
+PLATEAU_MAX_ABS_CHANGE = 0.01
 CHANCE_MULTIPLE = 2.0  # final train-mode accuracy must be >= this x chance (1 / classes)
 FLAT_MARGIN = 0.02  # "flat" / "matches": the interval of the difference within +/- 2 points
 CLASSES = {"cifar10": 10, "cifar100": 100, "mnist": 10, "fashion_mnist": 10}

@@ -18,8 +18,9 @@ reads its running statistics, so the momentum does not change the weights (the r
 this: the per-epoch precise curves of a seed coincide across momenta). The report also gives (1
 - m)^t, the weight the EMA still puts on its initial buffers (mean 0, variance 1) after t steps.
 
-    make study S=ema_vs_precise ARGS="data=synthetic scale=smoke"   # 9 runs, a few CPU minutes
-    make study S=ema_vs_precise                                     # CIFAR-10: 9 runs, one GPU
+    make study S=ema_vs_precise ARGS="data=synthetic scale=smoke"   # 12 runs, a few CPU minutes
+    make study S=ema_vs_precise ARGS="data=fashion_mnist scale=small launcher=joblib"  # 12 runs
+    make study S=ema_vs_precise                                     # CIFAR-10: 12 runs, one GPU
 
 Expected (Wu & Johnson 2021, "Rethinking 'Batch' in BatchNorm", Sec. 3): with few steps per
 epoch the EMA lags the weights (small momentum: the average still holds statistics of much older

@@ -13,6 +13,7 @@ measures, once per epoch, per BN layer and per batch size B (4, 16, 64 and 128; 
 sigma`` and ``noise.var = std_B(var_B) / sigma^2``.
 
     make study S=noise ARGS="data=synthetic scale=smoke"   # 18 runs, a few CPU minutes
+    make study S=noise ARGS="data=fashion_mnist scale=small launcher=joblib"  # 30 runs (5 seeds)
     make study S=noise                                     # CIFAR-10: 18 runs, one GPU
 
 Measured noise of a config (the x axis of the first figure): the standard deviation of the
