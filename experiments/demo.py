@@ -3,7 +3,7 @@ which test-time statistics should it use?
 
 Trains the same small CNN (width 16) with BN, without normalization and without normalization
 but with dropout (p = 0.3 before the classifier) at batch 8 and 128 (linear lr scaling), three
-seeds each, for 15 epochs on 1000 un-augmented real Fashion-MNIST training images, scored on 1000
+seeds each, for 20 epochs on 1000 un-augmented real Fashion-MNIST training images, scored on 1000
 test images (conf/study/demo.yaml, which pins scale=small); BN models are scored with EMA,
 precise (population) and test-batch statistics. Only when no real data can be had (no Debian
 package, no download: `make demo` first tries `python -m bnexp.datafiles fetch fashion_mnist`)
