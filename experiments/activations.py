@@ -1,10 +1,14 @@
 """Does BN stabilise the distribution of a layer's inputs (its pre-activations) during training?
 
 Sweep (conf/study/activations.yaml): norm {bn, none} x seeds {0, 1, 2}; the `activations` probe
-records the 15th, 50th and 85th percentiles of one layer's pre-activations on a fixed probe batch
-every `probes.every_steps` optimizer steps (BN in train mode, as training sees it).
+records the 15th, 50th and 85th percentiles of one fixed unit's pre-activations (one channel of
+the input of one nonlinearity, over the images and positions of a fixed probe batch; the channel
+is drawn once from the seed, `probes.unit`, and followed for the whole run) every
+`probes.every_steps` optimizer steps (BN in train mode, as training sees it), as Ioffe & Szegedy
+follow one sigmoid.
 
     make study S=activations ARGS="data=synthetic scale=smoke"   # a few CPU minutes
+    make study S=activations ARGS="data=fashion_mnist scale=small launcher=joblib"  # 6 runs
     make study S=activations                                     # CIFAR-10 (data.root=...), one GPU
 
 Which tensor, and why it is the same one in both nets: the probe records the input of the module
@@ -55,7 +59,8 @@ def drift(acts: pd.DataFrame) -> pd.DataFrame:
 def figure(acts: pd.DataFrame, layer: str):
     """Percentiles vs step, one panel per norm, mean over seeds with 95% CI bands."""
     fig = A.plot_probe(acts, name=None, hue="percentile", col="norm",
-                       title=f"pre-activations (input of {layer}) during training")
+                       title=f"one unit's pre-activations during training (a channel of the input "
+                             f"of {layer}, fixed per run)")
     for ax in fig.axes:
         if ax.get_visible() and ax.get_ylabel():
             ax.set_ylabel(f"pre-activation value\n(input of {layer})")

@@ -6,20 +6,21 @@ large batch (CIFAR-10: 1024, 48 steps per epoch; smoke: 256 on 2000 images, 7 st
 linear lr scaling with warmup. Every epoch the model is scored with its EMA statistics and with
 precise statistics (population statistics recomputed over `eval.precise_samples` training images).
 
-Then, after the sweep, this script re-scores each saved model (`model.pt`) with precise BN at
-N = 256, 1k, 4k, 16k samples (smoke: 64 ... 2000; `grid.<scale>.precise_n`), `repeats`
-independent draws each, and writes `<run>/precise_vs_n.json`. Why after the sweep and not as a
-swept `eval.precise_samples`: N only changes how the finished model is evaluated, so sweeping it
-would retrain an identical model per N; re-scoring one model at every N also puts all N on the
-same weights, so the curve shows the estimator alone. It uses the same code path as the run's own
-precise mode (`bnexp.stats.run_mode`); draw r = 0 at the run's own N reproduces its
-`test_acc.precise`. Only the momentum-0.1 runs are re-scored: train-mode BN never reads its
-running statistics, so the momentum does not change the weights (the report checks this: the
-per-epoch precise curves of a seed coincide across momenta). The report also gives (1 - m)^t,
-the weight the EMA still puts on its initial buffers (mean 0, variance 1) after t steps.
+Then, after the sweep, this script re-scores each saved model (`model.pt`) with precise BN at N
+= 256, 1k, 4k, 16k samples (smoke: 64 ... 2000; `grid.<scale>.precise_n`), `repeats` independent
+draws each (`bnexp.stats.rescore_precise`), and writes `<run>/precise_vs_n.json`. Why after the
+sweep and not as a swept `eval.precise_samples`: N only changes how the finished model is
+evaluated, so sweeping it would retrain an identical model per N; re-scoring one model at every
+N also puts all N on the same weights, so the curve shows the estimator alone. It uses the same
+code path as the run's own precise mode (`bnexp.stats.run_mode`); draw r = 0 at the run's own N
+reproduces its `test_acc.precise`. Only the momentum-0.1 runs are re-scored: train-mode BN never
+reads its running statistics, so the momentum does not change the weights (the report checks
+this: the per-epoch precise curves of a seed coincide across momenta). The report also gives (1
+- m)^t, the weight the EMA still puts on its initial buffers (mean 0, variance 1) after t steps.
 
-    make study S=ema_vs_precise ARGS="data=synthetic scale=smoke"   # 9 runs, a few CPU minutes
-    make study S=ema_vs_precise                                     # CIFAR-10: 9 runs, one GPU
+    make study S=ema_vs_precise ARGS="data=synthetic scale=smoke"   # 12 runs, a few CPU minutes
+    make study S=ema_vs_precise ARGS="data=fashion_mnist scale=small launcher=joblib"  # 12 runs
+    make study S=ema_vs_precise                                     # CIFAR-10: 12 runs, one GPU
 
 Expected (Wu & Johnson 2021, "Rethinking 'Batch' in BatchNorm", Sec. 3): with few steps per
 epoch the EMA lags the weights (small momentum: the average still holds statistics of much older
@@ -29,7 +30,6 @@ about 1k samples or more (its error flat in N from there), and is worse only at 
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 
@@ -42,53 +42,21 @@ from bnexp.verdicts import Shape, expect, mean_diff
 from common import run_study
 
 MOMENTUM = "norm.momentum"
-RESULT = "precise_vs_n.json"
 REFERENCE_MOMENTUM = 0.1  # the runs re-scored at every N (any momentum gives the same weights)
 
 
 # ----------------------------------------------------------------------------- re-scoring at N
-# TODO(lead): switch to bnexp.stats.rescore_precise(run_dir, samples, device) once merged (its
-# rows: samples, test_acc, test_loss); this keeps the repeats and the cache until then.
-def precise_vs_n(run_dir: Path, sizes: list[int], repeats: int) -> list[dict]:
+def precise_vs_n(run_dir: Path, sizes: list[int], repeats: int, threads: int = 0) -> list[dict]:
     """Test loss/accuracy of the run's saved model with precise BN over N training images, for
-    each N in ``sizes`` and draws ``r < repeats`` (draw r uses seed ``run seed + 1000 r``).
-
-    Cached in ``<run_dir>/precise_vs_n.json``; recomputed when the sizes or repeats differ.
-    """
-    path = Path(run_dir) / RESULT
-    if path.exists():
-        cached = json.loads(path.read_text())
-        if cached.get("sizes") == list(sizes) and cached.get("repeats") == repeats:
-            return cached["rows"]
+    each N in ``sizes`` and draws ``r < repeats``: ``bnexp.stats.rescore_precise`` (draw r uses
+    seed ``run seed + 1000 r``; rows ``samples, repeat, test_acc, test_loss``; cached in
+    ``<run_dir>/precise_vs_n.json``), with ``threads`` torch threads (0: torch's default)."""
     # the training side of bnexp: a study script may import it (bnexp.analysis may not)
-    import torch
+    from bnexp.runtime import set_threads
+    from bnexp.stats import rescore_precise
 
-    from bnexp.checkpoint import load_model_state
-    from bnexp.config import parse_config
-    from bnexp.data import load_data
-    from bnexp.runtime import resolve_device, resolve_precision, set_threads
-    from bnexp.stats import run_mode
-    from bnexp.train import Pipeline, build
-
-    state = load_model_state(run_dir)
-    cfg = parse_config(state["config"])
-    set_threads(cfg.threads)
-    device = resolve_device(cfg.device)
-    model = build(cfg, state["num_classes"], device)
-    model.load_state_dict(state["model"])
-    data = load_data(cfg.data, device, seed=cfg.seed)
-    generator = torch.Generator(device=device).manual_seed(cfg.seed + 1)
-    pipe = Pipeline(device, resolve_precision(cfg.precision, device), data.mean, data.std,
-                    cfg.channels_last, cfg.data.augment, generator)
-    rows = []
-    for n in sizes:
-        eval_cfg = dataclasses.replace(cfg.eval, precise_samples=int(n))
-        for r in range(repeats):
-            result, _ = run_mode("precise", model, data, pipe, eval_cfg, cfg.data.batch_size,
-                                 cfg.seed + 1000 * r)
-            rows.append({"n": int(n), "repeat": r, "test_acc": result["acc"], "test_loss": result["loss"]})
-    path.write_text(json.dumps({"sizes": list(sizes), "repeats": repeats, "rows": rows}, indent=1))
-    return rows
+    set_threads(threads)
+    return rescore_precise(run_dir, [int(n) for n in sizes], "auto", repeats=repeats)
 
 
 def rescore(study_dir: Path, runs: pd.DataFrame) -> pd.DataFrame:
@@ -98,8 +66,9 @@ def rescore(study_dir: Path, runs: pd.DataFrame) -> pd.DataFrame:
     rows = []
     for _, r in ref.iterrows():
         spec = _grid_spec(r)
-        draws = pd.DataFrame(precise_vs_n(study_dir / "runs" / r["run"], spec["precise_n"], spec["repeats"]))
-        per_n = draws.groupby("n")["test_acc"].agg(["mean", "std"]).reset_index()
+        draws = pd.DataFrame(precise_vs_n(study_dir / "runs" / r["run"], spec["precise_n"], spec["repeats"],
+                                          int(r.get("threads") or 0)))
+        per_n = draws.groupby("samples")["test_acc"].agg(["mean", "std"]).reset_index()
         rows += [{"run": r["run"], "status": "ok", "seed": r["seed"], "eval.precise_samples": int(n),
                   "test_acc": m, "draw_std_points": 100 * s} for n, m, s in per_n.itertuples(index=False)]
     out = A.with_error(pd.DataFrame(rows))

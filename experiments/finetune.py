@@ -14,6 +14,7 @@ source statistics, and with statistics re-estimated on target training images (t
 rows). Target accuracy is the test accuracy on shifted test images with the run's EMA statistics.
 
     make study S=finetune ARGS="data=synthetic scale=smoke"   # 3 sources + 36 fine-tunes, ~4 CPU minutes
+    make study S=finetune ARGS="data=fashion_mnist scale=small launcher=joblib"  # 3 + 36 runs
     make study S=finetune                                     # CIFAR-10, one GPU
 
 Every override goes to both sweeps except those that define the target (`data.shift*`,

@@ -17,6 +17,7 @@ analysis does not re-time). Modes whose statistics depend on the test inputs (`b
 refusal message as a "not applicable" row.
 
     make study S=fusion ARGS="data=synthetic scale=smoke"   # 6 runs, a few CPU minutes
+    make study S=fusion ARGS="data=fashion_mnist scale=small launcher=joblib"  # 12 runs
     make study S=fusion                                     # CIFAR-10: 12 runs, one GPU
 
 Expected (Ioffe & Szegedy 2015, Alg. 2; `torch.nn.utils.fusion.fuse_conv_bn_eval`): the fused

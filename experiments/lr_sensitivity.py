@@ -8,6 +8,7 @@ without normalization. A run whose loss becomes non-finite is kept as a result (
 Run::
 
     make study S=lr_sensitivity ARGS="data=synthetic scale=smoke"   # 7 rates: 42 runs
+    make study S=lr_sensitivity ARGS="data=fashion_mnist scale=small launcher=joblib"  # 48 runs
     make study S=lr_sensitivity                                     # CIFAR-10: 8 rates, 48 runs
 
 Expected (Bjorck et al. 2018, "Understanding Batch Normalization"; Santurkar et al. 2018, "How

@@ -3,13 +3,17 @@
 Sweep (conf/study/noise.yaml): norm {bn, ghost_bn4, ghost_bn16, ghost_bn64, noisy_bn, none} x
 seeds {0, 1, 2} at an optimization batch of 128, without data augmentation (so that the gap
 shows the regularization). Ghost BN normalizes sub-batches of 4 / 16 / 64 images: smaller
-normalization batches, noisier statistics. noisy_bn is BN over the whole batch plus injected
-noise on the normalized values (multiplicative N(1, 0.1^2), additive N(0, 0.1^2), per sample and
-channel). The `noise` probe measures, once per epoch, per BN layer and per batch size B (4, 16,
-64 and 128; full scale 2 ... 128), the spread of the batch statistics around the population:
-``noise.mean = std_B(mu_B) / sigma`` and ``noise.var = std_B(var_B) / sigma^2``.
+normalization batches, noisier statistics. noisy_bn is BN over the whole batch plus the noise of
+Santurkar et al.'s Algorithm 1 on its output (bnexp.batchnorms.NoisyBatchNorm2d, preset
+conf/norm/noisy_bn.yaml): per channel and step a shift mu_t ~ U(-noise_mean, noise_mean) and a
+scale sigma_t ~ U(1, noise_scale), and per sample a jitter around them, scale N(sigma_t,
+noise_mul^2) and shift N(mu_t, noise_add^2); y = scale * BN(x) + shift. The `noise` probe
+measures, once per epoch, per BN layer and per batch size B (4, 16, 64 and 128; full scale 2 ...
+128), the spread of the batch statistics around the population: ``noise.mean = std_B(mu_B) /
+sigma`` and ``noise.var = std_B(var_B) / sigma^2``.
 
     make study S=noise ARGS="data=synthetic scale=smoke"   # 18 runs, a few CPU minutes
+    make study S=noise ARGS="data=fashion_mnist scale=small launcher=joblib"  # 30 runs (5 seeds)
     make study S=noise                                     # CIFAR-10: 18 runs, one GPU
 
 Measured noise of a config (the x axis of the first figure): the standard deviation of the
@@ -17,8 +21,13 @@ perturbation that the statistics add to a unit-variance normalized value. Normal
 (mu_B, sigma_B) instead of (mu, sigma) turns x_hat into about x_hat * (1 - e) - d, with
 std(d) = noise.mean and std(e) = noise.var / 2 (sigma_B / sigma = sqrt(var_B / var)); so the
 noise is sqrt(noise.mean^2 + (noise.var / 2)^2) at the config's normalization batch size (its
-ghost size, else 128), averaged over BN layers and epochs. noisy_bn adds its injected stds in
-quadrature (noise_add to the shift, noise_mul to the scale); none has no normalization noise (0).
+ghost size, else 128), averaged over BN layers and epochs. noisy_bn adds the standard deviations
+of its injected shift and scale in quadrature (``injected_noise``): the shift's
+sqrt(noise_mean^2 / 3 + noise_add^2) (a U(-a, a) draw has variance a^2 / 3, plus the jitter) and
+the scale's sqrt((noise_scale - 1)^2 / 12 + noise_mul^2) (U(1, b): variance (b - 1)^2 / 12), read
+on a unit-variance output (the noise acts after BN's affine map, so this takes gamma ~ 1; the
+scale's mean offset (noise_scale - 1) / 2 is a systematic rescaling, not counted as noise); none
+has no normalization noise (0).
 
 Expected (Hoffer et al. 2017, "Train longer, generalize better" (ghost BN); Santurkar et al.
 2018, noisy BN; Luo et al. 2019, "Towards Understanding Regularization in Batch Normalization"):
@@ -59,9 +68,19 @@ def measured_noise(runs: pd.DataFrame, noise: pd.DataFrame) -> pd.Series:
             out[r["run"]] = math.nan
             continue
         mean, var = (rows.loc[rows["name"] == n, "value"].mean() for n in ("noise.mean", "noise.var"))
-        injected = (r["norm.noise_add"], r["norm.noise_mul"]) if r["norm.name"] == "noisy_bn" else (0, 0)
-        out[r["run"]] = math.sqrt(mean ** 2 + injected[0] ** 2 + (var / 2) ** 2 + injected[1] ** 2)
+        shift, scale = injected_noise(r) if r["norm.name"] == "noisy_bn" else (0.0, 0.0)
+        out[r["run"]] = math.sqrt(mean ** 2 + shift ** 2 + (var / 2) ** 2 + scale ** 2)
     return pd.Series(out, name="noise")
+
+
+def injected_noise(run: pd.Series) -> tuple[float, float]:
+    """``(std of the shift, std of the scale)`` that noisy_bn injects per sample and channel
+    (Santurkar et al.'s Algorithm 1, see the module docstring): a per-step uniform draw plus a
+    per-sample Gaussian jitter, independent, so their variances add."""
+    n_mu, n_sigma = float(run["norm.noise_mean"]), float(run["norm.noise_scale"])
+    shift = math.sqrt(n_mu ** 2 / 3 + float(run["norm.noise_add"]) ** 2)
+    scale = math.sqrt((n_sigma - 1) ** 2 / 12 + float(run["norm.noise_mul"]) ** 2)
+    return shift, scale
 
 
 def plot_vs_noise(runs: pd.DataFrame, metrics: tuple = ("test_acc", "gen_gap")) -> Figure:
@@ -124,9 +143,9 @@ def plot_noise_vs_batch(noise: pd.DataFrame, title: str) -> Figure:
         ax.set_xticks(sizes, [f"{x:g}" for x in sizes])
         ax.minorticks_off()
         ax.set_xlabel("batch size B")
-        ax.set_title({"noise.mean": "batch mean: std(mu_B) / sigma",
-                      "noise.var": "batch variance: std(var_B) / sigma^2"}.get(ax.get_title().split(" = ")[-1],
-                                                                             ax.get_title()))
+        titles = {"noise.mean": "batch mean: std(mu_B) / sigma",
+                  "noise.var": "batch variance: std(var_B) / sigma^2"}
+        ax.set_title(titles.get(ax.get_title().split(" = ")[-1], ax.get_title()))
     fig.axes[0].set_ylabel("std over batches (relative)")
     return fig
 

@@ -440,6 +440,22 @@ def test_loss_change_over_the_last_fifth():
     assert math.isnan(loss_change([1.0]))
 
 
+def test_a_memorized_training_set_is_flat_in_absolute_terms():
+    """A loss at weight decay's floor moves by large fractions of tiny values: flat when the
+    absolute move is below PLATEAU_MAX_ABS_CHANGE; a larger absolute fall still counts."""
+    from bnexp.verdicts import PLATEAU_MAX_ABS_CHANGE, loss_change, run_check
+
+    run = pd.Series({"status": "ok", "data.name": "fashion_mnist"})
+    memorized = [1.15, 0.53, 0.32, 0.16, 0.064, 0.018, 0.0096, 0.0070, 0.0058, 0.0057]  # measured shape
+    assert loss_change(memorized, absolute=True) == pytest.approx(0.0070 - 0.0057)
+    assert loss_change(memorized) > 0.05 and 0.0070 - 0.0057 < PLATEAU_MAX_ABS_CHANGE
+    curve = lambda losses: pd.DataFrame({"epoch": range(len(losses)), "train_loss": losses,  # noqa: E731
+                                         "train_acc": 1.0})
+    assert run_check(run, curve(memorized)) == ""
+    falling = [*memorized[:-3], 0.08, 0.06, 0.04]  # -50% and 0.04 nats over the last two epochs
+    assert "still falling" in run_check(run, curve(falling))
+
+
 def _arm_runs(losses: dict, accs: dict, classes: int = 10):
     runs, curves = [], []
     for run, loss in losses.items():

@@ -27,8 +27,10 @@ from conftest import compose_config
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
 STUDIES = sorted(p.stem for p in (CONF / "study").glob("*.yaml"))
-# "full": the study as it is (full scale unless it pins another, as demo pins smoke)
-SCALES = {"full": [], "smoke": ["data=synthetic", "scale=smoke"]}
+# "full": the study as it is (full scale unless it pins another, as demo pins small); "small":
+# the real-data scale every study budgets in its grid.small (composing needs no dataset)
+SCALES = {"full": [], "smoke": ["data=synthetic", "scale=smoke"],
+          "small": ["data=fashion_mnist", "scale=small"]}
 _ABSENT = object()
 
 
@@ -71,6 +73,8 @@ def _override(key: str, value) -> str:
                 ids=lambda p: f"{p[0]}-{p[1]}")
 def study(request):
     name, scale = request.param
+    if scale == "small" and "small" not in OmegaConf.load(CONF / "study" / f"{name}.yaml").get("grid", {}):
+        pytest.skip(f"conf/study/{name}.yaml has no grid.small yet")
     axes, cfg = sweep_axes(name, scale)
     return name, scale, axes, cfg
 
@@ -81,7 +85,8 @@ def test_there_are_studies():
 
 def test_study_sweeps_existing_keys_with_three_seeds(study):
     name, scale, axes, cfg = study
-    assert cfg.study_name == name and cfg.scale_name in (scale, "smoke")  # demo: always smoke
+    pinned = "small" if name == "demo" else scale  # the demo pins the real-data scale
+    assert cfg.study_name == name and cfg.scale_name in (scale, pinned)
     assert axes and all(axes.values()), f"{name}: empty sweep axis in {axes}"
     assert len(set(axes.get("seed", []))) >= 3, f"{name} at {scale}: seeds {axes.get('seed')}"
     for key, values in axes.items():
@@ -101,6 +106,9 @@ def test_study_first_combination_parses_and_each_value_too(study):
     assert parsed.study_name == name
     if scale == "smoke":
         assert (parsed.scale_name, parsed.data.name) == ("smoke", "synthetic")
+    if scale == "small":  # a subset or the whole set, within Fashion-MNIST's 60,000 images
+        assert (parsed.scale_name, parsed.data.name) == ("small", "fashion_mnist")
+        assert parsed.data.train_size is None or 0 < parsed.data.train_size <= 60_000
     for key, values in axes.items():
         if is_group(key):
             continue
@@ -166,8 +174,8 @@ def test_study_runs_end_to_end_at_smoke_scale(name, tmp_path):
            "scale=smoke", f"results_dir={tmp_path}", "progress=off", "launcher=joblib"]
     out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=3600)
     assert out.returncode == 0, out.stderr[-3000:]
-    data = "fashion_mnist" if name == "demo" and "falling back" not in out.stdout else "synthetic"
-    study_dir = tmp_path / name / f"{data}-smoke"  # one folder per (study, data, scale)
+    # data=synthetic is given, so the demo keeps it too (its real-data default is not applied)
+    study_dir = tmp_path / name / "synthetic-smoke"  # one folder per (study, data, scale)
     report = (study_dir / "report.md").read_text()
     assert report.startswith(f"# {name}") and "## Result" in report
     assert list((study_dir / "figures").glob("*.png")), "no figure"

@@ -15,7 +15,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from bnexp import train
+from bnexp import records, train
 from conftest import TINY, make_config
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
@@ -35,14 +35,14 @@ def test_precise_vs_n_reproduces_the_runs_own_precise_mode(tmp_path):
     summary = train.fit(make_config([*TINY, "optim.epochs=1", "eval.modes=[ema,precise]", "model.depth=4",
                                      "data.synthetic_train=256", "data.synthetic_test=128"]), run_dir)
     rows = ema_vs_precise.precise_vs_n(run_dir, [256, 64], repeats=2)
-    assert [(r["n"], r["repeat"]) for r in rows] == [(256, 0), (256, 1), (64, 0), (64, 1)]
+    assert [(r["samples"], r["repeat"]) for r in rows] == [(256, 0), (256, 1), (64, 0), (64, 1)]
     # draw 0 at the run's own N (TINY: eval.precise_samples=256) is the run's precise eval
     assert rows[0]["test_acc"] == summary["metrics"]["test_acc.precise"]
     assert rows[0]["test_loss"] == pytest.approx(summary["metrics"]["test_loss.precise"], rel=1e-6)
     # another draw of the same N is another estimate: the loss moves
     assert rows[1]["test_loss"] != rows[0]["test_loss"]
     # cached: same sizes and repeats are read back, not recomputed
-    path = run_dir / ema_vs_precise.RESULT
+    path = run_dir / records.PRECISE_VS_N  # bnexp.stats.rescore_precise's cache
     cached = json.loads(path.read_text())
     cached["rows"][0]["test_acc"] = -1.0
     path.write_text(json.dumps(cached))
@@ -62,13 +62,16 @@ def test_measured_noise_picks_the_normalization_batch_and_adds_injected_noise():
         {"run": "ghost", "norm.name": "ghost_bn", "norm.virtual_batch": 16, "data.batch_size": 128},
         {"run": "bn", "norm.name": "bn", "norm.virtual_batch": 16, "data.batch_size": 128},
         {"run": "noisy", "norm.name": "noisy_bn", "norm.virtual_batch": 32, "data.batch_size": 128,
-         "norm.noise_add": 0.3, "norm.noise_mul": 0.4},
+         "norm.noise_mean": 0.6, "norm.noise_scale": 1.6, "norm.noise_add": 0.3, "norm.noise_mul": 0.4},
         {"run": "plain", "norm.name": "none", "norm.virtual_batch": 32, "data.batch_size": 128},
         {"run": "unprobed", "norm.name": "ghost_bn", "norm.virtual_batch": 4, "data.batch_size": 128}])
     got = noise.measured_noise(runs, probes)
     assert got["ghost"] == pytest.approx(math.hypot(0.3, 0.8 / 2))
     assert got["bn"] == pytest.approx(math.hypot(0.1, 0.2 / 2))
-    assert got["noisy"] == pytest.approx(math.sqrt(0.1 ** 2 + 0.3 ** 2 + 0.1 ** 2 + 0.4 ** 2))
+    # Santurkar et al.'s noise: shift mu_t ~ U(-0.6, 0.6) (variance 0.6^2 / 3) plus N(0, 0.3^2)
+    # jitter; scale sigma_t ~ U(1, 1.6) (variance 0.6^2 / 12) plus N(0, 0.4^2) jitter
+    shift, scale = 0.6 ** 2 / 3 + 0.3 ** 2, 0.6 ** 2 / 12 + 0.4 ** 2
+    assert got["noisy"] == pytest.approx(math.sqrt(0.1 ** 2 + (0.2 / 2) ** 2 + shift + scale))
     assert got["plain"] == 0.0 and math.isnan(got["unprobed"])
 
 
@@ -83,11 +86,15 @@ def test_activation_drift_is_relative_to_the_first_probe():
 
 
 def test_variance_shift_keeps_the_last_epoch_and_numbers_layers_by_depth():
-    rows = [{"run": run, "epoch": e, "layer": layer, "name": "variance_shift.ratio", "value": e + i}
-            for run in ("r1", "r2") for e in (0, 1) for i, layer in enumerate(["features.1.norm", "features.3.norm"])]
+    rows = [{"run": run, "epoch": e, "layer": layer, "name": f"variance_shift.{stat}", "value": e + i}
+            for run in ("r1", "r2") for e in (0, 1) for stat in ("abs_log", "max")
+            for i, layer in enumerate(["features.1.norm", "features.3.norm"])]
     rows.append({"run": "r1", "epoch": 1, "layer": "model", "name": "calibration.gen_gap", "value": 0.5})
     out = bn_vs_dropout.variance_shift(pd.DataFrame(rows))
     assert set(out["epoch"]) == {1} and len(out) == 4
+    assert set(out["name"]) == {"variance_shift.abs_log"}  # the probe's per-channel |log r| (default)
+    assert set(bn_vs_dropout.variance_shift(pd.DataFrame(rows), "variance_shift.max")["name"]) == {
+        "variance_shift.max"}
     assert dict(zip(out["layer"], out["bn_layer"])) == {"features.1.norm": 1, "features.3.norm": 2}
 
 
