@@ -468,6 +468,20 @@ def test_check_training_names_arms_that_did_not_train():
     assert arms.loc["div", "why not"] == "diverged"
 
 
+def test_a_memorized_run_trained_though_its_tiny_loss_still_falls():
+    """At >= MEMORIZED train-mode accuracy a falling loss is no reason; a rising one still is,
+    and just below MEMORIZED the falling loss counts again."""
+    from bnexp.verdicts import MEMORIZED, check_training
+
+    shrinking, rising = [1.0, 0.1, 0.03, 0.02, 0.01], [1.0, 0.1, 0.01, 0.01, 0.02]
+    losses = {"mem-0": shrinking, "mem-1": rising, "near-0": shrinking}
+    accs = {"mem-0": 1.0, "mem-1": 1.0, "near-0": MEMORIZED - 0.01}
+    runs, _ = check_training(*_arm_runs(losses, accs), ["arm"])
+    why = dict(zip(runs["run"], runs["train_check"]))
+    assert why["mem-0"] == ""
+    assert "rising" in why["mem-1"] and "still falling" in why["near-0"]
+
+
 def test_untrained_arms_are_not_compared():
     from bnexp.verdicts import NOT_TESTED, expect
 
