@@ -115,7 +115,9 @@ def training_text(arms: pd.DataFrame) -> str:
     """The report's training check: the criteria, then all arms trained, or the table of those
     that did not ("did not train": no comparison is drawn from them)."""
     criteria = (f"A run trained when it finished, its training loss moved by less than "
-                f"{PLATEAU_MAX_REL_CHANGE:.0%} over the last {PLATEAU_FRACTION:.0%} of its epochs, "
+                f"{PLATEAU_MAX_REL_CHANGE:.0%} over the last {PLATEAU_FRACTION:.0%} of its epochs "
+                f"(or, once it memorized its training set, final train-mode accuracy >= "
+                f"{MEMORIZED:.1%}, did not rise), "
                 f"and its final train-mode accuracy is at least {CHANCE_MULTIPLE:g} x chance. "
                 "An arm trained when every finished seed did.")
     if arms.empty:
