@@ -28,7 +28,8 @@ DROPOUT_PLACEMENTS = ("before_norm", "after_norm", "classifier")
 SCHEDULES = ("cosine", "step", "constant")
 EVAL_MODES = ("ema", "precise", "precise_bvar", "precise_sampler", "precise_sampler_bvar", "batch",
               "batch_sampler", "adapted")
-PROBES = ("noise", "discrepancy", "calibration", "activations", "variance_shift", "weight_norm")
+PROBES = ("noise", "forward_noise", "discrepancy", "calibration", "activations", "variance_shift",
+          "weight_norm")
 FINETUNE_BN = ("train", "frozen_stats", "frozen_all", "adapt")
 LOGGERS = ("none", "tensorboard")
 

@@ -27,6 +27,11 @@ Each row is long-format: ``step, epoch, layer, name, value`` (noise rows add ``b
   ``abs_log`` is the mean over channels of |log r_c| and ``max`` the largest max(r_c, 1 / r_c),
   so channels shifted up and down do not cancel. 0 and 1 without a shift; dropout p before the
   layer on zero-mean inputs gives r_c = 1 / (1 - p).
+* ``forward_noise.ratio`` (per normalization position: every block's ``norm`` module, whatever its
+  type): the spread of a fixed probe image's norm output across ``noise_batches`` batches of
+  training images of the training batch size, over the spread across images, in train mode as
+  training sees it (injected noise on, dropout off); 0 for none/LN/PN, > 0 for batch statistics
+  or ghost noise. See ``bnexp.forward_noise``.
 * ``weight_norm.norm`` (every conv) and ``weight_norm.effective_lr`` = lr / ||w||^2 (convs whose
   output feeds a normalization layer, where the loss is scale-invariant in w).
 
@@ -47,6 +52,7 @@ from torch import nn
 from . import records
 from .config import ConfigError, ProbeConfig
 from .data import DataBundle, Split, seeded_generator
+from .forward_noise import forward_noise, probe_count
 from .moments import bn_train_mode, collect_moments, input_batches, plain_statistics, preserved
 from .norms import bn_layers
 from .registry import Registry
@@ -267,6 +273,14 @@ def _noise(rec: Probes) -> list[dict]:
     sizes = sorted({rec.batch_size, *rec.cfg.noise_sizes})
     batches = {s: rec.images(f"noise{s}", s * rec.cfg.noise_batches, s) for s in sizes}
     return batch_noise(rec.model, batches, rec.pipe)
+
+
+@PROBES.register("forward_noise")
+def _forward_noise(rec: Probes) -> list[dict]:
+    count, size = probe_count(rec.batch_size), rec.batch_size
+    probe = rec.images("forward-noise-probe", count, count)[0]
+    return forward_noise(rec.model, probe, rec.images("forward-noise", size * rec.cfg.noise_batches, size),
+                         rec.pipe)
 
 
 @PROBES.register("discrepancy")

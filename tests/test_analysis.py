@@ -449,11 +449,13 @@ def test_a_memorized_training_set_is_flat_in_absolute_terms():
     memorized = [1.15, 0.53, 0.32, 0.16, 0.064, 0.018, 0.0096, 0.0070, 0.0058, 0.0057]  # measured shape
     assert loss_change(memorized, absolute=True) == pytest.approx(0.0070 - 0.0057)
     assert loss_change(memorized) > 0.05 and 0.0070 - 0.0057 < PLATEAU_MAX_ABS_CHANGE
-    curve = lambda losses: pd.DataFrame({"epoch": range(len(losses)), "train_loss": losses,  # noqa: E731
-                                         "train_acc": 1.0})
+    curve = lambda losses, acc=0.99: pd.DataFrame({"epoch": range(len(losses)), "train_loss": losses,  # noqa: E731
+                                                   "train_acc": acc})
     assert run_check(run, curve(memorized)) == ""
     falling = [*memorized[:-3], 0.08, 0.06, 0.04]  # -50% and 0.04 nats over the last two epochs
     assert "still falling" in run_check(run, curve(falling))
+    # ... unless the run has memorized its training set (verdicts.MEMORIZED): nothing left to learn
+    assert run_check(run, curve(falling, acc=1.0)) == ""
 
 
 def _arm_runs(losses: dict, accs: dict, classes: int = 10):
@@ -482,6 +484,20 @@ def test_check_training_names_arms_that_did_not_train():
     assert "still falling" in arms.loc["slow", "why not"]
     assert "< 2 x chance" in arms.loc["chance", "why not"]  # 15% < 2 x 10%
     assert arms.loc["div", "why not"] == "diverged"
+
+
+def test_a_memorized_run_trained_though_its_tiny_loss_still_falls():
+    """At >= MEMORIZED train-mode accuracy a falling loss is no reason; a rising one still is,
+    and just below MEMORIZED the falling loss counts again."""
+    from bnexp.verdicts import MEMORIZED, check_training
+
+    shrinking, rising = [1.0, 0.1, 0.03, 0.02, 0.01], [1.0, 0.1, 0.01, 0.01, 0.02]
+    losses = {"mem-0": shrinking, "mem-1": rising, "near-0": shrinking}
+    accs = {"mem-0": 1.0, "mem-1": 1.0, "near-0": MEMORIZED - 0.01}
+    runs, _ = check_training(*_arm_runs(losses, accs), ["arm"])
+    why = dict(zip(runs["run"], runs["train_check"]))
+    assert why["mem-0"] == ""
+    assert "rising" in why["mem-1"] and "still falling" in why["near-0"]
 
 
 def test_untrained_arms_are_not_compared():

@@ -481,6 +481,34 @@ def test_pn_starts_as_bn_with_buffers_set_to_the_first_batch():
     torch.testing.assert_close(pn.running_var, var)
 
 
+def test_pn_before_its_first_batch_leaves_its_buffers_alone_under_momentum_zero():
+    """A statistics pass or probe (momentum 0) on a PN that has not started normalizes with the
+    batch and starts nothing: the first training batch afterwards still takes the start."""
+    pn = PopulationNorm2d(5, momentum=0.1)
+    pn.momentum = 0.0
+    x = batch() * 3 + 2
+    torch.testing.assert_close(pn(x), reference_bn(x, pn.weight, pn.bias), rtol=1e-5, atol=1e-5)
+    assert int(pn.num_batches_tracked) == 0 and torch.equal(pn.running_mean, torch.zeros(5))
+    pn.momentum = 0.1
+    y = batch(seed=4) * 2 - 1
+    pn(y)
+    var, mean = torch.var_mean(y, dim=(0, 2, 3), unbiased=True)
+    torch.testing.assert_close(pn.running_mean, mean)
+    torch.testing.assert_close(pn.running_var, var)
+
+
+def test_pn_without_an_input_gradient_ignores_batch_mates_bit_for_bit():
+    """Under no_grad the forward is eval-mode BN with no straight-through rounding: a sample's
+    output is the same bits whatever its batch-mates (the forward_noise probe reads exactly 0)."""
+    pn = with_known_state(PopulationNorm2d(5, momentum=0.0))
+    x, mates = batch(), batch(seed=7) * 4 - 3
+    want = F.batch_norm(x, pn.running_mean, pn.running_var, pn.weight, pn.bias, False, 0.0, 1e-5)
+    with torch.no_grad():
+        alone, mixed = pn(x), pn(torch.cat([x[:2], mates[2:]]))
+    assert torch.equal(alone[:2], mixed[:2])
+    torch.testing.assert_close(alone, want, rtol=1e-5, atol=1e-5)
+
+
 # --- ghost noise injection (Kosson et al. 2024) ---------------------------------------------------
 
 def test_gni_with_the_whole_batch_as_ghost_batch_is_the_identity():

@@ -277,3 +277,114 @@ def test_probe_registry_names_are_the_config_choices():
     assert tuple(probes.PROBES) == config.PROBES
     with pytest.raises(config.ConfigError, match=r"probes\.names='nosie'.*variance_shift"):
         probes.PROBES.get("nosie")
+
+
+# --- forward_noise: batch-mates' noise in every norm's output ------------------------------------
+
+def test_forward_noise_of_one_bn_layer_matches_a_direct_computation():
+    """A single BN layer (train mode, affine) on random data: each batch's statistics from
+    torch.var_mean, the probe images' outputs, their spread over batches and the pooled std."""
+    from collections import OrderedDict
+    from bnexp import forward_noise as fn
+    from bnexp.norms import BatchNorm2d
+
+    g = torch.Generator().manual_seed(3)
+    layer = BatchNorm2d(3, momentum=0.1)
+    with torch.no_grad():
+        layer.weight.uniform_(0.5, 2.0)
+        layer.bias.uniform_(-1.0, 1.0)
+    model = nn.Sequential(OrderedDict(norm=layer))
+    probe = torch.randn(2, 3, 2, 2, generator=g) * 2 + 1
+    batches = [torch.randn(8, 3, 2, 2, generator=g) * torch.tensor([1.0, 3.0, 0.5]).view(1, 3, 1, 1)
+               for _ in range(6)]
+    running = layer.running_mean.clone(), layer.running_var.clone()
+    rows = fn.forward_noise(model, probe, batches, RawPipe())
+
+    where = torch.tensor([0, 4])  # 2 probe images in batches of 8: 4 apart
+    outs = []
+    for x in batches:
+        x = x.clone().double()
+        x[where] = probe.double()
+        var, mean = torch.var_mean(x, dim=(0, 2, 3), correction=0, keepdim=True)
+        w, b = layer.weight.detach().double().view(1, 3, 1, 1), layer.bias.detach().double().view(1, 3, 1, 1)
+        outs.append((x - mean) / torch.sqrt(var + 1e-5) * w + b)
+    outs = torch.stack(outs)  # [R, B, C, H, W]
+    spread = outs[:, where].var(0).mean((0, 2, 3)).sqrt()
+    signal = outs.transpose(0, 2).reshape(3, -1).std(1, unbiased=False)
+    assert [r["layer"] for r in rows] == ["norm"] and rows[0]["name"] == "forward_noise.ratio"
+    assert rows[0]["value"] == pytest.approx((spread / signal).mean().item(), rel=1e-4)
+    assert torch.equal(layer.running_mean, running[0]) and torch.equal(layer.running_var, running[1])
+
+
+def test_forward_noise_of_bn_shrinks_as_one_over_sqrt_batch():
+    """A BN layer on i.i.d. N(0, 1) values: x_hat = (x - mu_B) / sigma_B moves by about
+    sqrt((1 + x^2 / 2) / B) across batches (delta method), against a pooled std of 1."""
+    from collections import OrderedDict
+    from bnexp import forward_noise as fn
+
+    g = torch.Generator().manual_seed(0)
+    model = nn.Sequential(OrderedDict(norm=nn.BatchNorm2d(64, affine=False)))
+    got = {}
+    for size in (16, 64):
+        probe = torch.randn(1, 64, 1, 1, generator=g)
+        batches = [torch.randn(size, 64, 1, 1, generator=g) for _ in range(400)]
+        got[size] = fn.forward_noise(model, probe, batches, RawPipe())[0]["value"]
+        want = ((1 + probe.flatten().square() / 2) / size).sqrt().mean().item()
+        assert got[size] == pytest.approx(want, rel=0.15)
+    assert got[16] / got[64] == pytest.approx(2.0, rel=0.15)
+
+
+@pytest.mark.parametrize("norm,extra,noisy", [
+    ("none", [], False), ("ln", [], False), ("gn", [], False), ("pn", [], False),
+    ("bn", [], True), ("ghost_bn", ["norm.virtual_batch=4"], True),
+    ("noisy_bn", ["norm.noise_mul=0.2"], True),
+    ("none", ["norm.ghost_noise=4"], True), ("ln", ["norm.ghost_noise=4"], True),
+    ("pn", ["norm.ghost_noise=4"], True)])
+def test_forward_noise_is_exactly_zero_without_batch_dependence(norm, extra, noisy):
+    """Every normalization position of the net has a row; the value is exactly 0 when a sample's
+    output depends on its own input only, > 0 with batch statistics or injected noise."""
+    from test_stats import tiny_setup
+    from bnexp import forward_noise as fn
+
+    cfg, model, data, pipe = tiny_setup(norm, extra)
+    batches = [pipe.prep(data.train.x[i * 16:(i + 1) * 16]) for i in range(4)]
+    probe = pipe.prep(data.test.x[:1])
+    with stats.preserved(model):
+        rows = fn.forward_noise(model, probe, batches, pipe)
+    assert [r["layer"] for r in rows] == [f"features.{i}.norm" for i in range(4)]
+    values = [r["value"] for r in rows]
+    if noisy:
+        assert all(v > 1e-3 for v in values), values
+    else:
+        assert values == [0.0] * 4
+
+
+def test_forward_noise_of_frozen_bn_is_zero_and_dropout_stays_off():
+    from test_stats import tiny_setup
+    from bnexp import forward_noise as fn, norms
+
+    cfg, model, data, pipe = tiny_setup("bn", ["model.dropout=0.5", "model.dropout_placement=before_norm"])
+    norms.set_frozen(model, True)  # FrozenBN: training normalizes with the running statistics
+    batches = [pipe.prep(data.train.x[i * 16:(i + 1) * 16]) for i in range(3)]
+    with stats.preserved(model):
+        rows = fn.forward_noise(model, pipe.prep(data.test.x[:1]), batches, pipe)
+    assert [r["value"] for r in rows] == [0.0] * 4  # dropout would make it > 0
+
+
+def test_forward_noise_probe_records_every_position_and_leaves_the_model_alone(tmp_path):
+    from test_stats import tiny_setup
+
+    cfg, model, data, pipe = tiny_setup("ln", ["probes=all", "probes.names=[forward_noise]",
+                                               "probes.noise_batches=3", "norm.ghost_noise=4"])
+    model.train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    rng, gen = torch.get_rng_state(), pipe.generator.get_state()
+    rec = probes.Probes(cfg.probes, model, data, pipe, 32, cfg.seed, tmp_path, lambda: 0.05)
+    rows = rec.record(0, 0)
+    again = rec.record(1, 0)
+    assert {r["layer"] for r in rows} == {f"features.{i}.norm" for i in range(4)}
+    assert all(r["name"] == "forward_noise.ratio" and r["value"] > 0 for r in rows)
+    # the same images and (RNG restored) the same ghost draws: the value moves only as the model does
+    assert [r["value"] for r in again] == [r["value"] for r in rows]
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items()) and model.training
+    assert torch.equal(torch.get_rng_state(), rng) and torch.equal(pipe.generator.get_state(), gen)

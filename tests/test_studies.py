@@ -40,10 +40,12 @@ def _parser():
     return OverridesParser.create()
 
 
-def sweep_axes(name: str, scale: str) -> tuple[dict, object]:
-    """``({key: [values...]}, composed config)`` of study ``name`` at ``scale``: the resolved
-    ``hydra.sweeper.params`` expanded with Hydra's own override grammar."""
-    cfg = compose_config([f"study={name}", *SCALES[scale]], return_hydra_config=True)
+def sweep_axes(name: str, scale: str, overrides=None) -> tuple[dict, object]:
+    """``({key: [values...]}, composed config)`` of study ``name`` at ``scale`` (its SCALES
+    overrides, or ``overrides``): the resolved ``hydra.sweeper.params`` expanded with Hydra's
+    own override grammar."""
+    overrides = SCALES[scale] if overrides is None else overrides
+    cfg = compose_config([f"study={name}", *overrides], return_hydra_config=True)
     params = OmegaConf.to_container(cfg.hydra.sweeper.params, resolve=True) or {}
     axes = {}
     for ov in _parser().parse_overrides([f"{k}={v}" for k, v in params.items()]):
@@ -224,3 +226,18 @@ def pd_runs(folder: Path) -> dict:
     with open(folder / "runs.csv") as f:
         rows = list(csv.DictReader(f))
     return {"scale_name": {r["scale_name"] for r in rows}, "n": len(rows)}
+
+
+def test_norm_vs_noise_small_grid_memorizes_real_data_and_probes_every_arm():
+    """scale=small: every arm on a Fashion-MNIST subset without augmentation (memorizing must be
+    possible), 5 seeds, the forward_noise probe on, and every arm's preset parses."""
+    axes, _ = sweep_axes("norm_vs_noise", "small", ["data=fashion_mnist", "scale=small"])
+    assert set(axes["norm"]) == {"none", "ln", "pn", "bn", "ghost_bn16", "none_gni16", "ln_gni16",
+                                 "pn_gni16", "bn_gni16"} and len(axes["seed"]) == 5
+    for norm in axes["norm"]:
+        parsed = parse(compose_config(["study=norm_vs_noise", "data=fashion_mnist", "scale=small",
+                                       f"norm={norm}"]))
+        assert parsed.data.name == "fashion_mnist" and not parsed.data.augment
+        assert parsed.data.train_size and parsed.data.train_size <= 10000
+        assert parsed.probes.enabled and "forward_noise" in parsed.probes.names
+        assert (parsed.norm.ghost_noise == 16) == norm.endswith("_gni16")

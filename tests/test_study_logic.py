@@ -27,6 +27,7 @@ import fusion  # noqa: E402
 import noise  # noqa: E402
 import stat_modes_vs_batch  # noqa: E402
 import batch_size_true  # noqa: E402
+import norm_vs_noise  # noqa: E402
 
 
 def test_precise_vs_n_reproduces_the_runs_own_precise_mode(tmp_path):
@@ -218,3 +219,35 @@ def test_true_batch_compares_only_where_every_arm_trained():
              "trained": not (n == "gn" and b == 2 and s == 1)}
             for n in ("bn", "gn") for b in (2, 8, 32) for s in (0, 1)]
     assert batch_size_true.readable(pd.DataFrame(rows)) == [8, 32]
+
+
+def test_norm_vs_noise_uses_precise_numbers_where_there_are_and_averages_the_noise():
+    runs = pd.DataFrame({"run": ["a", "b"], "norm": ["bn_gni16", "ln"], "test_acc": [0.80, 0.70],
+                         "test_acc.precise": [0.82, math.nan], "gen_gap": [0.15, 0.20],
+                         "gen_gap.precise": [0.13, math.nan]})
+    probes = pd.DataFrame({"run": ["a"] * 4 + ["b"] * 2, "name": ["forward_noise.ratio"] * 6,
+                           "layer": ["l1", "l2", "l1", "l2", "l1", "l2"], "epoch": [0, 0, 1, 1, 0, 0],
+                           "value": [0.1, 0.3, 0.2, 0.4, 0.0, 0.0]})
+    out = norm_vs_noise.with_arms(runs, probes).set_index("run")
+    assert out.loc["a", "test_err.pop"] == pytest.approx(0.18)  # precise where the net has BN
+    assert out.loc["b", "test_err.pop"] == pytest.approx(0.30)  # the plain number for LN
+    assert out.loc["a", "gen_gap.pop"] == pytest.approx(0.13) and out.loc["b", "gen_gap.pop"] == 0.20
+    assert out.loc["a", "forward_noise"] == pytest.approx(0.25) and out.loc["b", "forward_noise"] == 0
+    assert (out.loc["a", "normalization"], out.loc["a", "added noise"]) == ("BN", "GNI 16")
+
+
+def test_norm_vs_noise_verdict_names_the_explanation_whose_intervals_exclude_zero():
+    from bnexp.studies import StudyData
+
+    rows = []
+    for seed, jitter in enumerate([0.0, 0.004, -0.003, 0.002, -0.001]):
+        for norm, err in {"none": 0.20, "none_gni16": 0.17, "ln": 0.20, "ln_gni16": 0.16,
+                          "pn": 0.19, "bn": 0.15}.items():
+            rows.append({"run": f"{norm}-{seed}", "seed": seed, "norm": norm, "status": "ok",
+                         "test_err.pop": err + jitter + 0.001 * (norm == "ln") * seed})
+    d = StudyData(Path("."), "", pd.DataFrame(rows), pd.DataFrame(), pd.DataFrame())
+    text = norm_vs_noise.verdict_sentence(d)
+    # noise helps in all three noise comparisons; LN = none (interval holds 0), PN helps a bit
+    assert text.startswith("The data support both explanations")
+    assert "PN -> BN, none -> none + GNI, LN -> LN + GNI" in text and "none -> PN" in text
+    assert "none -> LN" not in text

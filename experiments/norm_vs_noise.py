@@ -1,0 +1,208 @@
+"""Is BN a regularizer because it normalizes the input space of each layer, or because its batch
+statistics are noisy?
+
+Sweep (conf/study/norm_vs_noise.yaml): norm {none, ln, pn, bn, ghost_bn16, none_gni16, ln_gni16,
+pn_gni16, bn_gni16} x 5 seeds, no data augmentation, trained to ~100% training accuracy on a small
+training set so that memorizing is possible. The arms pull the two explanations apart: PN
+(population normalization: BN's normalization with the running statistics in the forward pass)
+against BN changes only the batch noise, with the normalization held fixed; none against
+none + GNI and LN against LN + GNI (ghost noise injection of ghost batches of 16) add noise
+without BN; LN against none adds normalization without noise. Every arm shares the optimizer,
+initialization seed and batch order, so comparisons are paired by seed.
+
+    make study S=norm_vs_noise ARGS="data=synthetic scale=smoke"                   # 27 runs, minutes
+    make study S=norm_vs_noise ARGS="data=fashion_mnist scale=small launcher=joblib" # 45 runs, 2 cores
+    make study S=norm_vs_noise                                                     # CIFAR-10, one GPU
+
+Measured noise (the `forward_noise` probe, bnexp/forward_noise.py): the spread of a fixed probe
+image's norm output across batches of other training images, over the spread across images,
+in train mode as training sees it; mean over normalization positions and epochs. 0 for none,
+LN and PN; > 0 for BN, ghost BN and every GNI arm. Test error and gap are under precise
+statistics for arms with BN layers (bn, pn, ghost BN and their GNI arms: `test_acc.precise`,
+`gen_gap.precise`) and the plain numbers for the others (`test_err.pop`, `gen_gap.pop`).
+
+Expected (Luo et al. 2019; Kosson et al. 2024; STUDIES.md): PN generalizes worse than BN; noise
+injected into LN or PN recovers much of BN's benefit, and GNI can beat ghost BN, so the noise
+explains a large part. The notes bnexp started from say the opposite is "believed" (normalizing
+the input space is "the more convincing reason"); the report says which the data support.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+
+from bnexp import analysis as A
+from bnexp.plots import PALETTE
+from bnexp.studies import Study, StudyData
+from bnexp.verdicts import Shape, expect
+from common import run_study
+
+NORMALIZATION, ADDED = "normalization", "added noise"
+HUES = ["no", "GNI 16", "ghost batch 16"]
+KNOBS = ("normalization [norm: none, ln, pn, bn, ...]",
+         "added noise [norm.ghost_noise=16 (GNI) or norm=ghost_bn16]")
+# preset -> (normalization, noise added to it); the order of the table and the figures
+ARMS = {"none": ("none", "no"), "none_gni16": ("none", "GNI 16"),
+        "ln": ("LN", "no"), "ln_gni16": ("LN", "GNI 16"),
+        "pn": ("PN", "no"), "pn_gni16": ("PN", "GNI 16"),
+        "bn": ("BN", "no"), "bn_gni16": ("BN", "GNI 16"), "ghost_bn16": ("BN", "ghost batch 16")}
+UNNORMALIZED = ("none", "none_gni16")
+ERR, GAP, NOISE = "test_err.pop", "gen_gap.pop", "forward_noise"
+
+
+def measured_noise(probes: pd.DataFrame) -> pd.Series:
+    """Per run: the mean of ``forward_noise.ratio`` over normalization positions and epochs."""
+    if not len(probes) or "name" not in probes:
+        return pd.Series(dtype=float, name=NOISE)
+    rows = probes[probes["name"] == "forward_noise.ratio"]
+    return rows.groupby("run")["value"].mean().rename(NOISE)
+
+
+def with_arms(runs: pd.DataFrame, probes: pd.DataFrame) -> pd.DataFrame:
+    """Adds the arm's normalization and added noise, the population-statistics test error and
+    gap (precise where the run has it, else the plain number) and the measured noise."""
+    precise = runs.get("test_acc.precise", pd.Series(np.nan, index=runs.index))
+    gap = runs.get("gen_gap.precise", pd.Series(np.nan, index=runs.index))
+    out = runs.assign(**{NORMALIZATION: runs["norm"].map(lambda n: ARMS.get(n, (n, ""))[0]),
+                         ADDED: runs["norm"].map(lambda n: ARMS.get(n, ("", "?"))[1]),
+                         ERR: 1.0 - precise.fillna(runs["test_acc"]),
+                         GAP: gap.fillna(runs["gen_gap"])})
+    return out.merge(measured_noise(probes), left_on="run", right_index=True, how="left")
+
+
+def prepare(d: StudyData) -> StudyData:
+    d.runs = with_arms(d.runs, d.probes)
+    return d
+
+
+# ----------------------------------------------------------------------------- figures
+def plot_per_arm(runs: pd.DataFrame, metric: str, ylabel: str) -> Figure:
+    """``metric`` per arm: bars per normalization, one colour per added noise, 95% CIs over
+    seeds, each run a dot."""
+    fig = A.plot_bars(runs, NORMALIZATION, metric, hue=ADDED, hue_order=HUES)
+    ax = fig.axes[0]
+    ax.set_xlabel(KNOBS[0])
+    ax.set_ylabel(ylabel)
+    if ax.get_legend() is not None:
+        ax.get_legend().set_title(KNOBS[1])
+    return fig
+
+
+def plot_vs_noise(runs: pd.DataFrame) -> Figure:
+    """Test error against the measured forward noise, one point per arm (mean over seeds, 95%
+    CIs both ways); filled circles normalize, open squares do not."""
+    A.set_style()
+    fig = Figure(figsize=(6.8, 3.8))
+    ax = fig.subplots()
+    stats = A.summarize(runs, ["norm"], [NOISE, ERR])
+    stats = stats.set_index("norm").reindex([a for a in ARMS if a in set(stats["norm"])]).reset_index()
+    stats = stats.dropna(subset=[f"{NOISE}.mean", f"{ERR}.mean"])  # arms with no finished run
+    for color, (_, s) in zip(PALETTE + ["#999999"], stats.iterrows()):
+        x, y = s[f"{NOISE}.mean"], 100 * s[f"{ERR}.mean"]
+        open_ = s["norm"] in UNNORMALIZED
+        ax.errorbar(x, y, xerr=np.nan_to_num(s[f"{NOISE}.ci_hi"] - x),
+                    yerr=np.nan_to_num(100 * s[f"{ERR}.ci_hi"] - y), fmt="s" if open_ else "o",
+                    mfc="white" if open_ else color, color=color, capsize=2, label=s["norm"])
+    top = float(np.nanmax((stats[f"{NOISE}.ci_hi"].fillna(stats[f"{NOISE}.mean"])).to_numpy(), initial=0.0))
+    ax.set_xlim(-0.05 * max(top, 0.01), 1.1 * max(top, 0.01))  # the noise is >= 0
+    ax.set_xlabel("measured forward noise, unitless\n(std across batch-mates / std across images)")
+    ax.set_ylabel("test error (%)\n(precise stats where the net has BN layers)")
+    ax.legend(title="normalization [norm]\n(open squares: not normalized)", loc="upper left",
+              bbox_to_anchor=(1.01, 1.0))
+    return fig
+
+
+def figures(d: StudyData) -> dict:
+    where = "\n(precise stats where the net has BN layers)"
+    figs = {"test_err_per_arm": plot_per_arm(d.runs, ERR, "test error (%)" + where),
+            "gen_gap_per_arm": plot_per_arm(d.runs, GAP, "generalization gap (train - test, points)" + where),
+            "test_err_vs_noise": plot_vs_noise(d.runs)}
+    if len(d.curves) and "train_acc" in d.curves:
+        curves = d.curves[d.curves["norm"].isin(list(ARMS))]
+        figs["train_acc_per_epoch"] = A.plot_curves(curves, "epoch", "train_acc", hue="norm",
+                                                    hue_order=[a for a in ARMS if a in set(curves["norm"])])
+    return figs
+
+
+# ----------------------------------------------------------------------------- the answer
+def diff(d: StudyData, metric: str, a: str, b: str):
+    """``a - b`` paired by seed: every arm shares init and batch order at the same seed."""
+    return A.paired_diff(d.runs, metric, "norm", a, b)
+
+
+def answer(d: StudyData) -> list[str]:
+    """The notes' question in sentences, each difference with its 95% interval."""
+    parts = [("noise with the normalization held fixed (PN - BN)", "pn", "bn"),
+             ("noise without BN, no normalization (none - none + GNI)", "none", "none_gni16"),
+             ("noise without BN, LN (LN - LN + GNI)", "ln", "ln_gni16"),
+             ("noise on top of BN (BN - BN + GNI)", "bn", "bn_gni16"),
+             ("normalization without noise (none - LN)", "none", "ln"),
+             ("normalization without noise (none - PN)", "none", "pn"),
+             ("GNI against ghost BN (ghost BN 16 - BN + GNI)", "ghost_bn16", "bn_gni16")]
+    text = [f"What {what} buys, in test error: " + A.sentence(diff(d, ERR, a, b))
+            for what, a, b in parts if {a, b} <= set(d.runs["norm"])]
+    text.append(verdict_sentence(d))
+    return text
+
+
+def verdict_sentence(d: StudyData) -> str:
+    """Which explanation the intervals support: noise (PN worse than BN, or GNI helping LN or
+    none) and / or normalization (LN or PN better than none)."""
+    def helps(a, b):  # error of a minus error of b, interval above 0: b is better
+        try:
+            return diff(d, ERR, a, b).sign == 1
+        except (KeyError, ValueError):
+            return False
+    noise = [w for w, a, b in (("PN -> BN", "pn", "bn"), ("none -> none + GNI", "none", "none_gni16"),
+                               ("LN -> LN + GNI", "ln", "ln_gni16")) if helps(a, b)]
+    norm = [w for w, a, b in (("none -> LN", "none", "ln"), ("none -> PN", "none", "pn")) if helps(a, b)]
+    support = ("both explanations" if noise and norm else "the noise explanation" if noise
+               else "the normalization explanation" if norm else "neither explanation clearly")
+    return (f"The data support {support}: noise lowers test error where its interval excludes 0 "
+            f"in {', '.join(noise) or 'no comparison'}; normalization without noise does in "
+            f"{', '.join(norm) or 'no comparison'}")
+
+
+def pn_worse(d: StudyData):
+    return expect([(diff(d, ERR, "pn", "bn"), +1), (diff(d, GAP, "pn", "bn"), +1)])
+
+
+def injected_recovers(d: StudyData):
+    return expect([(diff(d, ERR, "ln_gni16", "ln"), -1), (diff(d, ERR, "pn_gni16", "pn"), -1)])
+
+
+def gni_beats_ghost(d: StudyData):
+    return expect([(diff(d, ERR, "bn_gni16", "ghost_bn16"), -1)])
+
+
+def normalization_regularizes(d: StudyData):
+    return expect([(diff(d, ERR, "ln", "none"), -1), (diff(d, GAP, "ln", "none"), -1)])
+
+
+def notes(d: StudyData) -> str:
+    fit = d.runs[d.runs["status"] == "ok"].groupby("norm")["train_acc"].mean() * 100
+    return ("test_err.pop / gen_gap.pop: precise statistics (4096 training images) for nets with "
+            "BN layers, the plain eval for none and LN; gap = train accuracy (eval, un-augmented "
+            "training images) - test accuracy. forward_noise: see the module docstring (unitless, "
+            "mean over normalization positions and epochs). Intervals: 95% t over seeds; "
+            "differences paired by seed. Train accuracy at the end: "
+            + ", ".join(f"{k} {v:.1f}%" for k, v in fit.items()) + ".")
+
+
+SOURCE_LUO, SOURCE_KOSSON = "Luo et al. 2019", "Kosson, Fan & Jaggi 2024"
+STUDY = Study(
+    "norm_vs_noise", __doc__,
+    shapes=[Shape("PN generalizes worse than BN (higher test error and gap)", SOURCE_LUO, pn_worse),
+            Shape("noise injected into LN or PN (GNI 16) lowers their test error, recovering much "
+                  "of BN's benefit", SOURCE_KOSSON, injected_recovers),
+            Shape("GNI (on BN) beats ghost BN of the same ghost batch size", SOURCE_KOSSON, gni_beats_ghost),
+            Shape("normalization without batch noise (LN) regularizes: lower test error and gap "
+                  "than none", "the seed notes' 'more convincing reason'", normalization_regularizes)],
+    prepare=prepare, figures=figures, by=("norm",), arm=("norm",),
+    metrics=(ERR, GAP, NOISE, "train_acc", "test_acc", "test_acc.precise"),
+    comparisons=answer, notes=notes)
+
+
+if __name__ == "__main__":
+    run_study(STUDY)
