@@ -31,7 +31,6 @@ from pathlib import Path
 from bnexp import analysis as A
 from bnexp.studies import Study, StudyData
 from bnexp.verdicts import Shape, expect, mean_diff
-from batch_size import plot_vs_batch
 from common import ROOT, run_study
 from stat_modes_vs_batch import plot_modes
 
@@ -39,6 +38,12 @@ BATCH = "data.batch_size"
 FIGURE = "test_acc_vs_batch"  # the main figure (docs/demo.png)
 REAL = "fashion_mnist"
 FALLBACK = {"data": "synthetic", "scale": "smoke"}  # offline procedural images, the smoke budget
+
+
+def plot_vs_batch(runs, metric: str, title: str):
+    """``metric`` against the batch size (log2 x), a line with a CI band per ``norm`` option."""
+    order = [n for n in ("bn", "none", "dropout") if n in set(runs["norm"])]
+    return A.plot_metric_vs(runs, BATCH, metric, "norm", logx=2, hue_order=order, title=title)
 
 
 def with_launcher(argv: list[str]) -> list[str]:

@@ -456,6 +456,9 @@ def test_a_memorized_training_set_is_flat_in_absolute_terms():
     assert "still falling" in run_check(run, curve(falling))
     # ... unless the run has memorized its training set (verdicts.MEMORIZED): nothing left to learn
     assert run_check(run, curve(falling, acc=1.0)) == ""
+    # memorized in eval mode (the summary's train_acc) while noisy train-mode accuracy stays below
+    assert run_check(pd.Series({**run, "train_acc": 1.0}), curve(falling, acc=0.99)) == ""
+    assert "still falling" in run_check(pd.Series({**run, "train_acc": 0.97}), curve(falling, acc=0.99))
 
 
 def _arm_runs(losses: dict, accs: dict, classes: int = 10):

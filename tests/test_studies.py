@@ -241,3 +241,13 @@ def test_norm_vs_noise_small_grid_memorizes_real_data_and_probes_every_arm():
         assert parsed.data.train_size and parsed.data.train_size <= 10000
         assert parsed.probes.enabled and "forward_noise" in parsed.probes.names
         assert (parsed.norm.ghost_noise == 16) == norm.endswith("_gni16")
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in (ROOT / "experiments").glob("*.py")))
+def test_every_experiment_script_imports(name, monkeypatch):
+    """A script that cannot even be imported (a helper renamed in another script it imports from)
+    fails here, not only in the slow end-to-end runs."""
+    import importlib
+
+    monkeypatch.syspath_prepend(str(ROOT / "experiments"))
+    importlib.import_module(name)
