@@ -136,6 +136,7 @@ def answer(d: StudyData) -> list[str]:
     parts = [("noise with the normalization held fixed (PN - BN)", "pn", "bn"),
              ("noise without BN, no normalization (none - none + GNI)", "none", "none_gni16"),
              ("noise without BN, LN (LN - LN + GNI)", "ln", "ln_gni16"),
+             ("noise without BN, PN (PN - PN + GNI)", "pn", "pn_gni16"),
              ("noise on top of BN (BN - BN + GNI)", "bn", "bn_gni16"),
              ("normalization without noise (none - LN)", "none", "ln"),
              ("normalization without noise (none - PN)", "none", "pn"),
@@ -147,15 +148,18 @@ def answer(d: StudyData) -> list[str]:
 
 
 def verdict_sentence(d: StudyData) -> str:
-    """Which explanation the intervals support: noise (PN worse than BN, or GNI helping LN or
-    none) and / or normalization (LN or PN better than none)."""
+    """Which explanation the intervals support: noise (PN worse than BN, or GNI helping none, LN
+    or PN) and / or normalization (LN or PN better than none). Arms that did not train count for
+    neither."""
     def helps(a, b):  # error of a minus error of b, interval above 0: b is better
         try:
-            return diff(d, ERR, a, b).sign == 1
+            dd = diff(d, ERR, a, b)
         except (KeyError, ValueError):
             return False
+        return not dd.untrained and dd.sign == 1
     noise = [w for w, a, b in (("PN -> BN", "pn", "bn"), ("none -> none + GNI", "none", "none_gni16"),
-                               ("LN -> LN + GNI", "ln", "ln_gni16")) if helps(a, b)]
+                               ("LN -> LN + GNI", "ln", "ln_gni16"), ("PN -> PN + GNI", "pn", "pn_gni16"))
+             if helps(a, b)]
     norm = [w for w, a, b in (("none -> LN", "none", "ln"), ("none -> PN", "none", "pn")) if helps(a, b)]
     support = ("both explanations" if noise and norm else "the noise explanation" if noise
                else "the normalization explanation" if norm else "neither explanation clearly")
