@@ -84,8 +84,10 @@ def plot_per_arm(runs: pd.DataFrame, metric: str, ylabel: str) -> Figure:
     ax = fig.axes[0]
     ax.set_xlabel(KNOBS[0])
     ax.set_ylabel(ylabel)
-    if ax.get_legend() is not None:
-        ax.get_legend().set_title(KNOBS[1])
+    if ax.get_legend() is not None:  # above the axes, in one row: inside it covers the LN and PN bars
+        handles, labels = ax.get_legend_handles_labels()
+        ax.legend(handles, labels, title=KNOBS[1], loc="lower center", bbox_to_anchor=(0.5, 1.02),
+                  ncol=len(labels))
     return fig
 
 
