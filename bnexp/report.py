@@ -259,12 +259,42 @@ def _commits(study_dir: Path) -> str:
                    for d in records.iter_run_dirs(study_dir) if records.read_summary(d)})
     head = _code_commit()
     text = f"runs at commit {', '.join(runs) or 'none finished'}; analysis code at {head or 'unknown'}"
+    text += _changed_since(runs, head)
     if len(runs) > 1:
         text += (f". The runs come from {len(runs)} commits: check that what changed between them "
                  "does not change the numbers, or re-run the study")
     if any(r.endswith("-dirty") for r in runs):
         text += ". '-dirty': the code had uncommitted changes (files outside results/)"
     return text
+
+
+# Modules that only read records (analysis side): a change here cannot move a run's numbers.
+# experiments/ scripts count too; their training-side steps call bnexp functions listed nowhere here.
+ANALYSIS_CODE = ("bnexp/analysis.py", "bnexp/plots.py", "bnexp/report.py", "bnexp/studies.py",
+                 "bnexp/tables.py", "bnexp/verdicts.py", "experiments/")
+
+
+def _changed_since(runs: list[str], head: str) -> str:
+    """Which code files changed between the runs' commit and the analysis code, and whether all
+    of them are analysis-side (then the numbers of the runs cannot have moved)."""
+    clean = sorted({r.removesuffix("-dirty") for r in runs if r != "unknown"})
+    if len(clean) != 1 or not head or clean[0] == head:
+        return ""
+    try:
+        out = subprocess.run(["git", "diff", "--name-only", clean[0], head, "--", ":(top)bnexp",
+                              ":(top)conf", ":(top)experiments"], cwd=Path(__file__).parent,
+                             capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    files = out.stdout.split()
+    if out.returncode or not files:
+        return ""
+    listed = ", ".join(f"`{f}`" for f in files)
+    if all(f.startswith(ANALYSIS_CODE) for f in files):
+        return (f". Changed since the runs, all on the analysis side (they read records and "
+                f"cannot move a run's numbers): {listed}")
+    return (f". Changed since the runs, some on the training side (re-run the study if they "
+            f"change what it computes): {listed}")
 
 
 def _code_commit() -> str:

@@ -565,3 +565,26 @@ def test_status_finds_sweeps_in_the_study_data_scale_layout(tmp_path, capsys):
     out = capsys.readouterr().out
     for leaf in ("synthetic-smoke", "fashion_mnist-small"):
         assert f"{tmp_path / 'toy' / leaf}: done=1" in out
+
+
+def test_report_names_the_code_changed_since_the_runs_and_whether_it_is_analysis_only(monkeypatch):
+    """Against this repository's own history: the first parent of the analysis code commit vs
+    that commit, compared with git's own list of files it changed."""
+    import subprocess
+
+    from bnexp import report
+
+    root = Path(report.__file__).resolve().parents[1]
+    git = lambda *a: subprocess.run(["git", *a], cwd=root, capture_output=True, text=True).stdout.split()  # noqa: E731
+    head = report._code_commit()
+    if not head:
+        pytest.skip("not a git checkout")
+    parent = git("rev-parse", f"{head}^")[0]
+    files = git("diff", "--name-only", parent, head, "--", "bnexp", "conf", "experiments")
+    text = report._changed_since([parent], head)
+    assert all(f"`{f}`" in text for f in files)
+    analysis_only = all(f.startswith(report.ANALYSIS_CODE) for f in files)
+    assert ("all on the analysis side" in text) == analysis_only
+    assert report._changed_since([head], head) == ""  # runs at the analysis code: nothing to say
+    monkeypatch.setattr(report, "ANALYSIS_CODE", ("nowhere/",))
+    assert "some on the training side" in report._changed_since([parent], head)
