@@ -259,7 +259,7 @@ def _commits(study_dir: Path) -> str:
                    for d in records.iter_run_dirs(study_dir) if records.read_summary(d)})
     head = _code_commit()
     text = f"runs at commit {', '.join(runs) or 'none finished'}; analysis code at {head or 'unknown'}"
-    text += _changed_since(runs, head)
+    text += _changed_since(runs, head, study_dir.parent.name)
     if len(runs) > 1:
         text += (f". The runs come from {len(runs)} commits: check that what changed between them "
                  "does not change the numbers, or re-run the study")
@@ -274,9 +274,11 @@ ANALYSIS_CODE = ("bnexp/analysis.py", "bnexp/plots.py", "bnexp/report.py", "bnex
                  "bnexp/tables.py", "bnexp/verdicts.py", "experiments/")
 
 
-def _changed_since(runs: list[str], head: str) -> str:
+def _changed_since(runs: list[str], head: str, study: str = "") -> str:
     """Which code files changed between the runs' commit and the analysis code, and whether all
-    of them are analysis-side (then the numbers of the runs cannot have moved)."""
+    of them are analysis-side or another study's config (then the numbers of the runs cannot have
+    moved). A config whose name shares a prefix with ``study`` (finetune / finetune_source) counts
+    as this study's own."""
     clean = sorted({r.removesuffix("-dirty") for r in runs if r != "unknown"})
     if len(clean) != 1 or not head or clean[0] == head:
         return ""
@@ -289,10 +291,16 @@ def _changed_since(runs: list[str], head: str) -> str:
     files = out.stdout.split()
     if out.returncode or not files:
         return ""
+
+    def other_study(f: str) -> bool:
+        name = Path(f).stem
+        return (bool(study) and f.startswith("conf/study/") and not name.startswith(study)
+                and not study.startswith(name))
+
     listed = ", ".join(f"`{f}`" for f in files)
-    if all(f.startswith(ANALYSIS_CODE) for f in files):
-        return (f". Changed since the runs, all on the analysis side (they read records and "
-                f"cannot move a run's numbers): {listed}")
+    if all(f.startswith(ANALYSIS_CODE) or other_study(f) for f in files):
+        return (f". Changed since the runs, all on the analysis side or in other studies' configs "
+                f"(they cannot move this study's numbers): {listed}")
     return (f". Changed since the runs, some on the training side (re-run the study if they "
             f"change what it computes): {listed}")
 

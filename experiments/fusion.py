@@ -1,7 +1,7 @@
 """Folding BN into the preceding conv for inference: is it exact, and is it faster?
 
 Sweep (conf/study/fusion.yaml): BN nets (vgg and resnet; smoke: vgg) x {statistics from the EMA,
-FrozenBN for the last quarter of training: `norm.freeze_after=0.75`} x seeds {0, 1, 2}. Then the
+FrozenBN for the last tenth of training: `norm.freeze_after=0.9`} x seeds {0, 1, 2}. Then the
 script folds every finished run with `bnexp.fusion.fuse_run` (the same function as `bnexp-fuse`),
 once per statistics mode that is fixed at inference:
 
@@ -172,10 +172,11 @@ def notes(d: StudyData) -> str:
     fused = d.extra["fused"]
     device = ", ".join(sorted(set(fused["device"])))
     threads = ", ".join(str(t) for t in sorted(set(fused["threads"])))
+    freeze = ", ".join(f"{f:g}" for f in sorted(set(d.runs[FREEZE].dropna()))) or "none"
     return (f"Timed on {device} with {threads} torch thread(s), fp32, eval batch "
             f"{int(fused['batch_size'].iloc[0])}; on a shared machine images/s are noisy (the "
             "two models alternate, so load hits both). `frozen` = EMA buffers of runs trained "
-            f"with {FREEZE}=0.75. Folding reproduces whatever the statistics give: "
+            f"with {FREEZE}={freeze}. Folding reproduces whatever the statistics give: "
             + accuracy_note(d.runs))
 
 

@@ -588,3 +588,24 @@ def test_report_names_the_code_changed_since_the_runs_and_whether_it_is_analysis
     assert report._changed_since([head], head) == ""  # runs at the analysis code: nothing to say
     monkeypatch.setattr(report, "ANALYSIS_CODE", ("nowhere/",))
     assert "some on the training side" in report._changed_since([parent], head)
+
+
+@pytest.mark.parametrize("study, changed, side", [
+    ("batch_size", ["conf/study/fusion.yaml", "bnexp/plots.py"], "analysis"),
+    ("fusion", ["conf/study/fusion.yaml"], "training"),
+    ("finetune", ["conf/study/finetune_source.yaml"], "training"),   # its sources' config
+    ("batch_size", ["conf/study/batch_size_true.yaml"], "training"),  # shared prefix: counted as its own
+    ("batch_size", ["conf/norm/bn.yaml", "conf/study/fusion.yaml"], "training"),
+    ("", ["conf/study/fusion.yaml"], "training"),                    # no study named: no exemption
+])
+def test_report_exempts_only_other_studies_configs(monkeypatch, study, changed, side):
+    import subprocess
+    from types import SimpleNamespace
+
+    from bnexp import report
+
+    fake = lambda *a, **k: SimpleNamespace(returncode=0, stdout="\n".join(changed))  # noqa: E731
+    monkeypatch.setattr(subprocess, "run", fake)
+    text = report._changed_since(["a" * 40], "b" * 40, study)
+    assert all(f"`{f}`" in text for f in changed)
+    assert ("some on the training side" in text) == (side == "training")
