@@ -32,6 +32,7 @@ from __future__ import annotations
 import functools
 from typing import Callable, Optional
 
+import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
@@ -42,7 +43,7 @@ from .ghost_noise import GhostNoise, GhostNoiseGroupNorm
 from .registry import Registry
 
 __all__ = ["NORMS", "BatchNorm2d", "BatchRenorm2d", "GhostBatchNorm2d", "NoisyBatchNorm2d",
-           "PopulationNorm2d", "GhostNoise", "GhostNoiseGroupNorm", "bn_layers", "group_count",
+           "PopulationNorm2d", "GhostNoise", "GhostNoiseGroupNorm", "GroupNorm", "bn_layers", "group_count",
            "group_norm", "make_norm", "set_frozen", "set_plain", "set_progress"]
 
 
@@ -51,13 +52,27 @@ def group_count(num_channels: int, groups: int) -> int:
     return max(g for g in range(1, min(groups, num_channels) + 1) if num_channels % g == 0)
 
 
+class GroupNorm(nn.GroupNorm):
+    """``nn.GroupNorm`` that normalizes a channels_last CPU input in NCHW order and hands it back
+    channels_last: the same numbers, but PyTorch's CPU kernel for channels_last with more than one
+    group is slow (measured at batch 64 on 16 x 28 x 28, forward + backward under bf16 autocast:
+    43.6 ms against 8.9 ms with the two copies, 13.4 against 3.4 ms on 64 x 7 x 7). One group
+    (layer norm) is fast as it is, and slower with the copies, so it stays ``nn.GroupNorm``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type != "cpu" or x.is_contiguous() or not x.is_contiguous(
+                memory_format=torch.channels_last):
+            return super().forward(x)
+        return super().forward(x.contiguous()).contiguous(memory_format=torch.channels_last)
+
+
 def group_norm(num_channels: int, groups: int, eps: float = 1e-5,
                ghost_noise: Optional[int] = None) -> nn.GroupNorm:
     """GroupNorm with ``group_count(num_channels, groups)`` groups; ``groups=1`` is layer norm.
     With ``ghost_noise``: GNI between normalization and affine in train mode."""
     count = group_count(num_channels, groups)
     if ghost_noise is None:
-        return nn.GroupNorm(count, num_channels, eps=eps)
+        return (GroupNorm if count > 1 else nn.GroupNorm)(count, num_channels, eps=eps)
     return GhostNoiseGroupNorm(count, num_channels, ghost_noise, eps=eps)
 
 

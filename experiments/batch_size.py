@@ -1,7 +1,8 @@
 """Does BN's edge hold as the batch gets small?
 
 Design (a) of STUDIES.md, the per-worker view as Wu & He measure it (conf/study/batch_size.yaml):
-the optimization batch (128), the learning rate and the step budget are the same for every arm;
+the optimization batch (128; 64 at small scale), the learning rate and the step budget are the
+same for every arm;
 only BN's normalization batch (NBS) varies, 2 ... 64 (ghost BN: ``norm=ghost_bn2`` ...
 ``ghost_bn64`` set ``norm.virtual_batch``), against group norm (8 groups), layer norm and no
 normalization, whose forward does not depend on the batch and which therefore run once per
@@ -120,7 +121,8 @@ STUDY = Study(
             Shape("BN beats GN and LN at the largest normalization batch", SOURCE, bn_wins_large)],
     prepare=lambda d: replace(d, runs=A.with_error(d.runs)),
     figures=lambda d: {"test_err_vs_normalization_batch": plot_vs_nbs(
-        d.runs, title="optimization batch 128, the same steps and lr for every arm")},
+        d.runs, title=f"optimization batch {int(d.runs['data.batch_size'].iloc[0])}, the same "
+                      "steps and lr for every arm")},
     by=("norm", NBS), metrics=("test_err", "test_err.precise", "train_loss", "gen_gap"),
     table_rows=table_rows,
     comparisons=statements,

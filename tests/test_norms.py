@@ -362,6 +362,34 @@ def test_group_count_is_the_largest_divisor_not_above_groups(norm_cfg):
     torch.testing.assert_close(ln(x), want, rtol=1e-4, atol=1e-5)
 
 
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_gn_on_channels_last_gives_plain_group_norms_numbers_and_layout(norm_cfg, precision):
+    """The channels_last shortcut (a contiguous copy on CPU) against the definition of GN, in
+    forward and backward, and the output keeps the input's memory format."""
+    from bnexp.norms import GroupNorm
+    gn = make_norm(norm_cfg(name="gn", groups=4))(12)
+    assert isinstance(gn, GroupNorm) and type(make_norm(norm_cfg(name="ln"))(12)) is nn.GroupNorm
+    with torch.no_grad():
+        gn.weight.uniform_(0.5, 1.5), gn.bias.uniform_(-0.5, 0.5)
+    x = batch(c=12).contiguous(memory_format=torch.channels_last).requires_grad_(True)
+    ref = batch(c=12).clone().requires_grad_(True)  # NCHW: the other code path
+    g = torch.randn_like(ref)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+        y, want = gn(x), F.group_norm(ref, 4, gn.weight, gn.bias, gn.eps)
+    assert y.is_contiguous(memory_format=torch.channels_last) and not y.is_contiguous()
+    xs = ref.detach().view(len(ref), 4, -1)
+    by_hand = ((xs - xs.mean(-1, keepdim=True)) / torch.sqrt(xs.var(-1, unbiased=False, keepdim=True)
+                                                             + gn.eps)).view_as(ref)
+    by_hand = by_hand * gn.weight.view(1, -1, 1, 1) + gn.bias.view(1, -1, 1, 1)
+    tol = {"rtol": 2e-2, "atol": 2e-2} if precision == "bf16" else {"rtol": 1e-4, "atol": 1e-5}
+    torch.testing.assert_close(y.float(), by_hand, **tol)
+    torch.testing.assert_close(y, want)
+    (y.float() * g).sum().backward()
+    (want.float() * g).sum().backward()
+    torch.testing.assert_close(x.grad, ref.grad)
+
+
 # --- noisy BN: Santurkar et al. 2018, Algorithm 1 -------------------------------------------------
 
 def per_sample_affine(z: torch.Tensor, y: torch.Tensor):
