@@ -18,7 +18,7 @@ training error with batch statistics is the train-mode accuracy of the last epoc
 Run::
 
     make study S=noniid ARGS="data=synthetic scale=smoke"                   # 27 runs
-    make study S=noniid ARGS="data=fashion_mnist scale=small launcher=joblib"  # 45 runs, <= 45 min
+    make study S=noniid ARGS="data=fashion_mnist scale=small launcher=joblib"  # 27 runs, ~30 min
     make study S=noniid                                                     # CIFAR-10, 27 runs
 
 Expected (Ioffe 2017, "Batch Renormalization"; Irpan 2017, "On the perils of batch norm"): BN
