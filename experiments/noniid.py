@@ -60,11 +60,6 @@ def by_stats(df: pd.DataFrame, metric: str = "test_acc") -> pd.DataFrame:
     return long.assign(**{STATS: long["norm"] + " / " + long["eval_mode"]})
 
 
-def stats_order(long: pd.DataFrame) -> list[str]:
-    present = set(long[STATS])
-    return [f"{n} / {m}" for n in NORMS for m in MODES if f"{n} / {m}" in present]
-
-
 def samplers(runs: pd.DataFrame) -> tuple[list, list]:
     """(non-i.i.d. samplers, all samplers) in the order iid, pk..., sorted..., others."""
     names = sorted(runs["sampler"].dropna().unique(),
