@@ -46,7 +46,9 @@ def bn_rows(runs: pd.DataFrame) -> pd.DataFrame:
 
 def plot_vs_nbs(runs: pd.DataFrame, metric: str = "test_err", title: str | None = None) -> Figure:
     """``metric`` against the normalization batch (log2 x) for ghost BN, a line with its 95% CI
-    band; gn / ln / none as horizontal levels (mean over seeds) with their CI bands."""
+    band; gn / ln / none as horizontal levels (mean over seeds) with their CI bands. A level arm
+    that did not train (the report's training check) is named in the legend, not drawn: its
+    error would only set the y range."""
     fig = A.plot_metric_vs(bn_rows(runs), NBS, metric, "norm.name", logx=2, title=title)
     ax = fig.axes[0]
     stats = A.summarize(runs[runs["norm.name"].isin(LEVELS)], ["norm.name"], [metric])
@@ -55,12 +57,29 @@ def plot_vs_nbs(runs: pd.DataFrame, metric: str = "test_err", title: str | None 
         row = stats[stats["norm.name"] == name]
         if row.empty or np.isnan(row[f"{metric}.mean"].iloc[0]):
             continue
+        arm = runs[runs["norm.name"] == name]
+        if "trained" in arm and arm["trained"].eq(False).any():
+            ax.plot([], [], ls="none", label=f"{name}: did not train, not drawn")
+            continue
         mean, lo, hi = (row[f"{metric}.{k}"].iloc[0] * scale for k in ("mean", "ci_lo", "ci_hi"))
         ax.axhline(mean, color=color, ls="--", lw=1.2, label=f"{name} (no batch dependence)")
         if not np.isnan(lo):
             ax.axhspan(lo, hi, color=color, alpha=0.15, lw=0)
     ax.legend(title=A.knob_label("norm.name"), loc="upper left", bbox_to_anchor=(1.01, 1.0))
     return fig
+
+
+def fit_note(runs: pd.DataFrame) -> str:
+    """How well the BN arms fit their training set: the context for the NBS axis."""
+    bn = bn_rows(runs)
+    bn = bn[bn["status"] == "ok"] if "status" in bn else bn
+    if bn.empty or "train_acc" not in bn:
+        return ""
+    low = bn.groupby(NBS)["train_acc"].mean().min()
+    return (f" Every BN arm's mean final training accuracy is at least {100 * low:.1f}%: at this "
+            "scale the nets fit their training set at every normalization batch, so the axis "
+            "measures what the normalization batch does to generalization on a training set the "
+            "nets memorize; Wu & He's ImageNet nets do not memorize theirs.")
 
 
 def nbs(d: StudyData) -> list:
@@ -131,7 +150,7 @@ STUDY = Study(
                      "poorly trained model and is missing where the model has no BN layer. GN, LN "
                      "and none do not depend on the normalization batch: one set of runs per seed, "
                      "drawn as levels; their flatness is by construction here, the true-batch "
-                     "design (batch_size_true) tests it. Differences are paired by seed."))
+                     "design (batch_size_true) tests it. Differences are paired by seed." + fit_note(d.runs)))
 
 
 if __name__ == "__main__":
