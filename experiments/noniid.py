@@ -143,6 +143,25 @@ def diagnosis(runs: pd.DataFrame) -> str:
             "which no choice of test statistics repairs.")
 
 
+def leakage(runs: pd.DataFrame) -> str:
+    """``batch_sampler`` groups test images by their labels, as the training sampler groups
+    training images: a score above the i.i.d. model's says the model reads the class from its
+    group's statistics, an accuracy that needs the test labels to form the batches."""
+    col, bn = "test_acc.batch_sampler", runs[(runs["norm"] == "ghost_bn") & (runs["status"] == "ok")]
+    if col not in bn or "test_acc.ema" not in bn:
+        return ""
+    iid = bn.loc[bn["sampler"] == "iid", "test_acc.ema"].mean()
+    above = {s: v for s, v in bn.groupby("sampler")[col].mean().items() if s != "iid" and v > iid}
+    if not above or pd.isna(iid):
+        return ""
+    text = ", ".join(f"{100 * v:.1f}% under {s}" for s, v in above.items())
+    return (f"ghost_bn scored on test batches with the training sampler's structure reaches {text}, "
+            f"above the {100 * iid:.1f}% of i.i.d.-trained BN: those batches are formed from the "
+            "test labels (one or two classes per group), and the model reads the class off its "
+            "group's statistics. It measures how much the model fits the batch structure, not an "
+            "accuracy one can have without the labels. ")
+
+
 def confound(runs: pd.DataFrame) -> str:
     sizes = chunk_sizes(runs)
     if len(set(sizes.values())) < 2:
@@ -201,7 +220,8 @@ def notes(d: StudyData) -> str:
     return ("`batch` normalizes i.i.d. test batches and `batch_sampler` test batches drawn by "
             f"the training sampler, both of {int(d.runs['eval.batch_size'].iloc[0])} images cut "
             "into the training chunks; the precise passes use plain batch statistics per chunk "
-            "(no renorm r, d). GN has no batch statistics: ema only. " + confound(d.runs) + " "
+            "(no renorm r, d). GN has no batch statistics: ema only. " + leakage(d.runs)
+            + confound(d.runs) + " "
             + diagnosis(d.runs))
 
 
