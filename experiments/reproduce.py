@@ -1,0 +1,91 @@
+"""Re-run one finished run from its recorded overrides and compare its numbers with the record.
+
+    python experiments/reproduce.py results/batch_size/fashion_mnist-small/runs/<run>
+    python experiments/reproduce.py <run> --out /tmp/again --tolerance 0.01
+
+The run folder's ``.hydra/overrides.yaml`` holds the command line of that run (the sweep's
+overrides plus its own); the launcher override is dropped (one run, in this process). The new
+run goes to ``--out`` (default: a temporary folder, removed afterwards), then each final metric
+the record has (``test_acc`` and the eval modes', ``train_acc``, ``train_loss``) is printed beside
+the new value. Exit status 0 when every accuracy is within ``--tolerance`` (a fraction: 0.01 is
+one point), 1 otherwise, 2 when the folder is not a finished run. On the same kind of machine,
+torch version and code the numbers are usually identical: one-thread CPU runs are deterministic.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import yaml
+
+COMPARED = ("test_acc", "train_acc", "train_loss")  # plus every test_acc.<mode> of the record
+
+
+def recorded(run_dir: Path) -> tuple[list[str], dict]:
+    """(overrides without the launcher, the record's final metrics); ValueError when the folder
+    is not a finished run."""
+    summary, overrides = run_dir / "summary.json", run_dir / ".hydra" / "overrides.yaml"
+    if not summary.is_file() or not overrides.is_file():
+        raise ValueError(f"{run_dir}: no summary.json and .hydra/overrides.yaml (not a finished run)")
+    record = json.loads(summary.read_text())
+    if record.get("status") != "ok":
+        raise ValueError(f"{run_dir}: status {record.get('status')!r}, not ok: nothing to compare")
+    given = [o for o in yaml.safe_load(overrides.read_text()) or []
+             if o.split("=", 1)[0].lstrip("+~") not in ("launcher", "hydra/launcher")]
+    return given, record["metrics"]
+
+
+def compare(old: dict, new: dict, tolerance: float) -> tuple[list[tuple], bool]:
+    """Rows (metric, recorded, re-run, difference) and whether every accuracy is within
+    ``tolerance``."""
+    keys = [k for k in old if k in COMPARED or k.startswith("test_acc.")]
+    rows, ok = [], True
+    for key in keys:
+        a, b = old.get(key), new.get(key)
+        diff = (b - a) if isinstance(a, (int, float)) and isinstance(b, (int, float)) else math.nan
+        if "acc" in key and not abs(diff) <= tolerance:  # NaN (missing) fails too
+            ok = False
+        rows.append((key, a, b, diff))
+    return rows, ok
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("run_dir", type=Path)
+    parser.add_argument("--out", type=Path, default=None, help="where the re-run goes (kept)")
+    parser.add_argument("--tolerance", type=float, default=0.01,
+                        help="largest |difference| of an accuracy, as a fraction (0.01 = 1 point)")
+    args = parser.parse_args(argv)
+    try:
+        overrides, old = recorded(args.run_dir)
+    except ValueError as err:
+        print(f"reproduce: {err}", file=sys.stderr)
+        return 2
+    print("bnexp " + " ".join(overrides), flush=True)
+    import bnexp
+
+    out = args.out or Path(tempfile.mkdtemp(prefix="bnexp-reproduce-"))
+    try:
+        new = bnexp.run(overrides, run_dir=out).get("metrics", {})
+    finally:
+        if args.out is None:
+            shutil.rmtree(out, ignore_errors=True)
+    rows, ok = compare(old, new, args.tolerance)
+    width = max(len(r[0]) for r in rows) if rows else 6
+    print(f"{'metric':<{width}}  {'recorded':>10}  {'re-run':>10}  {'difference':>11}")
+    for key, a, b, diff in rows:
+        fmt = lambda v: f"{v:10.4f}" if isinstance(v, (int, float)) else f"{'-':>10}"  # noqa: E731
+        print(f"{key:<{width}}  {fmt(a)}  {fmt(b)}  {diff:+11.4f}")
+    points = f"{100 * args.tolerance:g} point" + ("" if 100 * args.tolerance == 1 else "s")
+    print(f"reproduced: every accuracy within {points}" if ok else
+          f"NOT reproduced: an accuracy differs by more than {points}, or is missing")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
