@@ -259,7 +259,7 @@ def _commits(study_dir: Path) -> str:
                    for d in records.iter_run_dirs(study_dir) if records.read_summary(d)})
     head = _code_commit()
     text = f"runs at commit {', '.join(runs) or 'none finished'}; analysis code at {head or 'unknown'}"
-    text += _changed_since(runs, head, study_dir.parent.name)
+    text += _changed_since(runs, head, study_dir.parent.name) + _reproduced(study_dir)
     if len(runs) > 1:
         text += (f". The runs come from {len(runs)} commits: check that what changed between them "
                  "does not change the numbers, or re-run the study")
@@ -303,6 +303,24 @@ def _changed_since(runs: list[str], head: str, study: str = "") -> str:
                 f"(they cannot move this study's numbers): {listed}")
     return (f". Changed since the runs, some on the training side (re-run the study if they "
             f"change what it computes): {listed}")
+
+
+def _reproduced(study_dir: Path) -> str:
+    """The runs re-run later from their recorded overrides (``experiments/reproduce.py --record``
+    writes ``reproduced.json`` in a run folder): evidence that the code changed since the runs
+    does not move their numbers."""
+    import json
+
+    done = []
+    for d in records.iter_run_dirs(study_dir):
+        f = Path(d) / "reproduced.json"
+        if f.is_file():
+            r = json.loads(f.read_text())
+            same = "identical" if r.get("max_abs_diff") == 0 else f"max |difference| {r.get('max_abs_diff')}"
+            done.append(f"`{Path(d).name}` at {str(r.get('at'))[:7]}: {same}"
+                        + ("" if r.get("within_tolerance") else " (NOT within tolerance)"))
+    return (". Re-run from their recorded overrides (experiments/reproduce.py): " + "; ".join(done)
+            if done else "")
 
 
 def _code_commit() -> str:

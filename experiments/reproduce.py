@@ -58,6 +58,8 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("--out", type=Path, default=None, help="where the re-run goes (kept)")
+    parser.add_argument("--record", action="store_true",
+                        help="write the outcome to <run_dir>/reproduced.json (the study report cites it)")
     parser.add_argument("--tolerance", type=float, default=0.01,
                         help="largest |difference| of an accuracy, as a fraction (0.01 = 1 point)")
     args = parser.parse_args(argv)
@@ -71,7 +73,8 @@ def main(argv: list[str]) -> int:
 
     out = args.out or Path(tempfile.mkdtemp(prefix="bnexp-reproduce-"))
     try:
-        new = bnexp.run(overrides, run_dir=out).get("metrics", {})
+        again = bnexp.run(overrides, run_dir=out)
+        new = again.get("metrics", {})
     finally:
         if args.out is None:
             shutil.rmtree(out, ignore_errors=True)
@@ -84,6 +87,11 @@ def main(argv: list[str]) -> int:
     points = f"{100 * args.tolerance:g} point" + ("" if 100 * args.tolerance == 1 else "s")
     print(f"reproduced: every accuracy within {points}" if ok else
           f"NOT reproduced: an accuracy differs by more than {points}, or is missing")
+    if args.record:
+        diffs = [abs(d) for _, _, _, d in rows if not math.isnan(d)]
+        (args.run_dir / "reproduced.json").write_text(json.dumps(
+            {"at": again.get("git_commit"), "within_tolerance": ok, "tolerance": args.tolerance,
+             "max_abs_diff": max(diffs) if diffs else None}, indent=1) + "\n")
     return 0 if ok else 1
 
 

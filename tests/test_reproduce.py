@@ -59,3 +59,15 @@ def test_an_altered_record_is_not_reproduced(finished, tmp_path):
 def test_a_folder_that_is_not_a_finished_run_exits_2(tmp_path, capsys):
     assert reproduce.main([str(tmp_path)]) == 2
     assert "not a finished run" in capsys.readouterr().err
+
+
+def test_record_writes_the_outcome_that_the_report_cites(finished, tmp_path):
+    from bnexp import report
+
+    assert reproduce.main([str(finished), "--record", "--out", str(tmp_path / "again")]) == 0
+    outcome = json.loads((finished / "reproduced.json").read_text())
+    assert outcome["within_tolerance"] and outcome["max_abs_diff"] == 0
+    study_dir = finished.parent  # iter_run_dirs finds the run folder below it
+    text = report._reproduced(study_dir)
+    assert f"`{finished.name}`" in text and "identical" in text
+    (finished / "reproduced.json").unlink()
