@@ -261,8 +261,9 @@ def _commits(study_dir: Path) -> str:
     text = f"runs at commit {', '.join(runs) or 'none finished'}; analysis code at {head or 'unknown'}"
     text += _changed_since(runs, head, study_dir.parent.name) + _reproduced(study_dir)
     if len(runs) > 1:
-        text += (f". The runs come from {len(runs)} commits: check that what changed between them "
-                 "does not change the numbers, or re-run the study")
+        between = _changed_between(runs, study_dir.parent.name)
+        text += f". The runs come from {len(runs)} commits" + (between or (
+            ": check that what changed between them does not change the numbers, or re-run the study"))
     if any(r.endswith("-dirty") for r in runs):
         text += ". '-dirty': the code had uncommitted changes (files outside results/)"
     return text
@@ -275,23 +276,41 @@ ANALYSIS_CODE = ("bnexp/analysis.py", "bnexp/plots.py", "bnexp/report.py", "bnex
 
 
 def _changed_since(runs: list[str], head: str, study: str = "") -> str:
-    """Which code files changed between the runs' commit and the analysis code, and whether all
+    """Which code files changed between the runs' commits and the analysis code, and whether all
     of them are analysis-side or another study's config (then the numbers of the runs cannot have
     moved). A config whose name shares a prefix with ``study`` (finetune / finetune_source) counts
     as this study's own."""
-    clean = sorted({r.removesuffix("-dirty") for r in runs if r != "unknown"})
-    if len(clean) != 1 or not head or clean[0] == head:
-        return ""
-    try:
-        out = subprocess.run(["git", "diff", "--name-only", clean[0], head, "--", ":(top)bnexp",
-                              ":(top)conf", ":(top)experiments"], cwd=Path(__file__).parent,
-                             capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return ""
-    files = out.stdout.split()
-    if out.returncode or not files:
-        return ""
+    clean = sorted({r.removesuffix("-dirty") for r in runs if r != "unknown"} - {head})
+    files = _changed_files(clean, head) if head and clean else None
+    return _describe(". Changed since the runs", files, study) if files else ""
 
+
+def _changed_between(runs: list[str], study: str = "") -> str:
+    """The same account for a sweep whose runs come from several commits: the files that differ
+    between the first commit and each other one, and whether any can move a number."""
+    clean = sorted({r.removesuffix("-dirty") for r in runs if r != "unknown"})
+    files = _changed_files(clean[1:], clean[0]) if len(clean) > 1 else None
+    return _describe(". What differs between those commits", files, study) if files else ""
+
+
+def _changed_files(commits: list[str], against: str) -> list[str] | None:
+    """Files under bnexp/, conf/ and experiments/ that differ between ``against`` and any of
+    ``commits`` (sorted, no repeats); None when git cannot say."""
+    files: set[str] = set()
+    for commit in commits:
+        try:
+            out = subprocess.run(["git", "diff", "--name-only", commit, against, "--", ":(top)bnexp",
+                                  ":(top)conf", ":(top)experiments"], cwd=Path(__file__).parent,
+                                 capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        if out.returncode:
+            return None
+        files.update(out.stdout.split())
+    return sorted(files)
+
+
+def _describe(lead: str, files: list[str], study: str) -> str:
     def other_study(f: str) -> bool:
         name = Path(f).stem
         return (bool(study) and f.startswith("conf/study/") and not name.startswith(study)
@@ -299,9 +318,9 @@ def _changed_since(runs: list[str], head: str, study: str = "") -> str:
 
     listed = ", ".join(f"`{f}`" for f in files)
     if all(f.startswith(ANALYSIS_CODE) or other_study(f) for f in files):
-        return (f". Changed since the runs, all on the analysis side or in other studies' configs "
+        return (f"{lead}, all on the analysis side or in other studies' configs "
                 f"(they cannot move this study's numbers): {listed}")
-    return (f". Changed since the runs, some on the training side (re-run the study if they "
+    return (f"{lead}, some on the training side (re-run the study if they "
             f"change what it computes): {listed}")
 
 

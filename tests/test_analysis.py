@@ -609,3 +609,26 @@ def test_report_exempts_only_other_studies_configs(monkeypatch, study, changed, 
     text = report._changed_since(["a" * 40], "b" * 40, study)
     assert all(f"`{f}`" in text for f in changed)
     assert ("some on the training side" in text) == (side == "training")
+
+
+def test_report_accounts_for_what_differs_between_the_runs_commits(monkeypatch):
+    """Runs from several commits: the files that differ between them, against git's own list for
+    this repository's last code commit and its parent, classified as _changed_since classifies."""
+    import subprocess
+
+    from bnexp import report
+
+    root = Path(report.__file__).resolve().parents[1]
+    git = lambda *a: subprocess.run(["git", *a], cwd=root, capture_output=True, text=True).stdout.split()  # noqa: E731
+    head = report._code_commit()
+    if not head:
+        pytest.skip("not a git checkout")
+    parent = git("rev-parse", f"{head}^")[0]
+    files = git("diff", "--name-only", parent, head, "--", "bnexp", "conf", "experiments")
+    text = report._changed_between([head, parent + "-dirty"])
+    assert text.startswith(". What differs between those commits")
+    assert all(f"`{f}`" in text for f in files) and text.count("`") == 2 * len(files)
+    assert ("all on the analysis side" in text) == all(f.startswith(report.ANALYSIS_CODE) for f in files)
+    assert report._changed_between([head]) == "" and report._changed_between([head, "unknown"]) == ""
+    monkeypatch.setattr(report, "ANALYSIS_CODE", ("nowhere/",))
+    assert "some on the training side" in report._changed_between([parent, head])
