@@ -16,6 +16,7 @@ import matplotlib as mpl
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
+from matplotlib.patches import Patch, Rectangle
 
 from .tables import summarize
 
@@ -43,6 +44,10 @@ LABELS: dict[str, str] = {
 }
 # Okabe-Ito: distinguishable in colour-blind vision and in greyscale print.
 PALETTE = ["#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#000000", "#F0E442"]
+
+
+# Legend entry of the arms some of whose seeds did not train (open marker, hatched bar or cell).
+UNTRAINED_LABEL = "some seeds did not train"
 
 
 def set_style() -> None:
@@ -107,9 +112,12 @@ def plot_metric_vs(df: pd.DataFrame, x: str, y: str, hue: str | None = None, log
         g = g.assign(_x=g[x].map(xpos)).sort_values("_x")
         _line_band(ax, g["_x"], g, y, color, _fmt(value))
         _mark_diverged(ax, g["_x"][g["n_diverged"] > 0], color, level=i)
+        bad = _untrained(g)
+        ax.plot(g["_x"][bad], g[f"{y}.mean"][bad] * (100.0 if is_percent(y) else 1.0), ls="none",
+                marker="o", ms=7, mfc="white", mec=color, mew=1.5)
     _x_axis(ax, x, xs_all, xpos, logx)
     _finish(ax, label(x) if x in ("epoch", "step") else knob_label(x), label(y), hue, title,
-            diverged=bool(stats["n_diverged"].sum()))
+            diverged=bool(stats["n_diverged"].sum()), untrained="marker" if _untrained(stats).any() else "")
     return fig
 
 
@@ -147,8 +155,12 @@ def plot_bars(df: pd.DataFrame, x: str, y: str, hue: str | None = None, ci: floa
             color = [_colors(pd.Series(xs_all))[xs_all.index(v)] for v in g[x]]
         mean = g[f"{y}.mean"] * scale
         err = np.vstack([mean - g[f"{y}.ci_lo"] * scale, g[f"{y}.ci_hi"] * scale - mean])
-        ax.bar(pos, mean, width * 0.9, yerr=np.nan_to_num(err), color=color, alpha=0.85,
-               capsize=2, ecolor="0.2", error_kw={"elinewidth": 1}, label=_fmt(value))
+        bars = ax.bar(pos, mean, width * 0.9, yerr=np.nan_to_num(err), color=color, alpha=0.85,
+                      capsize=2, ecolor="0.2", error_kw={"elinewidth": 1}, label=_fmt(value))
+        for bar, bad in zip(bars, _untrained(g)):
+            if bad:
+                bar.set_hatch("///")
+                bar.set_edgecolor("0.15")
         _dots(ax, df[df[hue_col].astype(str) == str(value)], x, y, pos, g, scale, width)
         _mark_diverged(ax, pos[g["n_diverged"] > 0], "0.3" if hue is None else color)
     ticks = [_fmt(v) for v in xs_all]
@@ -156,7 +168,8 @@ def plot_bars(df: pd.DataFrame, x: str, y: str, hue: str | None = None, ci: floa
     ax.set_xticks(range(len(xs_all)), ticks, rotation=30 if crowded else 0,
                   ha="right" if crowded else "center")
     ax.grid(axis="x", visible=False)
-    _finish(ax, knob_label(x), label(y), hue, title, diverged=bool(stats["n_diverged"].sum()))
+    _finish(ax, knob_label(x), label(y), hue, title, diverged=bool(stats["n_diverged"].sum()),
+            untrained="hatch" if _untrained(stats).any() else "")
     return fig
 
 
@@ -182,6 +195,9 @@ def plot_heatmap(df: pd.DataFrame, row: str, col: str, value: str, ci: float = 0
         dark = not math.isnan(grid[i, j]) and norm(grid[i, j]) < 0.5
         ax.text(j, i, _cell_text(s, value, scale), ha="center", va="center", fontsize=7.5,
                 color="white" if dark else "black")
+        if s.get("n_untrained", 0):
+            ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, hatch="///",
+                                               edgecolor="0.55", linewidth=0))
     ax.set_xticks(range(len(cols)), [_fmt(c) for c in cols])
     ax.set_yticks(range(len(rows)), [_fmt(r) for r in rows])
     ax.grid(False)
@@ -321,7 +337,16 @@ def _log_base(xs: list, logx):
     return 2 if powers_of_two and span >= 8 else 10 if span >= 100 else None
 
 
-def _finish(ax, xlabel, ylabel, hue, title, diverged) -> None:
+def _untrained(stats: pd.DataFrame) -> pd.Series:
+    """Groups (rows of ``summarize``) in which some used run did not train (``n_untrained``,
+    present when the runs carry ``check_training``'s ``trained``): figures mark them, since the
+    report does not compare such an arm."""
+    if "n_untrained" not in stats:
+        return pd.Series(False, index=stats.index)
+    return stats["n_untrained"].fillna(0).astype(int) > 0
+
+
+def _finish(ax, xlabel, ylabel, hue, title, diverged, untrained: str = "") -> None:
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     if title:
@@ -329,16 +354,21 @@ def _finish(ax, xlabel, ylabel, hue, title, diverged) -> None:
     if diverged:
         ax.margins(y=0.15)  # headroom: the x marks sit at the top edge, above the data
         ax.plot([], [], ls="none", marker="x", mew=2, color="0.3", label="diverged runs")
+    if untrained == "marker":
+        ax.plot([], [], ls="none", marker="o", ms=7, mfc="white", mec="0.3", mew=1.5,
+                label=UNTRAINED_LABEL)
+    extra = ([Patch(facecolor="white", edgecolor="0.15", hatch="///", label=UNTRAINED_LABEL)]
+             if untrained == "hatch" else [])
     handles, _ = ax.get_legend_handles_labels()
-    if hue or diverged:
-        _legend(ax, knob_label(hue) if hue else None, many=len(handles) > 4)
+    if hue or diverged or untrained:
+        _legend(ax, knob_label(hue) if hue else None, many=len(handles) + len(extra) > 4, extra=extra)
 
 
-def _legend(ax, title, many: bool) -> None:
+def _legend(ax, title, many: bool, extra=()) -> None:
     """Inside when it is small, outside on the right when it would cover the data; the
     'diverged runs' entry last (matplotlib would list line handles before bars)."""
-    pairs = list(zip(*ax.get_legend_handles_labels()))
-    pairs.sort(key=lambda hl: hl[1] == "diverged runs")
+    pairs = list(zip(*ax.get_legend_handles_labels())) + [(h, h.get_label()) for h in extra]
+    pairs.sort(key=lambda hl: hl[1] in ("diverged runs", UNTRAINED_LABEL))
     handles, labels = zip(*pairs) if pairs else ((), ())
     where = {"loc": "upper left", "bbox_to_anchor": (1.01, 1.0)} if many else {}
     ax.legend(handles, labels, title=title, **where)
@@ -352,7 +382,8 @@ def _cell_text(s: pd.Series, value: str, scale: float) -> str:
     text = f"{mean:.1f}" if scale != 1.0 else f"{mean:.3g}"
     if not math.isnan(lo):
         text += f"\n±{mean - lo:.1f}" if scale != 1.0 else f"\n±{mean - lo:.2g}"
-    return text + f"\nn={n}" + diverged
+    untrained = f", {int(s['n_untrained'])} untrained" if s.get("n_untrained", 0) else ""
+    return text + f"\nn={n}{untrained}" + diverged
 
 
 def _sort_key(v):

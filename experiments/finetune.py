@@ -94,7 +94,9 @@ def gain_figure(long: pd.DataFrame, runs: pd.DataFrame):
     ax.axhline(0.0, color="0.3", lw=0.8)
     ax.set_xlabel("BN treatment")
     ax.set_ylabel("target accuracy gain (points)")
-    ax.legend(title="fine-tune batch", loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    legend = ax.get_legend()  # keep its entries ("some seeds did not train" too), retitled
+    ax.legend(legend.legend_handles, [t.get_text() for t in legend.get_texts()],
+              title="fine-tune batch", loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.set_figwidth(fig.get_figwidth() + 1.2)
     return fig
 

@@ -632,3 +632,32 @@ def test_report_accounts_for_what_differs_between_the_runs_commits(monkeypatch):
     assert report._changed_between([head]) == "" and report._changed_between([head, "unknown"]) == ""
     monkeypatch.setattr(report, "ANALYSIS_CODE", ("nowhere/",))
     assert "some on the training side" in report._changed_between([parent, head])
+
+
+def test_figures_mark_the_arms_some_of_whose_seeds_did_not_train():
+    """An arm the report does not compare must not read as a result in its figure: hatched bars
+    and heatmap cells, open markers on lines, and a legend entry, exactly for the groups with a
+    run whose ``trained`` is False (NaN: not checked, unmarked)."""
+    from bnexp import plots
+
+    df = pd.DataFrame({"norm": ["bn"] * 4 + ["none"] * 4, "batch": [8, 8, 128, 128] * 2,
+                       "seed": [0, 1] * 4, "status": "ok",
+                       "test_acc": [0.9, 0.91, 0.89, 0.9, 0.5, 0.6, 0.1, 0.12],
+                       "trained": [True, True, True, float("nan"), True, False, False, False]})
+    bad = {("none", 8), ("none", 128)}
+    fig = plots.plot_bars(df, "batch", "test_acc", hue="norm")
+    ax = fig.axes[0]
+    hatched = [p for p in ax.patches if p.get_hatch()]
+    assert len(hatched) == len(bad)
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert plots.UNTRAINED_LABEL in labels
+    heat = plots.plot_heatmap(df, "norm", "batch", "test_acc").axes[0]
+    texts = {t.get_text() for t in heat.texts}
+    assert sum("untrained" in t for t in texts) == len(bad)
+    assert "n=2, 1 untrained" in "".join(texts) and "n=2, 2 untrained" in "".join(texts)
+    assert sum(1 for p in heat.patches if p.get_hatch()) == len(bad)
+    line = plots.plot_metric_vs(df, "batch", "test_acc", hue="norm").axes[0]
+    open_marks = [ln for ln in line.lines if ln.get_markerfacecolor() == "white" and len(ln.get_xdata())]
+    assert sorted(x for ln in open_marks for x in ln.get_xdata()) == [8, 128]
+    clean = df.assign(trained=True)
+    assert not any(p.get_hatch() for p in plots.plot_bars(clean, "batch", "test_acc", hue="norm").axes[0].patches)
