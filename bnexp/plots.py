@@ -382,7 +382,7 @@ def _cell_text(s: pd.Series, value: str, scale: float) -> str:
     text = f"{mean:.1f}" if scale != 1.0 else f"{mean:.3g}"
     if not math.isnan(lo):
         text += f"\n±{mean - lo:.1f}" if scale != 1.0 else f"\n±{mean - lo:.2g}"
-    untrained = f", {int(s['n_untrained'])} untrained" if s.get("n_untrained", 0) else ""
+    untrained = f"\n{int(s['n_untrained'])} untrained" if s.get("n_untrained", 0) else ""
     return text + f"\nn={n}{untrained}" + diverged
 
 

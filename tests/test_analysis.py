@@ -654,7 +654,8 @@ def test_figures_mark_the_arms_some_of_whose_seeds_did_not_train():
     heat = plots.plot_heatmap(df, "norm", "batch", "test_acc").axes[0]
     texts = {t.get_text() for t in heat.texts}
     assert sum("untrained" in t for t in texts) == len(bad)
-    assert "n=2, 1 untrained" in "".join(texts) and "n=2, 2 untrained" in "".join(texts)
+    joined = "|".join(texts)
+    assert "n=2\n1 untrained" in joined and "n=2\n2 untrained" in joined
     assert sum(1 for p in heat.patches if p.get_hatch()) == len(bad)
     line = plots.plot_metric_vs(df, "batch", "test_acc", hue="norm").axes[0]
     open_marks = [ln for ln in line.lines if ln.get_markerfacecolor() == "white" and len(ln.get_xdata())]
