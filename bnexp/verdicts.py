@@ -147,7 +147,7 @@ def training_text(arms: pd.DataFrame) -> str:
         return criteria + " No run finished."
     failed = arms[arms["trained"] < arms["runs"]]
     if failed.empty:
-        return criteria + f" All {len(arms)} arms trained."
+        return criteria + (f" All {len(arms)} arms trained." if len(arms) != 1 else " Its one arm trained.")
     return (criteria + f" {len(failed)} of {len(arms)} arms **did not train**; they are not "
             "compared:\n\n" + markdown_table(failed))
 
