@@ -275,11 +275,15 @@ ANALYSIS_CODE = ("bnexp/analysis.py", "bnexp/plots.py", "bnexp/report.py", "bnex
                  "bnexp/tables.py", "bnexp/verdicts.py", "experiments/")
 
 
+# Studies whose runs start from another study's runs: that study's config is theirs too.
+STUDY_INPUTS = {"finetune": ("finetune_source",)}
+
+
 def _changed_since(runs: list[str], head: str, study: str = "") -> str:
     """Which code files changed between the runs' commits and the analysis code, and whether all
     of them are analysis-side or another study's config (then the numbers of the runs cannot have
-    moved). A config whose name shares a prefix with ``study`` (finetune / finetune_source) counts
-    as this study's own."""
+    moved). A study's own configs are its own and those of the studies it reads the runs of
+    (``STUDY_INPUTS``: finetune starts from finetune_source's models)."""
     clean = sorted({r.removesuffix("-dirty") for r in runs if r != "unknown"} - {head})
     files = _changed_files(clean, head) if head and clean else None
     return _describe(". Changed since the runs", files, study) if files else ""
@@ -311,10 +315,10 @@ def _changed_files(commits: list[str], against: str) -> list[str] | None:
 
 
 def _describe(lead: str, files: list[str], study: str) -> str:
+    own = {study, *STUDY_INPUTS.get(study, ())}
+
     def other_study(f: str) -> bool:
-        name = Path(f).stem
-        return (bool(study) and f.startswith("conf/study/") and not name.startswith(study)
-                and not study.startswith(name))
+        return bool(study) and f.startswith("conf/study/") and Path(f).stem not in own
 
     listed = ", ".join(f"`{f}`" for f in files)
     if all(f.startswith(ANALYSIS_CODE) or other_study(f) for f in files):

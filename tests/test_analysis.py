@@ -594,7 +594,9 @@ def test_report_names_the_code_changed_since_the_runs_and_whether_it_is_analysis
     ("batch_size", ["conf/study/fusion.yaml", "bnexp/plots.py"], "analysis"),
     ("fusion", ["conf/study/fusion.yaml"], "training"),
     ("finetune", ["conf/study/finetune_source.yaml"], "training"),   # its sources' config
-    ("batch_size", ["conf/study/batch_size_true.yaml"], "training"),  # shared prefix: counted as its own
+    ("batch_size", ["conf/study/batch_size_true.yaml"], "analysis"),  # a name prefix is no tie
+    ("finetune_source", ["conf/study/finetune.yaml"], "analysis"),    # the sources do not read it
+    ("finetune_source", ["conf/study/finetune_source.yaml"], "training"),
     ("batch_size", ["conf/norm/bn.yaml", "conf/study/fusion.yaml"], "training"),
     ("", ["conf/study/fusion.yaml"], "training"),                    # no study named: no exemption
 ])
