@@ -32,13 +32,15 @@ estimate, while frozen or re-estimated statistics do not depend on the batch.
 """
 from __future__ import annotations
 
+import math
+
 from pathlib import Path
 
 import pandas as pd
 
 from bnexp import analysis as A
 from bnexp.studies import Study, StudyData, analyze
-from bnexp.verdicts import Shape, expect
+from bnexp.verdicts import Shape, chance, expect
 import finetune_source
 from common import run_study, study_dir, sweep
 
@@ -166,7 +168,21 @@ def notes(d: StudyData) -> str:
             f"{cfg['data.train_size']} target training images, {cfg['optim.epochs']} epochs, lr "
             f"{cfg['optim.lr']:g} at batch 128 scaled linearly. Sources (clean test set, EMA stats): "
             f"{100 * sources['test_acc'].mean():.1f}% mean over {len(sources)} seeds. Eval-only "
-            "rows do not depend on the fine-tune batch: each column repeats them.")
+            "rows do not depend on the fine-tune batch: each column repeats them. "
+            + first_epoch_loss(d.curves, 1.0 / chance(cfg)))
+
+
+def first_epoch_loss(curves: pd.DataFrame, classes: float) -> str:
+    """Mean first-epoch training loss per BN mode at the largest fine-tune batch (the largest
+    lr under linear scaling), against chance (ln of the class count): a mode whose first steps
+    blow the model up shows it here, where the final accuracy alone reads as a poor result."""
+    if not {"epoch", "train_loss", MODE, BATCH} <= set(curves) or curves.empty:
+        return ""
+    large = curves[(curves[BATCH] == curves[BATCH].max()) & (curves["epoch"] == curves["epoch"].min())]
+    per_mode = large.groupby(MODE)["train_loss"].agg(["mean", "max"])
+    parts = [f"{mode} {r['mean']:.2f} (max {r['max']:.2f})" for mode, r in per_mode.iterrows()]
+    return (f"First-epoch training loss at fine-tune batch {curves[BATCH].max()}, mean over seeds: "
+            + ", ".join(parts) + f"; chance is ln {classes:g} = {math.log(classes):.2f}.")
 
 
 def adapted_helps(d: StudyData):

@@ -251,3 +251,22 @@ def test_norm_vs_noise_verdict_names_the_explanation_whose_intervals_exclude_zer
     assert text.startswith("The data support both explanations")
     assert "PN -> BN, none -> none + GNI, LN -> LN + GNI" in text and "none -> PN" in text
     assert "none -> LN" not in text
+
+
+def test_finetune_first_epoch_loss_reads_the_largest_batch_first_epoch_per_mode():
+    """Means and maxima over seeds of epoch 1's loss at the largest batch only, by hand."""
+    import math
+
+    import finetune
+
+    rows = []
+    for mode, losses in {"train": [0.2, 0.4], "frozen_stats": [9.0, 3.0]}.items():
+        for seed, loss in enumerate(losses):
+            for batch in (2, 128):
+                for epoch, scale in ((1, 1.0), (2, 0.5)):
+                    rows.append({finetune.MODE: mode, finetune.BATCH: batch, "seed": seed, "epoch": epoch,
+                                 "train_loss": loss * scale + (100.0 if batch == 2 else 0.0)})
+    text = finetune.first_epoch_loss(pd.DataFrame(rows), 10)
+    assert "batch 128" in text and "frozen_stats 6.00 (max 9.00)" in text and "train 0.30 (max 0.40)" in text
+    assert f"ln 10 = {math.log(10):.2f}" in text
+    assert finetune.first_epoch_loss(pd.DataFrame(), 10) == ""
