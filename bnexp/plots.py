@@ -16,7 +16,7 @@ import matplotlib as mpl
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
-from matplotlib.patches import Patch, Rectangle
+from matplotlib.patches import Rectangle
 
 from .tables import summarize
 
@@ -357,17 +357,18 @@ def _finish(ax, xlabel, ylabel, hue, title, diverged, untrained: str = "") -> No
     if untrained == "marker":
         ax.plot([], [], ls="none", marker="o", ms=7, mfc="white", mec="0.3", mew=1.5,
                 label=UNTRAINED_LABEL)
-    extra = ([Patch(facecolor="white", edgecolor="0.15", hatch="///", label=UNTRAINED_LABEL)]
-             if untrained == "hatch" else [])
+    elif untrained == "hatch":  # an empty patch in axes coordinates: a legend entry, no data
+        ax.add_artist(Rectangle((0, 0), 0, 0, facecolor="white", edgecolor="0.15", hatch="///",
+                                label=UNTRAINED_LABEL, transform=ax.transAxes))
     handles, _ = ax.get_legend_handles_labels()
     if hue or diverged or untrained:
-        _legend(ax, knob_label(hue) if hue else None, many=len(handles) + len(extra) > 4, extra=extra)
+        _legend(ax, knob_label(hue) if hue else None, many=len(handles) > 4)
 
 
-def _legend(ax, title, many: bool, extra=()) -> None:
+def _legend(ax, title, many: bool) -> None:
     """Inside when it is small, outside on the right when it would cover the data; the
     'diverged runs' entry last (matplotlib would list line handles before bars)."""
-    pairs = list(zip(*ax.get_legend_handles_labels())) + [(h, h.get_label()) for h in extra]
+    pairs = list(zip(*ax.get_legend_handles_labels()))
     pairs.sort(key=lambda hl: hl[1] in ("diverged runs", UNTRAINED_LABEL))
     handles, labels = zip(*pairs) if pairs else ((), ())
     where = {"loc": "upper left", "bbox_to_anchor": (1.01, 1.0)} if many else {}

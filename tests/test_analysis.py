@@ -649,7 +649,7 @@ def test_figures_mark_the_arms_some_of_whose_seeds_did_not_train():
     bad = {("none", 8), ("none", 128)}
     fig = plots.plot_bars(df, "batch", "test_acc", hue="norm")
     ax = fig.axes[0]
-    hatched = [p for p in ax.patches if p.get_hatch()]
+    hatched = [p for p in ax.patches if p.get_hatch() and p.get_label() != plots.UNTRAINED_LABEL]
     assert len(hatched) == len(bad)
     labels = [t.get_text() for t in ax.get_legend().get_texts()]
     assert plots.UNTRAINED_LABEL in labels
