@@ -270,3 +270,26 @@ def test_finetune_first_epoch_loss_reads_the_largest_batch_first_epoch_per_mode(
     assert "batch 128" in text and "frozen_stats 6.00 (max 9.00)" in text and "train 0.30 (max 0.40)" in text
     assert f"ln 10 = {math.log(10):.2f}" in text
     assert finetune.first_epoch_loss(pd.DataFrame(), 10) == ""
+
+
+@pytest.mark.parametrize("bn_acc, bn_trained, none_status, none_acc, verdict", [
+    (1.00, 3, "diverged", None, "shown"),     # BN finished, none diverged
+    (0.95, 0, "diverged", None, "partly"),    # BN learned (>= 2 x chance) but its loss still fell
+    (0.10, 0, "diverged", None, "not shown"),  # BN stalled at chance too
+    (1.00, 3, "ok", 0.90, "not shown"),       # the unnormalized net learned there as well
+])
+def test_lr_sensitivity_high_lr_shape_reads_learned_and_finished_apart(bn_acc, bn_trained, none_status,
+                                                                        none_acc, verdict):
+    """The shape at the largest lr: BN learns and none diverges or stalls (the docstring's
+    reading), graded shown / partly by whether BN's seeds also passed the plateau check."""
+    from types import SimpleNamespace
+
+    import lr_sensitivity as L
+
+    runs = pd.DataFrame([{"norm": n, L.LR: 3.0, "seed": s, "data.name": "fashion_mnist",
+                          "status": "ok" if n == "bn" else none_status,
+                          "train_acc": bn_acc if n == "bn" else none_acc} for n in ("bn", "none") for s in range(3)])
+    arms = pd.DataFrame([{"norm": "bn", L.LR: 3.0, "runs": 3, "trained": bn_trained, "why not": "loss falling"},
+                         {"norm": "none", L.LR: 3.0, "runs": 3, "trained": 3 if none_acc else 0,
+                          "why not": "" if none_acc else "diverged"}])
+    assert L.only_bn_at_high_lr(SimpleNamespace(runs=runs, arms=arms)).status == verdict
