@@ -664,3 +664,18 @@ def test_figures_mark_the_arms_some_of_whose_seeds_did_not_train():
     assert sorted(x for ln in open_marks for x in ln.get_xdata()) == [8, 128]
     clean = df.assign(trained=True)
     assert not any(p.get_hatch() for p in plots.plot_bars(clean, "batch", "test_acc", hue="norm").axes[0].patches)
+
+
+def test_line_bands_stay_within_the_values_a_loss_can_take():
+    """Three seeds that disagree give a t interval reaching below 0; a loss cannot, so the band
+    is cut at 0 (and left alone above), as accuracies are cut to [0, 100] %."""
+    from bnexp import plots
+
+    df = pd.DataFrame({"norm": "none", "lr": [0.1] * 3 + [1.0] * 3, "seed": [0, 1, 2] * 2, "status": "ok",
+                       "train_loss": [0.01, 0.02, 2.3, 0.5, 0.6, 0.7]})
+    ax = plots.plot_metric_vs(df, "lr", "train_loss", hue="norm").axes[0]
+    band = ax.collections[0].get_paths()[0].vertices[:, 1]
+    mean, std = np.mean([0.01, 0.02, 2.3]), np.std([0.01, 0.02, 2.3], ddof=1)
+    assert mean - T975[2] * std / math.sqrt(3) < 0  # the unclipped interval would cross 0
+    assert band.min() == pytest.approx(0.0) and band.max() > 2.3
+    assert plots.value_range("train_loss") == (0.0, None) and plots.value_range("test_acc.ema") == (0.0, 1.0)
