@@ -77,8 +77,8 @@ def knob_label(col: str) -> str:
 
 def is_percent(col: str) -> bool:
     """Accuracy-like fractions (error rates and the gap too) are drawn and tabulated in percent:
-    the bounded metrics of ``value_range``."""
-    return value_range(col)[0] is not None
+    the metrics ``value_range`` bounds on both sides (a loss, bounded below only, is not)."""
+    return None not in value_range(col)
 
 
 def save_figure(fig: Figure, directory, stem: str) -> list[Path]:
