@@ -567,9 +567,10 @@ def test_status_finds_sweeps_in_the_study_data_scale_layout(tmp_path, capsys):
         assert f"{tmp_path / 'toy' / leaf}: done=1" in out
 
 
-def test_report_names_the_code_changed_since_the_runs_and_whether_it_is_analysis_only(monkeypatch):
-    """Against this repository's own history: the first parent of the analysis code commit vs
-    that commit, compared with git's own list of files it changed."""
+@pytest.fixture
+def last_code_commit():
+    """(the analysis code commit, its first parent, git's own list of the code files it changed)
+    of this repository; skipped outside a git checkout."""
     import subprocess
 
     from bnexp import report
@@ -580,7 +581,16 @@ def test_report_names_the_code_changed_since_the_runs_and_whether_it_is_analysis
     if not head:
         pytest.skip("not a git checkout")
     parent = git("rev-parse", f"{head}^")[0]
-    files = git("diff", "--name-only", parent, head, "--", "bnexp", "conf", "experiments")
+    return head, parent, git("diff", "--name-only", parent, head, "--", "bnexp", "conf", "experiments")
+
+
+def test_report_names_the_code_changed_since_the_runs_and_whether_it_is_analysis_only(monkeypatch,
+                                                                                      last_code_commit):
+    """Against this repository's own history: the first parent of the analysis code commit vs
+    that commit, compared with git's own list of files it changed."""
+    from bnexp import report
+
+    head, parent, files = last_code_commit
     text = report._changed_since([parent], head)
     assert all(f"`{f}`" in text for f in files)
     analysis_only = all(f.startswith(report.ANALYSIS_CODE) for f in files)
@@ -613,20 +623,12 @@ def test_report_exempts_only_other_studies_configs(monkeypatch, study, changed, 
     assert ("some on the training side" in text) == (side == "training")
 
 
-def test_report_accounts_for_what_differs_between_the_runs_commits(monkeypatch):
+def test_report_accounts_for_what_differs_between_the_runs_commits(monkeypatch, last_code_commit):
     """Runs from several commits: the files that differ between them, against git's own list for
     this repository's last code commit and its parent, classified as _changed_since classifies."""
-    import subprocess
-
     from bnexp import report
 
-    root = Path(report.__file__).resolve().parents[1]
-    git = lambda *a: subprocess.run(["git", *a], cwd=root, capture_output=True, text=True).stdout.split()  # noqa: E731
-    head = report._code_commit()
-    if not head:
-        pytest.skip("not a git checkout")
-    parent = git("rev-parse", f"{head}^")[0]
-    files = git("diff", "--name-only", parent, head, "--", "bnexp", "conf", "experiments")
+    head, parent, files = last_code_commit
     text = report._changed_between([head, parent + "-dirty"])
     assert text.startswith(". What differs between those commits")
     assert all(f"`{f}`" in text for f in files) and text.count("`") == 2 * len(files)
