@@ -216,8 +216,15 @@ class EvalConfig:
     precise_samples: int
     precise_batch_size: Optional[int]
     adapt_samples: Optional[int]
+    # running averages at more momenta, kept beside BN's own and scored as modes ema_m<m>
+    # (bnexp/ema_shadows.py); a default, so configs saved before the key existed still parse
+    ema_momenta: tuple[Optional[float], ...] = ()
 
     def check(self) -> None:
+        for m in self.ema_momenta:
+            if m is not None and not 0.0 < m <= 1.0:
+                raise ConfigError(f"eval.ema_momenta: {m} must be in (0, 1] or null (the cumulative "
+                                  "average), as norm.momentum")
         for mode in self.modes:
             _choice("eval.modes", mode, EVAL_MODES)
         _choice("eval.default_mode", self.default_mode, EVAL_MODES)
@@ -348,13 +355,13 @@ def check_override_key(dotted: str, groups=()) -> None:
 
 
 def _section(name: str, cls: type, raw: dict):
-    known = {f.name for f in fields(cls)}
     hints = _hints(cls)
     values = {}
     for key, value in raw.items():
         attr = _section_attr(name, key)
         values[attr] = _typed(f"{name}.{key}", value, hints[attr])
-    _require(name + ".", values, known)
+    # a field with a default was added later: configs saved before it parse with the default
+    _require(name + ".", values, {f.name for f in fields(cls) if f.default is dataclasses.MISSING})
     return cls(**values)
 
 

@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import records
+from . import ema_shadows, records
 from .config import EvalConfig, SamplerConfig
 from .data import DataBundle, Split, seeded_generator
 from .moments import (  # noqa: F401  (re-exported: callers have always found these in stats)
@@ -216,7 +216,8 @@ def evaluate_modes(model: nn.Module, data: DataBundle, pipe, cfg: EvalConfig, tr
     default mode; the model is left exactly as it was.
 
     ``metrics``: ``test_acc.<mode>``, ``test_loss.<mode>``, ``ece.<mode>`` for each mode that
-    applies; ``test_acc``, ``test_loss``, ``ece`` of ``cfg.default_mode`` (of ``ema``, i.e. plain
+    applies, and with ``ema`` the same for each of the model's shadow EMAs (``ema_m0p01``, ...:
+    ``ema_shadows``); ``test_acc``, ``test_loss``, ``ece`` of ``cfg.default_mode`` (of ``ema``, i.e. plain
     eval, when that mode was skipped); per precise pass (``precise`` for the i.i.d. one,
     ``precise_sampler``) ``<pass>.var_ratio`` (mean-of-batch-variances / pooled variance),
     ``<pass>.ema_var_ratio`` (EMA / pooled) and ``<pass>.ema_mean_shift`` (|EMA - pooled mean| /
@@ -234,6 +235,11 @@ def evaluate_modes(model: nn.Module, data: DataBundle, pipe, cfg: EvalConfig, tr
         _put_scores(metrics, mode, result)
         if "layers" in info:
             tables[info["pass"]] = info["layers"]
+        if mode == "ema":  # the EMAs at eval.ema_momenta, on the same weights
+            for name, k in ema_shadows.shadow_modes(model):
+                with preserved(model):
+                    ema_shadows.swapped(model, k)
+                    _put_scores(metrics, name, _ema(model, data, pipe, cfg, train_batch_size, seed)[0])
     source = cfg.default_mode if cfg.default_mode not in skipped else "ema"
     if f"test_acc.{source}" not in metrics:
         _put_scores(metrics, "ema", run_mode("ema", model, data, pipe, cfg, train_batch_size, seed)[0])

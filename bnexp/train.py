@@ -20,7 +20,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from . import finetune, loggers, records
+from . import ema_shadows, finetune, loggers, records
 from .checkpoint import clear_last, load_last, save_last, save_model
 from .config import Config, OptimConfig, to_dict
 from .data import DataBundle, Pipeline, Split, load_data, spec
@@ -124,6 +124,7 @@ def build(cfg: Config, num_classes: int, device: torch.device) -> torch.nn.Modul
     ``load_data`` checks its images against) on ``device``, seeded, in channels_last when asked."""
     shape = spec(cfg.data.name)
     model = build_model(cfg.model, make_norm(cfg.norm), num_classes, shape.channels, shape.size).to(device)
+    ema_shadows.attach(model, cfg.eval.ema_momenta)  # more EMAs beside BN's own (none by default)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     return model

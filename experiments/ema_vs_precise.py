@@ -1,10 +1,14 @@
 """When is the EMA of batch statistics a poor estimate of the population statistics?
 
-Sweep (conf/study/ema_vs_precise.yaml): BN momentum {0.01, 0.1, 0.4} and the cumulative
-average (`norm.momentum=null`: every batch weighs the same, a control) x seeds {0, 1, 2} at a
-large batch (CIFAR-10: 1024, 48 steps per epoch; smoke: 256 on 2000 images, 7 steps per epoch),
-linear lr scaling with warmup. Every epoch the model is scored with its EMA statistics and with
-precise statistics (population statistics recomputed over `eval.precise_samples` training images).
+Sweep (conf/study/ema_vs_precise.yaml): seeds, at a large batch (CIFAR-10: 1024, 48 steps per
+epoch; smoke: 256 on 2000 images, 7 steps per epoch), linear lr scaling with warmup. Each run
+keeps BN's own EMA (momentum 0.1) and, beside it, shadow EMAs at momenta 0.01 and 0.4 and the
+cumulative average (`eval.ema_momenta`; `norm.momentum=null` is PyTorch's name for it, a
+control: every batch weighs the same). Train-mode BN never reads its running statistics, so the
+momentum does not change the weights: one run scores every momentum on one set of weights
+(bnexp/ema_shadows.py; tests/test_ema_shadows.py checks each shadow against a run trained at that
+momentum). Every epoch the model is scored with each EMA and with precise statistics (population
+statistics recomputed over `eval.precise_samples` training images).
 
 Then, after the sweep, this script re-scores each saved model (`model.pt`) with precise BN at N
 = 256, 1k, 4k, 16k samples (smoke: 64 ... 2000; `grid.<scale>.precise_n`), `repeats` independent
@@ -13,14 +17,12 @@ sweep and not as a swept `eval.precise_samples`: N only changes how the finished
 evaluated, so sweeping it would retrain an identical model per N; re-scoring one model at every
 N also puts all N on the same weights, so the curve shows the estimator alone. It uses the same
 code path as the run's own precise mode (`bnexp.stats.run_mode`); draw r = 0 at the run's own N
-reproduces its `test_acc.precise`. Only the momentum-0.1 runs are re-scored: train-mode BN never
-reads its running statistics, so the momentum does not change the weights (the report checks
-this: the per-epoch precise curves of a seed coincide across momenta). The report also gives (1
-- m)^t, the weight the EMA still puts on its initial buffers (mean 0, variance 1) after t steps.
+reproduces its `test_acc.precise`. The report also gives (1 - m)^t, the weight the EMA still puts
+on its initial buffers (mean 0, variance 1) after t steps.
 
-    make study S=ema_vs_precise ARGS="data=synthetic scale=smoke"   # 12 runs, a few CPU minutes
-    make study S=ema_vs_precise ARGS="data=fashion_mnist scale=small launcher=joblib"  # 12 runs
-    make study S=ema_vs_precise                                     # CIFAR-10: 12 runs, one GPU
+    make study S=ema_vs_precise ARGS="data=synthetic scale=smoke"   # 3 runs, a few CPU minutes
+    make study S=ema_vs_precise ARGS="data=fashion_mnist scale=small launcher=joblib"  # 4 runs
+    make study S=ema_vs_precise                                     # CIFAR-10: 3 runs, one GPU
 
 Expected (Wu & Johnson 2021, "Rethinking 'Batch' in BatchNorm", Sec. 3): with few steps per
 epoch the EMA lags the weights (small momentum: the average still holds statistics of much older
@@ -42,7 +44,7 @@ from bnexp.verdicts import Shape, expect, mean_diff
 from common import run_study
 
 MOMENTUM = "norm.momentum"
-REFERENCE_MOMENTUM = 0.1  # the runs re-scored at every N (any momentum gives the same weights)
+SCORES = ("test_acc", "test_err", "test_loss", "ece")  # per eval mode: <score>.<mode>
 
 
 # ----------------------------------------------------------------------------- re-scoring at N
@@ -90,9 +92,27 @@ def momentum_label(m) -> str:
 
 
 def reference_momentum(runs: pd.DataFrame) -> float:
-    """0.1 when swept, else the swept momentum closest to it."""
-    values = runs[MOMENTUM].dropna().unique()
-    return min(values, key=lambda m: abs(m - REFERENCE_MOMENTUM))
+    """BN's own momentum (``norm.momentum``), the one whose rows carry the run's own EMA."""
+    return float(runs[MOMENTUM].dropna().iloc[0])
+
+
+def by_momentum(frame: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
+    """One row per (row of ``frame``, momentum): the run's own EMA (``norm.momentum``) and each
+    shadow EMA of ``eval.ema_momenta`` (``test_acc.ema_m0p01``, ...) in the ``<score>.ema``
+    columns, the momentum in ``norm.momentum`` (NaN: the cumulative average); every other
+    column, precise included, is the row's (the same weights)."""
+    from bnexp.ema_shadows import mode_name  # the training side's naming (a script may import it)
+
+    momenta = json.loads(runs["eval.ema_momenta"].dropna().iloc[0]) if "eval.ema_momenta" in runs else []
+    if MOMENTUM not in frame:  # curves carry the swept columns only
+        frame = frame.assign(**{MOMENTUM: frame["run"].map(runs.set_index("run")[MOMENTUM])})
+    parts = [frame]
+    for m in momenta:
+        mode = mode_name(m)
+        cols = {f"{s}.{mode}": f"{s}.ema" for s in SCORES if f"{s}.{mode}" in frame}
+        shadow = frame.drop(columns=[f"{s}.ema" for s in SCORES if f"{s}.ema" in frame])
+        parts.append(shadow.rename(columns=cols).assign(**{MOMENTUM: float("nan") if m is None else m}))
+    return pd.concat(parts, ignore_index=True)
 
 
 # ----------------------------------------------------------------------------- figures, words
@@ -144,14 +164,6 @@ def figures(curves: pd.DataFrame, per_n: pd.DataFrame, runs: pd.DataFrame, ref: 
     return {"test_err_per_epoch": per_epoch, "test_err_vs_n": vs_n, "precise_err_vs_n": zoom}
 
 
-def same_weights_check(curves: pd.DataFrame) -> float:
-    """Largest difference (accuracy points) between momenta of one seed in the per-epoch precise
-    accuracy: 0 when the momentum did not change the weights."""
-    wide = curves.assign(m=curves[MOMENTUM].map(momentum_label)).pivot_table(
-        index=["seed", "epoch"], columns="m", values="test_acc.precise")
-    return float((wide.max(axis=1) - wide.min(axis=1)).max() * 100)
-
-
 def _paired(values) -> str:
     """``+m +/- h points (n=k)``: mean and 95% t-interval of per-seed differences (fractions)."""
     mean, _, n, half = A.mean_ci(values)
@@ -159,10 +171,10 @@ def _paired(values) -> str:
 
 
 def statements(runs: pd.DataFrame, curves: pd.DataFrame, per_n: pd.DataFrame) -> str:
-    """Paired by seed throughout: every momentum trains the same weights, so EMA and precise
-    of one seed score the same model and their difference is the estimator's alone."""
-    text = [f"Same weights across momenta: per-epoch precise accuracy of a seed differs by at most "
-            f"{same_weights_check(curves):.2f} points between momenta."]
+    """Paired by seed throughout: every EMA of a run and its precise statistics score the same
+    weights, so their difference is the estimator's alone. ``runs``, ``curves``: ``by_momentum``."""
+    text = ["Every EMA of a seed and its precise statistics score one set of weights: the EMAs "
+            "at other momenta are kept beside BN's own in the same run (eval.ema_momenta)."]
     errs = A.with_error(curves).assign(lag=lambda d: d["test_err.ema"] - d["test_err.precise"])
     errs = errs.assign(m=errs[MOMENTUM].map(momentum_label))
     mean_lag = errs.groupby(["run", "m"])["lag"].mean().groupby("m")
@@ -198,13 +210,15 @@ def initial_weight(runs: pd.DataFrame, curves: pd.DataFrame) -> pd.DataFrame:
 
 def prepare(d: StudyData) -> StudyData:
     d.extra["ref"] = reference_momentum(d.runs)
+    d.extra["runs_m"] = by_momentum(d.runs, d.runs)
+    d.extra["curves_m"] = by_momentum(d.curves, d.runs)
     d.extra["per_n"] = per_n = rescore(d.study_dir, d.runs)  # training side: the saved models
     per_n.to_csv(d.study_dir / "precise_vs_n.csv", index=False)
     return d
 
 
 def table(d: StudyData) -> pd.DataFrame:
-    runs = A.with_error(d.runs)
+    runs = A.with_error(d.extra["runs_m"])
     runs = runs.assign(**{MOMENTUM: runs[MOMENTUM].map(momentum_label)})
     metrics = ["test_err.ema", "test_err.precise"]
     return A.format_summary(A.summarize(runs, [MOMENTUM], metrics), [MOMENTUM], metrics)
@@ -212,19 +226,21 @@ def table(d: StudyData) -> pd.DataFrame:
 
 def notes(d: StudyData) -> str:
     per_n, runs = d.extra["per_n"], d.runs
+    curves = d.extra["curves_m"]
     n_metrics = ["test_err", "excess_err", "draw_std_points"]
     by_n = A.summarize(per_n, ["eval.precise_samples"], n_metrics)
-    return (f"Precise BN re-scored at each N on the momentum-{d.extra['ref']:g} runs: mean over "
+    return (f"Precise BN re-scored at each N on every run: mean over "
             f"{int(_grid_spec(runs.iloc[0])['repeats'])} independent draws of the N images per "
             "run, then 95% CI over seeds; excess_err is paired by seed (minus the largest N); "
             "draw_std_points is the accuracy spread (std, points) between draws of one model.\n\n"
             + A.markdown_table(A.format_summary(by_n, ["eval.precise_samples"], n_metrics))
             + "\n\nThe weight the EMA still puts on its initial buffers, (1 - m)^t after t steps:\n\n"
-            + A.markdown_table(initial_weight(runs, d.curves)))
+            + A.markdown_table(initial_weight(d.extra["runs_m"], curves)))
 
 
 def ema_above_precise(d: StudyData):
-    ok = A.with_error(d.runs[d.runs["status"] == "ok"])
+    runs = d.extra["runs_m"]
+    ok = A.with_error(runs[runs["status"] == "ok"])
     ok = ok.assign(lag=ok["test_err.ema"] - ok["test_err.precise"])  # the same model: paired
     return expect([(mean_diff(ok[ok[MOMENTUM] == m], "lag", "test_err", "EMA", "precise",
                               f" at {momentum_label(m)}"), +1)
@@ -251,8 +267,9 @@ STUDY = Study(
             Shape("precise BN with >= ~1k samples matches the population estimate", SOURCE,
                   precise_matches_from_1k)],
     requires=_ready, prepare=prepare,
-    figures=lambda d: figures(d.curves, d.extra["per_n"], d.runs, d.extra["ref"]),
-    table=table, comparisons=lambda d: statements(d.runs, d.curves, d.extra["per_n"]), notes=notes)
+    figures=lambda d: figures(d.extra["curves_m"], d.extra["per_n"], d.extra["runs_m"], d.extra["ref"]),
+    table=table, comparisons=lambda d: statements(d.extra["runs_m"], d.extra["curves_m"], d.extra["per_n"]),
+    notes=notes)
 
 
 if __name__ == "__main__":
