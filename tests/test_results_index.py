@@ -51,3 +51,4 @@ def test_index_row_carries_every_verdict_the_command_and_the_sweep_wall_time(tmp
     assert 'make study S=noise ARGS="data=fashion_mnist scale=small"' in row
     assert "| 20 min |" in row  # (1300 - 100) / 60, not the 1740 s summed over runs
     assert "Not run at this setting yet:" in text and "`demo`" in text
+    assert "`batch_size_true` (measured: no arm converges" in text  # why, where it was measured
