@@ -86,42 +86,53 @@ def injected_noise(run: pd.Series) -> tuple[float, float]:
 def plot_vs_noise(runs: pd.DataFrame, metrics: tuple = ("test_acc", "gen_gap")) -> Figure:
     """One panel per metric: mean over seeds against the mean measured noise, one point per norm
     with 95% CI bars in both directions, labelled with the norm preset. The y range fits the
-    normalized nets; `none` (noise 0, a different net) is named in the corner when off scale."""
+    normalized nets' intervals; a point outside it (`none`: noise 0, a different net) is not
+    drawn but named in the corner. An arm with seeds that did not train (``trained``) gets an
+    open marker, as in every bnexp figure: the report does not compare it."""
     A.set_style()
     fig = Figure(figsize=(4.2 * len(metrics) + 1.4, 3.6))
     axes = fig.subplots(1, len(metrics), squeeze=False).ravel()
     stats = A.summarize(runs, ["norm"], ["noise", *metrics]).sort_values("noise.mean")
     normed = stats[stats["norm"] != "none"]
+    untrained = (stats["n_untrained"].fillna(0).gt(0) if "n_untrained" in stats
+                 else pd.Series(False, index=stats.index))
     for ax, metric in zip(axes, metrics):
         scale = 100.0 if A.is_percent(metric) else 1.0
-        for i, (color, (_, s)) in enumerate(zip(PALETTE * 2, stats.iterrows())):
+        lo, hi = _y_range(normed, metric, scale)
+        inside = (stats[f"{metric}.mean"].mul(scale).between(lo, hi) if np.isfinite(lo) and np.isfinite(hi)
+                  else pd.Series(True, index=stats.index))
+        for i, (color, (k, s)) in enumerate(zip(PALETTE * 2, stats.iterrows())):
+            if not inside[k]:
+                continue
             x, y = s["noise.mean"], s[f"{metric}.mean"] * scale
             xerr = np.nan_to_num(s["noise.ci_hi"] - x)
             yerr = np.nan_to_num(s[f"{metric}.ci_hi"] * scale - y)
-            ax.errorbar(x, y, xerr=xerr, yerr=yerr, fmt="o", color=color, capsize=2, label=s["norm"])
+            face = "white" if untrained[k] else color
+            ax.errorbar(x, y, xerr=xerr, yerr=yerr, fmt="o", color=color, mfc=face, mec=color, capsize=2,
+                        label=s["norm"] + (" (did not train)" if untrained[k] else ""))
             ax.annotate(s["norm"], (x, y), textcoords="offset points", fontsize=7,
                         xytext=(4, 5 if i % 2 else -10))  # alternate sides: neighbours overlap
-        ax.plot(normed["noise.mean"], normed[f"{metric}.mean"] * scale, color="0.6", lw=0.8, zorder=0)
-        _fit_to(ax, normed, stats, metric, scale)
+        line = normed[~untrained[normed.index]]  # the trend through the arms that trained
+        ax.plot(line["noise.mean"], line[f"{metric}.mean"] * scale, color="0.6", lw=0.8, zorder=0)
+        if np.isfinite(lo) and np.isfinite(hi):
+            ax.set_ylim(lo, hi)
+        outside = stats[~inside]
+        if len(outside):
+            ax.text(0.02, 0.02, "off scale: " + "; ".join(
+                f"{r['norm']} {r[f'{metric}.mean'] * scale:.1f}" + (" (did not train)" if untrained[k] else "")
+                for k, r in outside.iterrows()), transform=ax.transAxes, fontsize=7, color="0.3")
         ax.set_xlabel("measured normalization noise\n(std of the perturbation of x_hat)")
         ax.set_ylabel(A.label(metric))
     axes[-1].legend(title=A.knob_label("norm"), loc="upper left", bbox_to_anchor=(1.01, 1.0))
     return fig
 
 
-def _fit_to(ax, normed: pd.DataFrame, stats: pd.DataFrame, metric: str, scale: float) -> None:
-    """y limits around the normalized nets' intervals; a corner note for points left outside."""
+def _y_range(normed: pd.DataFrame, metric: str, scale: float) -> tuple[float, float]:
+    """y limits around the normalized nets' intervals (15% padding); NaN when there are none."""
     lo = (normed[f"{metric}.ci_lo"].fillna(normed[f"{metric}.mean"]).min()) * scale
     hi = (normed[f"{metric}.ci_hi"].fillna(normed[f"{metric}.mean"]).max()) * scale
-    if not (np.isfinite(lo) and np.isfinite(hi)):
-        return
     pad = 0.15 * max(hi - lo, 1e-9)
-    ax.set_ylim(lo - pad, hi + pad)
-    outside = stats[~stats[f"{metric}.mean"].mul(scale).between(lo - pad, hi + pad)]
-    if len(outside):
-        ax.text(0.02, 0.02, "off scale: " + "; ".join(
-            f"{r['norm']} {r[f'{metric}.mean'] * scale:.1f}" for _, r in outside.iterrows()),
-            transform=ax.transAxes, fontsize=7, color="0.3")
+    return lo - pad, hi + pad
 
 
 def plot_noise_vs_batch(noise: pd.DataFrame, title: str) -> Figure:

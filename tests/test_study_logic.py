@@ -293,3 +293,17 @@ def test_lr_sensitivity_high_lr_shape_reads_learned_and_finished_apart(bn_acc, b
                          {"norm": "none", L.LR: 3.0, "runs": 3, "trained": 3 if none_acc else 0,
                           "why not": "" if none_acc else "diverged"}])
     assert L.only_bn_at_high_lr(SimpleNamespace(runs=runs, arms=arms)).status == verdict
+
+
+def test_noise_figure_marks_arms_that_did_not_train_and_leaves_off_scale_points_out():
+    rows = [{"run": f"{n}{s}", "norm": n, "seed": s, "status": "ok", "noise": nz, "test_acc": acc + 0.001 * s,
+             "gen_gap": 0.1, "trained": n != "noisy_bn"}
+            for n, nz, acc in (("bn", 0.02, 0.86), ("ghost_bn4", 0.1, 0.87), ("noisy_bn", 0.3, 0.82),
+                               ("none", 0.0, 0.30)) for s in range(3)]
+    fig = noise.plot_vs_noise(pd.DataFrame(rows))
+    ax = fig.axes[0]
+    drawn = {c.get_label(): c for c in ax.containers}
+    assert set(drawn) == {"bn", "ghost_bn4", "noisy_bn (did not train)"}  # none: far below, not drawn
+    assert drawn["noisy_bn (did not train)"].lines[0].get_markerfacecolor() == "white"
+    assert drawn["bn"].lines[0].get_markerfacecolor() != "white"
+    assert any("off scale: none 30.1" in t.get_text() for t in ax.texts)
