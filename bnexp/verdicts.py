@@ -232,3 +232,34 @@ def expect(parts: Sequence[tuple[Diff, Any]]) -> Verdict:
     shown = sum(o == SHOWN for o, _ in outcomes)
     status = SHOWN if shown == len(outcomes) else NOT_SHOWN if shown == 0 else PARTLY
     return Verdict(status, evidence, reason)
+
+
+def learned(runs: pd.DataFrame) -> pd.Series:
+    """Runs that learned: finished and final train-mode accuracy at least ``CHANCE_MULTIPLE`` x
+    chance (the training check without the plateau test)."""
+    floor = CHANCE_MULTIPLE * runs.apply(chance, axis=1)
+    return runs["status"].eq("ok") & runs["train_acc"].ge(floor)
+
+
+def on_learned_runs(check: Callable[[Any], Verdict]) -> Callable[[Any], Verdict]:
+    """``check`` for a shape about one model's own trajectory or estimators, compared over the
+    same steps or on the same weights, not about how far training got (activations' drift,
+    ema_vs_precise's EMA against precise BN). When ``check`` is not tested and every run learned
+    (``learned``), so that only unflattened losses kept arms out, it is read again with every
+    run counted as trained, and *shown* then reads *partly*: the caveat stays in the verdict.
+    Frames in ``data.extra`` with a ``trained`` column (a ``prepare`` step's) are counted too."""
+    import dataclasses
+
+    def checked(data) -> Verdict:
+        verdict = check(data)
+        if verdict.status != NOT_TESTED or not len(data.runs) or not learned(data.runs).all():
+            return verdict
+        extra = {k: v.assign(trained=True) if isinstance(v, pd.DataFrame) and "trained" in v else v
+                 for k, v in data.extra.items()}
+        again = check(dataclasses.replace(data, runs=data.runs.assign(trained=True), extra=extra))
+        why = (f"compared on the runs that learned (finished, train accuracy >= {CHANCE_MULTIPLE:g} x "
+               f"chance), although not every arm's loss had flattened ({verdict.reason})")
+        status = PARTLY if again.status == SHOWN else again.status
+        return Verdict(status, again.evidence, "; ".join(r for r in (again.reason, why) if r))
+
+    return checked

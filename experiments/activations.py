@@ -31,8 +31,7 @@ import pandas as pd
 
 from bnexp import analysis as A
 from bnexp.studies import Study, StudyData
-from bnexp.verdicts import (CHANCE_MULTIPLE, NOT_TESTED, PARTLY, SHOWN, Shape, Verdict, chance,
-                            expect)
+from bnexp.verdicts import Shape, expect, on_learned_runs
 from common import run_study
 
 PERCENTILES = {"activations.p15": "15th", "activations.p50": "50th (median)", "activations.p85": "85th"}
@@ -102,21 +101,12 @@ def notes(d: StudyData) -> str:
             "drift needs the weights to move, so a net that has learned little has drifted little.")
 
 
+@on_learned_runs
 def stable_with_bn(d: StudyData):
     """BN's median shift below the unnormalized net's (Welch, runs independent). The question is
-    the trajectory over training, compared at the same steps, so when an arm is not compared only
-    because its loss had not flattened, the runs that learned (finished, train accuracy at least
-    twice chance, as lr_sensitivity reads it) are compared instead, and shown reads partly."""
-    checked = expect([(A.welch_diff(d.runs, "median_shift", "norm", "bn", "none"), -1)])
-    learned = d.runs["status"].eq("ok") & d.runs["train_acc"].ge(CHANCE_MULTIPLE * chance(d.runs.iloc[0]))
-    if checked.status != NOT_TESTED or not learned.all():
-        return checked
-    drift = expect([(A.welch_diff(d.runs.assign(trained=True), "median_shift", "norm", "bn", "none"), -1)])
-    why = (f"compared on the runs that learned (train accuracy >= "
-           f"{100 * CHANCE_MULTIPLE * chance(d.runs.iloc[0]):.0f}%; the drift over the same steps), "
-           f"although not every arm's loss had flattened ({checked.reason})")
-    return Verdict(PARTLY if drift.status == SHOWN else drift.status, drift.evidence,
-                   "; ".join(r for r in (drift.reason, why) if r))
+    the trajectory over training, compared at the same steps: read on the runs that learned when
+    only unflattened losses keep an arm out (``on_learned_runs``)."""
+    return expect([(A.welch_diff(d.runs, "median_shift", "norm", "bn", "none"), -1)])
 
 
 def _has_probes(d: StudyData) -> bool:

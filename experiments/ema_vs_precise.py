@@ -40,7 +40,7 @@ import pandas as pd
 from bnexp import analysis as A
 from bnexp.plots import PALETTE
 from bnexp.studies import Study, StudyData
-from bnexp.verdicts import Shape, expect, mean_diff
+from bnexp.verdicts import Shape, expect, mean_diff, on_learned_runs
 from common import run_study
 
 MOMENTUM = "norm.momentum"
@@ -238,6 +238,7 @@ def notes(d: StudyData) -> str:
             + A.markdown_table(initial_weight(d.extra["runs_m"], curves)))
 
 
+@on_learned_runs  # the same weights: the estimator's error, whether or not the loss had flattened
 def ema_above_precise(d: StudyData):
     runs = d.extra["runs_m"]
     ok = A.with_error(runs[runs["status"] == "ok"])
@@ -247,6 +248,7 @@ def ema_above_precise(d: StudyData):
                    for m in sorted(ok[MOMENTUM].dropna().unique())])
 
 
+@on_learned_runs
 def precise_matches_from_1k(d: StudyData):
     per_n = d.extra["per_n"].merge(d.runs[["run", "trained"]], on="run", how="left")
     sizes = sorted(n for n in per_n["eval.precise_samples"].unique() if n >= 1000)[:-1]

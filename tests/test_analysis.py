@@ -683,3 +683,26 @@ def test_line_bands_stay_within_the_values_a_loss_can_take():
     assert band.max() == pytest.approx(mean + T975[2] * std / math.sqrt(3), rel=1e-3)  # in nats, not x 100
     assert not plots.is_percent("train_loss") and plots.is_percent("gen_gap.precise")
     assert plots.value_range("train_loss") == (0.0, None) and plots.value_range("test_acc.ema") == (0.0, 1.0)
+
+
+def test_on_learned_runs_reads_unflattened_arms_once_every_run_learned_and_says_so():
+    from bnexp.studies import StudyData
+    from bnexp.verdicts import NOT_SHOWN, NOT_TESTED, PARTLY, Verdict, on_learned_runs
+
+    seen = []
+
+    def check(d):  # not tested while any run (or prepared frame) is untrained, else shown
+        seen.append((bool(d.runs["trained"].all()), bool(d.extra["m"]["trained"].all())))
+        ok = d.runs["trained"].all() and d.extra["m"]["trained"].all()
+        return Verdict("shown" if ok else NOT_TESTED, "numbers", "" if ok else "bn did not train")
+
+    def data(train_acc):
+        runs = pd.DataFrame({"run": ["a", "b"], "status": ["ok", "ok"], "data.name": "fashion_mnist",
+                             "train_acc": train_acc, "trained": [True, False]})
+        return StudyData(Path("."), "", runs, pd.DataFrame(), pd.DataFrame(), extra={"m": runs.copy()})
+
+    v = on_learned_runs(check)(data([0.9, 0.6]))  # both learned (chance 10%): read again
+    assert v.status == PARTLY and v.evidence == "numbers" and "bn did not train" in v.reason
+    assert seen == [(False, False), (True, True)]
+    assert on_learned_runs(check)(data([0.9, 0.15])).status == NOT_TESTED  # b below 2 x chance
+    assert on_learned_runs(lambda d: Verdict(NOT_SHOWN, "x"))(data([0.9, 0.6])).status == NOT_SHOWN
