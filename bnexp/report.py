@@ -320,12 +320,17 @@ def _describe(lead: str, files: list[str], study: str) -> str:
     def other_study(f: str) -> bool:
         return bool(study) and f.startswith("conf/study/") and Path(f).stem not in own
 
-    listed = ", ".join(f"`{f}`" for f in files)
-    if all(f.startswith(ANALYSIS_CODE) or other_study(f) for f in files):
+    def listed(names) -> str:
+        return ", ".join(f"`{f}`" for f in names)
+
+    harmless = [f for f in files if f.startswith(ANALYSIS_CODE) or other_study(f)]
+    training = [f for f in files if f not in harmless]
+    if not training:
         return (f"{lead}, all on the analysis side or in other studies' configs "
-                f"(they cannot move this study's numbers): {listed}")
-    return (f"{lead}, some on the training side (re-run the study if they "
-            f"change what it computes): {listed}")
+                f"(they cannot move this study's numbers): {listed(files)}")
+    return (f"{lead}, some on the training side (re-run the study if they change what it "
+            f"computes): {listed(training)}" + (f"; and on the analysis side or in other studies' "
+                                                  f"configs: {listed(harmless)}" if harmless else ""))
 
 
 def _reproduced(study_dir: Path) -> str:

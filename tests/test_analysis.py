@@ -706,3 +706,18 @@ def test_on_learned_runs_reads_unflattened_arms_once_every_run_learned_and_says_
     assert seen == [(False, False), (True, True)]
     assert on_learned_runs(check)(data([0.9, 0.15])).status == NOT_TESTED  # b below 2 x chance
     assert on_learned_runs(lambda d: Verdict(NOT_SHOWN, "x"))(data([0.9, 0.6])).status == NOT_SHOWN
+
+
+def test_report_names_which_changed_files_are_training_side(monkeypatch):
+    import subprocess
+    from types import SimpleNamespace
+
+    from bnexp import report
+
+    changed = ["bnexp/plots.py", "bnexp/stats.py", "conf/study/fusion.yaml", "conf/study/noise.yaml"]
+    fake = lambda *a, **k: SimpleNamespace(returncode=0, stdout="\n".join(changed))  # noqa: E731
+    monkeypatch.setattr(subprocess, "run", fake)
+    text = report._changed_since(["a" * 40], "b" * 40, "noise")
+    training, _, harmless = text.partition("; and on the analysis side or in other studies' configs: ")
+    assert training.endswith(": `bnexp/stats.py`, `conf/study/noise.yaml`")
+    assert harmless == "`bnexp/plots.py`, `conf/study/fusion.yaml`"
