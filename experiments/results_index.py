@@ -51,13 +51,20 @@ def command(text: str) -> str:
 
 
 def sweep_minutes(folder: Path) -> float | None:
-    """Wall-clock minutes from the first run's start to the last run's end (the sweep ran its
-    jobs side by side, so this, not the sum of run times, is what a reader waits)."""
-    spans = [(s["started_at"], s["finished_at"]) for d in records.iter_run_dirs(folder)
-             if (s := records.read_summary(d)) and s.get("started_at") and s.get("finished_at")]
+    """Wall-clock minutes during which at least one run of the sweep was running: the union of
+    the runs' (start, end) spans. The sweep ran its jobs side by side, so this, not the sum of
+    run times, is what a reader waits; a sweep resumed in a later session does not count the
+    time between (the runs' own times, not the calendar)."""
+    spans = sorted((s["started_at"], s["finished_at"]) for d in records.iter_run_dirs(folder)
+                   if (s := records.read_summary(d)) and s.get("started_at") and s.get("finished_at"))
     if not spans:
         return None
-    return (max(end for _, end in spans) - min(start for start, _ in spans)) / 60
+    total, (lo, hi) = 0.0, spans[0]
+    for start, end in spans[1:]:
+        if start > hi:
+            total, lo = total + hi - lo, start
+        hi = max(hi, end)
+    return (total + hi - lo) / 60
 
 
 def row(study: str, folder: Path, results: Path) -> str:

@@ -32,7 +32,8 @@ bnexp -m study=noise data=fashion_mnist scale=small
 
 def test_index_row_carries_every_verdict_the_command_and_the_sweep_wall_time(tmp_path):
     folder = tmp_path / "noise" / "fashion_mnist-small"
-    for i, (start, end) in enumerate([(100.0, 700.0), (160.0, 1300.0)]):  # side by side: 1200 s
+    # side by side: 1200 s, then a run resumed after a 1000 s break: +60 s, not +1060
+    for i, (start, end) in enumerate([(100.0, 700.0), (160.0, 1300.0), (2300.0, 2360.0)]):
         run = folder / "runs" / f"seed={i}"
         run.mkdir(parents=True)
         (run / "summary.json").write_text(json.dumps(
@@ -49,6 +50,6 @@ def test_index_row_carries_every_verdict_the_command_and_the_sweep_wall_time(tmp
     assert "**shown**: noise grows as the batch shrinks (Hoffer et al. 2017). slope -0.5 [-0.6, -0.4]." in row
     assert "**not shown**: more noise regularizes" in row and "the interval holds 0" in row
     assert 'make study S=noise ARGS="data=fashion_mnist scale=small"' in row
-    assert "| 20 min |" in row  # (1300 - 100) / 60, not the 1740 s summed over runs
+    assert "| 21 min |" in row  # (1300 - 100 + 60) / 60: not the runs' 1800 s summed, nor the break
     assert "Not run at this setting yet:" in text and "`demo`" in text
     assert "`batch_size_true` (measured: no arm converges" in text  # why, where it was measured
