@@ -144,7 +144,8 @@ def figures(curves: pd.DataFrame, per_n: pd.DataFrame, runs: pd.DataFrame, ref: 
     per_epoch = A.plot_curves(epoch_lines(curves, ref), "epoch", "test_err", "line",
                               title="test error per epoch (mean over seeds, 95% CI)")
     epochs = sorted(curves["epoch"].unique())
-    per_epoch.axes[0].set_xticks(epochs, [str(e + 1) for e in epochs])  # epochs completed
+    shown = epochs[::max(1, round(len(epochs) / 10))]  # about 10 labels, however many epochs
+    per_epoch.axes[0].set_xticks(shown, [str(e + 1) for e in shown])  # epochs completed
     vs_n = A.plot_metric_vs(n_lines(per_n, runs), "eval.precise_samples", "excess_err", "line", logx=2,
                             title="error above the population estimate, same weights")
     vs_n.axes[0].axhline(0.0, color="0.3", lw=0.8, ls="--")
