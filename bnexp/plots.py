@@ -283,13 +283,16 @@ def _line_band(ax, xs, g: pd.DataFrame, y: str, color, text: str, marker="o",
 def value_range(col: str) -> tuple[float | None, float | None]:
     """The values a metric can take, as recorded: accuracies and error rates [0, 1], the gap
     (a difference of two of them) [-1, 1], cross-entropy losses [0, inf), anything else
-    unbounded (None)."""
+    unbounded (None). A difference of two rates (``excess_err``, one error minus another) is
+    in [-1, 1], as the gap is."""
     base = col.split(".")[0]
+    if base == "gen_gap" or base.startswith("excess_"):
+        return -1.0, 1.0
     if base.endswith(("acc", "err")):
         return 0.0, 1.0
     if base.endswith("loss"):
         return 0.0, None
-    return (-1.0, 1.0) if base == "gen_gap" else (None, None)
+    return None, None
 
 
 def _mark_diverged(ax, xs, color, level: int = 0) -> None:

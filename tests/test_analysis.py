@@ -683,6 +683,8 @@ def test_line_bands_stay_within_the_values_a_loss_can_take():
     assert band.max() == pytest.approx(mean + T975[2] * std / math.sqrt(3), rel=1e-3)  # in nats, not x 100
     assert not plots.is_percent("train_loss") and plots.is_percent("gen_gap.precise")
     assert plots.value_range("train_loss") == (0.0, None) and plots.value_range("test_acc.ema") == (0.0, 1.0)
+    # one error rate minus another (ema_vs_precise's excess_err) can be negative: its band too
+    assert plots.value_range("excess_err") == (-1.0, 1.0) and plots.is_percent("excess_err")
 
 
 def test_on_learned_runs_reads_unflattened_arms_once_every_run_learned_and_says_so():
