@@ -36,9 +36,9 @@ def run(cfg: DictConfig) -> dict | None:
 
     The run folder is locked while the job works in it (``launch.run_lock``). In a sweep, a run
     that another live process is training is skipped, and so is a finished one (a failed one
-    too, unless ``rerun_failed``), whose records are left untouched: Hydra has rewritten its
-    ``.hydra/`` by then, which is why ``summary.json`` keeps the run's own ``overrides`` and
-    ``choices`` (README "Sweeps"). A single run raises what stopped it (after recording a
+    too, unless ``rerun_failed``), whose records are left untouched, ``.hydra/`` included
+    (``launch.hydra_subdir`` tells Hydra not to write it; ``summary.json`` keeps the run's own
+    ``overrides`` and ``choices`` as well). A single run raises what stopped it (after recording a
     ``failed`` summary; ``RunLocked`` when its folder is locked, with nothing written).
     """
     hc = HydraConfig.get()

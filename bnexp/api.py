@@ -49,7 +49,7 @@ def run(overrides: Sequence[str] = (), run_dir: str | Path | None = None) -> dic
         del task["hydra"]
     with _hydra_config(cfg):
         out.mkdir(parents=True, exist_ok=True)
-        _save_hydra_files(cfg, task, out / str(cfg.hydra.output_subdir))
+        _save_hydra_files(cfg, task, out / ".hydra")
         with _run_log(cfg):
             return entry.run(task)
 

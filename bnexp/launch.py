@@ -7,6 +7,9 @@
 * ``run_lock``: a non-blocking ``flock`` on ``<run>/.lock``, so two sweeps over the same study
   never train the same run at once. The kernel drops the lock when its holder dies, however it
   dies (SIGKILL, power loss), so a stale lock cannot block a re-run.
+* ``hydra_subdir``: the ``hydra.output_subdir`` of one job (an OmegaConf resolver, registered on
+  import): None, so that Hydra writes no ``.hydra/``, for a sweep job whose run has finished, so
+  a re-run sweep leaves a finished run's ``.hydra/`` as the run wrote it.
 * ``config_drift``: what differs between the config a finished run recorded and the one the
   current command composes for its folder (conf/ edited in between), so a skip can say so.
 * ``SweepProgress``: a Hydra callback (``hydra.callbacks`` in conf/config.yaml) that shows runs
@@ -27,6 +30,7 @@ from pathlib import Path
 from typing import Iterator
 
 from hydra.experimental.callback import Callback
+from omegaconf import OmegaConf
 
 from . import progress, records
 
@@ -139,6 +143,31 @@ def lock_holder(run_dir: Path) -> str:
         return (Path(run_dir) / LOCK).read_text().strip() or "?"
     except OSError:
         return "?"
+
+
+def hydra_subdir() -> str | None:
+    """``hydra.output_subdir`` for the job Hydra is about to run (conf/config.yaml:
+    ``${bnexp_hydra_subdir:}``): ``.hydra`` as usual, None for a sweep job whose folder holds a
+    finished run (``ok`` or ``diverged``), which the job will skip.
+
+    Hydra writes a job's ``.hydra/`` before the task function sees the job, and it resolves this
+    key after it has set the job's ``runtime.output_dir``, so this is the one place a skip can
+    keep the run's own ``config.yaml`` and ``overrides.yaml``. A ``failed`` run's ``.hydra/`` is
+    written again (with ``rerun_failed`` it trains again; its summary keeps its overrides).
+    """
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized():
+        return ".hydra"
+    hc = HydraConfig.get()
+    run_dir = OmegaConf.select(hc, "runtime.output_dir", default=None, throw_on_missing=False)
+    if hc.mode != RunMode.MULTIRUN or not run_dir:
+        return ".hydra"
+    return None if records.is_finished(Path(run_dir), rerun_failed=True) else ".hydra"
+
+
+OmegaConf.register_new_resolver("bnexp_hydra_subdir", hydra_subdir, replace=True)
 
 
 def config_drift(recorded: dict, current: dict, ignore=()) -> list[str]:

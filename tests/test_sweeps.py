@@ -303,19 +303,29 @@ def test_submitit_local_sweep_leaves_the_records_of_the_basic_launcher(basic_swe
         assert mine == theirs
 
 
-def test_rerun_keeps_a_finished_runs_overrides_in_its_summary_and_runs_csv(tmp_path):
+def test_rerun_keeps_a_finished_runs_records_and_hydra_folder(tmp_path):
     tables = pytest.importorskip("bnexp.tables")
     sweep(tmp_path, "optim.epochs=1", "seed=0", "checkpoint=false")
     [run_dir] = run_dirs(tmp_path, "s").values()
     first = records.read_summary(run_dir)
     assert "seed=0" in first["overrides"] and first["choices"]["norm"] == "bn"
-    # threads is left out of folder names: the same folder, skipped; Hydra still rewrites .hydra/
+    hydra_files = {p.name: p.read_bytes() for p in (run_dir / ".hydra").iterdir()}
+    assert set(hydra_files) == {"config.yaml", "hydra.yaml", "overrides.yaml"}
+    # threads is left out of folder names: the same folder, skipped, and its .hydra/ is left as
+    # the run wrote it (Hydra is told not to write it: launch.hydra_subdir)
     again = sweep(tmp_path, "optim.epochs=1", "seed=0", "checkpoint=false", "threads=1")
     assert "already finished" in again.stdout + again.stderr
-    assert "threads=1" in records.read_overrides(run_dir)
+    assert {p.name: p.read_bytes() for p in (run_dir / ".hydra").iterdir()} == hydra_files
+    assert "threads=1" not in records.read_overrides(run_dir)
     assert records.read_summary(run_dir) == first
     runs, _ = tables.collect_runs(tmp_path / "s")
     assert "threads" not in runs.attrs["override_keys"] and "seed" in runs.attrs["override_keys"]
+    # a run of the same sweep that has not finished gets its .hydra/ from today's command
+    more = sweep(tmp_path, "optim.epochs=1", "seed=0,1", "checkpoint=false", "threads=1")
+    assert "already finished" in more.stdout + more.stderr
+    [new_run] = [d for name, d in run_dirs(tmp_path, "s").items() if "seed=1" in name]
+    assert "threads=1" in records.read_overrides(new_run)
+    assert (run_dir / ".hydra" / "overrides.yaml").read_bytes() == hydra_files["overrides.yaml"]
 
 
 # ------------------------------------------------------------------------------ bench
