@@ -1,6 +1,6 @@
 """Does BN stabilise the distribution of a layer's inputs (its pre-activations) during training?
 
-Sweep (conf/study/activations.yaml): norm {bn, none} x seeds {0, 1, 2}; the `activations` probe
+Sweep (conf/study/activations.yaml): norm {bn, none} x seeds {0, 1, 2} ({0, ..., 4} at small); the `activations` probe
 records the 15th, 50th and 85th percentiles of one fixed unit's pre-activations (one channel of
 the input of one nonlinearity, over the images and positions of a fixed probe batch; the channel
 is drawn once from the seed, `probes.unit`, and followed for the whole run) every
