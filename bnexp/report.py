@@ -297,24 +297,69 @@ def _changed_between(runs: list[str], study: str = "") -> str:
     return _describe(". What differs between those commits", files, study) if files else ""
 
 
-def _changed_files(commits: list[str], against: str) -> list[str] | None:
+def _changed_files(commits: list[str], against: str) -> dict[str, bool] | None:
     """Files under bnexp/, conf/ and experiments/ that differ between ``against`` and any of
-    ``commits`` (sorted, no repeats); None when git cannot say."""
-    files: set[str] = set()
+    ``commits``, each with whether its code differs (False: comments and docstrings only,
+    ``same_code``); sorted, None when git cannot say."""
+    files: dict[str, bool] = {}
     for commit in commits:
-        try:
-            out = subprocess.run(["git", "diff", "--name-only", commit, against, "--", ":(top)bnexp",
-                                  ":(top)conf", ":(top)experiments"], cwd=Path(__file__).parent,
-                                 capture_output=True, text=True, timeout=10)
-        except (OSError, subprocess.SubprocessError):
+        out = _git("diff", "--name-only", commit, against, "--", ":(top)bnexp", ":(top)conf",
+                   ":(top)experiments")
+        if out is None:
             return None
-        if out.returncode:
-            return None
-        files.update(out.stdout.split())
-    return sorted(files)
+        for f in out.split():
+            files[f] = files.get(f, False) or not same_code(f, commit, against)
+    return dict(sorted(files.items()))
 
 
-def _describe(lead: str, files: list[str], study: str) -> str:
+def _git(*args: str) -> str | None:
+    try:
+        out = subprocess.run(["git", *args], cwd=Path(__file__).parent, capture_output=True,
+                             text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return None if out.returncode else out.stdout
+
+
+def same_code(path: str, a: str, b: str) -> bool:
+    """Whether ``path`` (repository-relative) differs between commits ``a`` and ``b`` in its
+    comments or docstrings only: the same Python syntax tree less docstrings, or the same YAML
+    data and Hydra ``# @package`` line. Such a change cannot move a number."""
+    import yaml
+
+    texts = [_git("show", f"{c}:{path}") for c in (a, b)]
+    if None in texts:
+        return False  # added or removed
+    try:
+        old, new = (code_of(path, text) for text in texts)
+    except (SyntaxError, ValueError, yaml.YAMLError):  # does not parse: compared as changed
+        return False
+    return new is not None and old == new
+
+
+def code_of(path: str, text: str):
+    """What of ``text`` can change a computation: for ``.py`` the syntax tree without docstrings,
+    for ``.yaml`` the data and its Hydra ``# @package`` line; None for other files."""
+    if path.endswith(".py"):
+        import ast
+
+        tree = ast.parse(text)
+        for node in ast.walk(tree):
+            body = getattr(node, "body", None)
+            if (isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+                    and body and isinstance(body[0], ast.Expr)
+                    and isinstance(body[0].value, ast.Constant) and isinstance(body[0].value.value, str)):
+                node.body = body[1:] or [ast.Pass()]
+        return ast.dump(tree)
+    if path.endswith((".yaml", ".yml")):
+        import yaml
+
+        package = [line.strip() for line in text.splitlines() if line.startswith("# @package")]
+        return package, yaml.safe_load(text)
+    return None
+
+
+def _describe(lead: str, files: dict[str, bool], study: str) -> str:
     own = {study, *STUDY_INPUTS.get(study, ())}
 
     def other_study(f: str) -> bool:
@@ -324,13 +369,16 @@ def _describe(lead: str, files: list[str], study: str) -> str:
         return ", ".join(f"`{f}`" for f in names)
 
     harmless = [f for f in files if f.startswith(ANALYSIS_CODE) or other_study(f)]
-    training = [f for f in files if f not in harmless]
+    comments = [f for f, code in files.items() if not code and f not in harmless]
+    training = [f for f in files if f not in harmless and f not in comments]
+    also = ((f"; and on the analysis side or in other studies' configs: {listed(harmless)}"
+             if harmless else "")
+            + (f"; and in comments or docstrings only: {listed(comments)}" if comments else ""))
     if not training:
-        return (f"{lead}, all on the analysis side or in other studies' configs "
+        return (f"{lead}, all on the analysis side, in other studies' configs or in comments only "
                 f"(they cannot move this study's numbers): {listed(files)}")
     return (f"{lead}, some on the training side (re-run the study if they change what it "
-            f"computes): {listed(training)}" + (f"; and on the analysis side or in other studies' "
-                                                  f"configs: {listed(harmless)}" if harmless else ""))
+            f"computes): {listed(training)}" + also)
 
 
 def _reproduced(study_dir: Path) -> str:
@@ -354,12 +402,8 @@ def _reproduced(study_dir: Path) -> str:
 def _code_commit() -> str:
     """The last commit that changed the code (bnexp/, conf/, experiments/), not HEAD: committing
     a study's results moves HEAD, and a report re-made from them must come out the same."""
-    try:
-        return subprocess.run(["git", "log", "-1", "--format=%H", "--", ":(top)bnexp", ":(top)conf",
-                               ":(top)experiments"], cwd=Path(__file__).parent, capture_output=True,
-                              text=True, timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return ""
+    out = _git("log", "-1", "--format=%H", "--", ":(top)bnexp", ":(top)conf", ":(top)experiments")
+    return (out or "").strip()
 
 
 def _relpath(path: Path, start: Path) -> str:

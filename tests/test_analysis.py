@@ -591,6 +591,7 @@ def test_report_names_the_code_changed_since_the_runs_and_whether_it_is_analysis
     from bnexp import report
 
     head, parent, files = last_code_commit
+    monkeypatch.setattr(report, "same_code", lambda *a: False)  # tested on its own below
     text = report._changed_since([parent], head)
     assert all(f"`{f}`" in text for f in files)
     analysis_only = all(f.startswith(report.ANALYSIS_CODE) for f in files)
@@ -618,6 +619,7 @@ def test_report_exempts_only_other_studies_configs(monkeypatch, study, changed, 
 
     fake = lambda *a, **k: SimpleNamespace(returncode=0, stdout="\n".join(changed))  # noqa: E731
     monkeypatch.setattr(subprocess, "run", fake)
+    monkeypatch.setattr(report, "same_code", lambda *a: False)
     text = report._changed_since(["a" * 40], "b" * 40, study)
     assert all(f"`{f}`" in text for f in changed)
     assert ("some on the training side" in text) == (side == "training")
@@ -629,6 +631,7 @@ def test_report_accounts_for_what_differs_between_the_runs_commits(monkeypatch, 
     from bnexp import report
 
     head, parent, files = last_code_commit
+    monkeypatch.setattr(report, "same_code", lambda *a: False)
     text = report._changed_between([head, parent + "-dirty"])
     assert text.startswith(". What differs between those commits")
     assert all(f"`{f}`" in text for f in files) and text.count("`") == 2 * len(files)
@@ -710,6 +713,49 @@ def test_on_learned_runs_reads_unflattened_arms_once_every_run_learned_and_says_
     assert on_learned_runs(lambda d: Verdict(NOT_SHOWN, "x"))(data([0.9, 0.6])).status == NOT_SHOWN
 
 
+CODE_V1 = '''"""Module docstring."""
+def f(x):
+    """Doubles."""
+    return 2 * x  # twice
+'''
+
+
+@pytest.mark.parametrize("path, before, after, same", [
+    ("a.py", CODE_V1, CODE_V1.replace("Doubles.", "Twice x.").replace("# twice", "# 2x"), True),
+    ("a.py", CODE_V1, CODE_V1.replace('"""Module docstring."""', "# no docstring"), True),
+    ("a.py", CODE_V1, CODE_V1.replace("2 * x", "3 * x"), False),
+    ("a.py", CODE_V1, CODE_V1.replace("return 2 * x  # twice", '"""not the first statement"""'), False),
+    ("a.py", CODE_V1, CODE_V1 + "def (:\n", False),                      # does not parse
+    ("s.yaml", "# @package _global_\na: 1  # one\n# note\n", "# @package _global_\n# longer note\na: 1\n", True),
+    ("s.yaml", "a: 1  # one\n", "a: 2  # one\n", False),
+    ("s.yaml", "# @package _global_\na: 1\n", "# @package foo\na: 1\n", False),  # Hydra reads it
+    ("s.yaml", "a: [1, 2]\n", "a:\n  - 1\n  - 2\n", True),                       # same data
+    ("Makefile", "x\n", "x\n", False),                                   # not a kind it reads
+])
+def test_same_code_ignores_comments_and_docstrings_only(monkeypatch, path, before, after, same):
+    from bnexp import report
+
+    versions = {"a": before, "b": after}
+    monkeypatch.setattr(report, "_git", lambda cmd, spec: versions[spec.split(":")[0]])
+    assert report.same_code(path, "a", "b") == same
+    assert report.same_code(path, "a", "a") == (path != "Makefile")
+
+
+def test_report_lists_comment_only_changes_apart(monkeypatch):
+    from bnexp import report
+
+    files = {"conf/study/noise.yaml": False, "bnexp/stats.py": False, "bnexp/plots.py": True}
+    monkeypatch.setattr(report, "_changed_files", lambda commits, against: dict(sorted(files.items())))
+    text = report._changed_since(["a" * 40], "b" * 40, "noise")
+    assert "all on the analysis side, in other studies' configs or in comments only" in text
+    files["bnexp/train.py"] = True
+    text = report._changed_since(["a" * 40], "b" * 40, "noise")
+    training, _, rest = text.partition("; and on the analysis side or in other studies' configs: ")
+    assert training.endswith("some on the training side (re-run the study if they change what it "
+                             "computes): `bnexp/train.py`")
+    assert rest == "`bnexp/plots.py`; and in comments or docstrings only: `bnexp/stats.py`, `conf/study/noise.yaml`"
+
+
 def test_report_names_which_changed_files_are_training_side(monkeypatch):
     import subprocess
     from types import SimpleNamespace
@@ -719,6 +765,7 @@ def test_report_names_which_changed_files_are_training_side(monkeypatch):
     changed = ["bnexp/plots.py", "bnexp/stats.py", "conf/study/fusion.yaml", "conf/study/noise.yaml"]
     fake = lambda *a, **k: SimpleNamespace(returncode=0, stdout="\n".join(changed))  # noqa: E731
     monkeypatch.setattr(subprocess, "run", fake)
+    monkeypatch.setattr(report, "same_code", lambda *a: False)
     text = report._changed_since(["a" * 40], "b" * 40, "noise")
     training, _, harmless = text.partition("; and on the analysis side or in other studies' configs: ")
     assert training.endswith(": `bnexp/stats.py`, `conf/study/noise.yaml`")
