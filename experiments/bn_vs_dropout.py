@@ -80,8 +80,11 @@ def gap_modes(runs: pd.DataFrame) -> pd.DataFrame:
 
 
 def gap_curves(probes: pd.DataFrame, p_max: float) -> pd.DataFrame:
-    """Per-epoch gap (calibration probe) of the p = 0 nets and of every arm at the largest p."""
+    """Per-epoch gap (calibration probe) of the p = 0 nets and of every arm at the largest p;
+    empty where the runs did not record it (the small scale leaves the probe out)."""
     rows = probes[probes["name"] == "calibration.gen_gap"].rename(columns={"value": "gen_gap"})
+    if rows.empty:
+        return rows
     rows = with_arm(rows)
     base = rows[(rows[P] == 0) & (rows[PLACE] == "before_norm")]
     base = base.assign(line=base["norm"].map({"bn": "BN", "none": "no norm"}) + ", no dropout")

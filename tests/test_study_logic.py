@@ -99,6 +99,20 @@ def test_variance_shift_keeps_the_last_epoch_and_numbers_layers_by_depth():
     assert dict(zip(out["layer"], out["bn_layer"])) == {"features.1.norm": 1, "features.3.norm": 2}
 
 
+def test_gap_curves_are_the_calibration_gap_and_empty_without_that_probe():
+    rows = [{"run": f"{norm}{p}", "epoch": e, "layer": "model", "name": "calibration.gen_gap",
+             "value": 0.1 * e + p, "norm": norm, "model.dropout": p,
+             "model.dropout_placement": "before_norm"}
+            for norm in ("bn", "none") for p in (0.0, 0.5) for e in (0, 1)]
+    shift_only = [{"run": "bn0.0", "epoch": 0, "layer": "features.0.norm",
+                   "name": "variance_shift.abs_log", "value": 0.2}]
+    got = bn_vs_dropout.gap_curves(pd.DataFrame(rows + shift_only), 0.5)
+    assert len(got) == 8 and set(got["gen_gap"]) == {0.0, 0.1, 0.5, 0.6}
+    assert set(got.loc[got["model.dropout"] == 0, "line"]) == {"BN, no dropout", "no norm, no dropout"}
+    # the small scale records no calibration probe: no curves (the sweep's analysis crashed here)
+    assert bn_vs_dropout.gap_curves(pd.DataFrame(shift_only), 0.5).empty
+
+
 def test_finetune_target_overrides_stay_out_of_the_source_sweep():
     given = ["data=synthetic", "scale=smoke", "results_dir=/tmp/x", "data.shift=blur",
              "data.shift_severity=5", "data.batch_size=8", "data.train_size=100",
