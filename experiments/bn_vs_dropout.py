@@ -203,7 +203,8 @@ def notes(d: StudyData) -> str:
             "epoch (0 = no shift; -log(1 - p) for Li et al.'s 1 / (1 - p)); var_shift_max = the "
             "largest max(r_c, 1 / r_c) over channels and layers. Runs without BN have no precise "
             "mode and no variance shift (-). At p = 0 the three placements are the same net "
-            "trained three times.")
+            "trained three times. Dropout \"before every BN\" drops the input of every conv "
+            "but the first (the image is left whole), so BN layer 1 sees no variance shift.")
 
 
 def bn_narrows_gap(d: StudyData):
