@@ -23,7 +23,7 @@ import pandas as pd
 from bnexp import analysis as A
 from bnexp.studies import Study, StudyData
 from bnexp.verdicts import (CHANCE_MULTIPLE, NOT_SHOWN, NOT_TESTED, PARTLY, SHOWN, Shape, Verdict,
-                            chance, expect)
+                            chance, expect, learned)
 from common import run_study
 
 LR = "optim.lr"
@@ -92,18 +92,17 @@ def only_bn_at_high_lr(d: StudyData):
     if ("bn", top) not in arms.index or ("none", top) not in arms.index:
         return Verdict(NOT_TESTED, reason=f"no finished bn and none runs at lr {top:g}")
     at_top, floor = d.runs[d.runs[LR] == top], CHANCE_MULTIPLE * chance(d.runs.iloc[0])
-    learned = {norm: int((g["status"].eq("ok") & g["train_acc"].ge(floor)).sum())
-               for norm, g in at_top.groupby("norm")}
+    n_learned = learned(at_top).groupby(at_top["norm"]).sum().astype(int).to_dict()
     bn, none = arms.loc[("bn", top)], arms.loc[("none", top)]
     evidence = (f"at lr {top:g}: bn trained in {bn['trained']} of {bn['runs']} runs and learned "
-                f"(train accuracy >= {100 * floor:.0f}%) in {learned.get('bn', 0)}; none trained in "
+                f"(train accuracy >= {100 * floor:.0f}%) in {n_learned.get('bn', 0)}; none trained in "
                 f"{none['trained']} of {none['runs']} ({none['why not'] or 'all trained'}), learned "
-                f"in {learned.get('none', 0)}")
-    if learned.get("none", 0) == none["runs"]:
+                f"in {n_learned.get('none', 0)}")
+    if n_learned.get("none", 0) == none["runs"]:
         return Verdict(NOT_SHOWN, evidence, "the unnormalized net learned there too")
     if bn["trained"] == bn["runs"]:
         return Verdict(SHOWN, evidence)
-    if learned.get("bn", 0) == bn["runs"]:
+    if n_learned.get("bn", 0) == bn["runs"]:
         return Verdict(PARTLY, evidence, "bn learned there in every seed, but not every seed's "
                        f"loss had flattened ({bn['why not']})")
     return Verdict(NOT_SHOWN, evidence, "bn did not learn there either")
