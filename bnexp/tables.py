@@ -122,8 +122,9 @@ def flatten(tree: Any, prefix: str = "") -> dict:
 
 
 def _run_overrides(run_dir: Path, summary: dict | None) -> dict:
-    """The run's overrides: a finished run's own (its summary), since Hydra rewrites ``.hydra/``
-    whenever a sweep is re-run over it; ``.hydra/overrides.yaml`` for a run without a summary."""
+    """The run's overrides: a finished run's own (its summary; runs finished before
+    ``launch.hydra_subdir`` may have had ``.hydra/`` rewritten by a re-run sweep);
+    ``.hydra/overrides.yaml`` for a run without a summary."""
     if summary and "overrides" in summary:
         return _parse_overrides(summary["overrides"])
     return _parse_overrides(records.read_overrides(run_dir))
