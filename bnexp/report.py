@@ -9,6 +9,7 @@ a shape verdict;
 """
 from __future__ import annotations
 
+import ast
 import math
 import os
 import subprocess
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import pandas as pd
 import scipy.stats
+import yaml
 
 from . import records
 from .plots import is_percent
@@ -325,8 +327,6 @@ def same_code(path: str, a: str, b: str) -> bool:
     """Whether ``path`` (repository-relative) differs between commits ``a`` and ``b`` in its
     comments or docstrings only: the same Python syntax tree less docstrings, or the same YAML
     data and Hydra ``# @package`` line. Such a change cannot move a number."""
-    import yaml
-
     texts = [_git("show", f"{c}:{path}") for c in (a, b)]
     if None in texts:
         return False  # added or removed
@@ -341,8 +341,6 @@ def code_of(path: str, text: str):
     """What of ``text`` can change a computation: for ``.py`` the syntax tree without docstrings,
     for ``.yaml`` the data and its Hydra ``# @package`` line; None for other files."""
     if path.endswith(".py"):
-        import ast
-
         tree = ast.parse(text)
         for node in ast.walk(tree):
             body = getattr(node, "body", None)
@@ -352,8 +350,6 @@ def code_of(path: str, text: str):
                 node.body = body[1:] or [ast.Pass()]
         return ast.dump(tree)
     if path.endswith((".yaml", ".yml")):
-        import yaml
-
         package = [line.strip() for line in text.splitlines() if line.startswith("# @package")]
         return package, yaml.safe_load(text)
     return None
