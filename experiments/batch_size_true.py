@@ -67,6 +67,7 @@ def plot_vs_batch(runs: pd.DataFrame, metric: str = "test_err") -> Figure:
         ax.plot([], [], ls="none", marker="s", ms=8, color="0.85",
                 label="not compared (an arm did not train)")
     ax.legend(title=A.knob_label("norm"), loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.set_figwidth(9.5)  # room for the axes title beside the outside legend (it was cut off)
     return fig
 
 
