@@ -22,7 +22,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from . import launch, records
-from .config import ConfigError, check_override_key, parse_config
+from .config import ConfigError, check_override_key, parse_config, to_dict
 
 log = logging.getLogger("bnexp")
 
@@ -76,11 +76,20 @@ def _locked_out(run_dir: Path, sweeping: bool) -> None:
 def _log_skip(run_dir: Path, raw: dict, ignore: list[str]) -> None:
     summary = records.read_summary(run_dir)
     log.info("skip %s: already finished (%s)", run_dir.name, summary["status"])
-    drift = launch.config_drift(summary.get("config") or {}, raw, ignore)
+    drift = launch.config_drift(_canonical(summary.get("config") or {}), _canonical(raw), ignore)
     if drift:
         log.warning("%s finished with a config that differs from today's composition in %s "
                     "(conf/ changed since?); its records keep the config it ran with. Delete the "
                     "folder to train it again.", run_dir.name, ", ".join(drift[:5]))
+
+
+def _canonical(raw: dict) -> dict:
+    """``raw`` as the run reads it (``to_dict(parse_config(raw))``): a key added to conf/ with a
+    default since the run was recorded is not a difference; ``raw`` when it no longer parses."""
+    try:
+        return to_dict(parse_config(raw))
+    except ConfigError:
+        return raw
 
 
 def _run_locked(run_dir: Path, raw: dict, sweeping: bool, launcher: dict, job_num: int,

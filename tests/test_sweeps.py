@@ -128,6 +128,28 @@ def test_config_drift_names_changed_keys_and_ignores_excluded_ones():
     assert launch.config_drift(old, old) == []
 
 
+def test_a_skip_warns_of_a_changed_setting_but_not_of_a_key_added_with_its_default(tmp_path, caplog):
+    """A run recorded before ``eval.ema_momenta`` existed reads it as its default ([]), so a
+    re-run sweep should not call that drift; a changed epoch count it should."""
+    import copy
+    import json
+
+    from bnexp import __main__ as entry
+    from bnexp.config import to_dict
+
+    recorded = to_dict(make_config(tiny()))
+    del recorded["eval"]["ema_momenta"]
+    (tmp_path / records.SUMMARY).write_text(json.dumps({"status": "ok", "config": recorded}))
+    today = copy.deepcopy(recorded)
+    today["eval"]["ema_momenta"] = []
+    with caplog.at_level("INFO", logger="bnexp"):
+        entry._log_skip(tmp_path, today, [])
+    assert "already finished" in caplog.text and "differs" not in caplog.text
+    today["optim"]["epochs"] += 1
+    entry._log_skip(tmp_path, today, [])
+    assert "differs from today's composition in optim.epochs" in caplog.text
+
+
 # ------------------------------------------------------------------------------ run lock
 
 def test_run_lock_is_exclusive_and_released(tmp_path):
