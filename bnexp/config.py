@@ -219,8 +219,12 @@ class EvalConfig:
     # running averages at more momenta, kept beside BN's own and scored as modes ema_m<m>
     # (bnexp/ema_shadows.py); a default, so configs saved before the key existed still parse
     ema_momenta: tuple[Optional[float], ...] = ()
+    # the test set is scored (and the per-epoch probes run) after every k-th epoch and after the
+    # last; a default, so configs saved before the key existed still parse
+    score_every: int = 1
 
     def check(self) -> None:
+        _positive("eval.score_every", self.score_every)
         for m in self.ema_momenta:
             if m is not None and not 0.0 < m <= 1.0:
                 raise ConfigError(f"eval.ema_momenta: {m} must be in (0, 1] or null (the cumulative "

@@ -127,7 +127,8 @@ def plot_curves(curves: pd.DataFrame, x: str = "epoch", y: str = "test_acc", hue
     set_style()
     fig = Figure()
     ax = fig.subplots()
-    hue_col, curves = _hue_column(curves, hue)
+    # epochs without a test score (eval.score_every > 1) are left out, not drawn as gaps
+    hue_col, curves = _hue_column(curves.dropna(subset=[y]), hue)
     stats = summarize(curves, [hue_col, x], [y], ci)
     for color, (value, g) in zip(_colors(stats[hue_col], hue_order), _groups(stats, hue_col, hue_order)):
         g = g.sort_values(x)

@@ -244,18 +244,22 @@ def run_epoch(run: Session, progress: Progress, epoch: int, bar: RunProgress) ->
     seconds = time.perf_counter() - tic
     progress.timing["train_seconds"] += seconds
     progress.timing["train_images"] += result["images"]
-    # the default eval mode every epoch; every mode when eval.every_epoch (see stats)
+    # the default eval mode (every mode when eval.every_epoch) every eval.score_every epochs
+    scored = (epoch + 1) % cfg.eval.score_every == 0 or epoch + 1 == cfg.optim.epochs
     test = evaluate_modes(run.model, run.data, run.pipe, cfg.eval, cfg.data.batch_size, cfg.seed,
-                          modes=cfg.eval.modes if cfg.eval.every_epoch else (), sampler=cfg.sampler).metrics
+                          modes=cfg.eval.modes if cfg.eval.every_epoch else (),
+                          sampler=cfg.sampler).metrics if scored else {"test_loss": None, "test_acc": None}
     row = {"epoch": epoch, "step": progress.step, "lr": lr, "train_loss": result["loss"],
            "train_acc": result["acc"], "test_loss": test["test_loss"], "test_acc": test["test_acc"],
            "seconds": seconds, "images_per_s": result["images"] / seconds, **test}
     progress.history.append(row)
     records.write_epoch(run.run_dir, row)
     run.tracker.log_epoch(row, progress.step)
-    run.probes.end_epoch(progress.step, epoch)
-    log.info("epoch %d/%d  loss %.3f  train %.1f%%  test %.1f%%  %.0f img/s", epoch + 1, cfg.optim.epochs,
-             row["train_loss"], 100 * row["train_acc"], 100 * row["test_acc"], row["images_per_s"])
+    if scored:
+        run.probes.end_epoch(progress.step, epoch)
+    log.info("epoch %d/%d  loss %.3f  train %.1f%%  test %s  %.0f img/s", epoch + 1, cfg.optim.epochs,
+             row["train_loss"], 100 * row["train_acc"],
+             "-" if row["test_acc"] is None else f"{100 * row['test_acc']:.1f}%", row["images_per_s"])
     bar.epoch_done(epoch, row["images_per_s"])
     if cfg.checkpoint:
         progress.timing["wall"] = progress.prior_wall + time.time() - progress.started

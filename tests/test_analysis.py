@@ -278,6 +278,16 @@ def test_plot_curves_mean_over_seeds(study, tmp_path):
     _saved(fig, tmp_path, "curves")
 
 
+def test_plot_curves_joins_the_scored_epochs_only():
+    """Rows of epochs not scored (eval.score_every > 1: test_acc null) are left out, so the line
+    joins the scored epochs instead of breaking into isolated points."""
+    curves = pd.DataFrame({"run": ["a"] * 4 + ["b"] * 4, "epoch": list(range(4)) * 2, "norm": "bn",
+                           "test_acc": [None, 0.5, None, 0.7, None, 0.6, None, 0.9]})
+    line = A.plot_curves(curves, y="test_acc", hue="norm").axes[0].get_lines()[0]
+    np.testing.assert_allclose(line.get_xdata(), [1, 3])
+    np.testing.assert_allclose(line.get_ydata(), [55.0, 80.0])
+
+
 def test_plot_bars_heights_and_error_bars(runs, tmp_path):
     fig = A.plot_bars(runs, "norm", "test_acc", hue="data.batch_size")
     ax = fig.axes[0]

@@ -78,6 +78,28 @@ def test_interrupted_run_resumes_to_identical_records(tmp_path, monkeypatch):
     assert resumed["resumed"] and resumed["metrics"] == pytest.approx(full["metrics"], abs=1e-6)
 
 
+def test_scoring_every_k_epochs_moves_no_training_number(tmp_path):
+    """eval.score_every=3 over 4 epochs: the test set (and the per-epoch probes) only after epochs
+    3 and 4, and training, the final metrics and the probes at those epochs exactly as when every
+    epoch is scored. Dropout draws from the global RNG and the probes draw images, so a scoring
+    pass that consumed randomness or touched BN state would move the training losses."""
+    common = ["optim.epochs=4", "model.dropout=0.3", "probes.enabled=true",
+              "probes.names=[variance_shift,weight_norm]", "eval.modes=[ema,precise]"]
+    every, every_dir = run_fit(tmp_path, common, "every")
+    sparse, sparse_dir = run_fit(tmp_path, [*common, "eval.score_every=3"], "sparse")
+    dense_rows = records.read_jsonl(every_dir / records.METRICS)
+    rows = records.read_jsonl(sparse_dir / records.METRICS)
+    assert [r["train_loss"] for r in rows] == [r["train_loss"] for r in dense_rows]
+    assert [r["test_acc"] is None for r in rows] == [True, True, False, False]
+    assert all(set(records.EPOCH_KEYS) <= set(r) for r in rows)
+    for r, d in zip(rows[2:], dense_rows[2:]):
+        assert r["test_acc"] == d["test_acc"] and r["test_loss"] == d["test_loss"]
+    assert sparse["metrics"] == every["metrics"]
+    probes = records.read_jsonl(sparse_dir / records.PROBES)
+    assert sorted({r["epoch"] for r in probes}) == [2, 3]
+    assert probes == [r for r in records.read_jsonl(every_dir / records.PROBES) if r["epoch"] >= 2]
+
+
 def cli(args, cwd, check=True):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run([sys.executable, "-m", "bnexp", *args], cwd=cwd, capture_output=True,
