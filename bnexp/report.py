@@ -235,6 +235,9 @@ def write_report(study_dir, name: str, question: str, command: str, figures: lis
     lines = [f"# {name}", "", f"**Question.** {question}", "",
              "**Command.**", "", "```bash", command, "```", "",
              f"**Code.** {_commits(study_dir)}", "", f"**Runs.** {count_text}.", ""]
+    machines = _machines(study_dir)
+    if machines:
+        lines += [f"**Machine.** {machines}.", ""]
     if checks:
         lines += ["## Did every arm train?", "", checks, ""]
     lines += ["## Result", "", statement, ""]
@@ -375,6 +378,18 @@ def _describe(lead: str, files: dict[str, bool], study: str) -> str:
                 f"(they cannot move this study's numbers): {listed(files)}")
     return (f"{lead}, some on the training side (re-run the study if they change what it "
             f"computes): {listed(training)}" + also)
+
+
+def _machines(study_dir: Path) -> str:
+    """The device and precision the finished runs recorded, with how many ran on each: numbers
+    from bf16 and fp32 runs (``precision=auto`` picks by CPU) are not bit for bit comparable."""
+    seen: dict[tuple, int] = {}
+    for d in records.iter_run_dirs(study_dir):
+        s = records.read_summary(d)
+        if s and s.get("precision"):
+            key = (s.get("device") or "unknown device", s["precision"])
+            seen[key] = seen.get(key, 0) + 1
+    return "; ".join(f"{device}, {precision} ({n} runs)" for (device, precision), n in sorted(seen.items()))
 
 
 def _reproduced(study_dir: Path) -> str:

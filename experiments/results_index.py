@@ -82,8 +82,16 @@ def row(study: str, folder: Path, results: Path) -> str:
              field(report, "Question"),
              "<br>".join(shapes) or "no verdict lines in the report",
              f"`make study S={study} ARGS=\"{_args(command(report))}\"`",
-             f"{minutes:.0f} min" if minutes is not None else "?"]
+             (f"{minutes:.0f} min" if minutes is not None else "?") + _precisions(folder)]
     return "| " + " | ".join(c.replace("|", "\\|").replace("\n", " ") for c in cells) + " |"
+
+
+def _precisions(folder: Path) -> str:
+    """``<br>bf16`` / ``<br>fp32``: the precision the runs trained in (``precision=auto`` is bf16
+    on a CPU with AVX512-BF16 or AMX, fp32 elsewhere; the two do not time or round alike)."""
+    found = sorted({s.get("precision") for d in records.iter_run_dirs(folder)
+                    if (s := records.read_summary(d)) and s.get("precision")})
+    return "<br>" + ", ".join(found) if found else ""
 
 
 def _args(cmd: str) -> str:
@@ -100,7 +108,9 @@ def build(setting: str, results: Path = ROOT / "results") -> str:
              "question, each shape the literature reports (with its source) and whether these runs "
              "show it, with the numbers and 95% intervals behind the verdict; the command that "
              "reproduces the study and the wall-clock time of its sweep here (2 CPU cores, two runs "
-             "at a time). Each report says first whether every arm trained; an arm that did not is "
+             "at a time) with the precision its runs trained in (`precision=auto`: bf16 on a CPU "
+             "with AVX512-BF16 or AMX, fp32 on one without; the numbers of the two differ in the "
+             "last digits, so a re-run on the other kind of CPU is close, not identical). Each report says first whether every arm trained; an arm that did not is "
              "not compared. The questions and designs: [docs/studies.md](../docs/studies.md).", "",
              "| study | question | expected shape (source): verdict, numbers | reproduce | time |",
              "|---|---|---|---|---|"]

@@ -406,6 +406,19 @@ def test_report_flags_runs_from_several_commits(study):
     assert "abc123, def456-dirty" in text and "come from 2 commits" in text and "uncommitted" in text
 
 
+def test_report_names_each_runs_device_and_precision(study):
+    """A study whose runs recorded two precisions says how many ran in each: bf16 and fp32 runs
+    of one config do not give the same numbers (precision=auto picks by CPU)."""
+    done = [d for d in sorted((study / "runs").iterdir()) if records.read_summary(d)]
+    for i, run in enumerate(done):
+        summary = records.read_summary(run)
+        records.write_json_atomic(run / records.SUMMARY, {**summary, "device": "cpu (2 cores, 1 threads)",
+                                                          "precision": "bf16" if i < 2 else "fp32"})
+    text = A.write_report(study, "toy", "q", "cmd", [], pd.DataFrame({"a": [1]}), "s").read_text()
+    assert (f"**Machine.** cpu (2 cores, 1 threads), bf16 (2 runs); cpu (2 cores, 1 threads), fp32 "
+            f"({len(done) - 2} runs).") in text
+
+
 def test_save_figure_writes_the_same_bytes_twice(runs, tmp_path):
     fig = A.plot_bars(runs, "norm", "test_acc")
     first = [p.read_bytes() for p in A.save_figure(fig, tmp_path / "a", "bars")]

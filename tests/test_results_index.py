@@ -37,7 +37,8 @@ def test_index_row_carries_every_verdict_the_command_and_the_sweep_wall_time(tmp
         run = folder / "runs" / f"seed={i}"
         run.mkdir(parents=True)
         (run / "summary.json").write_text(json.dumps(
-            {"status": "ok", "started_at": start, "finished_at": end, "metrics": {}}))
+            {"status": "ok", "started_at": start, "finished_at": end, "metrics": {},
+             "precision": "fp32" if i else "bf16"}))
     (folder / "report.md").write_text(REPORT)
     (tmp_path / "demo" / "synthetic-smoke").mkdir(parents=True)  # another setting: not listed
     (tmp_path / "demo" / "synthetic-smoke" / "report.md").write_text(REPORT)
@@ -50,6 +51,7 @@ def test_index_row_carries_every_verdict_the_command_and_the_sweep_wall_time(tmp
     assert "**shown**: noise grows as the batch shrinks (Hoffer et al. 2017). slope -0.5 [-0.6, -0.4]." in row
     assert "**not shown**: more noise regularizes" in row and "the interval holds 0" in row
     assert 'make study S=noise ARGS="data=fashion_mnist scale=small"' in row
-    assert "| 21 min |" in row  # (1300 - 100 + 60) / 60: not the runs' 1800 s summed, nor the break
+    # (1300 - 100 + 60) / 60: not the runs' 1800 s summed, nor the break; and the runs' precisions
+    assert "| 21 min<br>bf16, fp32 |" in row
     assert "Not run at this setting yet:" in text and "`demo`" in text
     assert "`batch_size_true` (measured: no arm converges" in text  # why, where it was measured
