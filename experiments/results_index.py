@@ -109,9 +109,9 @@ def build(setting: str, results: Path = ROOT / "results") -> str:
              "show it, with the numbers and 95% intervals behind the verdict; the command that "
              "reproduces the study and the wall-clock time of its sweep here (2 CPU cores, two runs "
              "at a time) with the precision its runs trained in (`precision=auto`: bf16 on a CPU "
-             "with AVX512-BF16 or AMX, fp32 on one without; the numbers of the two differ in the "
-             "last digits, so a re-run on the other kind of CPU is close, not identical). Each report says first whether every arm trained; an arm that did not is "
-             "not compared. The questions and designs: [docs/studies.md](../docs/studies.md).", "",
+             "with AVX512-BF16 or AMX, fp32 on one without; a run re-made on the other kind of CPU "
+             "is not identical: its numbers move by about a seed's spread). Each report says first "
+             "whether every arm trained; an arm that did not is not compared. The questions and designs: [docs/studies.md](../docs/studies.md).", "",
              "| study | question | expected shape (source): verdict, numbers | reproduce | time |",
              "|---|---|---|---|---|"]
     lines += [row(s, folders[s], Path(results)) for s in studies]
