@@ -111,7 +111,8 @@ def build(setting: str, results: Path = ROOT / "results") -> str:
              "at a time) with the precision its runs trained in (`precision=auto`: bf16 on a CPU "
              "with AVX512-BF16 or AMX, fp32 on one without; a run re-made on the other kind of CPU "
              "is not identical: its numbers move by about a seed's spread). Each report says first "
-             "whether every arm trained; an arm that did not is not compared. The questions and designs: [docs/studies.md](../docs/studies.md).", "",
+             "whether every arm trained; an arm that did not is not compared. The questions and "
+             "designs: [docs/studies.md](../docs/studies.md).", "",
              "| study | question | expected shape (source): verdict, numbers | reproduce | time |",
              "|---|---|---|---|---|"]
     lines += [row(s, folders[s], Path(results)) for s in studies]
