@@ -276,8 +276,9 @@ def _commits(study_dir: Path) -> str:
 
 # Modules that only read records (analysis side): a change here cannot move a run's numbers.
 # experiments/ scripts count too; their training-side steps call bnexp functions listed nowhere here.
+# So does the text of ``bnexp --help`` (conf/hydra/help/).
 ANALYSIS_CODE = ("bnexp/analysis.py", "bnexp/plots.py", "bnexp/report.py", "bnexp/studies.py",
-                 "bnexp/tables.py", "bnexp/verdicts.py", "experiments/")
+                 "bnexp/tables.py", "bnexp/verdicts.py", "experiments/", "conf/hydra/help/")
 
 
 # Studies whose runs start from another study's runs: that study's config is theirs too.

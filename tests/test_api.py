@@ -150,5 +150,8 @@ def test_help_lists_groups_overrides_studies_and_where_records_go(tmp_path):
         assert f"{group}: {', '.join(options)}" in out  # every option of the group, as conf/ has it
     for study in (p.stem for p in (conf / "study").glob("*.yaml") if p.stem != "finetune_source"):
         assert study in out.split("== Studies")[1]
-    assert "== Where records go ==" in out and "results/<study_name>/runs/" in out
+    common = next(line.split()[0] for line in out.splitlines() if line.strip().startswith("data="))
+    assert set(common.removeprefix("data=").split("|")) == {p.stem for p in (conf / "data").glob("*.yaml")}
+    # the sweep layout the launcher writes (tests/test_train: <study>/<data>-<scale>/runs)
+    assert "== Where records go ==" in out and "results/<study_name>/<data>-<scale>/runs/" in out
     assert "bnexp -sc install=bash" in out and "Powered by Hydra" not in out
