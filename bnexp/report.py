@@ -264,7 +264,7 @@ def _commits(study_dir: Path) -> str:
                    for d in records.iter_run_dirs(study_dir) if records.read_summary(d)})
     head = _code_commit()
     text = f"runs at commit {', '.join(runs) or 'none finished'}; analysis code at {head or 'unknown'}"
-    text += _changed_since(runs, head, study_dir.parent.name) + _reproduced(study_dir)
+    text += _changed_since(runs, head, study_dir.parent.name) + _reproduced(study_dir) + _code_checked(study_dir, head)
     if len(runs) > 1:
         between = _changed_between(runs, study_dir.parent.name)
         text += f". The runs come from {len(runs)} commits" + (between or (
@@ -359,18 +359,24 @@ def code_of(path: str, text: str):
     return None
 
 
-def _describe(lead: str, files: dict[str, bool], study: str) -> str:
+def _split(files: dict[str, bool], study: str) -> tuple[list, list, list]:
+    """``files`` (``_changed_files``) as (analysis side or other studies' configs, comments or
+    docstrings only, training side) for ``study``."""
     own = {study, *STUDY_INPUTS.get(study, ())}
 
     def other_study(f: str) -> bool:
         return bool(study) and f.startswith("conf/study/") and Path(f).stem not in own
 
+    harmless = [f for f in files if f.startswith(ANALYSIS_CODE) or other_study(f)]
+    comments = [f for f, code in files.items() if not code and f not in harmless]
+    return harmless, comments, [f for f in files if f not in harmless and f not in comments]
+
+
+def _describe(lead: str, files: dict[str, bool], study: str) -> str:
     def listed(names) -> str:
         return ", ".join(f"`{f}`" for f in names)
 
-    harmless = [f for f in files if f.startswith(ANALYSIS_CODE) or other_study(f)]
-    comments = [f for f, code in files.items() if not code and f not in harmless]
-    training = [f for f in files if f not in harmless and f not in comments]
+    harmless, comments, training = _split(files, study)
     also = ((f"; and on the analysis side or in other studies' configs: {listed(harmless)}"
              if harmless else "")
             + (f"; and in comments or docstrings only: {listed(comments)}" if comments else ""))
@@ -409,6 +415,36 @@ def _reproduced(study_dir: Path) -> str:
                         + ("" if r.get("within_tolerance") else " (NOT within tolerance)"))
     return (". Re-run from their recorded overrides (experiments/reproduce.py): " + "; ".join(done)
             if done else "")
+
+
+CODE_CHECKS = "code_checks.json"  # in results/, beside the study folders
+
+
+def _code_checked(study_dir: Path, head: str) -> str:
+    """Checks of a training-side change made without the runs themselves (``results/code_checks.json``):
+    the same configs run at the commit of this study's re-runs (``reproduced.json``) and at a later
+    one, on one machine, with identical records. One applies when everything that changed after
+    its later commit cannot move this study's numbers (``_split``). This is the evidence where a
+    re-run cannot be identical: runs trained in bf16 re-run on a CPU that trains in fp32."""
+    import json
+
+    path = Path(study_dir).parent.parent / CODE_CHECKS
+    at = {json.loads(f.read_text()).get("at", "") for d in records.iter_run_dirs(study_dir)
+          if (f := Path(d) / "reproduced.json").is_file()}
+    if not path.is_file() or not head or not at:
+        return ""
+    out = []
+    for check in json.loads(path.read_text()):
+        runs = check["runs"]
+        if not any(a and check["from"].startswith(a[:7]) for a in at) or not all(r["identical"] for r in runs):
+            continue
+        later = _changed_files([check["to"]], head) if check["to"] != head else {}
+        if later is None or _split(later, Path(study_dir).parent.name)[2]:
+            continue
+        out.append(f". Code checked from {check['from'][:7]} to {check['to'][:7]} ({check['change']}): the "
+                   f"same configs run at both commits, {check['machine']}, gave identical records ("
+                   + "; ".join(f"{r['study']}: {' '.join(r['overrides'])}" for r in runs) + ")")
+    return "".join(out)
 
 
 def _code_commit() -> str:

@@ -793,3 +793,31 @@ def test_report_names_which_changed_files_are_training_side(monkeypatch):
     training, _, harmless = text.partition("; and on the analysis side or in other studies' configs: ")
     assert training.endswith(": `bnexp/stats.py`, `conf/study/noise.yaml`")
     assert harmless == "`bnexp/plots.py`, `conf/study/fusion.yaml`"
+
+
+def test_a_code_check_counts_from_the_rerun_commit_when_nothing_later_is_training_side(tmp_path, monkeypatch):
+    """results/code_checks.json: configs run at the commit of the study's re-run and at a later
+    one with identical records. The report cites it only from that commit, only when every run
+    of the check was identical, and only when what changed after it cannot move the numbers."""
+    from bnexp import report
+
+    study = tmp_path / "results" / "toy" / "synthetic-smoke"
+    for row in RUNS:
+        write_run(study, *row)
+    run = next(d for d in sorted((study / "runs").iterdir()) if (d / records.SUMMARY).exists())
+    (run / "reproduced.json").write_text(json.dumps({"at": "a" * 40, "max_abs_diff": 0.0}))
+    check = {"from": "a" * 40, "to": "b" * 40, "change": "a knob, default off", "machine": "fp32 here",
+             "runs": [{"study": "toy", "overrides": ["norm=bn", "seed=0"], "identical": True}]}
+    checks = tmp_path / "results" / report.CODE_CHECKS
+
+    def cited(later: dict, *rows) -> str:
+        checks.write_text(json.dumps(list(rows)))
+        monkeypatch.setattr(report, "_changed_files", lambda commits, against: later)
+        return report._code_checked(study, "c" * 40)
+
+    assert cited({"bnexp/plots.py": True}, check) == (
+        ". Code checked from aaaaaaa to bbbbbbb (a knob, default off): the same configs run at both "
+        "commits, fp32 here, gave identical records (toy: norm=bn seed=0)")
+    assert cited({"bnexp/train.py": True}, check) == ""  # a training-side change after the check
+    assert cited({}, {**check, "from": "d" * 40}) == ""  # not from the re-run's commit
+    assert cited({}, {**check, "runs": [{**check["runs"][0], "identical": False}]}) == ""
