@@ -10,6 +10,7 @@ a shape verdict;
 from __future__ import annotations
 
 import ast
+import json
 import math
 import os
 import subprocess
@@ -403,8 +404,6 @@ def _reproduced(study_dir: Path) -> str:
     """The runs re-run later from their recorded overrides (``experiments/reproduce.py --record``
     writes ``reproduced.json`` in a run folder): evidence that the code changed since the runs
     does not move their numbers."""
-    import json
-
     done = []
     for d in records.iter_run_dirs(study_dir):
         f = Path(d) / "reproduced.json"
@@ -426,8 +425,6 @@ def _code_checked(study_dir: Path, head: str) -> str:
     one, on one machine, with identical records. One applies when everything that changed after
     its later commit cannot move this study's numbers (``_split``). This is the evidence where a
     re-run cannot be identical: runs trained in bf16 re-run on a CPU that trains in fp32."""
-    import json
-
     path = Path(study_dir).parent.parent / CODE_CHECKS
     at = {json.loads(f.read_text()).get("at", "") for d in records.iter_run_dirs(study_dir)
           if (f := Path(d) / "reproduced.json").is_file()}
