@@ -43,6 +43,8 @@ from bnexp.config import ConfigError, SamplerConfig
 from bnexp.data import seeded_generator
 from bnexp.registry import Registry
 
+SAMPLERS = Registry("sampler.name", "(cfg: SamplerConfig, labels, batch_size, seed) -> BatchSampler")
+
 
 class BatchSampler(Protocol):
     def batches(self, epoch: int) -> list[torch.Tensor]:
@@ -52,10 +54,11 @@ class BatchSampler(Protocol):
         """Steps per epoch (the same for every epoch)."""
 
 
+@SAMPLERS.register("iid")
 class IIDSampler:
     """Uniform random batches: a permutation per epoch, the last partial batch dropped."""
 
-    def __init__(self, labels: torch.Tensor, batch_size: int, seed: int):
+    def __init__(self, cfg: SamplerConfig, labels: torch.Tensor, batch_size: int, seed: int):
         self.n, self.batch_size, self.seed = labels.numel(), batch_size, seed
 
     def __len__(self) -> int:
@@ -66,6 +69,7 @@ class IIDSampler:
         return list(perm[: len(self) * self.batch_size].view(len(self), self.batch_size))
 
 
+@SAMPLERS.register("pk")
 class PKSampler:
     """``groups`` P x K groups per batch of ``groups * p * k``, every class of a batch distinct.
 
@@ -75,17 +79,18 @@ class PKSampler:
     for sure, which is what lets every block find a batch (see the module docstring).
     """
 
-    def __init__(self, labels: torch.Tensor, p: int, k: int, seed: int, groups: int = 1):
+    def __init__(self, cfg: SamplerConfig, labels: torch.Tensor, batch_size: int, seed: int):
         self.members = _members_by_class(labels)
-        self.p, self.k, self.groups, self.seed = p, k, groups, seed
-        self.slots = p * groups  # distinct classes per batch
+        self.p, self.k, self.groups, self.seed = cfg.p, cfg.k, cfg.groups, seed
+        self.slots = cfg.p * cfg.groups  # distinct classes per batch (batch_size / k: cfg.check_batch)
         if self.slots > len(self.members):
-            raise ConfigError(f"sampler.p={p} x sampler.groups={groups} = {self.slots} distinct classes "
-                              f"per batch is more than the {len(self.members)} classes in the training set")
-        self.blocks = np.array([len(m) // k for m in self.members], dtype=np.int64)
+            raise ConfigError(f"sampler.p={cfg.p} x sampler.groups={cfg.groups} = {self.slots} distinct "
+                              f"classes per batch is more than the {len(self.members)} classes in the "
+                              "training set")
+        self.blocks = np.array([len(m) // cfg.k for m in self.members], dtype=np.int64)
         if int((self.blocks > 0).sum()) < self.slots:
-            raise ConfigError(f"sampler=pk needs {self.slots} classes of at least sampler.k={k} examples; "
-                              f"the training set has {int((self.blocks > 0).sum())}")
+            raise ConfigError(f"sampler=pk needs {self.slots} classes of at least sampler.k={cfg.k} "
+                              f"examples; the training set has {int((self.blocks > 0).sum())}")
         self.steps = _max_steps(self.blocks, self.slots)
 
     def __len__(self) -> int:
@@ -95,29 +100,25 @@ class PKSampler:
         g = _generator("pk", self.seed, epoch)
         quota = _quota(self.blocks, self.steps, self.slots, g)
         # block j of class c: the examples [j*k, (j+1)*k) of this epoch's shuffle of c
-        queues = [torch.from_numpy(m)[torch.randperm(len(m), generator=g)[: q * self.k]].view(q, self.k)
+        queues = [iter(torch.from_numpy(m)[torch.randperm(len(m), generator=g)[: q * self.k]].view(q, self.k))
                   for m, q in zip(self.members, quota.tolist())]
-        used = [0] * len(queues)
         out = []
         for classes in _schedule(quota, self.steps, self.slots, g):
             order = classes[torch.randperm(self.slots, generator=g)].view(self.groups, self.p)
             groups = []
             for group in order.tolist():
-                blocks = []
-                for c in group:
-                    blocks.append(queues[c][used[c]])
-                    used[c] += 1
-                block = torch.cat(blocks)
+                block = torch.cat([next(queues[c]) for c in group])
                 groups.append(block[torch.randperm(len(block), generator=g)])
             out.append(torch.cat(groups))
         return out
 
 
+@SAMPLERS.register("sorted")
 class SortedSampler:
     """Single-class batches: each class is cut into ``round(n_c / batch_size)`` (at least one)
     batches of its own, topped up from a reshuffle where needed; batch order shuffled per epoch."""
 
-    def __init__(self, labels: torch.Tensor, batch_size: int, seed: int):
+    def __init__(self, cfg: SamplerConfig, labels: torch.Tensor, batch_size: int, seed: int):
         self.members, self.batch_size, self.seed = _members_by_class(labels), batch_size, seed
         self.per_class = [max(1, round(len(m) / batch_size)) for m in self.members]
 
@@ -133,14 +134,15 @@ class SortedSampler:
         return [out[i] for i in torch.randperm(len(out), generator=g).tolist()]
 
 
+@SAMPLERS.register("dirichlet")
 class DirichletSampler:
     """Per batch, class proportions ``q ~ Dir(alpha * share)``, then ``multinomial(batch_size, q)``
     examples per class, capped at what each class has left (the excess goes to the classes ``q``
     favours next); ``N // batch_size`` steps per epoch, no index twice in an epoch."""
 
-    def __init__(self, labels: torch.Tensor, batch_size: int, alpha: float, seed: int):
-        self.members, self.batch_size, self.alpha, self.seed = _members_by_class(labels), batch_size, alpha, seed
-        self.n = labels.numel()
+    def __init__(self, cfg: SamplerConfig, labels: torch.Tensor, batch_size: int, seed: int):
+        self.members, self.batch_size, self.seed = _members_by_class(labels), batch_size, seed
+        self.alpha, self.n = cfg.alpha, labels.numel()
 
     def __len__(self) -> int:
         return self.n // self.batch_size
@@ -156,32 +158,10 @@ class DirichletSampler:
             # floor: Dirichlet parameters must be > 0; an exhausted class then gets q ~ 0
             q = rng.dirichlet(self.alpha * np.maximum(share, 1e-9))
             counts = _fit(rng.multinomial(self.batch_size, q / q.sum()), left, q)
-            parts = [pools.take(int(c), int(counts[c])) for c in np.flatnonzero(counts)]
-            out.append(_shuffled(parts, g))
+            batch = torch.from_numpy(np.concatenate([pools.take(int(c), int(counts[c]))
+                                                     for c in np.flatnonzero(counts)]))
+            out.append(batch[torch.randperm(len(batch), generator=g)])  # so sub-batches are random subsets
         return out
-
-
-SAMPLERS = Registry("sampler.name", "(cfg: SamplerConfig, labels, batch_size, seed) -> BatchSampler")
-
-
-@SAMPLERS.register("iid")
-def iid(cfg: SamplerConfig, labels: torch.Tensor, batch_size: int, seed: int) -> BatchSampler:
-    return IIDSampler(labels, batch_size, seed)
-
-
-@SAMPLERS.register("pk")
-def pk(cfg: SamplerConfig, labels: torch.Tensor, batch_size: int, seed: int) -> BatchSampler:
-    return PKSampler(labels, cfg.p, cfg.k, seed, groups=cfg.groups)
-
-
-@SAMPLERS.register("sorted")
-def sorted_(cfg: SamplerConfig, labels: torch.Tensor, batch_size: int, seed: int) -> BatchSampler:
-    return SortedSampler(labels, batch_size, seed)
-
-
-@SAMPLERS.register("dirichlet")
-def dirichlet(cfg: SamplerConfig, labels: torch.Tensor, batch_size: int, seed: int) -> BatchSampler:
-    return DirichletSampler(labels, batch_size, cfg.alpha, seed)
 
 
 def build_sampler(cfg: SamplerConfig, labels: torch.Tensor, batch_size: int, seed: int) -> BatchSampler:
@@ -296,12 +276,6 @@ def _members_by_class(labels: torch.Tensor) -> list[np.ndarray]:
     order = torch.argsort(labels, stable=True).numpy()
     ends = torch.bincount(labels).cumsum(0).tolist()
     return [m for m in np.split(order, ends[:-1]) if len(m) > 0]
-
-
-def _shuffled(parts: list[np.ndarray], g: torch.Generator) -> torch.Tensor:
-    """One batch from per-class parts, in random order (so sub-batches are random subsets)."""
-    batch = torch.from_numpy(np.concatenate(parts))
-    return batch[torch.randperm(len(batch), generator=g)]
 
 
 def _generator(name: str, seed: int, epoch: int) -> torch.Generator:
