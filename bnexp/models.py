@@ -167,19 +167,17 @@ class ResNet(_Classifier):
         super().__init__(nn.Sequential(layers), c_in, num_classes, dropout, dropout_placement)
 
 
-@MODELS.register("vgg")
-def vgg(cfg: ModelConfig, norm_layer: NormLayer, num_classes: int, in_channels: int,
-        image_size: int) -> nn.Module:
-    return VGG(num_classes, norm_layer, width=cfg.width, depth=cfg.depth, dropout=cfg.dropout,
-               dropout_placement=cfg.dropout_placement, in_channels=in_channels, image_size=image_size)
+def _from_config(model: type[_Classifier]) -> Callable[..., nn.Module]:
+    """``model``'s ``MODELS`` entry: its arguments from ``cfg`` and the data's input shape."""
+    def build(cfg: ModelConfig, norm_layer: NormLayer, num_classes: int, in_channels: int,
+              image_size: int) -> nn.Module:
+        return model(num_classes, norm_layer, width=cfg.width, depth=cfg.depth, dropout=cfg.dropout,
+                     dropout_placement=cfg.dropout_placement, in_channels=in_channels, image_size=image_size)
+    return build
 
 
-@MODELS.register("resnet")
-def resnet(cfg: ModelConfig, norm_layer: NormLayer, num_classes: int, in_channels: int,
-           image_size: int) -> nn.Module:
-    return ResNet(num_classes, norm_layer, width=cfg.width, depth=cfg.depth, dropout=cfg.dropout,
-                  dropout_placement=cfg.dropout_placement, in_channels=in_channels,
-                  image_size=image_size)
+MODELS.register("vgg")(_from_config(VGG))
+MODELS.register("resnet")(_from_config(ResNet))
 
 
 def build_model(cfg: ModelConfig, norm_layer: NormLayer, num_classes: int, in_channels: int = 3,
