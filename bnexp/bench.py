@@ -10,12 +10,11 @@
 
 Both train the default model (conf/config.yaml: VGG with BN) on the same synthetic images with
 the same optimizer (``train.make_optimizer``) and schedule, so only the input pipeline,
-precision and layout differ. The
-two alternate in rounds at each batch size and the median round counts, so background load
-hits both alike. The fraction of peak is the model's training FLOPs per image (counted with
-``torch.utils.flop_counter``) times images/s over a large bf16 matmul measured in this process.
-A short training run each way then prints both test accuracies: the speed must not change the
-science. The last line is ``speedup_vs_naive=<ratio at batch 128>``.
+precision and layout differ. The two alternate in rounds at each batch size and the median round
+counts, so background load hits both alike. The fraction of peak is the model's training FLOPs
+per image (counted with ``torch.utils.flop_counter``) times images/s over a large bf16 matmul
+measured in this process. A short training run each way then prints both test accuracies: the
+speed must not change the science. The last line is ``speedup_vs_naive=<ratio at batch 128>``.
 """
 from __future__ import annotations
 
@@ -33,7 +32,8 @@ from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 from torchvision import datasets, transforms
 
-from .config import Config, parse_config
+from .api import compose
+from .config import Config
 from .data import DataBundle, load_data, spec
 from .models import build_model
 from .norms import make_norm
@@ -224,22 +224,33 @@ def accuracy_run(cfg: Config, device: torch.device) -> dict:
     return {"naive": correct / len(data.test.y), "bnexp": summary["metrics"]["test_acc"]}
 
 
-def compose(overrides: list[str]) -> Config:
-    """The bench's config: conf/config.yaml's defaults (model, precision, layout) plus overrides."""
-    from hydra import compose as hydra_compose, initialize_config_module
-    from omegaconf import OmegaConf
-
-    with initialize_config_module(config_module="bnexp.conf", version_base="1.3"):
-        cfg = hydra_compose(config_name="config", overrides=overrides)
-    return parse_config(OmegaConf.to_container(cfg, resolve=True))
-
-
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
 def main(argv: list[str] | None = None) -> None:
+    args = _parse_args(argv)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    load_before = os.getloadavg()[0]
+    base = ["data=synthetic", "checkpoint=false", "progress=off", *args.overrides]
+    cfg = compose(base)
+    device = resolve_device(cfg.device)
+    _print_setup(cfg, device)
+    rates = throughput(lambda bs: compose([*base, f"data.batch_size={bs}"]),
+                       [int(b) for b in args.batches.split(",")], args.rounds, device)
+    _print_peak_fractions(cfg, rates, device)
+    if args.accuracy_epochs > 0:
+        _compare_accuracy(base, args.accuracy_epochs, device)
+    load = os.getloadavg()[0]
+    print(f"load average now {load:.1f} on {os.cpu_count()} cores (was {load_before:.1f}); other "
+          "processes on these cores make every number above noisy")
+    last = max(rates)
+    print(f"speedup_vs_naive={rates[last]['bnexp'] / rates[last]['naive']:.2f}")
+
+
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bnexp.bench", description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds per batch size")
     parser.add_argument("--batches", default=",".join(map(str, BATCHES)), help="batch sizes")
@@ -248,41 +259,34 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=0,
                         help="torch threads for both ways (0 = torch's default: the cores)")
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. model.width=64")
-    args = parser.parse_args(argv)
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
-    load_before = os.getloadavg()[0]
-    base = ["data=synthetic", "checkpoint=false", "progress=off", *args.overrides]
-    batch_sizes = [int(b) for b in args.batches.split(",")]
-    cfg = compose(base)
-    device = resolve_device(cfg.device)
+    return parser.parse_args(argv)
+
+
+def _print_setup(cfg: Config, device: torch.device) -> None:
     precision = resolve_precision(cfg.precision, device)
     print(f"bnexp bench on {device.type} ({torch.get_num_threads()} threads): {cfg.model.name} "
           f"width {cfg.model.width} depth {cfg.model.depth}, norm {cfg.norm.name}; naive = fp32 NCHW, "
           f"PIL transforms, DataLoader(num_workers={NAIVE_WORKERS}); bnexp = {precision}, "
           f"channels_last={cfg.channels_last}, on-device uint8 pipeline", flush=True)
-    rates = throughput(lambda bs: compose([*base, f"data.batch_size={bs}"]), batch_sizes,
-                       args.rounds, device)
+
+
+def _print_peak_fractions(cfg: Config, rates: dict, device: torch.device) -> None:
     flops = train_flops_per_image(cfg, cfg.data.synthetic_classes, device)
     peak = matmul_peak(device)
     print(f"training FLOPs per image {flops / 1e6:.0f} M; bf16 matmul peak {peak / 1e12:.2f} TFLOP/s")
     for bs, r in rates.items():
         print(f"batch {bs:4d}: fraction of peak naive {r['naive'] * flops / peak:.1%}  "
               f"bnexp {r['bnexp'] * flops / peak:.1%}")
-    if args.accuracy_epochs > 0:
-        acc_cfg = compose([*base, "data.batch_size=128", f"optim.epochs={args.accuracy_epochs}",
-                           "eval.modes=[ema]"])
-        acc = accuracy_run(acc_cfg, device)
-        diff = 100 * (acc["bnexp"] - acc["naive"])
-        # one seed each way, different batch orders and crops: a few points apart is noise
-        verdict = "same within noise" if abs(diff) <= ACCURACY_TOLERANCE else "DIFFERENT: check"
-        print(f"test accuracy after {args.accuracy_epochs} epochs at batch 128: naive "
-              f"{acc['naive']:.1%}  bnexp {acc['bnexp']:.1%}  ({diff:+.1f} points: {verdict})")
-    load = os.getloadavg()[0]
-    print(f"load average now {load:.1f} on {os.cpu_count()} cores (was {load_before:.1f}); other "
-          "processes on these cores make every number above noisy")
-    last = max(rates)
-    print(f"speedup_vs_naive={rates[last]['bnexp'] / rates[last]['naive']:.2f}")
+
+
+def _compare_accuracy(base: list[str], epochs: int, device: torch.device) -> None:
+    acc = accuracy_run(compose([*base, "data.batch_size=128", f"optim.epochs={epochs}", "eval.modes=[ema]"]),
+                       device)
+    diff = 100 * (acc["bnexp"] - acc["naive"])
+    # one seed each way, different batch orders and crops: a few points apart is noise
+    verdict = "same within noise" if abs(diff) <= ACCURACY_TOLERANCE else "DIFFERENT: check"
+    print(f"test accuracy after {epochs} epochs at batch 128: naive "
+          f"{acc['naive']:.1%}  bnexp {acc['bnexp']:.1%}  ({diff:+.1f} points: {verdict})")
 
 
 if __name__ == "__main__":
