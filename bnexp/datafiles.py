@@ -114,7 +114,8 @@ def read_idx_dataset(name: str, root, download: bool, verify_checksums: bool):
         if len(x) != len(y) * SIDE * SIDE:
             raise DataError(f"{files[labels]} holds {len(y)} labels for the {len(x) // SIDE ** 2} images "
                             f"of {files[images]}: the pair is not from one release. Get it again: {fix}")
-        splits.append((torch.from_numpy(x.reshape(-1, 1, SIDE, SIDE).copy()), torch.from_numpy(y.astype(np.int64))))
+        splits.append((torch.from_numpy(x.reshape(-1, 1, SIDE, SIDE).copy()),
+                       torch.from_numpy(y.astype(np.int64))))
     return splits[0], splits[1], CLASSES
 
 
@@ -245,7 +246,7 @@ def read_cifar(root, name: str, download: bool, verify_checksums: bool):
     dataset, folder, listed = cifar_files(root, name)
     missing = [f for f, _ in listed if not (folder / f).is_file()]
     if missing:
-        _fetch(dataset, cls_name, folder.parent, folder, missing, download)
+        _fetch(dataset, cls_name, folder, missing, download)
     if verify_checksums:
         for filename, md5 in listed:
             if not check_integrity(folder / filename, md5):
@@ -259,8 +260,8 @@ def read_cifar(root, name: str, download: bool, verify_checksums: bool):
     return train, test, num_classes
 
 
-def _fetch(dataset, cls_name: str, root: Path, folder: Path, missing: list, download: bool) -> None:
-    why = "data.download=false"
+def _fetch(dataset, cls_name: str, folder: Path, missing: list, download: bool) -> None:
+    root, why = folder.parent, "data.download=false"
     if download:
         try:
             dataset(str(root), train=True, download=True)
