@@ -27,11 +27,9 @@ Each row is long-format: ``step, epoch, layer, name, value`` (noise rows add ``b
   ``abs_log`` is the mean over channels of |log r_c| and ``max`` the largest max(r_c, 1 / r_c),
   so channels shifted up and down do not cancel. 0 and 1 without a shift; dropout p before the
   layer on zero-mean inputs gives r_c = 1 / (1 - p).
-* ``forward_noise.ratio`` (per normalization position: every block's ``norm`` module, whatever its
-  type): the spread of a fixed probe image's norm output across ``noise_batches`` batches of
-  training images of the training batch size, over the spread across images, in train mode as
-  training sees it (injected noise on, dropout off); 0 for none/LN/PN, > 0 for batch statistics
-  or ghost noise. See ``bnexp.forward_noise``.
+* ``forward_noise.ratio`` (per normalization position, whatever its norm): the noise batch-mates
+  put into a fixed probe image's norm output, over ``noise_batches`` training batches; 0 for
+  none/LN/PN, > 0 for batch statistics or ghost noise. Defined in ``bnexp.forward_noise``.
 * ``weight_norm.norm`` (every conv) and ``weight_norm.effective_lr`` = lr / ||w||^2 (convs whose
   output feeds a normalization layer, where the loss is scale-invariant in w).
 
@@ -99,11 +97,8 @@ def discrepancy(model: nn.Module, batches: list, labels: list, pipe) -> list[dic
     """Batch-statistic minus EMA-statistic loss and accuracy on the same images, and the mean
     |logit difference|. Call inside ``preserved``."""
     outputs = []
-    for batch_mode in (True, False):
-        if batch_mode:
-            bn_train_mode(model)
-        else:
-            model.eval()
+    for set_mode in (bn_train_mode, nn.Module.eval):  # batch statistics, then the EMA's
+        set_mode(model)
         with plain_statistics(model), pipe.amp():
             outputs.append(torch.cat([model(x).float() for x in batches]))
     y = torch.cat(labels)
