@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 from typing import Iterable, Iterator, Optional
 
 import torch
@@ -134,14 +135,14 @@ def collect_moments(model: nn.Module, inputs: Iterable[torch.Tensor], pipe,
                     keep: bool = False) -> dict[str, LayerMoments]:
     """Run prepared ``inputs`` through ``model`` as it is and return each BN layer's input moments,
     one ``add`` per normalization batch (``normalization_batches``)."""
-    moments = {name: LayerMoments(keep) for name, _ in bn_layers(model)}
+    layers = bn_layers(model)
+    moments = {name: LayerMoments(keep) for name, _ in layers}
 
-    def hook(layer, args, acc):
+    def add(acc, layer, args):
         for part in normalization_batches(layer, args[0]):
             acc.add(part)
 
-    hooks = [m.register_forward_pre_hook(lambda layer, args, acc=moments[name]: hook(layer, args, acc))
-             for name, m in bn_layers(model)]
+    hooks = [m.register_forward_pre_hook(functools.partial(add, moments[name])) for name, m in layers]
     try:
         for x in inputs:
             with pipe.amp():
