@@ -113,12 +113,10 @@ class BatchRenorm2d(BatchNorm2d):
     Before any ``set_progress`` call f = 0. With clips 1 and 0, or under ``plain``, the layer is BN.
 
     ``virtual_batch`` (``None``: the whole batch): renormalize per ghost chunk, as each worker of
-    Ioffe's multi-worker setting does. The batch is cut as ``GhostBatchNorm2d`` cuts it
-    (contiguous chunks, the remainder last); each chunk g gets its own ``r_g``, ``d_g`` from its
-    own mean and biased variance against the same running statistics (those before this batch),
-    and the running statistics are updated once per forward with the chunks' means and unbiased
-    variances weighted by chunk size, as ghost BN does. With clips 1 and 0 or under ``plain`` the
-    layer is then ghost BN (plain per-chunk BN).
+    Ioffe's multi-worker setting does. The batch is cut, and the running statistics updated, as
+    ``GhostBatchNorm2d`` does; each chunk g gets its own ``r_g``, ``d_g`` from its own mean and
+    biased variance against the running statistics before this batch. With clips 1 and 0 or
+    under ``plain`` the layer is then ghost BN (plain per-chunk BN).
     """
 
     def __init__(self, num_features: int, r_max: float = 3.0, d_max: float = 5.0,
@@ -306,11 +304,9 @@ def _renorm_correction(x: torch.Tensor, running_mean: torch.Tensor, running_var:
 def _ghost_normalize(layer: BatchNorm2d, x: torch.Tensor, weight: Optional[torch.Tensor],
                      bias: Optional[torch.Tensor],
                      clips: Optional[tuple[float, float]] = None) -> torch.Tensor:
-    """Train-mode normalization of ``x`` in contiguous chunks of ``layer.virtual_batch`` (the
-    remainder last), each with its own statistics; ``clips = (r_max, d_max)``: batch renorm of each
-    chunk against ``layer``'s running statistics as they were before this call. Then one update
-    of the running statistics with the chunks' means and unbiased variances, each chunk weighted
-    by its share of the batch (n_g / N), so a remainder of 2 counts for 2 samples."""
+    """Ghost BN of ``x`` by ``layer`` and its one running-statistics update, as ``GhostBatchNorm2d``
+    states; ``clips = (r_max, d_max)``: batch renorm of each chunk against ``layer``'s running
+    statistics as they were before this call."""
     batch, size = x.shape[0], layer.virtual_batch
     full = batch // size * size
     renorm = None if clips is None else (layer.running_mean, layer.running_var, *clips)
