@@ -22,6 +22,7 @@ from torch import nn
 from .config import SamplerConfig
 from .data import Split, seeded_generator
 from .norms import bn_layers, set_frozen, set_plain
+from .sampling import build_sampler
 
 
 # ------------------------------------------------------------------- state hygiene
@@ -237,8 +238,6 @@ def sampler_indices(sampler: SamplerConfig, labels: torch.Tensor, batch_size: in
     """Index batches drawn by the sampler ``sampler`` over ``labels`` (as training draws them,
     ``bnexp.sampling.build_sampler``), with its seed derived from (``seed``, ``tag``): one epoch,
     or whole batches until at least ``n`` indices (further epochs when one is not enough)."""
-    from .sampling import build_sampler  # sampling imports data, which this module also does
-
     built = build_sampler(sampler, labels.cpu(), batch_size, seeded_generator(seed, tag).initial_seed())
     drawn = 0
     for epoch in range(1 if n is None else max(-(-n // max(len(built) * batch_size, 1)), 1)):
