@@ -54,11 +54,11 @@ from .forward_noise import forward_noise, probe_count
 from .moments import bn_train_mode, collect_moments, input_batches, plain_statistics, preserved
 from .norms import bn_layers
 from .registry import Registry
-from .stats import score
+from .stats import evaluate
 
 PERCENTILES = (0.15, 0.50, 0.85)
 PROBE_IMAGES = 512       # training images behind discrepancy and variance_shift
-CALIBRATION_MAX = 2048   # images per split behind calibration
+CALIBRATION_MAX = 2048   # images per split behind calibration (in whole batches)
 NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm)
 NONLINEARITIES = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh)
 PROBES = Registry("probes.names", "probe(recorder: Probes) -> list[dict]")
@@ -111,7 +111,8 @@ def discrepancy(model: nn.Module, batches: list, labels: list, pipe) -> list[dic
 def calibration(model: nn.Module, train: Split, test: Split, pipe, batch_size: int) -> list[dict]:
     """Eval-mode (EMA) loss, accuracy, generalization gap and test ECE. Call inside ``preserved``."""
     model.eval()
-    tr, te = (score(model, _batches(split, batch_size), pipe) for split in (train, test))
+    n = -(-CALIBRATION_MAX // batch_size) * batch_size  # the cap, rounded up to whole batches
+    tr, te = (evaluate(model, split.x[:n], split.y[:n], pipe, batch_size) for split in (train, test))
     return [_row("calibration.test_loss", te["loss"]), _row("calibration.test_acc", te["acc"]),
             _row("calibration.train_loss", tr["loss"]), _row("calibration.train_acc", tr["acc"]),
             _row("calibration.gen_gap", tr["acc"] - te["acc"]), _row("calibration.ece", te["ece"])]
@@ -201,12 +202,6 @@ def _convs_and_next(model: nn.Module) -> list[tuple]:
     leaves = [(n, m) for n, m in model.named_modules() if not list(m.children())]
     return [(n, m, leaves[i + 1][1] if i + 1 < len(leaves) else None)
             for i, (n, m) in enumerate(leaves) if isinstance(m, nn.Conv2d)]
-
-
-def _batches(split: Split, batch_size: int):
-    n = min(len(split), CALIBRATION_MAX)
-    return ((split.x[i:i + batch_size], split.y[i:i + batch_size], len(split.y[i:i + batch_size]))
-            for i in range(0, n, batch_size))
 
 
 def _row(name: str, value: float) -> dict:
