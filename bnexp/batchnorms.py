@@ -22,8 +22,8 @@ class BatchNorm2d(nn.BatchNorm2d):
     ``freeze_after``: the training fraction from which ``set_progress`` freezes the layer (``None``:
     ``set_progress`` leaves ``frozen`` as it is). ``ghost_noise``: ghost batch size of GNI between
     normalization and affine in train mode (``None``: off; see ``ghost_noise.py``). Subclasses
-    change ``_normalize`` (the train-mode normalization, which updates the running statistics) or
-    ``_train_forward`` (normalize, [GNI], affine).
+    take these keywords as ``**kwargs`` and change ``_normalize`` (the train-mode normalization,
+    which updates the running statistics) or ``_train_forward`` (normalize, [GNI], affine).
     """
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1,
@@ -83,13 +83,10 @@ class GhostBatchNorm2d(BatchNorm2d):
     layer's normalization) and drops only the ghost noise. Eval mode: plain BN (foldable).
     """
 
-    def __init__(self, num_features: int, virtual_batch: int, eps: float = 1e-5,
-                 momentum: Optional[float] = 0.1, freeze_after: Optional[float] = None,
-                 ghost_noise: Optional[int] = None):
+    def __init__(self, num_features: int, virtual_batch: int, **kwargs):
         if virtual_batch < 1:
             raise ValueError(f"virtual_batch={virtual_batch} must be >= 1")
-        super().__init__(num_features, eps=eps, momentum=momentum, freeze_after=freeze_after,
-                         ghost_noise=ghost_noise)
+        super().__init__(num_features, **kwargs)
         self.virtual_batch = virtual_batch
 
     def _normalize(self, x, weight, bias):
@@ -116,25 +113,20 @@ class BatchRenorm2d(BatchNorm2d):
     Before any ``set_progress`` call f = 0. With clips 1 and 0, or under ``plain``, the layer is BN.
 
     ``virtual_batch`` (``None``: the whole batch): renormalize per ghost chunk, as each worker of
-    Ioffe's multi-worker setting does. The batch is cut as ``GhostBatchNorm2d`` cuts it
-    (contiguous chunks, the remainder last); each chunk g gets its own ``r_g``, ``d_g`` from its
-    own mean and biased variance against the same running statistics (those before this batch),
-    and the running statistics are updated once per forward with the chunks' means and unbiased
-    variances weighted by chunk size, as ghost BN does. With clips 1 and 0 or under ``plain`` the
-    layer is then ghost BN (plain per-chunk BN).
+    Ioffe's multi-worker setting does. The batch is cut, and the running statistics updated, as
+    ``GhostBatchNorm2d`` does; each chunk g gets its own ``r_g``, ``d_g`` from its own mean and
+    biased variance against the running statistics before this batch. With clips 1 and 0 or
+    under ``plain`` the layer is then ghost BN (plain per-chunk BN).
     """
 
     def __init__(self, num_features: int, r_max: float = 3.0, d_max: float = 5.0,
                  warmup: float = 0.0, r_ramp: float = 0.0, d_ramp: float = 0.0,
-                 eps: float = 1e-5, momentum: Optional[float] = 0.1,
-                 freeze_after: Optional[float] = None, ghost_noise: Optional[int] = None,
-                 virtual_batch: Optional[int] = None):
+                 virtual_batch: Optional[int] = None, **kwargs):
         if r_max < 1.0 or d_max < 0.0:
             raise ValueError(f"r_max={r_max} must be >= 1 and d_max={d_max} >= 0")
         if virtual_batch is not None and virtual_batch < 1:
             raise ValueError(f"virtual_batch={virtual_batch} must be >= 1 (or None: the whole batch)")
-        super().__init__(num_features, eps=eps, momentum=momentum, freeze_after=freeze_after,
-                         ghost_noise=ghost_noise)
+        super().__init__(num_features, **kwargs)
         self.r_max, self.d_max, self.warmup = r_max, d_max, warmup
         self.r_ramp, self.d_ramp = r_ramp, d_ramp
         self.virtual_batch = virtual_batch
@@ -191,14 +183,11 @@ class NoisyBatchNorm2d(BatchNorm2d):
     """
 
     def __init__(self, num_features: int, noise_mul: float = 0.0, noise_add: float = 0.0,
-                 noise_mean: float = 0.0, noise_scale: float = 1.0, eps: float = 1e-5,
-                 momentum: Optional[float] = 0.1, freeze_after: Optional[float] = None,
-                 ghost_noise: Optional[int] = None):
+                 noise_mean: float = 0.0, noise_scale: float = 1.0, **kwargs):
         if noise_mul < 0 or noise_add < 0 or noise_mean < 0 or noise_scale < 1:
             raise ValueError(f"noise_mul={noise_mul}, noise_add={noise_add}, noise_mean={noise_mean} "
                              f"must be >= 0 and noise_scale={noise_scale} >= 1")
-        super().__init__(num_features, eps=eps, momentum=momentum, freeze_after=freeze_after,
-                         ghost_noise=ghost_noise)
+        super().__init__(num_features, **kwargs)
         self.noise_mul, self.noise_add = noise_mul, noise_add
         self.noise_mean, self.noise_scale = noise_mean, noise_scale
 
@@ -245,16 +234,13 @@ class PopulationNorm2d(BatchNorm2d):
     the gradient then pushes shifts and scales that the running statistics undo a few steps
     later.
 
-    Measured (Fashion-MNIST, no augmentation, 4-conv VGG of width 16, SGD 0.1 Nesterov, wd 5e-4,
-    cosine; train accuracy in eval mode, seeds 0 / 1): on 4,000 images at batch 128 for 30
-    epochs PN 99.8 / 99.9% against BN 100 / 100% and LN 99.8 / 97.2%, but slower (100% train-mode
-    accuracy from epoch ~25 against BN's 15, with dips at epochs 9 and 17: the lagging statistics
-    at a high effective learning rate) and with final loss 0.025-0.031 against BN's 0.003. At
-    batch 64 (twice the steps per image; the norm_vs_noise budget: 3,000 images, 30 epochs, 5,000
-    test images) PN trains as well as BN: 100 / 100% (BN 100 / 100%, LN 99.9 / 100%), 100%
-    train-mode accuracy from epoch 19-20 (BN 15-17, LN 21-22), no dips, final loss 0.006-0.007
-    (BN 0.003, LN 0.010-0.012); test accuracy (precise) 86.2 / 85.7% against BN's 86.7 / 87.1%.
-    So the formulation stays; the lag at large steps is the price of having no batch noise.
+    Measured (Fashion-MNIST, no augmentation, 4-conv VGG of width 16, SGD 0.1 Nesterov, cosine,
+    seeds 0 / 1): at batch 64 (the norm_vs_noise budget: 3,000 images, 30 epochs) PN trains as well
+    as BN (train accuracy 100 / 100%, in train mode from epoch 19-20 against BN's 15-17; final loss
+    0.006-0.007 against 0.003; precise test accuracy 86.2 / 85.7% against 86.7 / 87.1%). At batch
+    128 on 4,000 images it is slower (final loss 0.025-0.031, dips at epochs 9 and 17: the lagging
+    statistics at a high effective learning rate). So the formulation stays; the lag at large
+    steps is the price of having no batch noise.
     """
 
     def _normalize(self, x, weight, bias):
@@ -318,11 +304,9 @@ def _renorm_correction(x: torch.Tensor, running_mean: torch.Tensor, running_var:
 def _ghost_normalize(layer: BatchNorm2d, x: torch.Tensor, weight: Optional[torch.Tensor],
                      bias: Optional[torch.Tensor],
                      clips: Optional[tuple[float, float]] = None) -> torch.Tensor:
-    """Train-mode normalization of ``x`` in contiguous chunks of ``layer.virtual_batch`` (the
-    remainder last), each with its own statistics; ``clips = (r_max, d_max)``: batch renorm of each
-    chunk against ``layer``'s running statistics as they were before this call. Then one update
-    of the running statistics with the chunks' means and unbiased variances, each chunk weighted
-    by its share of the batch (n_g / N), so a remainder of 2 counts for 2 samples."""
+    """Ghost BN of ``x`` by ``layer`` and its one running-statistics update, as ``GhostBatchNorm2d``
+    states; ``clips = (r_max, d_max)``: batch renorm of each chunk against ``layer``'s running
+    statistics as they were before this call."""
     batch, size = x.shape[0], layer.virtual_batch
     full = batch // size * size
     renorm = None if clips is None else (layer.running_mean, layer.running_var, *clips)

@@ -20,7 +20,7 @@ wherever it scores ``ema``.
 """
 from __future__ import annotations
 
-from typing import Iterator, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 from torch import nn
@@ -83,16 +83,12 @@ def _after(layer: nn.Module, args, output) -> None:
     f = layer.momentum if layer.momentum is not None else 1.0 / float(layer.num_batches_tracked)
     if f == 0.0:
         return  # a pass that leaves the statistics alone
+    # each shadow's weight for this batch: its momentum, or 1 / (updates seen) when cumulative
+    weights = [1.0 / (seen + 1) if m is None else m
+               for m, seen in zip(layer.shadow_momenta, layer.shadow_count.tolist())]
     for shadow, new, prev in ((layer.shadow_mean, layer.running_mean, old[0]),
                               (layer.shadow_var, layer.running_var, old[1])):
         batch = (new - (1.0 - f) * prev) / f
-        for k, w in enumerate(_weights(layer)):
+        for k, w in enumerate(weights):
             shadow[k].mul_(1.0 - w).add_(batch, alpha=w)
     layer.shadow_count.add_(1)
-
-
-def _weights(layer: nn.Module) -> Iterator[float]:
-    """The weight of this update's batch statistics in each shadow (after ``shadow_count`` of
-    earlier updates): its momentum, or 1 / (updates seen) for the cumulative average."""
-    for m, seen in zip(layer.shadow_momenta, layer.shadow_count.tolist()):
-        yield 1.0 / (seen + 1) if m is None else m

@@ -51,7 +51,10 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from . import records
 from .checkpoint import load_model_state
 from .config import Config, ConfigError, DataConfig, parse_config, to_dict
+from .data import load_data
+from .moments import input_batches, precise_bn, preserved
 from .norms import BatchNorm2d, bn_layers
+from .stats import evaluate
 
 log = logging.getLogger(__name__)
 NO_RUNNING_STATS = ("none", "gn", "ln")
@@ -119,7 +122,7 @@ def start(model: nn.Module, source: Source, cfg: Config, data, pipe) -> Started:
         reestimate(model, data, pipe, cfg)
     apply_bn_mode(model, cfg.finetune.bn)
     info = {"from": str(source.run_dir), "bn": cfg.finetune.bn, "head_reinitialised": reinit,
-            "source_git_commit": _source_summary(source).get("git_commit"),
+            "source_git_commit": (records.read_summary(source.run_dir) or {}).get("git_commit"),
             "source_study": source.config.study_name,
             "source_overrides": records.read_overrides(source.run_dir),
             "source_data": _data_brief(source.config.data), "config_differs": source.config_differs}
@@ -169,8 +172,6 @@ def apply_bn_mode(model: nn.Module, mode: str) -> None:
 def score_before(model: nn.Module, data, pipe, cfg: Config) -> dict:
     """The source model on the target test set, with source statistics and with AdaBN ones
     (re-estimated on target training images); ``model`` is left as it was."""
-    from .stats import evaluate, preserved
-
     model.eval()
     plain = evaluate(model, data.test.x, data.test.y, pipe, cfg.eval.batch_size)
     metrics = {"test_acc.before_finetune": plain["acc"], "test_loss.before_finetune": plain["loss"]}
@@ -188,8 +189,6 @@ def reestimate(model: nn.Module, data, pipe, cfg: Config) -> None:
     images, by the ``precise`` eval mode's pass and settings (``eval.precise_samples`` augmented
     images in batches of ``eval.precise_batch_size``, default ``data.batch_size``). Restores the
     training flags, momentum and FrozenBN flags that pass changes; keeps the new statistics."""
-    from .stats import input_batches, precise_bn
-
     saved = [(m, m.training, getattr(m, "momentum", None), getattr(m, "frozen", None))
              for m in model.modules()]
     inputs = input_batches(data.train, cfg.eval.precise_samples,
@@ -210,8 +209,6 @@ def source_normalization(source: Source, device: torch.device) -> tuple[torch.Te
     if source.mean is not None:
         mean, std = source.mean, source.std
     else:
-        from .data import load_data
-
         bundle = load_data(source.config.data, "cpu", seed=source.config.seed)
         mean, std = bundle.mean, bundle.std
     return (torch.as_tensor(mean, dtype=torch.float32, device=device),
@@ -247,7 +244,3 @@ def _differences(cfg: Config, source: Config) -> dict:
 def _data_brief(data: DataConfig) -> dict:
     return {"name": data.name, "classes": list(data.classes) if data.classes else None,
             "shift": data.shift, "shift_severity": data.shift_severity if data.shift else None}
-
-
-def _source_summary(source: Source) -> dict:
-    return records.read_summary(source.run_dir) or {}

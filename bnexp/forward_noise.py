@@ -53,11 +53,6 @@ def probe_count(batch_size: int) -> int:
     return max(1, min(MAX_PROBE_IMAGES, batch_size // SPACING))
 
 
-def positions(count: int, batch_size: int) -> torch.Tensor:
-    """Where the probe images go: ``0, k, 2k, ...`` with ``k = batch_size // count``."""
-    return torch.arange(count) * (batch_size // count)
-
-
 def train_as_training(model: nn.Module) -> None:
     """Train mode as training sees it, but dropout off and BN momentum 0 (running statistics
     untouched). Changes modes and momenta only: call it inside ``stats.preserved``."""
@@ -74,12 +69,12 @@ def forward_noise(model: nn.Module, probe: torch.Tensor, batches: Sequence[torch
                   pipe) -> list[dict]:
     """Rows ``{layer, name: "forward_noise.ratio", value}`` per normalization position (module
     doc). ``probe``: [P, ...] prepared probe images; ``batches``: R >= 2 prepared batches, all of
-    one size >= P, whose images at ``positions(P, size)`` are replaced by the probe images.
+    one size >= P, whose images at ``0, k, 2k, ...`` (k = size // P) are replaced by the probe images.
     Changes modes and momenta (``train_as_training``): call it inside ``stats.preserved``."""
     if len(batches) < 2:
         raise ValueError("forward_noise needs at least 2 batches to measure a spread")
     train_as_training(model)
-    where = positions(len(probe), len(batches[0])).to(probe.device)
+    where = (torch.arange(len(probe)) * (len(batches[0]) // len(probe))).to(probe.device)
     layers = norm_positions(model)
     seen = {name: [] for name, _ in layers}  # per batch: (probe outputs, channel sum, sum of squares, count)
 

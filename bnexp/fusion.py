@@ -61,9 +61,9 @@ class FusionError(ValueError):
     """The model or the requested statistics cannot be folded; the message says why."""
 
 
-def check_foldable(model: nn.Module) -> int:
-    """The number of BN layers that would fold; ``FusionError`` when a norm cannot be folded
-    (GroupNorm / LayerNorm / InstanceNorm, BN without running statistics) or there is none."""
+def check_foldable(model: nn.Module) -> None:
+    """``FusionError`` when a norm cannot be folded (GroupNorm / LayerNorm / InstanceNorm, BN
+    without running statistics) or there is no BN to fold."""
     for name, m in model.named_modules():
         if isinstance(m, (nn.GroupNorm, nn.LayerNorm, nn.modules.instancenorm._InstanceNorm)):
             raise FusionError(
@@ -73,10 +73,8 @@ def check_foldable(model: nn.Module) -> int:
         if isinstance(m, _BatchNorm) and m.running_mean is None:
             raise FusionError(f"{name} keeps no running statistics (track_running_stats=False): "
                               "it always uses batch statistics and cannot be folded")
-    count = sum(isinstance(m, _BatchNorm) for m in model.modules())
-    if count == 0:
+    if not any(isinstance(m, _BatchNorm) for m in model.modules()):
         raise FusionError("the model has no BatchNorm layer to fold (norm none?)")
-    return count
 
 
 def fuse_bn(model: nn.Module) -> tuple[nn.Module, int]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 from typing import Iterable, Iterator, Optional
 
 import torch
@@ -21,6 +22,7 @@ from torch import nn
 from .config import SamplerConfig
 from .data import Split, seeded_generator
 from .norms import bn_layers, set_frozen, set_plain
+from .sampling import build_sampler
 
 
 # ------------------------------------------------------------------- state hygiene
@@ -134,14 +136,14 @@ def collect_moments(model: nn.Module, inputs: Iterable[torch.Tensor], pipe,
                     keep: bool = False) -> dict[str, LayerMoments]:
     """Run prepared ``inputs`` through ``model`` as it is and return each BN layer's input moments,
     one ``add`` per normalization batch (``normalization_batches``)."""
-    moments = {name: LayerMoments(keep) for name, _ in bn_layers(model)}
+    layers = bn_layers(model)
+    moments = {name: LayerMoments(keep) for name, _ in layers}
 
-    def hook(layer, args, acc):
+    def add(acc, layer, args):
         for part in normalization_batches(layer, args[0]):
             acc.add(part)
 
-    hooks = [m.register_forward_pre_hook(lambda layer, args, acc=moments[name]: hook(layer, args, acc))
-             for name, m in bn_layers(model)]
+    hooks = [m.register_forward_pre_hook(functools.partial(add, moments[name])) for name, m in layers]
     try:
         for x in inputs:
             with pipe.amp():
@@ -236,8 +238,6 @@ def sampler_indices(sampler: SamplerConfig, labels: torch.Tensor, batch_size: in
     """Index batches drawn by the sampler ``sampler`` over ``labels`` (as training draws them,
     ``bnexp.sampling.build_sampler``), with its seed derived from (``seed``, ``tag``): one epoch,
     or whole batches until at least ``n`` indices (further epochs when one is not enough)."""
-    from .sampling import build_sampler  # sampling imports data, which this module also does
-
     built = build_sampler(sampler, labels.cpu(), batch_size, seeded_generator(seed, tag).initial_seed())
     drawn = 0
     for epoch in range(1 if n is None else max(-(-n // max(len(built) * batch_size, 1)), 1)):

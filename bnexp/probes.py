@@ -27,11 +27,9 @@ Each row is long-format: ``step, epoch, layer, name, value`` (noise rows add ``b
   ``abs_log`` is the mean over channels of |log r_c| and ``max`` the largest max(r_c, 1 / r_c),
   so channels shifted up and down do not cancel. 0 and 1 without a shift; dropout p before the
   layer on zero-mean inputs gives r_c = 1 / (1 - p).
-* ``forward_noise.ratio`` (per normalization position: every block's ``norm`` module, whatever its
-  type): the spread of a fixed probe image's norm output across ``noise_batches`` batches of
-  training images of the training batch size, over the spread across images, in train mode as
-  training sees it (injected noise on, dropout off); 0 for none/LN/PN, > 0 for batch statistics
-  or ghost noise. See ``bnexp.forward_noise``.
+* ``forward_noise.ratio`` (per normalization position, whatever its norm): the noise batch-mates
+  put into a fixed probe image's norm output, over ``noise_batches`` training batches; 0 for
+  none/LN/PN, > 0 for batch statistics or ghost noise. Defined in ``bnexp.forward_noise``.
 * ``weight_norm.norm`` (every conv) and ``weight_norm.effective_lr`` = lr / ||w||^2 (convs whose
   output feeds a normalization layer, where the loss is scale-invariant in w).
 
@@ -56,11 +54,11 @@ from .forward_noise import forward_noise, probe_count
 from .moments import bn_train_mode, collect_moments, input_batches, plain_statistics, preserved
 from .norms import bn_layers
 from .registry import Registry
-from .stats import score
+from .stats import evaluate
 
 PERCENTILES = (0.15, 0.50, 0.85)
 PROBE_IMAGES = 512       # training images behind discrepancy and variance_shift
-CALIBRATION_MAX = 2048   # images per split behind calibration
+CALIBRATION_MAX = 2048   # images per split behind calibration (in whole batches)
 NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm)
 NONLINEARITIES = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh)
 PROBES = Registry("probes.names", "probe(recorder: Probes) -> list[dict]")
@@ -99,11 +97,8 @@ def discrepancy(model: nn.Module, batches: list, labels: list, pipe) -> list[dic
     """Batch-statistic minus EMA-statistic loss and accuracy on the same images, and the mean
     |logit difference|. Call inside ``preserved``."""
     outputs = []
-    for batch_mode in (True, False):
-        if batch_mode:
-            bn_train_mode(model)
-        else:
-            model.eval()
+    for set_mode in (bn_train_mode, nn.Module.eval):  # batch statistics, then the EMA's
+        set_mode(model)
         with plain_statistics(model), pipe.amp():
             outputs.append(torch.cat([model(x).float() for x in batches]))
     y = torch.cat(labels)
@@ -116,7 +111,8 @@ def discrepancy(model: nn.Module, batches: list, labels: list, pipe) -> list[dic
 def calibration(model: nn.Module, train: Split, test: Split, pipe, batch_size: int) -> list[dict]:
     """Eval-mode (EMA) loss, accuracy, generalization gap and test ECE. Call inside ``preserved``."""
     model.eval()
-    tr, te = (score(model, _batches(split, batch_size), pipe) for split in (train, test))
+    n = -(-CALIBRATION_MAX // batch_size) * batch_size  # the cap, rounded up to whole batches
+    tr, te = (evaluate(model, split.x[:n], split.y[:n], pipe, batch_size) for split in (train, test))
     return [_row("calibration.test_loss", te["loss"]), _row("calibration.test_acc", te["acc"]),
             _row("calibration.train_loss", tr["loss"]), _row("calibration.train_acc", tr["acc"]),
             _row("calibration.gen_gap", tr["acc"] - te["acc"]), _row("calibration.ece", te["ece"])]
@@ -206,12 +202,6 @@ def _convs_and_next(model: nn.Module) -> list[tuple]:
     leaves = [(n, m) for n, m in model.named_modules() if not list(m.children())]
     return [(n, m, leaves[i + 1][1] if i + 1 < len(leaves) else None)
             for i, (n, m) in enumerate(leaves) if isinstance(m, nn.Conv2d)]
-
-
-def _batches(split: Split, batch_size: int):
-    n = min(len(split), CALIBRATION_MAX)
-    return ((split.x[i:i + batch_size], split.y[i:i + batch_size], len(split.y[i:i + batch_size]))
-            for i in range(0, n, batch_size))
 
 
 def _row(name: str, value: float) -> dict:

@@ -34,9 +34,10 @@ autocast all statistics here are computed and kept in fp32 (float64 sums).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, NamedTuple, Optional
+from typing import Iterable, Iterator, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -46,13 +47,12 @@ from . import ema_shadows, records
 from .config import EvalConfig, SamplerConfig
 from .data import DataBundle, Split, seeded_generator
 from .moments import (  # noqa: F401  (re-exported: callers have always found these in stats)
-    LayerMoments, bn_train_mode, collect_moments, input_batches, plain_statistics, precise_bn,
-    preserved, sample_indices, sampler_batches, sampler_indices)
+    LayerMoments, bn_train_mode, collect_moments, input_batches, precise_bn, preserved, sampler_batches,
+    sampler_indices)
 from .norms import bn_layers, set_plain
 from .registry import Registry
 
 ECE_BINS = 15
-PRECISE_STATS = records.PRECISE_STATS  # kept for callers of the old name
 MODES = Registry("eval.modes", "mode(model, data, pipe, cfg: EvalConfig, batch_size: int, seed: int, "
                                "sampler: SamplerConfig | None) -> (scores, info)")
 
@@ -115,12 +115,6 @@ def expected_calibration_error(logits: torch.Tensor, labels: torch.Tensor, bins:
 
 # ------------------------------------------------------------------------ batch mode
 
-def _batch_stat_forward(m: nn.Module) -> Callable:
-    def forward(x: torch.Tensor) -> torch.Tensor:
-        return F.batch_norm(x, None, None, m.weight, m.bias, True, 0.0, m.eps)
-    return forward
-
-
 def batch_mode_batches(split: Split, batch_size: int, seed: int) -> Iterator[tuple]:
     """Seeded shuffle of ``split`` in batches of exactly ``batch_size`` (the last topped up with
     images from the start of the shuffle, not counted): ``(x, y, counted)`` for ``score``."""
@@ -177,7 +171,9 @@ _precise_mode("precise_sampler_bvar", "sampler", "bvar")
 def _batch(model, data, pipe, cfg, batch_size, seed, sampler=None):
     model.eval()
     for _, m in bn_layers(model):
-        m.forward = _batch_stat_forward(m)  # removed again by ``preserved``
+        # the plain statistics of each test batch; ``preserved`` removes this forward again
+        m.forward = functools.partial(F.batch_norm, running_mean=None, running_var=None, weight=m.weight,
+                                      bias=m.bias, training=True, momentum=0.0, eps=m.eps)
     return score(model, batch_mode_batches(data.test, cfg.batch_size, seed), pipe), {}
 
 
