@@ -57,14 +57,12 @@ class DataConfig:
 
     def check(self) -> None:
         _choice("data.name", self.name, DATASETS)
-        _positive("data.batch_size", self.batch_size)
-        for key in ("train_size", "test_size"):
-            _positive(f"data.{key}", getattr(self, key), optional=True)
+        _positive(self, "data", "batch_size")
+        _positive(self, "data", "train_size", "test_size", optional=True)
         if self.shift is not None:
             _choice("data.shift", self.shift, SHIFTS)
         _range("data.shift_severity", self.shift_severity, 1, 5)
-        _positive("data.synthetic_train", self.synthetic_train)
-        _positive("data.synthetic_test", self.synthetic_test)
+        _positive(self, "data", "synthetic_train", "synthetic_test")
         _range("data.synthetic_classes", self.synthetic_classes, 2, 100)
         _fail_if(not 0.0 <= self.label_noise < 1.0, f"data.label_noise={self.label_noise} must be in [0, 1)")
         if self.classes is not None and len(set(self.classes)) != len(self.classes):
@@ -81,9 +79,7 @@ class SamplerConfig:
 
     def check(self) -> None:
         _choice("sampler.name", self.name, SAMPLERS)
-        _positive("sampler.p", self.p)
-        _positive("sampler.k", self.k)
-        _positive("sampler.groups", self.groups)
+        _positive(self, "sampler", "p", "k", "groups")
         if self.groups != 1 and self.name != "pk":
             raise ConfigError(f"sampler.groups={self.groups} applies to sampler=pk only (class-sorted "
                               "groups: sampler=pk sampler.p=1); other samplers need sampler.groups=1")
@@ -107,8 +103,7 @@ class ModelConfig:
 
     def check(self) -> None:
         _choice("model.name", self.name, MODELS)
-        _positive("model.width", self.width)
-        _positive("model.depth", self.depth)
+        _positive(self, "model", "width", "depth")
         _fail_if(not 0.0 <= self.dropout < 1.0, f"model.dropout={self.dropout} must be in [0, 1)")
         _choice("model.dropout_placement", self.dropout_placement, DROPOUT_PLACEMENTS)
 
@@ -142,9 +137,8 @@ class NormConfig:
                 "running = (1 - momentum) * running + momentum * batch; Keras' 0.99 is 0.01 here; "
                 "null: cumulative average)")
         _fail_if(self.eps <= 0, f"norm.eps={self.eps} must be > 0")
-        _positive("norm.groups", self.groups)
-        _positive("norm.virtual_batch", self.virtual_batch)
-        _positive("norm.ghost_noise", self.ghost_noise, optional=True)
+        _positive(self, "norm", "groups", "virtual_batch")
+        _positive(self, "norm", "ghost_noise", optional=True)
         _fail_if(self.r_max < 1.0 or self.d_max < 0.0,
                  f"norm.r_max={self.r_max} must be >= 1 and norm.d_max={self.d_max} >= 0")
         _fail_if(self.noise_mean < 0 or self.noise_scale < 1,
@@ -179,10 +173,10 @@ class OptimConfig:
     def check(self) -> None:
         _choice("optim.name", self.name, ("sgd",))
         _fail_if(not self.lr > 0, f"optim.lr={self.lr} must be > 0")
-        _positive("optim.ref_batch_size", self.ref_batch_size)
+        _positive(self, "optim", "ref_batch_size")
         _fail_if(not 0.0 <= self.momentum < 1.0, f"optim.momentum={self.momentum} must be in [0, 1)")
         _fail_if(self.weight_decay < 0, f"optim.weight_decay={self.weight_decay} must be >= 0")
-        _positive("optim.epochs", self.epochs)
+        _positive(self, "optim", "epochs")
         _choice("optim.schedule", self.schedule, SCHEDULES)
         _fail_if(not 0.0 <= self.warmup_epochs <= self.epochs,
                  f"optim.warmup_epochs={self.warmup_epochs} must be in [0, optim.epochs]")
@@ -215,17 +209,15 @@ class EvalConfig:
     score_every: int = 1
 
     def check(self) -> None:
-        _positive("eval.score_every", self.score_every)
+        _positive(self, "eval", "score_every")
         for m in self.ema_momenta:
             _fail_if(m is not None and not 0.0 < m <= 1.0, f"eval.ema_momenta: {m} must be in (0, 1] or "
                      "null (the cumulative average), as norm.momentum")
         for mode in self.modes:
             _choice("eval.modes", mode, EVAL_MODES)
         _choice("eval.default_mode", self.default_mode, EVAL_MODES)
-        _positive("eval.batch_size", self.batch_size)
-        _positive("eval.precise_samples", self.precise_samples)
-        _positive("eval.precise_batch_size", self.precise_batch_size, optional=True)
-        _positive("eval.adapt_samples", self.adapt_samples, optional=True)
+        _positive(self, "eval", "batch_size", "precise_samples")
+        _positive(self, "eval", "precise_batch_size", "adapt_samples", optional=True)
 
 
 @dataclass(frozen=True)
@@ -437,12 +429,14 @@ def _fail_if(failed: bool, message: str) -> None:
         raise ConfigError(message)
 
 
-def _positive(key: str, value, optional: bool = False) -> None:
-    """A positive integer, or also None when ``optional``."""
-    if optional and value is None:
-        return
-    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        raise ConfigError(f"{key}={value!r} must be a positive integer")
+def _positive(section_cfg, section: str, *keys: str, optional: bool = False) -> None:
+    """Each field ``keys`` of ``section_cfg`` is a positive integer (or None, when ``optional``)."""
+    for key in keys:
+        value = getattr(section_cfg, key)
+        if optional and value is None:
+            continue
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise ConfigError(f"{section}.{key}={value!r} must be a positive integer")
 
 
 def _range(key: str, value, lo, hi) -> None:
