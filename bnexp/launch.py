@@ -18,6 +18,7 @@
 """
 from __future__ import annotations
 
+import copy
 import fcntl
 import logging
 import os
@@ -30,7 +31,7 @@ from pathlib import Path
 from typing import Iterator
 
 from hydra.experimental.callback import Callback
-from omegaconf import OmegaConf
+from omegaconf import OmegaConf, open_dict, read_write
 
 from . import progress, records
 
@@ -50,11 +51,7 @@ class Placement:
 def launcher_kind(launcher: dict) -> str:
     """``basic`` (one job after another in this process), ``joblib`` or ``submitit``."""
     target = str(launcher.get("_target_", ""))
-    if "joblib" in target:
-        return "joblib"
-    if "submitit" in target:
-        return "submitit"
-    return "basic"
+    return next((kind for kind in ("joblib", "submitit") if kind in target), "basic")
 
 
 def place_job(launcher: dict, job_num: int, threads: int, cores: int, gpus: int) -> Placement:
@@ -276,12 +273,9 @@ def sweep_run_dirs(config) -> list[Path]:
     and the command line, each job's ``override_dirname``, then ``hydra.sweep.dir/subdir``.
     Empty when that cannot be known (another sweeper, a subdir that uses ``hydra.job.id``).
     """
-    import copy
-
     from hydra._internal.config_loader_impl import get_overrides_dirname
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
     from hydra.core.override_parser.overrides_parser import OverridesParser
-    from omegaconf import OmegaConf, open_dict, read_write
 
     if "BasicSweeper" not in str(OmegaConf.select(config, "hydra.sweeper._target_")):
         return []
