@@ -213,8 +213,8 @@ class SweepProgress(Callback):
             return
         rerun_failed = bool(config.get("rerun_failed", False))
         skipped = {d for d in dirs if records.is_finished(d, rerun_failed)}
-        state = {"dirs": dirs, "skipped": skipped, "start": time.time(), "done": len(skipped),
-                 "stop": threading.Event(), "inline": launcher_kind(dict(config.hydra.launcher)) == "basic"}
+        state = {"dirs": dirs, "skipped": skipped, "start": time.time(), "stop": threading.Event(),
+                 "inline": launcher_kind(dict(config.hydra.launcher)) == "basic"}
         self._state = state
         if state["inline"]:
             progress.route_logs()
@@ -229,8 +229,7 @@ class SweepProgress(Callback):
 
     def on_job_end(self, config, job_return=None, **kwargs) -> None:
         if self._state and self._state["inline"]:
-            self._state["done"] = self._count()
-            self._state["bar"].set(self._state["done"])
+            self._state["bar"].set(self._count())
 
     def on_multirun_end(self, config, **kwargs) -> None:
         if self._state:
@@ -251,11 +250,10 @@ class SweepProgress(Callback):
             self._poll_once()
 
     def _poll_once(self) -> None:
-        s = self._state
-        s["done"] = self._count()
-        if s["done"] != s.get("shown"):
-            s["shown"] = s["done"]
-            progress.print_line(progress.sweep_line(s["done"], len(s["dirs"]), len(s["skipped"]),
+        s, done = self._state, self._count()
+        if done != s.get("shown"):
+            s["shown"] = done
+            progress.print_line(progress.sweep_line(done, len(s["dirs"]), len(s["skipped"]),
                                                     time.time() - s["start"]))
 
 
