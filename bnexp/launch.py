@@ -1,20 +1,8 @@
-"""How the jobs of a sweep share a machine and a study folder.
-
-* ``place_job``: the torch threads and the GPU of one job, from the launcher that started it.
-  Jobs that run side by side (joblib, submitit) split the cores, ``threads = cores // n_jobs``
-  unless the config sets ``threads``, and with k visible GPUs job i uses ``cuda:(i % k)``.
-  The config is not changed: the record of a run is the same whichever launcher ran it.
-* ``run_lock``: a non-blocking ``flock`` on ``<run>/.lock``, so two sweeps over the same study
-  never train the same run at once. The kernel drops the lock when its holder dies, however it
-  dies (SIGKILL, power loss), so a stale lock cannot block a re-run.
-* ``hydra_subdir``: the ``hydra.output_subdir`` of one job (an OmegaConf resolver, registered on
-  import): None, so that Hydra writes no ``.hydra/``, for a sweep job whose run has finished, so
-  a re-run sweep leaves a finished run's ``.hydra/`` as the run wrote it.
-* ``config_drift``: what differs between the config a finished run recorded and the one the
-  current command composes for its folder (conf/ edited in between), so a skip can say so.
-* ``SweepProgress``: a Hydra callback (``hydra.callbacks`` in conf/config.yaml) that shows runs
-  done / total and an ETA (a tqdm bar, ``bnexp.progress``). Besides the entry point, this is the
-  one module that reads Hydra's config, because Hydra hands its callbacks the DictConfig.
+"""How the jobs of a sweep share a machine and a study folder: where each job runs
+(``place_job``), one live trainer per run folder (``run_lock``), a skipped run's ``.hydra/``
+left as it was (``hydra_subdir``), what changed in conf/ since a run finished (``config_drift``),
+and the sweep's progress (``SweepProgress``). Besides the entry point, this is the one module
+that reads Hydra's config, because Hydra hands its callbacks the DictConfig.
 """
 from __future__ import annotations
 
@@ -60,9 +48,11 @@ def place_job(launcher: dict, job_num: int, threads: int, cores: int, gpus: int)
     ``threads`` > 0 (set in the config) always wins. joblib runs ``n_jobs`` jobs at once on this
     machine (-1 = one per core, -2 = all but one, as in joblib), so each gets ``cores // n_jobs``
     threads, and at least 1; submitit jobs get the ``cpus_per_task`` they asked for. The basic
-    launcher runs one job at a time: it keeps all cores and the current GPU. When the jobs that
-    run side by side ask for more threads than there are cores (n_jobs > cores, or an explicit
-    ``threads``), the placement stands but a warning says the sweep oversubscribes.
+    launcher runs one job at a time: it keeps all cores and the current GPU; otherwise, with k
+    visible GPUs, job i uses ``cuda:(i % k)``. When the jobs that run side by side ask for more
+    threads than there are cores (n_jobs > cores, or an explicit ``threads``), the placement
+    stands but a warning says the sweep oversubscribes. The config is not changed: the record of
+    a run is the same whichever launcher ran it.
     """
     kind = launcher_kind(launcher)
     if kind == "basic":
@@ -116,7 +106,9 @@ def run_lock(run_dir: Path) -> Iterator[bool]:
     """Hold an exclusive lock on ``run_dir`` for the ``with`` block; yields whether it was got.
 
     Non-blocking: when another live process holds it, yields False at once (the caller skips
-    the run). The file stays after release: deleting a lock file races with its next holder.
+    the run). A ``flock``: the kernel drops it when its holder dies, however it dies (SIGKILL,
+    power loss), so a stale lock cannot block a re-run. The file stays after release: deleting
+    a lock file races with its next holder.
     """
     path = Path(run_dir) / LOCK
     path.parent.mkdir(parents=True, exist_ok=True)
