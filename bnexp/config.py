@@ -383,9 +383,7 @@ def _typed(key: str, value, hint):
         return tuple(_typed(f"{key}[{i}]", v, item) for i, v in enumerate(value))
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
-    if hint in (int, float) and isinstance(value, bool):
-        raise _wrong_type(key, value, hint)
-    if not isinstance(value, origin or hint):
+    if (hint in (int, float) and isinstance(value, bool)) or not isinstance(value, origin or hint):
         raise _wrong_type(key, value, hint)
     return value
 
