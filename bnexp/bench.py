@@ -108,8 +108,7 @@ class Method:
             self.loader = naive_loader(data, cfg.data.batch_size, train=True)
         else:
             self.model = build(cfg, data.num_classes, device)
-            generator = torch.Generator(device=device).manual_seed(cfg.seed + 1)
-            self.pipe = make_pipeline(cfg, data, device, resolve_precision(cfg.precision, device), generator)
+            self.pipe = make_pipeline(cfg, data, device, resolve_precision(cfg.precision, device))
             self.sampler = build_sampler(cfg.sampler, data.train.y.cpu(), cfg.data.batch_size, cfg.seed)
         self.optimizer = make_optimizer(self.model, cfg.optim, cfg.data.batch_size)
         self.steps_per_epoch = len(data.train.y) // cfg.data.batch_size

@@ -57,18 +57,14 @@ class DataConfig:
 
     def check(self) -> None:
         _choice("data.name", self.name, DATASETS)
-        _positive("data.batch_size", self.batch_size)
-        for key in ("train_size", "test_size"):
-            if getattr(self, key) is not None:
-                _positive(f"data.{key}", getattr(self, key))
+        _positive(self, "data", "batch_size")
+        _positive(self, "data", "train_size", "test_size", optional=True)
         if self.shift is not None:
             _choice("data.shift", self.shift, SHIFTS)
         _range("data.shift_severity", self.shift_severity, 1, 5)
-        _positive("data.synthetic_train", self.synthetic_train)
-        _positive("data.synthetic_test", self.synthetic_test)
+        _positive(self, "data", "synthetic_train", "synthetic_test")
         _range("data.synthetic_classes", self.synthetic_classes, 2, 100)
-        if not 0.0 <= self.label_noise < 1.0:
-            raise ConfigError(f"data.label_noise={self.label_noise} must be in [0, 1)")
+        _fail_if(not 0.0 <= self.label_noise < 1.0, f"data.label_noise={self.label_noise} must be in [0, 1)")
         if self.classes is not None and len(set(self.classes)) != len(self.classes):
             raise ConfigError(f"data.classes={list(self.classes)} has repeated labels")
 
@@ -83,14 +79,11 @@ class SamplerConfig:
 
     def check(self) -> None:
         _choice("sampler.name", self.name, SAMPLERS)
-        _positive("sampler.p", self.p)
-        _positive("sampler.k", self.k)
-        _positive("sampler.groups", self.groups)
+        _positive(self, "sampler", "p", "k", "groups")
         if self.groups != 1 and self.name != "pk":
             raise ConfigError(f"sampler.groups={self.groups} applies to sampler=pk only (class-sorted "
                               "groups: sampler=pk sampler.p=1); other samplers need sampler.groups=1")
-        if self.alpha <= 0:
-            raise ConfigError(f"sampler.alpha={self.alpha} must be > 0")
+        _fail_if(self.alpha <= 0, f"sampler.alpha={self.alpha} must be > 0")
 
     def check_batch(self, batch_size: int) -> None:
         """A P x K batch must add up: ``groups * p * k == batch_size`` (other samplers: no rule)."""
@@ -110,10 +103,8 @@ class ModelConfig:
 
     def check(self) -> None:
         _choice("model.name", self.name, MODELS)
-        _positive("model.width", self.width)
-        _positive("model.depth", self.depth)
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"model.dropout={self.dropout} must be in [0, 1)")
+        _positive(self, "model", "width", "depth")
+        _fail_if(not 0.0 <= self.dropout < 1.0, f"model.dropout={self.dropout} must be in [0, 1)")
         _choice("model.dropout_placement", self.dropout_placement, DROPOUT_PLACEMENTS)
 
 
@@ -145,24 +136,21 @@ class NormConfig:
                 f"norm.momentum={self.momentum} must be in (0, 1] or null (PyTorch convention: "
                 "running = (1 - momentum) * running + momentum * batch; Keras' 0.99 is 0.01 here; "
                 "null: cumulative average)")
-        if self.eps <= 0:
-            raise ConfigError(f"norm.eps={self.eps} must be > 0")
-        _positive("norm.groups", self.groups)
-        _positive("norm.virtual_batch", self.virtual_batch)
-        if self.ghost_noise is not None:
-            _positive("norm.ghost_noise", self.ghost_noise)
-        if self.r_max < 1.0 or self.d_max < 0.0:
-            raise ConfigError(f"norm.r_max={self.r_max} must be >= 1 and norm.d_max={self.d_max} >= 0")
-        if self.noise_mean < 0 or self.noise_scale < 1:
-            raise ConfigError(f"norm.noise_mean={self.noise_mean} must be >= 0 and "
-                              f"norm.noise_scale={self.noise_scale} >= 1 (U(-n_mu, n_mu), U(1, n_sigma))")
-        if self.noise_mul < 0 or self.noise_add < 0:
-            raise ConfigError("norm.noise_mul and norm.noise_add are standard deviations: must be >= 0")
+        _fail_if(self.eps <= 0, f"norm.eps={self.eps} must be > 0")
+        _positive(self, "norm", "groups", "virtual_batch")
+        _positive(self, "norm", "ghost_noise", optional=True)
+        _fail_if(self.r_max < 1.0 or self.d_max < 0.0,
+                 f"norm.r_max={self.r_max} must be >= 1 and norm.d_max={self.d_max} >= 0")
+        _fail_if(self.noise_mean < 0 or self.noise_scale < 1,
+                 f"norm.noise_mean={self.noise_mean} must be >= 0 and "
+                 f"norm.noise_scale={self.noise_scale} >= 1 (U(-n_mu, n_mu), U(1, n_sigma))")
+        _fail_if(self.noise_mul < 0 or self.noise_add < 0,
+                 "norm.noise_mul and norm.noise_add are standard deviations: must be >= 0")
         for key in ("renorm_warmup", "renorm_r_ramp", "renorm_d_ramp"):
-            if not 0.0 <= getattr(self, key) <= 1.0:
-                raise ConfigError(f"norm.{key}={getattr(self, key)} must be a fraction in [0, 1]")
-        if self.freeze_after is not None and not 0.0 <= self.freeze_after <= 1.0:
-            raise ConfigError(f"norm.freeze_after={self.freeze_after} must be a fraction of training in [0, 1]")
+            value = getattr(self, key)
+            _fail_if(not 0.0 <= value <= 1.0, f"norm.{key}={value} must be a fraction in [0, 1]")
+        _fail_if(self.freeze_after is not None and not 0.0 <= self.freeze_after <= 1.0,
+                 f"norm.freeze_after={self.freeze_after} must be a fraction of training in [0, 1]")
 
 
 @dataclass(frozen=True)
@@ -184,23 +172,20 @@ class OptimConfig:
 
     def check(self) -> None:
         _choice("optim.name", self.name, ("sgd",))
-        if not self.lr > 0:
-            raise ConfigError(f"optim.lr={self.lr} must be > 0")
-        _positive("optim.ref_batch_size", self.ref_batch_size)
-        if not 0.0 <= self.momentum < 1.0:
-            raise ConfigError(f"optim.momentum={self.momentum} must be in [0, 1)")
-        if self.weight_decay < 0:
-            raise ConfigError(f"optim.weight_decay={self.weight_decay} must be >= 0")
-        _positive("optim.epochs", self.epochs)
+        _fail_if(not self.lr > 0, f"optim.lr={self.lr} must be > 0")
+        _positive(self, "optim", "ref_batch_size")
+        _fail_if(not 0.0 <= self.momentum < 1.0, f"optim.momentum={self.momentum} must be in [0, 1)")
+        _fail_if(self.weight_decay < 0, f"optim.weight_decay={self.weight_decay} must be >= 0")
+        _positive(self, "optim", "epochs")
         _choice("optim.schedule", self.schedule, SCHEDULES)
-        if not 0.0 <= self.warmup_epochs <= self.epochs:
-            raise ConfigError(f"optim.warmup_epochs={self.warmup_epochs} must be in [0, optim.epochs]")
-        if not 0.0 <= self.label_smoothing < 1.0:
-            raise ConfigError(f"optim.label_smoothing={self.label_smoothing} must be in [0, 1)")
-        if self.grad_clip is not None and self.grad_clip <= 0:
-            raise ConfigError(f"optim.grad_clip={self.grad_clip} must be > 0 or null")
-        if any(not 0.0 < m < 1.0 for m in self.milestones):
-            raise ConfigError(f"optim.milestones={list(self.milestones)} must be fractions of training in (0, 1)")
+        _fail_if(not 0.0 <= self.warmup_epochs <= self.epochs,
+                 f"optim.warmup_epochs={self.warmup_epochs} must be in [0, optim.epochs]")
+        _fail_if(not 0.0 <= self.label_smoothing < 1.0,
+                 f"optim.label_smoothing={self.label_smoothing} must be in [0, 1)")
+        _fail_if(self.grad_clip is not None and self.grad_clip <= 0,
+                 f"optim.grad_clip={self.grad_clip} must be > 0 or null")
+        _fail_if(any(not 0.0 < m < 1.0 for m in self.milestones),
+                 f"optim.milestones={list(self.milestones)} must be fractions of training in (0, 1)")
 
     def effective_lr(self, batch_size: int) -> float:
         """The peak learning rate, after the linear scaling rule when ``scale_lr`` is on."""
@@ -224,20 +209,15 @@ class EvalConfig:
     score_every: int = 1
 
     def check(self) -> None:
-        _positive("eval.score_every", self.score_every)
+        _positive(self, "eval", "score_every")
         for m in self.ema_momenta:
-            if m is not None and not 0.0 < m <= 1.0:
-                raise ConfigError(f"eval.ema_momenta: {m} must be in (0, 1] or null (the cumulative "
-                                  "average), as norm.momentum")
+            _fail_if(m is not None and not 0.0 < m <= 1.0, f"eval.ema_momenta: {m} must be in (0, 1] or "
+                     "null (the cumulative average), as norm.momentum")
         for mode in self.modes:
             _choice("eval.modes", mode, EVAL_MODES)
         _choice("eval.default_mode", self.default_mode, EVAL_MODES)
-        _positive("eval.batch_size", self.batch_size)
-        _positive("eval.precise_samples", self.precise_samples)
-        if self.precise_batch_size is not None:
-            _positive("eval.precise_batch_size", self.precise_batch_size)
-        if self.adapt_samples is not None:
-            _positive("eval.adapt_samples", self.adapt_samples)
+        _positive(self, "eval", "batch_size", "precise_samples")
+        _positive(self, "eval", "precise_batch_size", "adapt_samples", optional=True)
 
 
 @dataclass(frozen=True)
@@ -253,13 +233,13 @@ class ProbeConfig:
     def check(self) -> None:
         for name in self.names:
             _choice("probes.names", name, PROBES)
-        if self.every_steps < 0:
-            raise ConfigError(f"probes.every_steps={self.every_steps} must be >= 0 (0 = once per epoch)")
+        _fail_if(self.every_steps < 0,
+                 f"probes.every_steps={self.every_steps} must be >= 0 (0 = once per epoch)")
         for size in self.noise_sizes:
             _range("probes.noise_sizes", size, 2, 1 << 20)
         _range("probes.noise_batches", self.noise_batches, 2, 1 << 20)
-        if self.unit is not None and (not isinstance(self.unit, int) or self.unit < 0):
-            raise ConfigError(f"probes.unit={self.unit!r} must be a channel index >= 0 or null")
+        _fail_if(self.unit is not None and (not isinstance(self.unit, int) or self.unit < 0),
+                 f"probes.unit={self.unit!r} must be a channel index >= 0 or null")
 
 
 @dataclass(frozen=True)
@@ -271,8 +251,8 @@ class FinetuneConfig:
 
     def check(self) -> None:
         _choice("finetune.bn", self.bn, FINETUNE_BN)
-        if self.reinit_head not in ("auto", True, False):
-            raise ConfigError(f"finetune.reinit_head={self.reinit_head!r}: allowed values are auto, true, false")
+        _fail_if(self.reinit_head not in ("auto", True, False),
+                 f"finetune.reinit_head={self.reinit_head!r}: allowed values are auto, true, false")
 
 
 @dataclass(frozen=True)
@@ -305,8 +285,7 @@ class Config:
         _choice("precision", self.precision, ("auto", "fp32", "bf16"))
         _choice("progress", self.progress, ("auto", "on", "off"))
         _choice("logger", self.logger, LOGGERS)
-        if self.threads < 0:
-            raise ConfigError(f"threads={self.threads} must be >= 0 (0 = torch's default)")
+        _fail_if(self.threads < 0, f"threads={self.threads} must be >= 0 (0 = torch's default)")
         for section in SECTIONS:
             getattr(self, section).check()
         self.sampler.check_batch(self.data.batch_size)
@@ -317,6 +296,8 @@ SECTIONS = {
     "optim": OptimConfig, "eval": EvalConfig, "probes": ProbeConfig, "finetune": FinetuneConfig,
 }
 _RENAMED = {("finetune", "from"): "from_"}
+_YAML_KEYS = {(section, attr): key for (section, key), attr in _RENAMED.items()}
+_hints = functools.cache(typing.get_type_hints)  # a dataclass's field types, resolved once
 
 
 def parse_config(raw: dict) -> Config:
@@ -327,7 +308,7 @@ def parse_config(raw: dict) -> Config:
     """
     raw = {k: v for k, v in raw.items() if k != "hydra"}
     top = {f.name for f in fields(Config)} - set(SECTIONS)
-    _reject_unknown("", raw, top | set(SECTIONS))
+    _reject_unknown(raw, top | set(SECTIONS))
     hints = _hints(Config)
     kwargs = {k: _typed(k, raw[k], hints[k]) for k in top if k in raw}
     _require("", kwargs, top)
@@ -355,7 +336,7 @@ def check_override_key(dotted: str, groups=()) -> None:
     if section in SECTIONS and rest:
         _section_attr(section, rest.split(".")[0])
     elif not rest:
-        _reject_unknown("", {section: None}, {f.name for f in fields(Config)} | set(groups))
+        _reject_unknown([section], {f.name for f in fields(Config)} | set(groups))
 
 
 def _section(name: str, cls: type, raw: dict):
@@ -374,14 +355,9 @@ def _section_attr(name: str, key: str) -> str:
     attr = _RENAMED.get((name, key), key)
     known = {f.name for f in fields(SECTIONS[name])}
     if attr not in known:
-        allowed = sorted(_yaml_key(name, f) for f in known)
+        allowed = sorted(_YAML_KEYS.get((name, f), f) for f in known)
         raise ConfigError(f"unknown setting {name}.{key}; allowed keys in {name}: {', '.join(allowed)}")
     return attr
-
-
-@functools.cache
-def _hints(cls: type) -> dict:
-    return typing.get_type_hints(cls)
 
 
 def _typed(key: str, value, hint):
@@ -389,7 +365,7 @@ def _typed(key: str, value, hint):
     floats), or ``ConfigError`` naming the setting, the value and the expected type."""
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if hint is Any:
-        return _freeze(value)
+        return tuple(value) if isinstance(value, list) else value
     if origin is Union:  # Optional[X]
         if value is None:
             return None
@@ -407,9 +383,7 @@ def _typed(key: str, value, hint):
         return tuple(_typed(f"{key}[{i}]", v, item) for i, v in enumerate(value))
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
-    if hint in (int, float) and isinstance(value, bool):
-        raise _wrong_type(key, value, hint)
-    if not isinstance(value, origin or hint):
+    if (hint in (int, float) and isinstance(value, bool)) or not isinstance(value, origin or hint):
         raise _wrong_type(key, value, hint)
     return value
 
@@ -431,21 +405,10 @@ def _type_name(hint) -> str:
     return names.get(hint, getattr(hint, "__name__", str(hint)))
 
 
-def _yaml_key(section: str, attr: str) -> str:
-    for (s, yaml_key), a in _RENAMED.items():
-        if s == section and a == attr:
-            return yaml_key
-    return attr
-
-
-def _freeze(value):
-    return tuple(value) if isinstance(value, list) else value
-
-
-def _reject_unknown(prefix: str, raw: dict, allowed: set) -> None:
-    unknown = sorted(set(raw) - allowed)
+def _reject_unknown(keys, allowed: set) -> None:
+    unknown = sorted(set(keys) - allowed)
     if unknown:
-        raise ConfigError(f"unknown setting {prefix}{unknown[0]}; allowed top-level keys: {', '.join(sorted(allowed))}")
+        raise ConfigError(f"unknown setting {unknown[0]}; allowed top-level keys: {', '.join(sorted(allowed))}")
 
 
 def _require(prefix: str, values: dict, needed: set) -> None:
@@ -459,9 +422,19 @@ def _choice(key: str, value, allowed) -> None:
         raise ConfigError(f"{key}={value!r} is not an option; allowed values: {', '.join(map(str, allowed))}")
 
 
-def _positive(key: str, value) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        raise ConfigError(f"{key}={value!r} must be a positive integer")
+def _fail_if(failed: bool, message: str) -> None:
+    if failed:
+        raise ConfigError(message)
+
+
+def _positive(section_cfg, section: str, *keys: str, optional: bool = False) -> None:
+    """Each field ``keys`` of ``section_cfg`` is a positive integer (or None, when ``optional``)."""
+    for key in keys:
+        value = getattr(section_cfg, key)
+        if optional and value is None:
+            continue
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise ConfigError(f"{section}.{key}={value!r} must be a positive integer")
 
 
 def _range(key: str, value, lo, hi) -> None:

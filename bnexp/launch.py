@@ -1,23 +1,12 @@
-"""How the jobs of a sweep share a machine and a study folder.
-
-* ``place_job``: the torch threads and the GPU of one job, from the launcher that started it.
-  Jobs that run side by side (joblib, submitit) split the cores, ``threads = cores // n_jobs``
-  unless the config sets ``threads``, and with k visible GPUs job i uses ``cuda:(i % k)``.
-  The config is not changed: the record of a run is the same whichever launcher ran it.
-* ``run_lock``: a non-blocking ``flock`` on ``<run>/.lock``, so two sweeps over the same study
-  never train the same run at once. The kernel drops the lock when its holder dies, however it
-  dies (SIGKILL, power loss), so a stale lock cannot block a re-run.
-* ``hydra_subdir``: the ``hydra.output_subdir`` of one job (an OmegaConf resolver, registered on
-  import): None, so that Hydra writes no ``.hydra/``, for a sweep job whose run has finished, so
-  a re-run sweep leaves a finished run's ``.hydra/`` as the run wrote it.
-* ``config_drift``: what differs between the config a finished run recorded and the one the
-  current command composes for its folder (conf/ edited in between), so a skip can say so.
-* ``SweepProgress``: a Hydra callback (``hydra.callbacks`` in conf/config.yaml) that shows runs
-  done / total and an ETA (a tqdm bar, ``bnexp.progress``). Besides the entry point, this is the
-  one module that reads Hydra's config, because Hydra hands its callbacks the DictConfig.
+"""How the jobs of a sweep share a machine and a study folder: where each job runs
+(``place_job``), one live trainer per run folder (``run_lock``), a skipped run's ``.hydra/``
+left as it was (``hydra_subdir``), what changed in conf/ since a run finished (``config_drift``),
+and the sweep's progress (``SweepProgress``). Besides the entry point, this is the one module
+that reads Hydra's config, because Hydra hands its callbacks the DictConfig.
 """
 from __future__ import annotations
 
+import copy
 import fcntl
 import logging
 import os
@@ -30,7 +19,7 @@ from pathlib import Path
 from typing import Iterator
 
 from hydra.experimental.callback import Callback
-from omegaconf import OmegaConf
+from omegaconf import OmegaConf, open_dict, read_write
 
 from . import progress, records
 
@@ -50,11 +39,7 @@ class Placement:
 def launcher_kind(launcher: dict) -> str:
     """``basic`` (one job after another in this process), ``joblib`` or ``submitit``."""
     target = str(launcher.get("_target_", ""))
-    if "joblib" in target:
-        return "joblib"
-    if "submitit" in target:
-        return "submitit"
-    return "basic"
+    return next((kind for kind in ("joblib", "submitit") if kind in target), "basic")
 
 
 def place_job(launcher: dict, job_num: int, threads: int, cores: int, gpus: int) -> Placement:
@@ -63,9 +48,11 @@ def place_job(launcher: dict, job_num: int, threads: int, cores: int, gpus: int)
     ``threads`` > 0 (set in the config) always wins. joblib runs ``n_jobs`` jobs at once on this
     machine (-1 = one per core, -2 = all but one, as in joblib), so each gets ``cores // n_jobs``
     threads, and at least 1; submitit jobs get the ``cpus_per_task`` they asked for. The basic
-    launcher runs one job at a time: it keeps all cores and the current GPU. When the jobs that
-    run side by side ask for more threads than there are cores (n_jobs > cores, or an explicit
-    ``threads``), the placement stands but a warning says the sweep oversubscribes.
+    launcher runs one job at a time: it keeps all cores and the current GPU; otherwise, with k
+    visible GPUs, job i uses ``cuda:(i % k)``. When the jobs that run side by side ask for more
+    threads than there are cores (n_jobs > cores, or an explicit ``threads``), the placement
+    stands but a warning says the sweep oversubscribes. The config is not changed: the record of
+    a run is the same whichever launcher ran it.
     """
     kind = launcher_kind(launcher)
     if kind == "basic":
@@ -119,7 +106,9 @@ def run_lock(run_dir: Path) -> Iterator[bool]:
     """Hold an exclusive lock on ``run_dir`` for the ``with`` block; yields whether it was got.
 
     Non-blocking: when another live process holds it, yields False at once (the caller skips
-    the run). The file stays after release: deleting a lock file races with its next holder.
+    the run). A ``flock``: the kernel drops it when its holder dies, however it dies (SIGKILL,
+    power loss), so a stale lock cannot block a re-run. The file stays after release: deleting
+    a lock file races with its next holder.
     """
     path = Path(run_dir) / LOCK
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -216,8 +205,8 @@ class SweepProgress(Callback):
             return
         rerun_failed = bool(config.get("rerun_failed", False))
         skipped = {d for d in dirs if records.is_finished(d, rerun_failed)}
-        state = {"dirs": dirs, "skipped": skipped, "start": time.time(), "done": len(skipped),
-                 "stop": threading.Event(), "inline": launcher_kind(dict(config.hydra.launcher)) == "basic"}
+        state = {"dirs": dirs, "skipped": skipped, "start": time.time(), "stop": threading.Event(),
+                 "inline": launcher_kind(dict(config.hydra.launcher)) == "basic"}
         self._state = state
         if state["inline"]:
             progress.route_logs()
@@ -232,8 +221,7 @@ class SweepProgress(Callback):
 
     def on_job_end(self, config, job_return=None, **kwargs) -> None:
         if self._state and self._state["inline"]:
-            self._state["done"] = self._count()
-            self._state["bar"].set(self._state["done"])
+            self._state["bar"].set(self._count())
 
     def on_multirun_end(self, config, **kwargs) -> None:
         if self._state:
@@ -254,11 +242,10 @@ class SweepProgress(Callback):
             self._poll_once()
 
     def _poll_once(self) -> None:
-        s = self._state
-        s["done"] = self._count()
-        if s["done"] != s.get("shown"):
-            s["shown"] = s["done"]
-            progress.print_line(progress.sweep_line(s["done"], len(s["dirs"]), len(s["skipped"]),
+        s, done = self._state, self._count()
+        if done != s.get("shown"):
+            s["shown"] = done
+            progress.print_line(progress.sweep_line(done, len(s["dirs"]), len(s["skipped"]),
                                                     time.time() - s["start"]))
 
 
@@ -276,12 +263,9 @@ def sweep_run_dirs(config) -> list[Path]:
     and the command line, each job's ``override_dirname``, then ``hydra.sweep.dir/subdir``.
     Empty when that cannot be known (another sweeper, a subdir that uses ``hydra.job.id``).
     """
-    import copy
-
     from hydra._internal.config_loader_impl import get_overrides_dirname
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
     from hydra.core.override_parser.overrides_parser import OverridesParser
-    from omegaconf import OmegaConf, open_dict, read_write
 
     if "BasicSweeper" not in str(OmegaConf.select(config, "hydra.sweeper._target_")):
         return []

@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Iterable, Protocol
+from typing import Iterable
 
 from .registry import Registry
 
@@ -32,25 +32,14 @@ TENSORBOARD_DIR = "tensorboard"  # inside the run folder
 LOGGERS = Registry("logger", "logger(run_dir: Path, first_step: int) -> Logger")
 
 
-class Logger(Protocol):
+class Logger:
     """What ``train.fit`` calls: one ``log_epoch`` per finished epoch (a ``metrics.jsonl`` row and
-    its step), ``log_probes`` and ``log_summary`` once at the end, then ``close``."""
+    its step), ``log_probes`` and ``log_summary`` once at the end, then ``close``. This base
+    logs nothing: it is ``logger=none``."""
 
-    def log_epoch(self, row: dict, step: int) -> None: ...
+    def __init__(self, run_dir: Path, first_step: int):
+        pass
 
-    def log_probes(self, rows: Iterable[dict]) -> None: ...
-
-    def log_summary(self, summary: dict) -> None: ...
-
-    def close(self) -> None: ...
-
-
-def make(name: str, run_dir: Path, first_step: int = 0) -> Logger:
-    """The logger ``name`` for ``run_dir``; ``ConfigError`` listing the options for an unknown one."""
-    return LOGGERS.get(name)(Path(run_dir), first_step)
-
-
-class _NoLogger:
     def log_epoch(self, row: dict, step: int) -> None:
         pass
 
@@ -64,12 +53,16 @@ class _NoLogger:
         pass
 
 
-@LOGGERS.register("none")
-def no_logger(run_dir: Path, first_step: int) -> Logger:
-    return _NoLogger()
+LOGGERS.register("none")(Logger)
 
 
-class _TensorBoard:
+def make(name: str, run_dir: Path, first_step: int = 0) -> Logger:
+    """The logger ``name`` for ``run_dir``; ``ConfigError`` listing the options for an unknown one."""
+    return LOGGERS.get(name)(Path(run_dir), first_step)
+
+
+@LOGGERS.register("tensorboard")
+class TensorBoard(Logger):
     """Scalars and text through ``SummaryWriter`` (imported here: ``logger=none`` never loads it)."""
 
     def __init__(self, run_dir: Path, first_step: int):
@@ -103,11 +96,6 @@ class _TensorBoard:
 
     def close(self) -> None:
         self.writer.close()
-
-
-@LOGGERS.register("tensorboard")
-def tensorboard(run_dir: Path, first_step: int) -> Logger:
-    return _TensorBoard(run_dir, first_step)
 
 
 def probe_tag(row: dict) -> str:

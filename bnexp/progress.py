@@ -80,13 +80,17 @@ def route_logs() -> None:
 
 
 class _Bar(tqdm):
-    """tqdm whose ``bar_format`` may also use ``{left}`` (`` ETA 3m05s``; empty while unknown and at the end,
-    from the average rate since the bar started, counting from ``initial``) and the fields that
-    ``fields(d)`` returns for tqdm's own ``format_dict`` ``d``, recomputed at each redraw."""
+    """A bar on stderr whose ``bar_format`` may also use ``{left}`` (`` ETA 3m05s``; empty while
+    unknown and at the end) and the fields that ``fields(d)`` returns for tqdm's own
+    ``format_dict`` ``d``, recomputed at each redraw."""
 
-    def __init__(self, *args, fields=lambda d: {}, **kwargs):
+    def __init__(self, total: int, initial: int, bar_format: str, leave: bool, fields=lambda d: {}):
         self._fields = fields
-        super().__init__(*args, **kwargs)
+        # smoothing=0: the average rate since the bar started (counting from ``initial``), so
+        # pauses (evaluation) count in the ETA
+        super().__init__(total=total, initial=initial, bar_format=bar_format, file=sys.stderr,
+                         leave=leave, mininterval=REFRESH_S, smoothing=0, dynamic_ncols=True,
+                         disable=False)
 
     @property
     def format_dict(self) -> dict:
@@ -96,13 +100,6 @@ class _Bar(tqdm):
         if done > 0 and elapsed > 0 and d["total"] and d["n"] < d["total"]:
             left = f" ETA {duration((d['total'] - d['n']) * elapsed / done)}"
         return {**d, "left": left, **self._fields(d)}
-
-
-def _bar(total: int, initial: int, bar_format: str, leave: bool, fields=lambda d: {}) -> _Bar:
-    # smoothing=0: the average rate since the start, so pauses (evaluation) count in the ETA
-    return _Bar(total=total, initial=initial, bar_format=bar_format, file=sys.stderr, leave=leave,
-                mininterval=REFRESH_S, smoothing=0, dynamic_ncols=True, disable=False,
-                fields=fields)
 
 
 class RunProgress:
@@ -131,7 +128,7 @@ class RunProgress:
         if not self.on:
             return batches
         if self.bar is None:  # started here: a resumed run starts at its first epoch
-            self.bar = _bar(self.epochs * self.steps, epoch * self.steps, self.FORMAT,
+            self.bar = _Bar(self.epochs * self.steps, epoch * self.steps, self.FORMAT,
                             leave=False, fields=self._fields)
         self._epoch, self._step = epoch, 0
         return _Tracked(self, batches)
@@ -179,7 +176,7 @@ class SweepBar:
     FORMAT = "sweep {n}/{total} runs done |{bar:12}|{left}"
 
     def __init__(self, total: int, done_before: int):
-        self.bar = _bar(total, done_before, self.FORMAT, leave=True)
+        self.bar = _Bar(total, done_before, self.FORMAT, leave=True)
 
     def set(self, done: int) -> None:
         self.bar.n = done

@@ -128,11 +128,8 @@ def read_summary(run_dir: Path) -> dict | None:
 
 def is_finished(run_dir: Path, rerun_failed: bool = False) -> bool:
     """True when a sweep should skip this run: it has a summary with a final status."""
-    summary = read_summary(run_dir)
-    if summary is None:
-        return False
-    done = FINISHED if rerun_failed else STATUSES
-    return summary.get("status") in done
+    summary = read_summary(run_dir) or {}
+    return summary.get("status") in (FINISHED if rerun_failed else STATUSES)
 
 
 def read_overrides(run_dir: Path) -> list[str]:

@@ -39,8 +39,7 @@ def load_run(run_dir, device: str = "cpu", precision: Optional[str] = None) -> L
 
     ``precision``: ``fp32`` | ``bf16`` | ``auto``; None = the run's own ``precision`` setting,
     resolved for this device. Raises ``FileNotFoundError`` when the run has no ``model.pt`` and
-    ``ConfigError`` when its saved config no longer parses. The pipeline's augmentation generator
-    is seeded ``seed + 1``, as in ``fit``.
+    ``ConfigError`` when its saved config no longer parses.
     """
     from .train import build, make_pipeline  # train imports stats, which imports this lazily
 
@@ -55,6 +54,5 @@ def load_run(run_dir, device: str = "cpu", precision: Optional[str] = None) -> L
     if state.get("mean") is not None:
         data = replace(data, mean=torch.as_tensor(state["mean"], dtype=torch.float32, device=dev),
                        std=torch.as_tensor(state["std"], dtype=torch.float32, device=dev))
-    generator = torch.Generator(device=dev).manual_seed(cfg.seed + 1)
-    pipe = make_pipeline(cfg, data, dev, resolve_precision(precision or cfg.precision, dev), generator)
+    pipe = make_pipeline(cfg, data, dev, resolve_precision(precision or cfg.precision, dev))
     return LoadedRun(run_dir, cfg, model, data, pipe, state["num_classes"])

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import importlib.metadata
 import os
 import platform
 import random
@@ -88,7 +89,10 @@ def versions() -> dict:
             out[module] = __import__(module).__version__
         except Exception:  # a missing optional package is not worth failing a run over
             out[module] = None
-    out["bnexp"] = _bnexp_version()
+    try:
+        out["bnexp"] = importlib.metadata.version("bnexp")
+    except Exception:  # not installed (a bare checkout on sys.path)
+        out["bnexp"] = None
     out["host"] = platform.node()
     out["cuda"] = torch.version.cuda if torch.cuda.is_available() else None
     return out
@@ -98,12 +102,3 @@ def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
-
-
-def _bnexp_version() -> str | None:
-    try:
-        from importlib.metadata import version
-
-        return version("bnexp")
-    except Exception:
-        return None

@@ -142,7 +142,6 @@ class Session:
     model: torch.nn.Module
     forward: torch.nn.Module  # the model, or its torch.compile wrapper
     pipe: Pipeline
-    generator: torch.Generator
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     probes: Probes
@@ -194,8 +193,7 @@ def set_up(cfg: Config, run_dir: Path) -> Session:
     data = load_data(cfg.data, device, seed=cfg.seed)
     sampler = build_sampler(cfg.sampler, data.train.y.cpu(), cfg.data.batch_size, cfg.seed)
     model = build(cfg, data.num_classes, device)
-    generator = torch.Generator(device=device).manual_seed(cfg.seed + 1)
-    pipe = make_pipeline(cfg, data, device, precision, generator)
+    pipe = make_pipeline(cfg, data, device, precision)
     # source weights, source input normalization, BN mode; before the optimizer sees the params
     tuned = finetune.start(model, source, cfg, data, pipe) if source else None
     optimizer = make_optimizer(model, cfg.optim, cfg.data.batch_size)
@@ -206,13 +204,14 @@ def set_up(cfg: Config, run_dir: Path) -> Session:
     log.info("%s on %s, %s, %d train / %d test images, %d steps per epoch", cfg.model.name,
              device_name(device), precision, len(data.train.y), len(data.test.y), len(sampler))
     return Session(cfg, run_dir, device, precision, data, sampler, model,
-                   torch.compile(model) if cfg.compile else model, pipe, generator, optimizer,
+                   torch.compile(model) if cfg.compile else model, pipe, optimizer,
                    scheduler, probes, tuned, total_steps, freeze_step(cfg.norm.freeze_after, total_steps))
 
 
-def make_pipeline(cfg: Config, data: DataBundle, device: torch.device, precision: str,
-                  generator: torch.Generator) -> Pipeline:
-    """How this run's uint8 images become model inputs (``fit`` and ``runs.load_run``)."""
+def make_pipeline(cfg: Config, data: DataBundle, device: torch.device, precision: str) -> Pipeline:
+    """How this run's uint8 images become model inputs (``fit``, ``runs.load_run``, ``bench``);
+    its augmentation generator, saved in ``last.pt``, is seeded ``seed + 1``."""
+    generator = torch.Generator(device=device).manual_seed(cfg.seed + 1)
     return Pipeline(device, precision, data.mean, data.std, cfg.channels_last, cfg.data.augment, generator,
                     data.pad, data.flip)
 
@@ -220,7 +219,7 @@ def make_pipeline(cfg: Config, data: DataBundle, device: torch.device, precision
 def resume(run: Session, started: float) -> Progress:
     """Restore an interrupted run from ``last.pt`` (when ``checkpoint``), else start fresh."""
     saved = load_last(run.run_dir, model=run.model, optimizer=run.optimizer, scheduler=run.scheduler,
-                      generator=run.generator) if run.cfg.checkpoint else None
+                      generator=run.pipe.generator) if run.cfg.checkpoint else None
     if not saved:  # a fresh start must not append to the rows of an attempt killed before its checkpoint
         (run.run_dir / records.METRICS).unlink(missing_ok=True)
         return Progress(started=started)
@@ -264,7 +263,7 @@ def run_epoch(run: Session, progress: Progress, epoch: int, bar: RunProgress) ->
     if cfg.checkpoint:
         progress.timing["wall"] = progress.prior_wall + time.time() - progress.started
         save_last(run.run_dir, model=run.model, optimizer=run.optimizer, scheduler=run.scheduler,
-                  generator=run.generator, epoch=epoch, step=progress.step, history=progress.history,
+                  generator=run.pipe.generator, epoch=epoch, step=progress.step, history=progress.history,
                   timing=progress.timing)
     return None
 
