@@ -23,49 +23,14 @@ from pathlib import Path
 
 import pandas as pd
 
-from .plots import (
-    LABELS,
-    is_percent,
-    knob_label,
-    label,
-    plot_bars,
-    plot_curves,
-    plot_heatmap,
-    plot_metric_vs,
-    plot_probe,
-    save_figure,
-    set_style,
-)
-from .report import (
-    LOWER_IS_BETTER,
-    Diff,
-    compare_statement,
-    format_summary,
-    markdown_table,
-    paired_diff,
-    paired_statement,
-    sentence,
-    welch_diff,
-    welch_difference,
-    write_report,
-)
-from .studies import Study, StudyData, sweep_runs
-from .tables import (
-    collect_probes,
-    collect_runs,
-    eval_modes_long,
-    expected_run_names,
-    flatten,
-    mean_ci,
-    override_dirname,
-    select,
-    status_counts,
-    summarize,
-    swept_columns,
-    t_cdf,
-    t_quantile,
-    with_error,
-)
+from .plots import (LABELS, is_percent, knob_label, label, plot_bars, plot_curves, plot_heatmap,
+                    plot_metric_vs, plot_probe, save_figure, set_style)
+from .report import (LOWER_IS_BETTER, Diff, compare_statement, format_summary, markdown_table, paired_diff,
+                     paired_statement, sentence, welch_diff, write_report)
+from .studies import Study, StudyData, load, sweep_runs
+from .tables import (collect_probes, collect_runs, eval_modes_long, expected_run_names, flatten, mean_ci,
+                     override_dirname, select, status_counts, summarize, swept_columns, t_cdf, t_quantile,
+                     with_error)
 from .verdicts import Shape, Verdict, check_training, expect
 
 MAX_CURVE_GROUPS = 8  # more lines than this on one curve plot stop being readable
@@ -80,26 +45,16 @@ def analyze(study_dir, metric: str | None = None, x: str | None = None, hue: str
     first swept key), ``hue`` to the next swept key. ``command`` defaults to the sweep's command
     line rebuilt from multirun.yaml.
     """
-    study_dir = Path(study_dir)
-    runs, curves = collect_runs(study_dir)
-    probes = collect_probes(study_dir)
-    runs, _ = sweep_runs(study_dir, runs)
-    curves, probes = (df[df["run"].isin(set(runs["run"]))] if "run" in df else df
-                      for df in (curves, probes))
-    study_dir.mkdir(parents=True, exist_ok=True)
-    runs.to_csv(study_dir / "runs.csv", index=False)
-    curves.to_csv(study_dir / "curves.csv", index=False)
-    if len(probes):
-        probes.to_csv(study_dir / "probes.csv", index=False)
+    data = load(study_dir, command or sweep_command(study_dir))
+    study_dir, runs = data.study_dir, data.runs
     question = question or f"Generic analysis of {study_dir.name}: how do the swept settings change the metrics?"
-    command = command or sweep_command(study_dir)
     if "test_acc" not in runs and metric is None and not runs.attrs.get("metric_keys"):
-        return write_report(study_dir, study_dir.name, question, command, [], runs[["run", "status"]],
+        return write_report(study_dir, study_dir.name, question, data.command, [], runs[["run", "status"]],
                             "No finished run has metrics yet.")
     swept = swept_columns(runs)
     metric = metric or ("test_acc" if "test_acc" in runs else runs.attrs["metric_keys"][0])
     x, hue = default_axes(runs, swept, x, hue)
-    figures = default_figures(runs, curves, probes, study_dir / "figures", metric, x, hue, swept)
+    figures = default_figures(runs, data.curves, data.probes, study_dir / "figures", metric, x, hue, swept)
     by = list(dict.fromkeys(c for c in (x, hue, *swept) if c))
     metrics = [metric] + [m for m in runs.attrs["metric_keys"]
                           if m.startswith(metric + ".") or m == "gen_gap" != metric]
@@ -108,7 +63,7 @@ def analyze(study_dir, metric: str | None = None, x: str | None = None, hue: str
     if len(by) > 2:
         notes = (f"Figures average over the swept keys not on their axes ({', '.join(by[2:])}); "
                  "the table keeps every combination.")
-    return write_report(study_dir, study_dir.name, question, command, figures,
+    return write_report(study_dir, study_dir.name, question, data.command, figures,
                         format_summary(summary, by, metrics), generic_statement(runs, by, metric), notes)
 
 
@@ -229,57 +184,15 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-__all__ = [
-    "LABELS",
-    "LOWER_IS_BETTER",
-    "Diff",
-    "Shape",
-    "Study",
-    "StudyData",
-    "Verdict",
-    "analyze",
-    "check_training",
-    "collect_probes",
-    "collect_runs",
-    "compare_statement",
-    "default_axes",
-    "default_figures",
-    "eval_modes_long",
-    "expect",
-    "expected_run_names",
-    "flatten",
-    "format_summary",
-    "generic_statement",
-    "is_percent",
-    "knob_label",
-    "label",
-    "main",
-    "markdown_table",
-    "mean_ci",
-    "override_dirname",
-    "paired_diff",
-    "paired_statement",
-    "plot_bars",
-    "plot_curves",
-    "plot_heatmap",
-    "plot_metric_vs",
-    "plot_probe",
-    "save_figure",
-    "select",
-    "sentence",
-    "set_style",
-    "status_counts",
-    "summarize",
-    "sweep_command",
-    "sweep_runs",
-    "swept_columns",
-    "t_cdf",
-    "t_quantile",
-    "welch_diff",
-    "welch_difference",
-    "with_error",
-    "write_report",
-]
+__all__ = ["LABELS", "LOWER_IS_BETTER", "Diff", "Shape", "Study", "StudyData", "Verdict", "analyze",
+           "check_training", "collect_probes", "collect_runs", "compare_statement", "default_axes",
+           "default_figures", "eval_modes_long", "expect", "expected_run_names", "flatten",
+           "format_summary", "generic_statement", "is_percent", "knob_label", "label", "main",
+           "markdown_table", "mean_ci", "override_dirname", "paired_diff", "paired_statement",
+           "plot_bars", "plot_curves", "plot_heatmap", "plot_metric_vs", "plot_probe", "save_figure",
+           "select", "sentence", "set_style", "status_counts", "summarize", "sweep_command",
+           "sweep_runs", "swept_columns", "t_cdf", "t_quantile", "welch_diff", "with_error",
+           "write_report"]
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,11 +1,7 @@
-"""Words and tables for people: a statement with its uncertainty, markdown tables, report.md.
-
-``welch_diff`` and ``paired_diff`` compute a difference of two groups of runs with its interval
-(``scipy.stats``: Welch's ``ttest_ind``, paired ``ttest_rel``) as a ``Diff``, which
-``compare_statement`` / ``paired_statement`` turn into one sentence and ``bnexp.verdicts`` into
-a shape verdict;
-``format_summary`` and ``markdown_table`` render ``summarize`` output without ``tabulate``;
-``write_report`` writes a study's report.md. Reads run folders through ``bnexp.records`` only.
+"""Words and tables for people: a difference of two groups of runs with its interval (``Diff``,
+which a sentence and a ``bnexp.verdicts`` shape verdict both read), markdown tables, report.md and
+its account of the code the runs and the analysis ran at. Reads run folders through
+``bnexp.records`` only.
 """
 from __future__ import annotations
 
@@ -14,6 +10,7 @@ import json
 import math
 import os
 import subprocess
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -261,8 +258,7 @@ def write_report(study_dir, name: str, question: str, command: str, figures: lis
 
 def _commits(study_dir: Path) -> str:
     """The commits the runs recorded, and the one this analysis ran at."""
-    runs = sorted({(records.read_summary(d) or {}).get("git_commit") or "unknown"
-                   for d in records.iter_run_dirs(study_dir) if records.read_summary(d)})
+    runs = sorted({s.get("git_commit") or "unknown" for s in _summaries(study_dir)})
     head = _code_commit()
     text = f"runs at commit {', '.join(runs) or 'none finished'}; analysis code at {head or 'unknown'}"
     text += _changed_since(runs, head, study_dir.parent.name) + _reproduced(study_dir) + _code_checked(study_dir, head)
@@ -388,15 +384,22 @@ def _describe(lead: str, files: dict[str, bool], study: str) -> str:
             f"computes): {listed(training)}" + also)
 
 
+def _summaries(study_dir: Path) -> list[dict]:
+    """The summaries of the finished runs below ``study_dir``."""
+    return [s for s in map(records.read_summary, records.iter_run_dirs(study_dir)) if s]
+
+
+def _reproductions(study_dir: Path) -> dict[str, dict]:
+    """``{run folder name: its reproduced.json}`` for the runs re-run from their overrides."""
+    return {d.name: json.loads(f.read_text()) for d in records.iter_run_dirs(study_dir)
+            if (f := d / "reproduced.json").is_file()}
+
+
 def _machines(study_dir: Path) -> str:
     """The device and precision the finished runs recorded, with how many ran on each: numbers
     from bf16 and fp32 runs (``precision=auto`` picks by CPU) are not bit for bit comparable."""
-    seen: dict[tuple, int] = {}
-    for d in records.iter_run_dirs(study_dir):
-        s = records.read_summary(d)
-        if s and s.get("precision"):
-            key = (s.get("device") or "unknown device", s["precision"])
-            seen[key] = seen.get(key, 0) + 1
+    seen = Counter((s.get("device") or "unknown device", s["precision"])
+                   for s in _summaries(study_dir) if s.get("precision"))
     return "; ".join(f"{device}, {precision} ({n} runs)" for (device, precision), n in sorted(seen.items()))
 
 
@@ -405,13 +408,10 @@ def _reproduced(study_dir: Path) -> str:
     writes ``reproduced.json`` in a run folder): evidence that the code changed since the runs
     does not move their numbers."""
     done = []
-    for d in records.iter_run_dirs(study_dir):
-        f = Path(d) / "reproduced.json"
-        if f.is_file():
-            r = json.loads(f.read_text())
-            same = "identical" if r.get("max_abs_diff") == 0 else f"max |difference| {r.get('max_abs_diff')}"
-            done.append(f"`{Path(d).name}` at {str(r.get('at'))[:7]}: {same}"
-                        + ("" if r.get("within_tolerance") else " (NOT within tolerance)"))
+    for name, r in _reproductions(study_dir).items():
+        same = "identical" if r.get("max_abs_diff") == 0 else f"max |difference| {r.get('max_abs_diff')}"
+        done.append(f"`{name}` at {str(r.get('at'))[:7]}: {same}"
+                    + ("" if r.get("within_tolerance") else " (NOT within tolerance)"))
     return (". Re-run from their recorded overrides (experiments/reproduce.py): " + "; ".join(done)
             if done else "")
 
@@ -426,8 +426,7 @@ def _code_checked(study_dir: Path, head: str) -> str:
     its later commit cannot move this study's numbers (``_split``). This is the evidence where a
     re-run cannot be identical: runs trained in bf16 re-run on a CPU that trains in fp32."""
     path = Path(study_dir).parent.parent / CODE_CHECKS
-    at = {json.loads(f.read_text()).get("at", "") for d in records.iter_run_dirs(study_dir)
-          if (f := Path(d) / "reproduced.json").is_file()}
+    at = {r.get("at", "") for r in _reproductions(study_dir).values()}
     if not path.is_file() or not head or not at:
         return ""
     out = []
