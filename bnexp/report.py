@@ -421,12 +421,15 @@ CODE_CHECKS = "code_checks.json"  # in results/, beside the study folders
 
 def _code_checked(study_dir: Path, head: str) -> str:
     """Checks of a training-side change made without the runs themselves (``results/code_checks.json``):
-    the same configs run at the commit of this study's re-runs (``reproduced.json``) and at a later
-    one, on one machine, with identical records. One applies when everything that changed after
-    its later commit cannot move this study's numbers (``_split``). This is the evidence where a
-    re-run cannot be identical: runs trained in bf16 re-run on a CPU that trains in fp32."""
+    the same configs run at the commit of this study's re-runs (``reproduced.json``) or of its runs
+    themselves and at a later one, on one machine, with identical records. One applies when
+    everything that changed after its later commit cannot move this study's numbers (``_split``).
+    This is the evidence where a re-run cannot be identical: runs trained in bf16 re-run on a CPU
+    that trains in fp32."""
     path = Path(study_dir).parent.parent / CODE_CHECKS
     at = {r.get("at", "") for r in _reproductions(study_dir).values()}
+    at |= {s["git_commit"] for s in _summaries(study_dir)
+           if s.get("git_commit") and not s["git_commit"].endswith("-dirty")}
     if not path.is_file() or not head or not at:
         return ""
     out = []

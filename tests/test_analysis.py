@@ -820,4 +820,6 @@ def test_a_code_check_counts_from_the_rerun_commit_when_nothing_later_is_trainin
         "commits, fp32 here, gave identical records (toy: norm=bn seed=0)")
     assert cited({"bnexp/train.py": True}, check) == ""  # a training-side change after the check
     assert cited({}, {**check, "from": "d" * 40}) == ""  # not from the re-run's commit
+    # from the runs' own commit (here abc123): a check that needs no re-run of the study
+    assert cited({}, {**check, "from": "abc123" + "0" * 34}).startswith(". Code checked from abc1230 to bbbbbbb")
     assert cited({}, {**check, "runs": [{**check["runs"][0], "identical": False}]}) == ""
