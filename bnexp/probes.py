@@ -123,16 +123,9 @@ def activation_percentiles(model: nn.Module, x: torch.Tensor, pipe, layer: str,
                            unit: int) -> list[dict]:
     """15/50/85th percentiles (``torch.quantile``, linear) of channel ``unit`` of the input of
     module ``layer`` on the prepared batch ``x``, BN layers in train mode. Call inside ``preserved``."""
-    seen = []
-    hook = dict(model.named_modules())[layer].register_forward_pre_hook(
-        lambda _, args: seen.append(args[0].detach()[:, unit].float().flatten()))
-    try:
-        bn_train_mode(model)
-        with pipe.amp():
-            model(x)
-    finally:
-        hook.remove()
-    values = seen[0]
+    bn_train_mode(model)
+    with pipe.amp():
+        values = _layer_input(model, layer, x, lambda a: a.detach()[:, unit].float().flatten())
     if values.numel() > 1 << 24:  # torch.quantile's input limit: an even subsample is plenty
         values = values[::-(-values.numel() // (1 << 24))]
     q = torch.quantile(values, torch.tensor(PERCENTILES, device=values.device))
@@ -180,21 +173,26 @@ def default_layer(model: nn.Module) -> str:
 def pick_unit(model: nn.Module, layer: str, x: torch.Tensor, seed: int, unit: Optional[int]) -> int:
     """The channel the activations probe follows: ``unit`` when given (checked against the
     channels of ``layer``'s input), else one drawn from ``seed``. Call inside ``preserved``."""
-    shapes = []
-    hook = dict(model.named_modules())[layer].register_forward_pre_hook(
-        lambda _, args: shapes.append(args[0].shape))
-    try:
-        with torch.no_grad():
-            model.eval()
-            model(x[:1])
-    finally:
-        hook.remove()
-    channels = shapes[0][1]
+    model.eval()
+    with torch.no_grad():
+        channels = _layer_input(model, layer, x[:1], lambda a: a.shape)[1]
     if unit is None:
         return int(torch.randint(channels, (1,), generator=seeded_generator(seed, "probe-unit")))
     if not 0 <= unit < channels:
         raise ConfigError(f"probes.unit={unit} is not a channel of {layer}'s input (0..{channels - 1})")
     return unit
+
+
+def _layer_input(model: nn.Module, layer: str, x: torch.Tensor, take: Callable):
+    """``take(input)`` of the input module ``layer`` receives in ``model(x)``, in the caller's modes."""
+    seen = []
+    hook = dict(model.named_modules())[layer].register_forward_pre_hook(
+        lambda _, args: seen.append(take(args[0])))
+    try:
+        model(x)
+    finally:
+        hook.remove()
+    return seen[0]
 
 
 def _convs_and_next(model: nn.Module) -> list[tuple]:

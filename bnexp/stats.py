@@ -25,9 +25,8 @@ Eval modes (``MODES``; named the same in configs, records and legends):
 * ``adapted``: AdaBN: precise statistics re-estimated on (up to ``adapt_samples``) test images,
   no augmentation, then eval mode.
 
-Every mode runs inside ``preserved(model)``: parameters, buffers, training flags, BN momentum,
-FrozenBN and plain flags, and the global RNG state are exactly as before afterwards, so modes never
-contaminate each other or the training run. A model without BN layers has no statistics to
+Every mode runs inside ``preserved(model)`` (which undoes all it changed, RNG included), so modes
+never contaminate each other or the training run. A model without BN layers has no statistics to
 choose: every mode but ``ema`` is skipped (with the reason) and ``ema`` is plain eval. Under bf16
 autocast all statistics here are computed and kept in fp32 (float64 sums).
 """
