@@ -37,6 +37,8 @@ class Registry:
                               f"{', '.join(self._entries)}")
         return self._entries[name]
 
+    __getitem__ = get
+
     def names(self) -> tuple[str, ...]:
         return tuple(self._entries)
 
@@ -48,6 +50,3 @@ class Registry:
 
     def __len__(self) -> int:
         return len(self._entries)
-
-    def __getitem__(self, name: str) -> Callable:
-        return self.get(name)
