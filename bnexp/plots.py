@@ -115,7 +115,7 @@ def plot_metric_vs(df: pd.DataFrame, x: str, y: str, hue: str | None = None, log
         bad = _untrained(g)
         ax.plot(g["_x"][bad], g[f"{y}.mean"][bad] * (100.0 if is_percent(y) else 1.0), ls="none",
                 marker="o", ms=7, mfc="white", mec=color, mew=1.5)
-    _x_axis(ax, x, xs_all, xpos, logx)
+    _x_axis(ax, xs_all, xpos, logx)
     _finish(ax, label(x) if x in ("epoch", "step") else knob_label(x), label(y), hue, title,
             diverged=bool(stats["n_diverged"].sum()), untrained="marker" if _untrained(stats).any() else "")
     return fig
@@ -175,7 +175,7 @@ def plot_bars(df: pd.DataFrame, x: str, y: str, hue: str | None = None, ci: floa
 
 
 def plot_heatmap(df: pd.DataFrame, row: str, col: str, value: str, ci: float = 0.95,
-                 title: str | None = None, cmap: str = "viridis") -> Figure:
+                 title: str | None = None) -> Figure:
     """Grid of the mean of ``value`` over runs per (row, col); cells annotated mean +/- CI, n."""
     set_style()
     stats = summarize(df, [row, col], [value], ci)
@@ -189,16 +189,15 @@ def plot_heatmap(df: pd.DataFrame, row: str, col: str, value: str, ci: float = 0
         i, j = rows.index(s[row]), cols.index(s[col])
         grid[i, j] = s[f"{value}.mean"] * scale
         cells[i, j] = s
-    colormap = mpl.colormaps[cmap].with_extremes(bad="0.88")  # cells without a finished run
+    colormap = mpl.colormaps["viridis"].with_extremes(bad="0.88")  # cells without a finished run
     image = ax.imshow(grid, cmap=colormap, aspect="auto")
-    norm = image.norm
     for (i, j), s in cells.items():
-        dark = not math.isnan(grid[i, j]) and norm(grid[i, j]) < 0.5
+        dark = not math.isnan(grid[i, j]) and image.norm(grid[i, j]) < 0.5
         ax.text(j, i, _cell_text(s, value, scale), ha="center", va="center", fontsize=7.5,
                 color="white" if dark else "black")
         if s.get("n_untrained", 0):
             ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, hatch="///",
-                                               edgecolor="0.55", linewidth=0))
+                                   edgecolor="0.55", linewidth=0))
     ax.set_xticks(range(len(cols)), [_fmt(c) for c in cols])
     ax.set_yticks(range(len(rows)), [_fmt(r) for r in rows])
     ax.grid(False)
@@ -322,7 +321,7 @@ def _positions(values: pd.Series, categorical: bool = False) -> tuple[list, dict
     return xs, {v: (v if numeric and not categorical else i) for i, v in enumerate(xs)}
 
 
-def _x_axis(ax, x: str, xs: list, xpos: dict, logx) -> None:
+def _x_axis(ax, xs: list, xpos: dict, logx) -> None:
     numeric = all(xpos[v] == v for v in xs)
     base = _log_base(xs, logx) if numeric else None
     if base:
@@ -338,8 +337,6 @@ def _log_base(xs: list, logx):
     if logx in (2, 10):
         return logx
     powers_of_two = all(float(v).is_integer() and int(v) & (int(v) - 1) == 0 for v in xs)
-    if logx is True:
-        return 2 if powers_of_two else 10
     span = max(xs) / min(xs)
     return 2 if powers_of_two and span >= 8 else 10 if span >= 100 else None
 
