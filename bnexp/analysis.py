@@ -21,7 +21,9 @@ import argparse
 import sys
 from pathlib import Path
 
+import matplotlib
 import pandas as pd
+from omegaconf import OmegaConf
 
 from .plots import (LABELS, is_percent, knob_label, label, plot_bars, plot_curves, plot_heatmap,
                     plot_metric_vs, plot_probe, save_figure, set_style)
@@ -135,8 +137,6 @@ def _with_config_column(df: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
 
 def sweep_command(study_dir) -> str:
     """``bnexp -m <overrides>`` as the sweep was launched (from multirun.yaml), else a hint."""
-    from omegaconf import OmegaConf
-
     path = Path(study_dir) / "multirun.yaml"
     if not path.exists():
         return f"(no multirun.yaml in {study_dir}: command unknown)"
@@ -177,8 +177,6 @@ def main(argv: list[str] | None = None) -> int:
             counts = status_counts(study)
             print(f"{study}: " + " ".join(f"{k}={'?' if v is None else v}" for k, v in counts.items()))
         else:
-            import matplotlib
-
             matplotlib.use("Agg")  # the CLI only writes files; never open a window
             print(analyze(study, args.metric, args.x, args.hue))
     return 0

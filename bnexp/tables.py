@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import json
 import math
 import warnings
@@ -19,6 +20,7 @@ from typing import Any
 
 import pandas as pd
 import scipy.stats
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from . import records
 
@@ -150,8 +152,6 @@ def _parser():
 
 def _read_hydra_config(run_dir: Path) -> dict:
     """The run's composed config from .hydra/config.yaml, resolved where OmegaConf can."""
-    from omegaconf import OmegaConf
-
     path = Path(run_dir) / ".hydra" / "config.yaml"
     if not path.exists():
         return {}
@@ -188,8 +188,6 @@ def expected_run_names(study_dir) -> list[str] | None:
     ``hydra.sweep.subdir`` (e.g. ``runs/${data.name}-seed${seed}``) gives the last folder of that
     path per job instead (see ``_subdir_leaf``).
     """
-    from omegaconf import OmegaConf
-
     path = Path(study_dir) / "multirun.yaml"
     if not path.exists():
         return None
@@ -213,8 +211,6 @@ def _subdir_leaf(cfg, job: list[str], subdir: str, jobs: list[list[str]]) -> str
     config (multirun.yaml) with the job's plain-key overrides applied. Config-group choices are
     already composed into that config unless they are swept, which cannot be redone without the
     config repository: a swept group raises (the caller then says "unknown")."""
-    from omegaconf import DictConfig, OmegaConf, open_dict
-
     values: dict[str, set] = {}
     for line in (line for j in jobs for line in j):
         values.setdefault(line.split("=", 1)[0], set()).add(line)
@@ -235,8 +231,6 @@ def _subdir_leaf(cfg, job: list[str], subdir: str, jobs: list[list[str]]) -> str
 
 
 def _sweep_jobs(arguments: list[str]) -> list[list[str]]:
-    import itertools
-
     choices: dict[str, list[str]] = {}
     for ov in _parser().parse_overrides(arguments):
         key = ov.get_key_element()
@@ -250,11 +244,9 @@ def _sweep_jobs(arguments: list[str]) -> list[list[str]]:
 def override_dirname(job: list[str], exclude_keys: list[str], item_sep: str = ",",
                      kv_sep: str = "=") -> str:
     """Hydra's ``hydra.job.override_dirname`` of one job's override strings."""
-    import re
-
     lines = sorted(ov.input_line for ov in _parser().parse_overrides(job)
                    if ov.key_or_group not in exclude_keys)
-    return re.sub("[=]", kv_sep, item_sep.join(lines))
+    return item_sep.join(lines).replace("=", kv_sep)
 
 
 def status_counts(study_dir) -> dict:
