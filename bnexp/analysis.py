@@ -51,8 +51,8 @@ def analyze(study_dir, metric: str | None = None, x: str | None = None, hue: str
     study_dir, runs = data.study_dir, data.runs
     question = question or f"Generic analysis of {study_dir.name}: how do the swept settings change the metrics?"
     if "test_acc" not in runs and metric is None and not runs.attrs.get("metric_keys"):
-        return write_report(study_dir, study_dir.name, question, data.command, [], runs[["run", "status"]],
-                            "No finished run has metrics yet.")
+        return write_report(study_dir, study_dir.name, question, data.command, [],
+                            runs[["run", "status"]], "No finished run has metrics yet.")
     swept = swept_columns(runs)
     metric = metric or ("test_acc" if "test_acc" in runs else runs.attrs["metric_keys"][0])
     x, hue = default_axes(runs, swept, x, hue)
