@@ -107,8 +107,7 @@ def plot_metric_vs(df: pd.DataFrame, x: str, y: str, hue: str | None = None, log
     hue_col, df = _hue_column(df, hue)
     stats = summarize(df, [hue_col, x], [y], ci)
     xs_all, xpos = _positions(stats[x])
-    groups = _groups(stats, hue_col, hue_order)
-    for i, (color, (value, g)) in enumerate(zip(_colors(stats[hue_col], hue_order), groups)):
+    for i, (color, value, g) in enumerate(_groups(stats, hue_col, hue_order)):
         g = g.assign(_x=g[x].map(xpos)).sort_values("_x")
         _line_band(ax, g["_x"], g, y, color, _fmt(value))
         _mark_diverged(ax, g["_x"][g["n_diverged"] > 0], color, level=i)
@@ -130,7 +129,7 @@ def plot_curves(curves: pd.DataFrame, x: str = "epoch", y: str = "test_acc", hue
     # epochs without a test score (eval.score_every > 1) are left out, not drawn as gaps
     hue_col, curves = _hue_column(curves.dropna(subset=[y]), hue)
     stats = summarize(curves, [hue_col, x], [y], ci)
-    for color, (value, g) in zip(_colors(stats[hue_col], hue_order), _groups(stats, hue_col, hue_order)):
+    for color, value, g in _groups(stats, hue_col, hue_order):
         g = g.sort_values(x)
         _line_band(ax, g[x], g, y, color, _fmt(value), marker=None)
     _finish(ax, label(x), label(y), hue, title, diverged=False)
@@ -147,10 +146,10 @@ def plot_bars(df: pd.DataFrame, x: str, y: str, hue: str | None = None, ci: floa
     hue_col, df = _hue_column(df, hue)
     stats = summarize(df, [hue_col, x], [y], ci)
     xs_all, xpos = _positions(stats[x], categorical=True)
-    groups = list(_groups(stats, hue_col, hue_order))
+    groups = _groups(stats, hue_col, hue_order)
     width = 0.8 / max(1, len(groups))
     scale = 100.0 if is_percent(y) else 1.0
-    for i, (color, (value, g)) in enumerate(zip(_colors(stats[hue_col], hue_order), groups)):
+    for i, (color, value, g) in enumerate(groups):
         pos = g[x].map(xpos) - 0.4 + width * (i + 0.5)
         if hue is None:  # no groups to tell apart: colour the categories instead
             color = [_colors(pd.Series(xs_all))[xs_all.index(v)] for v in g[x]]
@@ -252,12 +251,12 @@ def _hue_column(df: pd.DataFrame, hue: str | None) -> tuple[str, pd.DataFrame]:
     return "_all", df.assign(_all="all runs")
 
 
-def _groups(stats: pd.DataFrame, hue: str, order=None):
+def _groups(stats: pd.DataFrame, hue: str, order=None) -> list[tuple]:
+    """``(colour, hue value, rows)`` per hue value present, in ``order`` (default: sorted); the
+    colours are dealt out to the groups present, in that order."""
     values = order if order is not None else sorted(stats[hue].unique(), key=_sort_key)
-    for value in values:
-        g = stats[stats[hue].astype(str) == str(value)]
-        if len(g):
-            yield value, g
+    present = [(value, g) for value in values if len(g := stats[stats[hue].astype(str) == str(value)])]
+    return [(color, value, g) for color, (value, g) in zip(_colors(stats[hue], order), present)]
 
 
 def _colors(values: pd.Series, order=None) -> list:
