@@ -43,15 +43,14 @@ def collect_runs(study_dir) -> tuple[pd.DataFrame, pd.DataFrame]:
     """
     rows, curves, override_keys, metric_keys = [], [], {}, {}
     for run_dir in records.iter_run_dirs(study_dir):
-        summary = records.read_summary(run_dir)
+        summary = records.read_summary(run_dir) or {}
         overrides = _run_overrides(run_dir, summary)
         override_keys.update(dict.fromkeys(overrides))
-        head = {"run": run_dir.name, "status": (summary or {}).get("status", "incomplete"), **overrides}
-        metrics = dict((summary or {}).get("metrics") or {})
+        head = {"run": run_dir.name, "status": summary.get("status", "incomplete"), **overrides}
+        metrics = dict(summary.get("metrics") or {})
         metric_keys.update(dict.fromkeys(metrics))
-        scalars = {k: (summary or {}).get(k) for k in SUMMARY_SCALARS if k not in overrides}
-        config = flatten(summary["config"] if summary and summary.get("config") else
-                         _read_hydra_config(run_dir))
+        scalars = {k: summary.get(k) for k in SUMMARY_SCALARS if k not in overrides}
+        config = flatten(summary.get("config") or _read_hydra_config(run_dir))
         # the summary's device/precision say what ran (cpu, bf16), the config's what was asked (auto)
         config = {k: v for k, v in config.items()
                   if k not in overrides and not (k in scalars and scalars[k] is not None)}
@@ -67,8 +66,8 @@ def collect_probes(study_dir) -> pd.DataFrame:
     """Every run's probes.jsonl (step, epoch, layer, name, value) with run, status and overrides."""
     rows = []
     for run_dir in records.iter_run_dirs(study_dir):
-        summary = records.read_summary(run_dir)
-        head = {"run": run_dir.name, "status": (summary or {}).get("status", "incomplete"),
+        summary = records.read_summary(run_dir) or {}
+        head = {"run": run_dir.name, "status": summary.get("status", "incomplete"),
                 **_run_overrides(run_dir, summary)}
         rows.extend({**head, **row} for row in records.read_jsonl(run_dir / records.PROBES))
     return _typed(pd.DataFrame(rows, columns=None if rows else ["run", "status"]))
@@ -123,11 +122,11 @@ def flatten(tree: Any, prefix: str = "") -> dict:
     return out
 
 
-def _run_overrides(run_dir: Path, summary: dict | None) -> dict:
+def _run_overrides(run_dir: Path, summary: dict) -> dict:
     """The run's overrides: a finished run's own (its summary; runs finished before
     ``launch.hydra_subdir`` may have had ``.hydra/`` rewritten by a re-run sweep);
     ``.hydra/overrides.yaml`` for a run without a summary."""
-    if summary and "overrides" in summary:
+    if "overrides" in summary:
         return _parse_overrides(summary["overrides"])
     return _parse_overrides(records.read_overrides(run_dir))
 
