@@ -107,9 +107,9 @@ def generic_statement(runs: pd.DataFrame, by: list[str], metric: str) -> str:
     """Best group, its margin over the runner-up (Welch CI), and how many runs diverged."""
     n_div = int((runs["status"] == "diverged").sum())
     tail = f" {n_div} of {len(runs)} runs diverged (excluded from means, marked x in figures)." if n_div else ""
+    scale, unit = (100.0, " %") if is_percent(metric) else (1.0, "")
     if not by:
         mean, _, n, half = mean_ci(runs.loc[runs["status"] == "ok", metric])
-        scale = 100.0 if is_percent(metric) else 1.0
         return f"{metric} = {mean * scale:.2f} +/- {half * scale:.2f} over n={n} runs.{tail}"
     summary = summarize(_with_config_column(runs, by), ["config"], [metric])
     summary = summary.dropna(subset=[f"{metric}.mean"])
@@ -118,7 +118,6 @@ def generic_statement(runs: pd.DataFrame, by: list[str], metric: str) -> str:
     lower = any(w in metric for w in LOWER_IS_BETTER)
     summary = summary.sort_values(f"{metric}.mean", ascending=lower)
     top = summary.iloc[0]
-    scale, unit = (100.0, " %") if is_percent(metric) else (1.0, "")
     half = top[f"{metric}.ci_hi"] - top[f"{metric}.mean"]
     text = (f"{'Lowest' if lower else 'Highest'} mean {metric}: {top['config']} "
             f"({top[f'{metric}.mean'] * scale:.1f} +/- {half * scale:.1f}{unit}, n={top[f'{metric}.n']}).")
