@@ -21,7 +21,9 @@ import argparse
 import sys
 from pathlib import Path
 
+import matplotlib
 import pandas as pd
+from omegaconf import OmegaConf
 
 from .plots import (LABELS, is_percent, knob_label, label, plot_bars, plot_curves, plot_heatmap,
                     plot_metric_vs, plot_probe, save_figure, set_style)
@@ -49,8 +51,8 @@ def analyze(study_dir, metric: str | None = None, x: str | None = None, hue: str
     study_dir, runs = data.study_dir, data.runs
     question = question or f"Generic analysis of {study_dir.name}: how do the swept settings change the metrics?"
     if "test_acc" not in runs and metric is None and not runs.attrs.get("metric_keys"):
-        return write_report(study_dir, study_dir.name, question, data.command, [], runs[["run", "status"]],
-                            "No finished run has metrics yet.")
+        return write_report(study_dir, study_dir.name, question, data.command, [],
+                            runs[["run", "status"]], "No finished run has metrics yet.")
     swept = swept_columns(runs)
     metric = metric or ("test_acc" if "test_acc" in runs else runs.attrs["metric_keys"][0])
     x, hue = default_axes(runs, swept, x, hue)
@@ -105,9 +107,9 @@ def generic_statement(runs: pd.DataFrame, by: list[str], metric: str) -> str:
     """Best group, its margin over the runner-up (Welch CI), and how many runs diverged."""
     n_div = int((runs["status"] == "diverged").sum())
     tail = f" {n_div} of {len(runs)} runs diverged (excluded from means, marked x in figures)." if n_div else ""
+    scale, unit = (100.0, " %") if is_percent(metric) else (1.0, "")
     if not by:
         mean, _, n, half = mean_ci(runs.loc[runs["status"] == "ok", metric])
-        scale = 100.0 if is_percent(metric) else 1.0
         return f"{metric} = {mean * scale:.2f} +/- {half * scale:.2f} over n={n} runs.{tail}"
     summary = summarize(_with_config_column(runs, by), ["config"], [metric])
     summary = summary.dropna(subset=[f"{metric}.mean"])
@@ -116,7 +118,6 @@ def generic_statement(runs: pd.DataFrame, by: list[str], metric: str) -> str:
     lower = any(w in metric for w in LOWER_IS_BETTER)
     summary = summary.sort_values(f"{metric}.mean", ascending=lower)
     top = summary.iloc[0]
-    scale, unit = (100.0, " %") if is_percent(metric) else (1.0, "")
     half = top[f"{metric}.ci_hi"] - top[f"{metric}.mean"]
     text = (f"{'Lowest' if lower else 'Highest'} mean {metric}: {top['config']} "
             f"({top[f'{metric}.mean'] * scale:.1f} +/- {half * scale:.1f}{unit}, n={top[f'{metric}.n']}).")
@@ -135,8 +136,6 @@ def _with_config_column(df: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
 
 def sweep_command(study_dir) -> str:
     """``bnexp -m <overrides>`` as the sweep was launched (from multirun.yaml), else a hint."""
-    from omegaconf import OmegaConf
-
     path = Path(study_dir) / "multirun.yaml"
     if not path.exists():
         return f"(no multirun.yaml in {study_dir}: command unknown)"
@@ -177,8 +176,6 @@ def main(argv: list[str] | None = None) -> int:
             counts = status_counts(study)
             print(f"{study}: " + " ".join(f"{k}={'?' if v is None else v}" for k, v in counts.items()))
         else:
-            import matplotlib
-
             matplotlib.use("Agg")  # the CLI only writes files; never open a window
             print(analyze(study, args.metric, args.x, args.hue))
     return 0

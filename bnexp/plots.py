@@ -107,15 +107,14 @@ def plot_metric_vs(df: pd.DataFrame, x: str, y: str, hue: str | None = None, log
     hue_col, df = _hue_column(df, hue)
     stats = summarize(df, [hue_col, x], [y], ci)
     xs_all, xpos = _positions(stats[x])
-    groups = _groups(stats, hue_col, hue_order)
-    for i, (color, (value, g)) in enumerate(zip(_colors(stats[hue_col], hue_order), groups)):
+    for i, (color, value, g) in enumerate(_groups(stats, hue_col, hue_order)):
         g = g.assign(_x=g[x].map(xpos)).sort_values("_x")
         _line_band(ax, g["_x"], g, y, color, _fmt(value))
         _mark_diverged(ax, g["_x"][g["n_diverged"] > 0], color, level=i)
         bad = _untrained(g)
         ax.plot(g["_x"][bad], g[f"{y}.mean"][bad] * (100.0 if is_percent(y) else 1.0), ls="none",
                 marker="o", ms=7, mfc="white", mec=color, mew=1.5)
-    _x_axis(ax, x, xs_all, xpos, logx)
+    _x_axis(ax, xs_all, xpos, logx)
     _finish(ax, label(x) if x in ("epoch", "step") else knob_label(x), label(y), hue, title,
             diverged=bool(stats["n_diverged"].sum()), untrained="marker" if _untrained(stats).any() else "")
     return fig
@@ -130,7 +129,7 @@ def plot_curves(curves: pd.DataFrame, x: str = "epoch", y: str = "test_acc", hue
     # epochs without a test score (eval.score_every > 1) are left out, not drawn as gaps
     hue_col, curves = _hue_column(curves.dropna(subset=[y]), hue)
     stats = summarize(curves, [hue_col, x], [y], ci)
-    for color, (value, g) in zip(_colors(stats[hue_col], hue_order), _groups(stats, hue_col, hue_order)):
+    for color, value, g in _groups(stats, hue_col, hue_order):
         g = g.sort_values(x)
         _line_band(ax, g[x], g, y, color, _fmt(value), marker=None)
     _finish(ax, label(x), label(y), hue, title, diverged=False)
@@ -147,10 +146,10 @@ def plot_bars(df: pd.DataFrame, x: str, y: str, hue: str | None = None, ci: floa
     hue_col, df = _hue_column(df, hue)
     stats = summarize(df, [hue_col, x], [y], ci)
     xs_all, xpos = _positions(stats[x], categorical=True)
-    groups = list(_groups(stats, hue_col, hue_order))
+    groups = _groups(stats, hue_col, hue_order)
     width = 0.8 / max(1, len(groups))
     scale = 100.0 if is_percent(y) else 1.0
-    for i, (color, (value, g)) in enumerate(zip(_colors(stats[hue_col], hue_order), groups)):
+    for i, (color, value, g) in enumerate(groups):
         pos = g[x].map(xpos) - 0.4 + width * (i + 0.5)
         if hue is None:  # no groups to tell apart: colour the categories instead
             color = [_colors(pd.Series(xs_all))[xs_all.index(v)] for v in g[x]]
@@ -175,7 +174,7 @@ def plot_bars(df: pd.DataFrame, x: str, y: str, hue: str | None = None, ci: floa
 
 
 def plot_heatmap(df: pd.DataFrame, row: str, col: str, value: str, ci: float = 0.95,
-                 title: str | None = None, cmap: str = "viridis") -> Figure:
+                 title: str | None = None) -> Figure:
     """Grid of the mean of ``value`` over runs per (row, col); cells annotated mean +/- CI, n."""
     set_style()
     stats = summarize(df, [row, col], [value], ci)
@@ -189,16 +188,15 @@ def plot_heatmap(df: pd.DataFrame, row: str, col: str, value: str, ci: float = 0
         i, j = rows.index(s[row]), cols.index(s[col])
         grid[i, j] = s[f"{value}.mean"] * scale
         cells[i, j] = s
-    colormap = mpl.colormaps[cmap].with_extremes(bad="0.88")  # cells without a finished run
+    colormap = mpl.colormaps["viridis"].with_extremes(bad="0.88")  # cells without a finished run
     image = ax.imshow(grid, cmap=colormap, aspect="auto")
-    norm = image.norm
     for (i, j), s in cells.items():
-        dark = not math.isnan(grid[i, j]) and norm(grid[i, j]) < 0.5
+        dark = not math.isnan(grid[i, j]) and image.norm(grid[i, j]) < 0.5
         ax.text(j, i, _cell_text(s, value, scale), ha="center", va="center", fontsize=7.5,
                 color="white" if dark else "black")
         if s.get("n_untrained", 0):
             ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, hatch="///",
-                                               edgecolor="0.55", linewidth=0))
+                                   edgecolor="0.55", linewidth=0))
     ax.set_xticks(range(len(cols)), [_fmt(c) for c in cols])
     ax.set_yticks(range(len(rows)), [_fmt(r) for r in rows])
     ax.grid(False)
@@ -253,12 +251,12 @@ def _hue_column(df: pd.DataFrame, hue: str | None) -> tuple[str, pd.DataFrame]:
     return "_all", df.assign(_all="all runs")
 
 
-def _groups(stats: pd.DataFrame, hue: str, order=None):
+def _groups(stats: pd.DataFrame, hue: str, order=None) -> list[tuple]:
+    """``(colour, hue value, rows)`` per hue value present, in ``order`` (default: sorted); the
+    colours are dealt out to the groups present, in that order."""
     values = order if order is not None else sorted(stats[hue].unique(), key=_sort_key)
-    for value in values:
-        g = stats[stats[hue].astype(str) == str(value)]
-        if len(g):
-            yield value, g
+    present = [(value, g) for value in values if len(g := stats[stats[hue].astype(str) == str(value)])]
+    return [(color, value, g) for color, (value, g) in zip(_colors(stats[hue], order), present)]
 
 
 def _colors(values: pd.Series, order=None) -> list:
@@ -322,7 +320,7 @@ def _positions(values: pd.Series, categorical: bool = False) -> tuple[list, dict
     return xs, {v: (v if numeric and not categorical else i) for i, v in enumerate(xs)}
 
 
-def _x_axis(ax, x: str, xs: list, xpos: dict, logx) -> None:
+def _x_axis(ax, xs: list, xpos: dict, logx) -> None:
     numeric = all(xpos[v] == v for v in xs)
     base = _log_base(xs, logx) if numeric else None
     if base:
@@ -338,8 +336,6 @@ def _log_base(xs: list, logx):
     if logx in (2, 10):
         return logx
     powers_of_two = all(float(v).is_integer() and int(v) & (int(v) - 1) == 0 for v in xs)
-    if logx is True:
-        return 2 if powers_of_two else 10
     span = max(xs) / min(xs)
     return 2 if powers_of_two and span >= 8 else 10 if span >= 100 else None
 

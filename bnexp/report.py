@@ -242,10 +242,10 @@ def write_report(study_dir, name: str, question: str, command: str, figures: lis
     if figures:
         lines += ["## Figures", ""]
         for fig in map(Path, figures):
-            rel = Path(_relpath(fig, study_dir))
-            pdf = fig.with_suffix(".pdf")
-            extra = f" ([pdf]({rel.with_suffix('.pdf').as_posix()}))" if pdf.exists() else ""
-            lines += [f"![{fig.stem}]({rel.as_posix()}){extra}", ""]
+            rel = Path(os.path.relpath(fig.resolve(), study_dir.resolve()))
+            has_pdf = fig.with_suffix(".pdf").exists()
+            pdf = f" ([pdf]({rel.with_suffix('.pdf').as_posix()}))" if has_pdf else ""
+            lines += [f"![{fig.stem}]({rel.as_posix()}){pdf}", ""]
     lines += ["## Table", "", markdown_table(table), ""]
     if notes:
         lines += ["## Notes", "", notes, ""]
@@ -451,7 +451,3 @@ def _code_commit() -> str:
     a study's results moves HEAD, and a report re-made from them must come out the same."""
     out = _git("log", "-1", "--format=%H", "--", ":(top)bnexp", ":(top)conf", ":(top)experiments")
     return (out or "").strip()
-
-
-def _relpath(path: Path, start: Path) -> str:
-    return os.path.relpath(Path(path).resolve(), Path(start).resolve())

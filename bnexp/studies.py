@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
+from omegaconf import OmegaConf
 
 from .plots import save_figure
 from .report import format_summary, write_report
@@ -148,8 +149,6 @@ def _paragraph(comparisons) -> str:
 def sweep_setting(study_dir: Path) -> dict:
     """``{"data.name": ..., "scale_name": ...}`` of the sweep a folder holds: from its
     multirun.yaml (the sweep's composed config), else from a ``<data>-<scale>`` folder name."""
-    from omegaconf import OmegaConf
-
     path = Path(study_dir) / "multirun.yaml"
     if path.exists():
         cfg = OmegaConf.load(path)

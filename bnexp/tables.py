@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import json
 import math
 import warnings
@@ -19,6 +20,7 @@ from typing import Any
 
 import pandas as pd
 import scipy.stats
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from . import records
 
@@ -41,15 +43,14 @@ def collect_runs(study_dir) -> tuple[pd.DataFrame, pd.DataFrame]:
     """
     rows, curves, override_keys, metric_keys = [], [], {}, {}
     for run_dir in records.iter_run_dirs(study_dir):
-        summary = records.read_summary(run_dir)
+        summary = records.read_summary(run_dir) or {}
         overrides = _run_overrides(run_dir, summary)
         override_keys.update(dict.fromkeys(overrides))
-        head = {"run": run_dir.name, "status": (summary or {}).get("status", "incomplete"), **overrides}
-        metrics = dict((summary or {}).get("metrics") or {})
+        head = {"run": run_dir.name, "status": summary.get("status", "incomplete"), **overrides}
+        metrics = dict(summary.get("metrics") or {})
         metric_keys.update(dict.fromkeys(metrics))
-        scalars = {k: (summary or {}).get(k) for k in SUMMARY_SCALARS if k not in overrides}
-        config = flatten(summary["config"] if summary and summary.get("config") else
-                         _read_hydra_config(run_dir))
+        scalars = {k: summary.get(k) for k in SUMMARY_SCALARS if k not in overrides}
+        config = flatten(summary.get("config") or _read_hydra_config(run_dir))
         # the summary's device/precision say what ran (cpu, bf16), the config's what was asked (auto)
         config = {k: v for k, v in config.items()
                   if k not in overrides and not (k in scalars and scalars[k] is not None)}
@@ -65,8 +66,8 @@ def collect_probes(study_dir) -> pd.DataFrame:
     """Every run's probes.jsonl (step, epoch, layer, name, value) with run, status and overrides."""
     rows = []
     for run_dir in records.iter_run_dirs(study_dir):
-        summary = records.read_summary(run_dir)
-        head = {"run": run_dir.name, "status": (summary or {}).get("status", "incomplete"),
+        summary = records.read_summary(run_dir) or {}
+        head = {"run": run_dir.name, "status": summary.get("status", "incomplete"),
                 **_run_overrides(run_dir, summary)}
         rows.extend({**head, **row} for row in records.read_jsonl(run_dir / records.PROBES))
     return _typed(pd.DataFrame(rows, columns=None if rows else ["run", "status"]))
@@ -121,11 +122,11 @@ def flatten(tree: Any, prefix: str = "") -> dict:
     return out
 
 
-def _run_overrides(run_dir: Path, summary: dict | None) -> dict:
+def _run_overrides(run_dir: Path, summary: dict) -> dict:
     """The run's overrides: a finished run's own (its summary; runs finished before
     ``launch.hydra_subdir`` may have had ``.hydra/`` rewritten by a re-run sweep);
     ``.hydra/overrides.yaml`` for a run without a summary."""
-    if summary and "overrides" in summary:
+    if "overrides" in summary:
         return _parse_overrides(summary["overrides"])
     return _parse_overrides(records.read_overrides(run_dir))
 
@@ -150,8 +151,6 @@ def _parser():
 
 def _read_hydra_config(run_dir: Path) -> dict:
     """The run's composed config from .hydra/config.yaml, resolved where OmegaConf can."""
-    from omegaconf import OmegaConf
-
     path = Path(run_dir) / ".hydra" / "config.yaml"
     if not path.exists():
         return {}
@@ -188,8 +187,6 @@ def expected_run_names(study_dir) -> list[str] | None:
     ``hydra.sweep.subdir`` (e.g. ``runs/${data.name}-seed${seed}``) gives the last folder of that
     path per job instead (see ``_subdir_leaf``).
     """
-    from omegaconf import OmegaConf
-
     path = Path(study_dir) / "multirun.yaml"
     if not path.exists():
         return None
@@ -213,8 +210,6 @@ def _subdir_leaf(cfg, job: list[str], subdir: str, jobs: list[list[str]]) -> str
     config (multirun.yaml) with the job's plain-key overrides applied. Config-group choices are
     already composed into that config unless they are swept, which cannot be redone without the
     config repository: a swept group raises (the caller then says "unknown")."""
-    from omegaconf import DictConfig, OmegaConf, open_dict
-
     values: dict[str, set] = {}
     for line in (line for j in jobs for line in j):
         values.setdefault(line.split("=", 1)[0], set()).add(line)
@@ -235,8 +230,6 @@ def _subdir_leaf(cfg, job: list[str], subdir: str, jobs: list[list[str]]) -> str
 
 
 def _sweep_jobs(arguments: list[str]) -> list[list[str]]:
-    import itertools
-
     choices: dict[str, list[str]] = {}
     for ov in _parser().parse_overrides(arguments):
         key = ov.get_key_element()
@@ -250,11 +243,9 @@ def _sweep_jobs(arguments: list[str]) -> list[list[str]]:
 def override_dirname(job: list[str], exclude_keys: list[str], item_sep: str = ",",
                      kv_sep: str = "=") -> str:
     """Hydra's ``hydra.job.override_dirname`` of one job's override strings."""
-    import re
-
     lines = sorted(ov.input_line for ov in _parser().parse_overrides(job)
                    if ov.key_or_group not in exclude_keys)
-    return re.sub("[=]", kv_sep, item_sep.join(lines))
+    return item_sep.join(lines).replace("=", kv_sep)
 
 
 def status_counts(study_dir) -> dict:

@@ -14,6 +14,7 @@ have, so that no claim rests on an interval that holds 0. The thresholds live he
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from collections.abc import Callable, Sequence
@@ -23,6 +24,7 @@ from typing import Any
 import pandas as pd
 
 from .report import Diff, markdown_table
+from .tables import mean_ci
 
 # A run's loss is "flat" when it moved by less than this fraction of its value over the last
 # PLATEAU_FRACTION of its epochs. Why 5%: the committed 4-epoch synthetic runs, which had not
@@ -157,8 +159,6 @@ def mean_diff(rows: pd.DataFrame, column: str, metric: str, a: str, b: str = "0"
     """``Diff`` of the mean of ``rows[column]`` (e.g. per-run differences, or a gap) against
     ``ref``, with the one-sample t interval (``tables.mean_ci``): for claims about one quantity.
     Rows with ``trained`` False make it untrained (not compared)."""
-    from .tables import mean_ci
-
     mean, _, n, half = mean_ci(rows[column])
     untrained = (a,) if "trained" in rows and (rows["trained"].eq(False)).any() else ()
     return Diff(a, b, metric, where, mean - ref, mean - ref - half, mean - ref + half,
@@ -248,8 +248,6 @@ def on_learned_runs(check: Callable[[Any], Verdict]) -> Callable[[Any], Verdict]
     (``learned``), so that only unflattened losses kept arms out, it is read again with every
     run counted as trained, and *shown* then reads *partly*: the caveat stays in the verdict.
     Frames in ``data.extra`` with a ``trained`` column (a ``prepare`` step's) are counted too."""
-    import dataclasses
-
     def checked(data) -> Verdict:
         verdict = check(data)
         if verdict.status != NOT_TESTED or not len(data.runs) or not learned(data.runs).all():
