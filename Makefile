@@ -29,12 +29,12 @@ test-all: $(STAMP)  ## every test, the slow end-to-end studies included
 	$(BIN)/python -m pytest -q -m "not gpu"
 
 data: $(STAMP)  ## get Fashion-MNIST: torchvision download, else apt-get install dataset-fashion-mnist
-	$(BIN)/python -m bnexp.datafiles fetch fashion_mnist
+	$(BIN)/python -m bnexp.data.files fetch fashion_mnist
 
 demo: $(STAMP)  ## the quick tour on real Fashion-MNIST (fetched first; synthetic only if none can be had): 18 runs, ~8 min on 2 cores, results/demo/fashion_mnist-small/
 	@# get the data first (a no-op when it is here); when it cannot be had, demo.py falls back
 	@# to the offline synthetic images and says so in the terminal and the report
-	$(BIN)/python -m bnexp.datafiles fetch fashion_mnist || true
+	$(BIN)/python -m bnexp.data.files fetch fashion_mnist || true
 	$(BIN)/python experiments/demo.py $(ARGS)
 
 study: $(STAMP)  ## make study S=<name> ARGS="..."
@@ -44,7 +44,7 @@ smoke: $(STAMP)  ## every study end to end at smoke scale on synthetic data
 	$(BIN)/python -m pytest -q -m slow tests/test_studies.py
 
 bench: $(STAMP)  ## throughput: naive PyTorch CIFAR script vs bnexp, batch 8/32/128
-	$(BIN)/python -m bnexp.bench
+	$(BIN)/python -m bnexp.tools.bench
 
 lint: $(STAMP)  ## ruff (rules in pyproject.toml)
 	$(BIN)/ruff check .

@@ -21,8 +21,9 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from . import launch, records
-from .config import ConfigError, check_override_key, parse_config, to_dict
+from bnexp import records
+from bnexp.jobs import launch
+from bnexp.config import ConfigError, check_override_key, parse_config, to_dict
 
 log = logging.getLogger("bnexp")
 
@@ -99,7 +100,7 @@ def _run_locked(run_dir: Path, raw: dict, sweeping: bool, launcher: dict, job_nu
         config = parse_config(raw)
     except ConfigError as err:
         return _record_failure(run_dir, raw, err, sweeping, started, provenance)
-    from .train import fit  # imported late: a bad setting should fail before torch is loaded
+    from bnexp.training.fit import fit  # imported late: a bad setting should fail before torch is loaded
 
     try:
         gpus = launch.visible_gpus() if config.device != "cpu" else 0  # CPU runs touch no GPU
@@ -137,7 +138,7 @@ def _is_expected(err: Exception) -> bool:
     """A bad setting (``ConfigError``, ``runtime.DeviceError`` among them) or unusable data."""
     if isinstance(err, ConfigError):
         return True
-    from .data import DataError  # torch is loaded by now: only fit raises this
+    from bnexp.data.datasets import DataError  # torch is loaded by now: only fit raises this
 
     return isinstance(err, DataError)
 

@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Sequence
 
-from .config import Config, parse_config
+from bnexp.config import Config, parse_config
 
 
 def compose(overrides: Sequence[str] = ()) -> Config:
@@ -58,7 +58,7 @@ def _compose(overrides: Sequence[str], with_hydra: bool):
     from hydra import compose as hydra_compose
     from hydra import initialize_config_module
 
-    from .__main__ import check_overrides
+    from bnexp.__main__ import check_overrides
 
     check_overrides(list(overrides))  # an unknown key fails listing the allowed ones
     with initialize_config_module(config_module="bnexp.conf", version_base="1.3"):

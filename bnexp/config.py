@@ -19,7 +19,7 @@ class ConfigError(ValueError):
     """A setting is unknown or has a value outside what bnexp accepts."""
 
 
-DATASETS = ("synthetic", "cifar10", "cifar100", "fashion_mnist", "mnist")  # = bnexp.data.SPECS
+DATASETS = ("synthetic", "cifar10", "cifar100", "fashion_mnist", "mnist")  # = bnexp.data.datasets.SPECS
 SHIFTS = ("noise", "blur", "contrast", "brightness")
 SAMPLERS = ("iid", "pk", "sorted", "dirichlet")
 MODELS = ("vgg", "resnet")
@@ -38,7 +38,7 @@ LOGGERS = ("none", "tensorboard")
 class DataConfig:
     name: str
     # None: CIFAR and downloads use the folder ``data``; Fashion-MNIST is first looked for in the
-    # Debian package's folder (bnexp.datafiles). A folder: torchvision's layout under it, only.
+    # Debian package's folder (bnexp.data.files). A folder: torchvision's layout under it, only.
     root: Optional[str]
     download: bool
     verify_checksums: bool
@@ -202,7 +202,7 @@ class EvalConfig:
     precise_batch_size: Optional[int]
     adapt_samples: Optional[int]
     # running averages at more momenta, kept beside BN's own and scored as modes ema_m<m>
-    # (bnexp/ema_shadows.py); a default, so configs saved before the key existed still parse
+    # (bnexp/layers/ema_shadows.py); a default, so configs saved before the key existed still parse
     ema_momenta: tuple[Optional[float], ...] = ()
     # the test set is scored (and the per-epoch probes run) after every k-th epoch and after the
     # last; a default, so configs saved before the key existed still parse

@@ -58,7 +58,7 @@ def provenance(started_at: float, *, overrides=(), choices=None, device: str | N
     knowing), ``started_at``, ``finished_at``, ``wall_time_s`` (default: since ``started_at``),
     ``overrides`` (the run's command-line/sweep overrides, as in ``.hydra/overrides.yaml`` when
     it ran) and ``choices`` (the config-group options it composed, ``{"norm": "dropout"}``)."""
-    from .runtime import git_commit, versions  # loads torch: only when a record is written
+    from bnexp.runtime import git_commit, versions  # loads torch: only when a record is written
 
     finished = time.time()
     return {"git_commit": git_commit(), "versions": versions(), "device": device,

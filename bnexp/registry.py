@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Callable, Dict, Iterator, TypeVar
 
-from .config import ConfigError
+from bnexp.config import ConfigError
 
 F = TypeVar("F", bound=Callable)
 

@@ -29,9 +29,9 @@ from __future__ import annotations
 
 import pandas as pd
 
-from bnexp import analysis as A
-from bnexp.studies import Study, StudyData
-from bnexp.verdicts import Shape, expect, on_learned_runs
+from bnexp.analysis import generic as A
+from bnexp.analysis.study import Study, StudyData
+from bnexp.analysis.verdicts import Shape, expect, on_learned_runs
 from common import run_study
 
 PERCENTILES = {"activations.p15": "15th", "activations.p50": "50th (median)", "activations.p85": "85th"}

@@ -29,10 +29,10 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from bnexp import analysis as A
-from bnexp.plots import PALETTE
-from bnexp.studies import Study, StudyData
-from bnexp.verdicts import Shape, expect
+from bnexp.analysis import generic as A
+from bnexp.analysis.plots import PALETTE
+from bnexp.analysis.study import Study, StudyData
+from bnexp.analysis.verdicts import Shape, expect
 from common import run_study
 
 NBS = "norm.virtual_batch"

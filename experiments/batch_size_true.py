@@ -25,9 +25,9 @@ from dataclasses import replace
 import pandas as pd
 from matplotlib.figure import Figure
 
-from bnexp import analysis as A
-from bnexp.studies import Study, StudyData
-from bnexp.verdicts import NOT_TESTED, Shape, Verdict, expect
+from bnexp.analysis import generic as A
+from bnexp.analysis.study import Study, StudyData
+from bnexp.analysis.verdicts import NOT_TESTED, Shape, Verdict, expect
 from common import run_study
 
 BATCH = "data.batch_size"

@@ -31,9 +31,9 @@ import math
 
 import pandas as pd
 
-from bnexp import analysis as A
-from bnexp.studies import Study, StudyData
-from bnexp.verdicts import Shape, expect
+from bnexp.analysis import generic as A
+from bnexp.analysis.study import Study, StudyData
+from bnexp.analysis.verdicts import Shape, expect
 from common import run_study
 
 P, PLACE = "model.dropout", "model.dropout_placement"
@@ -43,7 +43,7 @@ ARMS = {("bn", "before_norm"): "BN, dropout before every BN",
         ("none", "after_norm"): "no norm, dropout after the last conv",
         ("bn", "classifier"): "BN, dropout before the classifier",
         ("none", "classifier"): "no norm, dropout before the classifier"}
-SHIFT = "variance_shift.abs_log"  # mean_c |log r_c| per BN layer (bnexp.probes.variance_shift)
+SHIFT = "variance_shift.abs_log"  # mean_c |log r_c| per BN layer (bnexp.measure.probes.variance_shift)
 
 
 def with_arm(df: pd.DataFrame) -> pd.DataFrame:

@@ -2,7 +2,7 @@
 
 A study script is ``experiments/<name>.py``: its docstring states the question, the command and
 the expected outcome with its source; it declares ``STUDY = Study("<name>", __doc__, ...)``
-(``bnexp.studies``: expected shapes, figure recipes, table, comparisons); and its last lines are::
+(``bnexp.analysis.study``: expected shapes, figure recipes, table, comparisons); and its last lines are::
 
     if __name__ == "__main__":
         run_study(STUDY)
@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
-from bnexp.studies import Study, analyze
+from bnexp.analysis.study import Study, analyze
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -59,7 +59,7 @@ def run_study(study: Study, argv: Sequence[str] | None = None,
               before_sweep: Callable[[list[str]], object] | None = None) -> Path:
     """Parse the command line, run the sweep (after ``before_sweep(overrides)``, e.g. a first
     sweep that the study's runs start from; both skipped with ``--analyze-only``), then the
-    shared analysis (``bnexp.studies.analyze``) of the sweep's folder."""
+    shared analysis (``bnexp.analysis.study.analyze``) of the sweep's folder."""
     parser = argparse.ArgumentParser(prog=f"experiments/{study.name}.py", description=study.question)
     parser.add_argument("--analyze-only", action="store_true", help="skip the sweep")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides passed to the sweep")

@@ -6,7 +6,7 @@ but with dropout (p = 0.3 before the classifier) at batch 8 and 128 (linear lr s
 seeds each, for 20 epochs on 1000 un-augmented real Fashion-MNIST training images, scored on 1000
 test images (conf/study/demo.yaml, which pins scale=small); BN models are scored with EMA,
 precise (population) and test-batch statistics. Only when no real data can be had (no Debian
-package, no download: `make demo` first tries `python -m bnexp.datafiles fetch fashion_mnist`)
+package, no download: `make demo` first tries `python -m bnexp.data.files fetch fashion_mnist`)
 does it fall back to the offline synthetic images at smoke scale (`data=synthetic
 scale=smoke`), and it says so in the terminal and in the report. Its figures are those of the
 ``batch_size`` and ``stat_modes_vs_batch`` studies at a few minutes' scale. Results:
@@ -28,9 +28,9 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from bnexp import analysis as A
-from bnexp.studies import Study, StudyData
-from bnexp.verdicts import NOT_TESTED, Shape, Verdict, expect, mean_diff
+from bnexp.analysis import generic as A
+from bnexp.analysis.study import Study, StudyData
+from bnexp.analysis.verdicts import NOT_TESTED, Shape, Verdict, expect, mean_diff
 from common import ROOT, run_study
 from stat_modes_vs_batch import plot_modes
 
@@ -69,9 +69,9 @@ def with_data(argv: list[str]) -> list[str]:
 
 
 def real_data_available(root: str | None) -> bool:
-    """``bnexp.data.dataset_available`` (the data helper's), False where it does not exist yet."""
+    """``bnexp.data.datasets.dataset_available`` (the data helper's), False where it does not exist yet."""
     try:
-        from bnexp.data import dataset_available
+        from bnexp.data.datasets import dataset_available
     except ImportError:
         return False
     if root is None:

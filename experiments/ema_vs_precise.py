@@ -6,17 +6,17 @@ keeps BN's own EMA (momentum 0.1) and, beside it, shadow EMAs at momenta 0.01 an
 cumulative average (`eval.ema_momenta`; `norm.momentum=null` is PyTorch's name for it, a
 control: every batch weighs the same). Train-mode BN never reads its running statistics, so the
 momentum does not change the weights: one run scores every momentum on one set of weights
-(bnexp/ema_shadows.py; tests/test_ema_shadows.py checks each shadow against a run trained at that
+(bnexp/layers/ema_shadows.py; tests/test_ema_shadows.py checks each shadow against a run trained at that
 momentum). Every epoch the model is scored with each EMA and with precise statistics (population
 statistics recomputed over `eval.precise_samples` training images).
 
 Then, after the sweep, this script re-scores each saved model (`model.pt`) with precise BN at N
 = 256, 1k, 4k, 16k samples (smoke: 64 ... 2000; `grid.<scale>.precise_n`), `repeats` independent
-draws each (`bnexp.stats.rescore_precise`), and writes `<run>/precise_vs_n.json`. Why after the
+draws each (`bnexp.measure.modes.rescore_precise`), and writes `<run>/precise_vs_n.json`. Why after the
 sweep and not as a swept `eval.precise_samples`: N only changes how the finished model is
 evaluated, so sweeping it would retrain an identical model per N; re-scoring one model at every
 N also puts all N on the same weights, so the curve shows the estimator alone. It uses the same
-code path as the run's own precise mode (`bnexp.stats.run_mode`); draw r = 0 at the run's own N
+code path as the run's own precise mode (`bnexp.measure.modes.run_mode`); draw r = 0 at the run's own N
 reproduces its `test_acc.precise`. The report also gives (1 - m)^t, the weight the EMA still puts
 on its initial buffers (mean 0, variance 1) after t steps.
 
@@ -37,10 +37,10 @@ from pathlib import Path
 
 import pandas as pd
 
-from bnexp import analysis as A
-from bnexp.plots import PALETTE
-from bnexp.studies import Study, StudyData
-from bnexp.verdicts import Shape, expect, mean_diff, on_learned_runs
+from bnexp.analysis import generic as A
+from bnexp.analysis.plots import PALETTE
+from bnexp.analysis.study import Study, StudyData
+from bnexp.analysis.verdicts import Shape, expect, mean_diff, on_learned_runs
 from common import run_study
 
 MOMENTUM = "norm.momentum"
@@ -50,12 +50,12 @@ SCORES = ("test_acc", "test_err", "test_loss", "ece")  # per eval mode: <score>.
 # ----------------------------------------------------------------------------- re-scoring at N
 def precise_vs_n(run_dir: Path, sizes: list[int], repeats: int, threads: int = 0) -> list[dict]:
     """Test loss/accuracy of the run's saved model with precise BN over N training images, for
-    each N in ``sizes`` and draws ``r < repeats``: ``bnexp.stats.rescore_precise`` (draw r uses
+    each N in ``sizes`` and draws ``r < repeats``: ``bnexp.measure.modes.rescore_precise`` (draw r uses
     seed ``run seed + 1000 r``; rows ``samples, repeat, test_acc, test_loss``; cached in
     ``<run_dir>/precise_vs_n.json``), with ``threads`` torch threads (0: torch's default)."""
-    # the training side of bnexp: a study script may import it (bnexp.analysis may not)
+    # the training side of bnexp: a study script may import it (bnexp.analysis.generic may not)
     from bnexp.runtime import set_threads
-    from bnexp.stats import rescore_precise
+    from bnexp.measure.modes import rescore_precise
 
     set_threads(threads)
     return rescore_precise(run_dir, [int(n) for n in sizes], "auto", repeats=repeats)
@@ -101,7 +101,7 @@ def by_momentum(frame: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
     shadow EMA of ``eval.ema_momenta`` (``test_acc.ema_m0p01``, ...) in the ``<score>.ema``
     columns, the momentum in ``norm.momentum`` (NaN: the cumulative average); every other
     column, precise included, is the row's (the same weights)."""
-    from bnexp.ema_shadows import mode_name  # the training side's naming (a script may import it)
+    from bnexp.layers.ema_shadows import mode_name  # the training side's naming (a script may import it)
 
     momenta = json.loads(runs["eval.ema_momenta"].dropna().iloc[0]) if "eval.ema_momenta" in runs else []
     if MOMENTUM not in frame:  # curves carry the swept columns only

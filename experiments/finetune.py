@@ -38,9 +38,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from bnexp import analysis as A
-from bnexp.studies import Study, StudyData, analyze
-from bnexp.verdicts import Shape, chance, expect
+from bnexp.analysis import generic as A
+from bnexp.analysis.study import Study, StudyData, analyze
+from bnexp.analysis.verdicts import Shape, chance, expect
 import finetune_source
 from common import run_study, study_dir, sweep
 

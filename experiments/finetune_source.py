@@ -15,9 +15,9 @@ lose on the shifted target, before any fine-tuning, is in the finetune report's 
 """
 from __future__ import annotations
 
-from bnexp import analysis as A
-from bnexp.studies import Study, StudyData
-from bnexp.verdicts import Shape, expect
+from bnexp.analysis import generic as A
+from bnexp.analysis.study import Study, StudyData
+from bnexp.analysis.verdicts import Shape, expect
 from common import run_study
 
 

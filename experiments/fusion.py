@@ -2,7 +2,7 @@
 
 Sweep (conf/study/fusion.yaml): BN nets (vgg and resnet; smoke: vgg) x {statistics from the EMA,
 FrozenBN for the last tenth of training: `norm.freeze_after=0.9`} x seeds {0, 1, 2}. Then the
-script folds every finished run with `bnexp.fusion.fuse_run` (the same function as `bnexp-fuse`),
+script folds every finished run with `bnexp.tools.fusion.fuse_run` (the same function as `bnexp-fuse`),
 once per statistics mode that is fixed at inference:
 
 * `ema`: the running averages of a run trained with batch statistics throughout;
@@ -34,9 +34,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from bnexp import analysis as A
-from bnexp.studies import Study, StudyData
-from bnexp.verdicts import NOT_SHOWN, SHOWN, Shape, Verdict, expect, mean_diff
+from bnexp.analysis import generic as A
+from bnexp.analysis.study import Study, StudyData
+from bnexp.analysis.verdicts import NOT_SHOWN, SHOWN, Shape, Verdict, expect, mean_diff
 from common import run_study
 
 FREEZE = "norm.freeze_after"
@@ -47,8 +47,8 @@ METRICS = ("max_abs_logit_diff", "test_acc.before", "test_acc.after", "images_pe
 def fold_runs(study_dir: Path, runs: pd.DataFrame) -> pd.DataFrame:
     """One row per (finished run, foldable statistics mode): the fuse_run row with the run's
     swept settings. A run's rows come from its fused.json when present (no re-timing). The
-    training-side step of this study (``bnexp.fusion.fuse_run``, the same as ``bnexp-fuse``)."""
-    from bnexp.fusion import FUSED, fuse_run  # training side: a study script may import it
+    training-side step of this study (``bnexp.tools.fusion.fuse_run``, the same as ``bnexp-fuse``)."""
+    from bnexp.tools.fusion import FUSED, fuse_run  # training side: a study script may import it
     from bnexp.runtime import set_threads
 
     rows = []
@@ -75,7 +75,7 @@ def _renamed(row: dict) -> dict:
 
 def refusals(study_dir: Path, runs: pd.DataFrame) -> dict:
     """``{mode: message}`` of the modes fuse_run refuses, asked on one finished run."""
-    from bnexp.fusion import REFUSED_MODES, FusionError, fuse_run
+    from bnexp.tools.fusion import REFUSED_MODES, FusionError, fuse_run
 
     ok = runs[runs["status"] == "ok"]
     out = {}

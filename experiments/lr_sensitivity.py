@@ -20,9 +20,9 @@ from __future__ import annotations
 
 import pandas as pd
 
-from bnexp import analysis as A
-from bnexp.studies import Study, StudyData
-from bnexp.verdicts import (CHANCE_MULTIPLE, NOT_SHOWN, NOT_TESTED, PARTLY, SHOWN, Shape, Verdict,
+from bnexp.analysis import generic as A
+from bnexp.analysis.study import Study, StudyData
+from bnexp.analysis.verdicts import (CHANCE_MULTIPLE, NOT_SHOWN, NOT_TESTED, PARTLY, SHOWN, Shape, Verdict,
                             chance, expect, learned)
 from common import run_study
 

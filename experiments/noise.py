@@ -4,7 +4,7 @@ Sweep (conf/study/noise.yaml): norm {bn, ghost_bn4, ghost_bn16, ghost_bn64, nois
 seeds {0, 1, 2} at an optimization batch of 128, without data augmentation (so that the gap
 shows the regularization). Ghost BN normalizes sub-batches of 4 / 16 / 64 images: smaller
 normalization batches, noisier statistics. noisy_bn is BN over the whole batch plus the noise of
-Santurkar et al.'s Algorithm 1 on its output (bnexp.batchnorms.NoisyBatchNorm2d, preset
+Santurkar et al.'s Algorithm 1 on its output (bnexp.layers.batchnorms.NoisyBatchNorm2d, preset
 conf/norm/noisy_bn.yaml): per channel and step a shift mu_t ~ U(-noise_mean, noise_mean) and a
 scale sigma_t ~ U(1, noise_scale), and per sample a jitter around them, scale N(sigma_t,
 noise_mul^2) and shift N(mu_t, noise_add^2); y = scale * BN(x) + shift. The `noise` probe
@@ -43,10 +43,10 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from bnexp import analysis as A
-from bnexp.studies import Study, StudyData
-from bnexp.verdicts import Shape, expect
-from bnexp.plots import PALETTE
+from bnexp.analysis import generic as A
+from bnexp.analysis.study import Study, StudyData
+from bnexp.analysis.verdicts import Shape, expect
+from bnexp.analysis.plots import PALETTE
 from common import run_study
 
 

@@ -34,9 +34,9 @@ import pandas as pd
 
 from matplotlib.figure import Figure
 
-from bnexp import analysis as A
-from bnexp.studies import Study, StudyData
-from bnexp.verdicts import Shape, expect
+from bnexp.analysis import generic as A
+from bnexp.analysis.study import Study, StudyData
+from bnexp.analysis.verdicts import Shape, expect
 from common import run_study
 
 NORMS = ("ghost_bn", "batch_renorm", "gn")

@@ -14,7 +14,7 @@ initialization seed and batch order, so comparisons are paired by seed.
     make study S=norm_vs_noise ARGS="data=fashion_mnist scale=small launcher=joblib" # 45 runs, 2 cores
     make study S=norm_vs_noise                                                     # CIFAR-10, one GPU
 
-Measured noise (the `forward_noise` probe, bnexp/forward_noise.py): the spread of a fixed probe
+Measured noise (the `forward_noise` probe, bnexp/measure/forward_noise.py): the spread of a fixed probe
 image's norm output across batches of other training images, over the spread across images,
 in train mode as training sees it; mean over normalization positions and epochs. 0 for none,
 LN and PN; > 0 for BN, ghost BN and every GNI arm. Test error and gap are under precise
@@ -32,10 +32,10 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from bnexp import analysis as A
-from bnexp.plots import PALETTE
-from bnexp.studies import Study, StudyData
-from bnexp.verdicts import Shape, expect
+from bnexp.analysis import generic as A
+from bnexp.analysis.plots import PALETTE
+from bnexp.analysis.study import Study, StudyData
+from bnexp.analysis.verdicts import Shape, expect
 from common import run_study
 
 NORMALIZATION, ADDED = "normalization", "added noise"

@@ -31,11 +31,11 @@ from dataclasses import replace
 import pandas as pd
 from matplotlib.figure import Figure
 
-from bnexp import analysis as A
+from bnexp.analysis import generic as A
 from bnexp import records
-from bnexp.report import Diff
-from bnexp.studies import Study, StudyData
-from bnexp.verdicts import NOT_TESTED, Shape, Verdict, check_training, expect, mean_diff
+from bnexp.analysis.report import Diff
+from bnexp.analysis.study import Study, StudyData
+from bnexp.analysis.verdicts import NOT_TESTED, Shape, Verdict, check_training, expect, mean_diff
 from common import run_study
 
 NBS = "norm.virtual_batch"

@@ -24,7 +24,7 @@ import pytest  # noqa: E402
 import yaml  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
-from bnexp import analysis as A  # noqa: E402
+from bnexp.analysis import generic as A  # noqa: E402
 from bnexp import records  # noqa: E402
 
 # (batch, norm, seed, status, test_acc); (128, none, 1) is pending: in the sweep, no folder.
@@ -383,7 +383,7 @@ def test_analyze_pipeline_and_cli(study, capsys):
 
 
 def test_analysis_never_imports_the_training_code():
-    code = ("import sys, bnexp.analysis; bad = [m for m in sys.modules if m == 'torch' or "
+    code = ("import sys, bnexp.analysis.generic; bad = [m for m in sys.modules if m == 'torch' or "
             "m.startswith('bnexp.') and m.split('.')[-1] in ('train', 'models', 'norms', 'data', "
             "'sampling')]; print(bad)")  # bnexp's modules only: scipy has a scipy.sparse.data
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -454,7 +454,7 @@ def test_summary_interval_is_the_t_interval_of_the_values():
 
 # ----------------------------------------------------------------------------- training check
 def test_loss_change_over_the_last_fifth():
-    from bnexp.verdicts import loss_change
+    from bnexp.analysis.verdicts import loss_change
 
     assert loss_change([2.0, 1.0, 0.8, 0.78, 0.77]) == pytest.approx((0.78 - 0.77) / 0.78)  # 1 epoch
     ten = [2.0, 1.5, 1.2, 1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4]  # window of 2 epochs
@@ -466,7 +466,7 @@ def test_loss_change_over_the_last_fifth():
 def test_a_memorized_training_set_is_flat_in_absolute_terms():
     """A loss at weight decay's floor moves by large fractions of tiny values: flat when the
     absolute move is below PLATEAU_MAX_ABS_CHANGE; a larger absolute fall still counts."""
-    from bnexp.verdicts import PLATEAU_MAX_ABS_CHANGE, loss_change, run_check
+    from bnexp.analysis.verdicts import PLATEAU_MAX_ABS_CHANGE, loss_change, run_check
 
     run = pd.Series({"status": "ok", "data.name": "fashion_mnist"})
     memorized = [1.15, 0.53, 0.32, 0.16, 0.064, 0.018, 0.0096, 0.0070, 0.0058, 0.0057]  # measured shape
@@ -496,7 +496,7 @@ def _arm_runs(losses: dict, accs: dict, classes: int = 10):
 
 
 def test_check_training_names_arms_that_did_not_train():
-    from bnexp.verdicts import check_training
+    from bnexp.analysis.verdicts import check_training
 
     flat, falling = [2.0, 1.0, 0.9, 0.899, 0.898], [2.0, 1.6, 1.3, 1.0, 0.7]
     losses = {"ok-0": flat, "ok-1": flat, "slow-0": flat, "slow-1": falling,
@@ -515,7 +515,7 @@ def test_check_training_names_arms_that_did_not_train():
 def test_a_memorized_run_trained_though_its_tiny_loss_still_falls():
     """At >= MEMORIZED train-mode accuracy a falling loss is no reason; a rising one still is,
     and just below MEMORIZED the falling loss counts again."""
-    from bnexp.verdicts import MEMORIZED, check_training
+    from bnexp.analysis.verdicts import MEMORIZED, check_training
 
     shrinking, rising = [1.0, 0.1, 0.03, 0.02, 0.01], [1.0, 0.1, 0.01, 0.01, 0.02]
     losses = {"mem-0": shrinking, "mem-1": rising, "near-0": shrinking}
@@ -527,7 +527,7 @@ def test_a_memorized_run_trained_though_its_tiny_loss_still_falls():
 
 
 def test_untrained_arms_are_not_compared():
-    from bnexp.verdicts import NOT_TESTED, expect
+    from bnexp.analysis.verdicts import NOT_TESTED, expect
 
     rows = pd.DataFrame([{"arm": arm, "seed": s, "status": "ok", "test_acc": acc + 0.01 * s,
                           "trained": arm != "c"} for arm, acc in (("a", 0.9), ("b", 0.5), ("c", 0.1))
@@ -541,7 +541,7 @@ def test_untrained_arms_are_not_compared():
 
 # ----------------------------------------------------------------------------- verdicts
 def test_expect_reads_the_interval_not_the_mean():
-    from bnexp.verdicts import NOT_SHOWN, PARTLY, SHOWN, Shape, expect
+    from bnexp.analysis.verdicts import NOT_SHOWN, PARTLY, SHOWN, Shape, expect
 
     def diff(mean, half):
         return A.Diff("a", "b", "test_acc", mean=mean, lo=mean - half, hi=mean + half,
@@ -563,7 +563,7 @@ def test_expect_reads_the_interval_not_the_mean():
 # ----------------------------------------------------------------------------- one sweep, one folder
 def test_runs_of_another_data_or_scale_are_excluded(study):
     """A run whose config has another dataset than the folder's sweep stays out of the report."""
-    from bnexp.studies import sweep_runs
+    from bnexp.analysis.study import sweep_runs
 
     runs = A.collect_runs(study)[0]
     odd = runs.copy()
@@ -596,7 +596,7 @@ def last_code_commit():
     of this repository; skipped outside a git checkout."""
     import subprocess
 
-    from bnexp import report
+    from bnexp.analysis import report
 
     root = Path(report.__file__).resolve().parents[1]
     git = lambda *a: subprocess.run(["git", *a], cwd=root, capture_output=True, text=True).stdout.split()  # noqa: E731
@@ -611,7 +611,7 @@ def test_report_names_the_code_changed_since_the_runs_and_whether_it_is_analysis
                                                                                       last_code_commit):
     """Against this repository's own history: the first parent of the analysis code commit vs
     that commit, compared with git's own list of files it changed."""
-    from bnexp import report
+    from bnexp.analysis import report
 
     head, parent, files = last_code_commit
     monkeypatch.setattr(report, "same_code", lambda *a: False)  # tested on its own below
@@ -625,7 +625,7 @@ def test_report_names_the_code_changed_since_the_runs_and_whether_it_is_analysis
 
 
 @pytest.mark.parametrize("study, changed, side", [
-    ("batch_size", ["conf/study/fusion.yaml", "bnexp/plots.py"], "analysis"),
+    ("batch_size", ["conf/study/fusion.yaml", "bnexp/analysis/plots.py"], "analysis"),
     ("fusion", ["conf/study/fusion.yaml"], "training"),
     ("finetune", ["conf/study/finetune_source.yaml"], "training"),   # its sources' config
     ("batch_size", ["conf/study/batch_size_true.yaml"], "analysis"),  # a name prefix is no tie
@@ -638,7 +638,7 @@ def test_report_exempts_only_other_studies_configs(monkeypatch, study, changed, 
     import subprocess
     from types import SimpleNamespace
 
-    from bnexp import report
+    from bnexp.analysis import report
 
     fake = lambda *a, **k: SimpleNamespace(returncode=0, stdout="\n".join(changed))  # noqa: E731
     monkeypatch.setattr(subprocess, "run", fake)
@@ -651,7 +651,7 @@ def test_report_exempts_only_other_studies_configs(monkeypatch, study, changed, 
 def test_report_accounts_for_what_differs_between_the_runs_commits(monkeypatch, last_code_commit):
     """Runs from several commits: the files that differ between them, against git's own list for
     this repository's last code commit and its parent, classified as _changed_since classifies."""
-    from bnexp import report
+    from bnexp.analysis import report
 
     head, parent, files = last_code_commit
     monkeypatch.setattr(report, "same_code", lambda *a: False)
@@ -668,7 +668,7 @@ def test_figures_mark_the_arms_some_of_whose_seeds_did_not_train():
     """An arm the report does not compare must not read as a result in its figure: hatched bars
     and heatmap cells, open markers on lines, and a legend entry, exactly for the groups with a
     run whose ``trained`` is False (NaN: not checked, unmarked)."""
-    from bnexp import plots
+    from bnexp.analysis import plots
 
     df = pd.DataFrame({"norm": ["bn"] * 4 + ["none"] * 4, "batch": [8, 8, 128, 128] * 2,
                        "seed": [0, 1] * 4, "status": "ok",
@@ -697,7 +697,7 @@ def test_figures_mark_the_arms_some_of_whose_seeds_did_not_train():
 def test_line_bands_stay_within_the_values_a_loss_can_take():
     """Three seeds that disagree give a t interval reaching below 0; a loss cannot, so the band
     is cut at 0 (and left alone above), as accuracies are cut to [0, 100] %."""
-    from bnexp import plots
+    from bnexp.analysis import plots
 
     df = pd.DataFrame({"norm": "none", "lr": [0.1] * 3 + [1.0] * 3, "seed": [0, 1, 2] * 2, "status": "ok",
                        "train_loss": [0.01, 0.02, 2.3, 0.5, 0.6, 0.7]})
@@ -714,8 +714,8 @@ def test_line_bands_stay_within_the_values_a_loss_can_take():
 
 
 def test_on_learned_runs_reads_unflattened_arms_once_every_run_learned_and_says_so():
-    from bnexp.studies import StudyData
-    from bnexp.verdicts import NOT_SHOWN, NOT_TESTED, PARTLY, Verdict, on_learned_runs
+    from bnexp.analysis.study import StudyData
+    from bnexp.analysis.verdicts import NOT_SHOWN, NOT_TESTED, PARTLY, Verdict, on_learned_runs
 
     seen = []
 
@@ -756,7 +756,7 @@ def f(x):
     ("Makefile", "x\n", "x\n", False),                                   # not a kind it reads
 ])
 def test_same_code_ignores_comments_and_docstrings_only(monkeypatch, path, before, after, same):
-    from bnexp import report
+    from bnexp.analysis import report
 
     versions = {"a": before, "b": after}
     monkeypatch.setattr(report, "_git", lambda cmd, spec: versions[spec.split(":")[0]])
@@ -765,41 +765,41 @@ def test_same_code_ignores_comments_and_docstrings_only(monkeypatch, path, befor
 
 
 def test_report_lists_comment_only_changes_apart(monkeypatch):
-    from bnexp import report
+    from bnexp.analysis import report
 
-    files = {"conf/study/noise.yaml": False, "bnexp/stats.py": False, "bnexp/plots.py": True}
+    files = {"conf/study/noise.yaml": False, "bnexp/measure/modes.py": False, "bnexp/analysis/plots.py": True}
     monkeypatch.setattr(report, "_changed_files", lambda commits, against: dict(sorted(files.items())))
     text = report._changed_since(["a" * 40], "b" * 40, "noise")
     assert "all on the analysis side, in other studies' configs or in comments only" in text
-    files["bnexp/train.py"] = True
+    files["bnexp/training/fit.py"] = True
     text = report._changed_since(["a" * 40], "b" * 40, "noise")
     training, _, rest = text.partition("; and on the analysis side or in other studies' configs: ")
     assert training.endswith("some on the training side (re-run the study if they change what it "
-                             "computes): `bnexp/train.py`")
-    assert rest == "`bnexp/plots.py`; and in comments or docstrings only: `bnexp/stats.py`, `conf/study/noise.yaml`"
+                             "computes): `bnexp/training/fit.py`")
+    assert rest == "`bnexp/analysis/plots.py`; and in comments or docstrings only: `bnexp/measure/modes.py`, `conf/study/noise.yaml`"
 
 
 def test_report_names_which_changed_files_are_training_side(monkeypatch):
     import subprocess
     from types import SimpleNamespace
 
-    from bnexp import report
+    from bnexp.analysis import report
 
-    changed = ["bnexp/plots.py", "bnexp/stats.py", "conf/study/fusion.yaml", "conf/study/noise.yaml"]
+    changed = ["bnexp/analysis/plots.py", "bnexp/measure/modes.py", "conf/study/fusion.yaml", "conf/study/noise.yaml"]
     fake = lambda *a, **k: SimpleNamespace(returncode=0, stdout="\n".join(changed))  # noqa: E731
     monkeypatch.setattr(subprocess, "run", fake)
     monkeypatch.setattr(report, "same_code", lambda *a: False)
     text = report._changed_since(["a" * 40], "b" * 40, "noise")
     training, _, harmless = text.partition("; and on the analysis side or in other studies' configs: ")
-    assert training.endswith(": `bnexp/stats.py`, `conf/study/noise.yaml`")
-    assert harmless == "`bnexp/plots.py`, `conf/study/fusion.yaml`"
+    assert training.endswith(": `bnexp/measure/modes.py`, `conf/study/noise.yaml`")
+    assert harmless == "`bnexp/analysis/plots.py`, `conf/study/fusion.yaml`"
 
 
 def test_a_code_check_counts_from_the_rerun_commit_when_nothing_later_is_training_side(tmp_path, monkeypatch):
     """results/code_checks.json: configs run at the commit of the study's re-run and at a later
     one with identical records. The report cites it only from that commit, only when every run
     of the check was identical, and only when what changed after it cannot move the numbers."""
-    from bnexp import report
+    from bnexp.analysis import report
 
     study = tmp_path / "results" / "toy" / "synthetic-smoke"
     for row in RUNS:
@@ -815,10 +815,10 @@ def test_a_code_check_counts_from_the_rerun_commit_when_nothing_later_is_trainin
         monkeypatch.setattr(report, "_changed_files", lambda commits, against: later)
         return report._code_checked(study, "c" * 40)
 
-    assert cited({"bnexp/plots.py": True}, check) == (
+    assert cited({"bnexp/analysis/plots.py": True}, check) == (
         ". Code checked from aaaaaaa to bbbbbbb (a knob, default off): the same configs run at both "
         "commits, fp32 here, gave identical records (toy: norm=bn seed=0)")
-    assert cited({"bnexp/train.py": True}, check) == ""  # a training-side change after the check
+    assert cited({"bnexp/training/fit.py": True}, check) == ""  # a training-side change after the check
     assert cited({}, {**check, "from": "d" * 40}) == ""  # not from the re-run's commit
     # from the runs' own commit (here abc123): a check that needs no re-run of the study
     assert cited({}, {**check, "from": "abc123" + "0" * 34}).startswith(". Code checked from abc1230 to bbbbbbb")

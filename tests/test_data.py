@@ -1,4 +1,4 @@
-"""bnexp.data against independent computations: plain torch/numpy/matplotlib, torchvision's reader."""
+"""bnexp.data.datasets against independent computations: plain torch/numpy/matplotlib, torchvision's reader."""
 from __future__ import annotations
 
 import itertools
@@ -14,7 +14,7 @@ import torchvision.transforms.functional as TF
 from omegaconf import OmegaConf
 
 from bnexp.config import ConfigError, DataConfig
-from bnexp.data import (SHIFT_SEVERITY, DataError, apply_shift, augment, crop_flip, load_data,
+from bnexp.data.datasets import (SHIFT_SEVERITY, DataError, apply_shift, augment, crop_flip, load_data,
                         normalize, seeded_generator)
 from cifar_fixture import write_cifar_folder
 
@@ -316,7 +316,7 @@ def test_synthetic_is_learnable_but_not_trivial():
 
 def test_specs_cover_exactly_the_configs_datasets():
     from bnexp.config import DATASETS
-    from bnexp.data import SPECS
+    from bnexp.data.datasets import SPECS
 
     assert tuple(SPECS) == DATASETS
 
@@ -327,7 +327,9 @@ def test_a_one_channel_run_trains_with_its_augmentation_and_fuses(tmp_path, monk
     from conftest import make_config
     from idx_fixture import write_idx_folder
 
-    from bnexp import bench, fusion, train
+    from bnexp.tools import bench
+    from bnexp.tools import fusion
+    from bnexp.training import fit as train
 
     write_idx_folder(tmp_path / "FashionMNIST" / "raw", n_train=32, n_test=16, gz=False)
     made, real = [], train.Pipeline

@@ -1,4 +1,4 @@
-"""bnexp.datafiles on tiny idx files written by tests/idx_fixture.py: where files are found (both
+"""bnexp.data.files on tiny idx files written by tests/idx_fixture.py: where files are found (both
 layouts), gzip and plain, md5 and header checks, the errors' wording, downloads, ``fetch``."""
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ import torchvision
 from idx_fixture import FILES, write_idx_folder
 from test_data import data_cfg
 
-from bnexp import datafiles
-from bnexp.data import DataError, dataset_available, load_data
+from bnexp.data import files as datafiles
+from bnexp.data.datasets import DataError, dataset_available, load_data
 
 CLASS = {"fashion_mnist": "FashionMNIST", "mnist": "MNIST"}
 
@@ -162,7 +162,7 @@ def test_missing_files_say_where_and_how_and_a_failed_download_leaves_nothing(tm
     message = str(info.value)
     assert f"{tmp_path}/nowhere/MNIST/raw lacks train-images-idx3-ubyte" in message
     assert "data.download=false" in message and "data=synthetic" in message
-    assert "python -m bnexp.datafiles fetch mnist" in message and "no package" in message
+    assert "python -m bnexp.data.files fetch mnist" in message and "no package" in message
     monkeypatch.setattr(torchvision.datasets, "FashionMNIST", Offline)
     with pytest.raises(DataError, match=r"^Fashion-MNIST not found: .*download failed: RuntimeError: "
                                         r"Error downloading .* Name or service not known.*apt-get install"):

@@ -9,11 +9,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bnexp import ema_shadows, norms
-from bnexp.batchnorms import BatchNorm2d
+from bnexp.layers import ema_shadows
+from bnexp.layers import norms
+from bnexp.layers.batchnorms import BatchNorm2d
 from bnexp.config import ConfigError, parse_config, to_dict
-from bnexp.runs import load_run
-from bnexp.train import fit
+from bnexp.training.assemble import load_run
+from bnexp.training.fit import fit
 from conftest import TINY, make_config
 
 MOMENTA = [0.01, 0.4, None]

@@ -5,12 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bnexp import finetune, train
-from bnexp.checkpoint import load_model_state, save_model
+from bnexp.training import finetune
+from bnexp.training import fit as train
+from bnexp.training.checkpoint import load_model_state, save_model
 from bnexp.config import ConfigError, to_dict
-from bnexp.data import channel_stats, load_data
-from bnexp.models import build_model
-from bnexp.norms import bn_layers, make_norm
+from bnexp.data.datasets import channel_stats, load_data
+from bnexp.layers.models import build_model
+from bnexp.layers.norms import bn_layers, make_norm
 from conftest import TINY, make_config
 
 # one epoch of 4 steps, only the ema eval mode: these tests are about what fine-tuning starts from

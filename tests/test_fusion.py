@@ -8,11 +8,11 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from bnexp import fusion
-from bnexp.checkpoint import save_model
+from bnexp.tools import fusion
+from bnexp.training.checkpoint import save_model
 from bnexp.config import to_dict
-from bnexp.models import build_model
-from bnexp.norms import make_norm
+from bnexp.layers.models import build_model
+from bnexp.layers.norms import make_norm
 from conftest import TINY, make_config
 
 FOLDABLE = ["bn", "ghost_bn", "batch_renorm", "noisy_bn"]

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import pytest
 
-from bnexp import config, loggers, records, train
+from bnexp import config, records
+from bnexp.training import loggers
+from bnexp.training import fit as train
 from conftest import TINY, make_config
 
 TB_ARGS = [*TINY, "logger=tensorboard", "probes=all", "eval.every_epoch=true", "checkpoint=false",

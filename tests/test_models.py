@@ -9,8 +9,8 @@ from torch import nn
 
 from bnexp import config
 from bnexp.config import DROPOUT_PLACEMENTS, ModelConfig
-from bnexp.models import MODELS, ResNet, VGG, build_model, downsamples
-from bnexp.norms import NORMS, BatchNorm2d, make_norm
+from bnexp.layers.models import MODELS, ResNet, VGG, build_model, downsamples
+from bnexp.layers.norms import NORMS, BatchNorm2d, make_norm
 
 SMALL = {"vgg": {"width": 8, "depth": 4}, "resnet": {"width": 8, "depth": 8}}
 
@@ -193,7 +193,7 @@ def test_one_channel_28px_inputs_through_every_model_and_norm(name, norm, norm_c
 
 
 def rule_sizes(size: int, stages: int) -> list[int]:
-    """Map size entering each stage after the first, by the rule as stated in bnexp.models:
+    """Map size entering each stage after the first, by the rule as stated in bnexp.layers.models:
     halve (floor, as a 2x2 max-pool or a stride-2 conv of these nets) only from 4x4 up."""
     sizes = []
     for _ in range(stages - 1):

@@ -7,10 +7,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from bnexp import config
-from bnexp.norms import (NORMS, BatchNorm2d, BatchRenorm2d, GhostBatchNorm2d, NoisyBatchNorm2d,
+from bnexp.layers.norms import (NORMS, BatchNorm2d, BatchRenorm2d, GhostBatchNorm2d, NoisyBatchNorm2d,
                          PopulationNorm2d, bn_layers, group_count, make_norm, set_frozen,
                          set_plain, set_progress)
-from bnexp.ghost_noise import ghost_noise_injection
+from bnexp.layers.ghost_noise import ghost_noise_injection
 from bnexp.registry import Registry
 
 # Registry entries that keep running statistics, with settings that make them differ from BN
@@ -367,7 +367,7 @@ def test_group_count_is_the_largest_divisor_not_above_groups(norm_cfg):
 def test_gn_on_channels_last_gives_plain_group_norms_numbers_and_layout(norm_cfg, precision):
     """The channels_last shortcut (a contiguous copy on CPU) against the definition of GN, in
     forward and backward, and the output keeps the input's memory format."""
-    from bnexp.norms import GroupNorm
+    from bnexp.layers.norms import GroupNorm
     gn = make_norm(norm_cfg(name="gn", groups=4))(12)
     assert isinstance(gn, GroupNorm) and type(make_norm(norm_cfg(name="ln"))(12)) is nn.GroupNorm
     with torch.no_grad():

@@ -9,7 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bnexp import probes, records, stats
+from bnexp import records
+from bnexp.measure import probes
+from bnexp.measure import modes as stats
 
 
 class RawPipe:
@@ -247,7 +249,7 @@ def test_probes_work_without_norm_layers(tmp_path, monkeypatch):
 
 def test_fit_with_probes_all_writes_every_probe_and_trains_exactly_as_without(tmp_path, monkeypatch):
     from conftest import TINY, make_config
-    from bnexp import train
+    from bnexp.training import fit as train
 
     monkeypatch.setattr(probes, "PROBE_IMAGES", 64)
     base = [*TINY, "optim.epochs=2", "checkpoint=false", "data.synthetic_train=128", "data.batch_size=32",
@@ -285,8 +287,8 @@ def test_forward_noise_of_one_bn_layer_matches_a_direct_computation():
     """A single BN layer (train mode, affine) on random data: each batch's statistics from
     torch.var_mean, the probe images' outputs, their spread over batches and the pooled std."""
     from collections import OrderedDict
-    from bnexp import forward_noise as fn
-    from bnexp.norms import BatchNorm2d
+    from bnexp.measure import forward_noise as fn
+    from bnexp.layers.norms import BatchNorm2d
 
     g = torch.Generator().manual_seed(3)
     layer = BatchNorm2d(3, momentum=0.1)
@@ -320,7 +322,7 @@ def test_forward_noise_of_bn_shrinks_as_one_over_sqrt_batch():
     """A BN layer on i.i.d. N(0, 1) values: x_hat = (x - mu_B) / sigma_B moves by about
     sqrt((1 + x^2 / 2) / B) across batches (delta method), against a pooled std of 1."""
     from collections import OrderedDict
-    from bnexp import forward_noise as fn
+    from bnexp.measure import forward_noise as fn
 
     g = torch.Generator().manual_seed(0)
     model = nn.Sequential(OrderedDict(norm=nn.BatchNorm2d(64, affine=False)))
@@ -344,7 +346,7 @@ def test_forward_noise_is_exactly_zero_without_batch_dependence(norm, extra, noi
     """Every normalization position of the net has a row; the value is exactly 0 when a sample's
     output depends on its own input only, > 0 with batch statistics or injected noise."""
     from test_stats import tiny_setup
-    from bnexp import forward_noise as fn
+    from bnexp.measure import forward_noise as fn
 
     cfg, model, data, pipe = tiny_setup(norm, extra)
     batches = [pipe.prep(data.train.x[i * 16:(i + 1) * 16]) for i in range(4)]
@@ -361,7 +363,8 @@ def test_forward_noise_is_exactly_zero_without_batch_dependence(norm, extra, noi
 
 def test_forward_noise_of_frozen_bn_is_zero_and_dropout_stays_off():
     from test_stats import tiny_setup
-    from bnexp import forward_noise as fn, norms
+    from bnexp.measure import forward_noise as fn
+    from bnexp.layers import norms
 
     cfg, model, data, pipe = tiny_setup("bn", ["model.dropout=0.5", "model.dropout_placement=before_norm"])
     norms.set_frozen(model, True)  # FrozenBN: training normalizes with the running statistics

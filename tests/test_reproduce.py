@@ -62,7 +62,7 @@ def test_a_folder_that_is_not_a_finished_run_exits_2(tmp_path, capsys):
 
 
 def test_record_writes_the_outcome_that_the_report_cites(finished, tmp_path):
-    from bnexp import report
+    from bnexp.analysis import report
 
     assert reproduce.main([str(finished), "--record", "--out", str(tmp_path / "again")]) == 0
     outcome = json.loads((finished / "reproduced.json").read_text())

@@ -74,7 +74,7 @@ def test_log_lines_go_through_tqdm_as_lines_of_their_own_while_the_bar_is_up(cap
     import re
     import sys
 
-    from bnexp import progress
+    from bnexp.training import progress
 
     monkeypatch.setattr(progress, "REFRESH_S", 0.0)
     console = logging.StreamHandler(sys.stderr)  # as Hydra's console handler (on stdout there)

@@ -1,4 +1,4 @@
-"""bnexp.sampling: batch shapes, coverage, determinism and class composition, per registry entry."""
+"""bnexp.data.sampling: batch shapes, coverage, determinism and class composition, per registry entry."""
 from __future__ import annotations
 
 import math
@@ -11,7 +11,7 @@ from conftest import compose_config, make_config
 from bnexp import config as C
 from bnexp.config import ConfigError, SamplerConfig
 from bnexp.registry import Registry
-from bnexp.sampling import SAMPLERS, build_sampler
+from bnexp.data.sampling import SAMPLERS, build_sampler
 
 BATCH = 32
 

@@ -12,11 +12,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bnexp import config, moments, norms, records, stats, train
-from bnexp.train import Pipeline
-from bnexp.data import DataBundle, Split, load_data, normalize, seeded_generator
-from bnexp.models import build_model
-from bnexp.sampling import build_sampler
+from bnexp import config, records
+from bnexp.measure import moments
+from bnexp.layers import norms
+from bnexp.measure import modes as stats
+from bnexp.training import fit as train
+from bnexp.training.fit import Pipeline
+from bnexp.data.datasets import DataBundle, Split, load_data, normalize, seeded_generator
+from bnexp.layers.models import build_model
+from bnexp.data.sampling import build_sampler
 from conftest import make_config
 
 
@@ -350,7 +354,7 @@ class SpyBN(norms.BatchNorm2d):
 
 
 def test_statistics_passes_use_plain_batch_statistics_and_restore_the_flag():
-    from bnexp import probes
+    from bnexp.measure import probes
 
     spy = SpyBN(3)
     spy.seen = []
@@ -384,7 +388,7 @@ def test_gen_gap_under_precise_statistics_scores_train_and_test_alike():
 
 def test_rescore_precise_reproduces_the_runs_own_precise_score_and_caches(tmp_path, monkeypatch):
     from conftest import TINY
-    from bnexp import runs
+    from bnexp.training import assemble as runs
 
     cfg = make_config([*TINY, "optim.epochs=1", "data.synthetic_train=128", "data.batch_size=32",
                        "data.synthetic_test=64", "eval.precise_samples=64", "eval.modes=[ema,precise]"])

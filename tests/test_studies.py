@@ -135,7 +135,7 @@ def test_study_script_documents_command_and_expectation(name):
     doc = ast.get_docstring(tree) or ""
     assert f"make study S={name}" in doc or (name == "demo" and "make demo" in doc), doc[:300]
     assert "Expected" in doc, f"experiments/{name}.py: the docstring states no expected outcome"
-    # the study is declared once (bnexp.studies.Study) and run through the shared path
+    # the study is declared once (bnexp.analysis.study.Study) and run through the shared path
     studies = [n.value for n in tree.body if isinstance(n, ast.Assign)
                and any(getattr(t, "id", None) == "STUDY" for t in n.targets)]
     assert studies and isinstance(studies[0], ast.Call) and studies[0].func.id == "Study"
@@ -202,7 +202,7 @@ def test_two_sweeps_of_other_data_or_scale_get_their_own_folders_and_reports(tmp
     matplotlib.use("Agg")
     from common import study_dir
 
-    from bnexp.studies import Study, analyze
+    from bnexp.analysis.study import Study, analyze
 
     tiny = ["data=synthetic", "data.synthetic_train=128", "data.synthetic_test=64", "model.width=8",
             "model.depth=4", "optim.epochs=1", "eval.modes=[ema]", "device=cpu", "progress=off",

@@ -15,7 +15,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from bnexp import records, train
+from bnexp import records
+from bnexp.training import fit as train
 from conftest import TINY, make_config
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
@@ -43,7 +44,7 @@ def test_precise_vs_n_reproduces_the_runs_own_precise_mode(tmp_path):
     # another draw of the same N is another estimate: the loss moves
     assert rows[1]["test_loss"] != rows[0]["test_loss"]
     # cached: same sizes and repeats are read back, not recomputed
-    path = run_dir / records.PRECISE_VS_N  # bnexp.stats.rescore_precise's cache
+    path = run_dir / records.PRECISE_VS_N  # bnexp.measure.modes.rescore_precise's cache
     cached = json.loads(path.read_text())
     cached["rows"][0]["test_acc"] = -1.0
     path.write_text(json.dumps(cached))
@@ -135,7 +136,7 @@ def test_fusion_table_has_a_not_applicable_row_per_refused_mode():
 
 
 def test_paired_statement_uses_per_seed_differences():
-    from bnexp.analysis import paired_statement, t_quantile
+    from bnexp.analysis.generic import paired_statement, t_quantile
 
     # a - b per seed: 0.02, 0.03, 0.04 -> mean 0.03, std 0.01; unpaired, the seed spread (0.1
     # between seeds) would swamp the 0.03. Seed 3 has no b: dropped. A failed run is ignored.
@@ -160,7 +161,7 @@ def test_expected_run_names_follow_a_custom_sweep_subdir(tmp_path):
     import subprocess
     import textwrap
 
-    from bnexp.analysis import expected_run_names, status_counts
+    from bnexp.analysis.generic import expected_run_names, status_counts
 
     (tmp_path / "conf").mkdir()
     (tmp_path / "conf" / "config.yaml").write_text(textwrap.dedent("""
@@ -251,7 +252,7 @@ def test_norm_vs_noise_uses_precise_numbers_where_there_are_and_averages_the_noi
 
 
 def test_norm_vs_noise_verdict_names_the_explanation_whose_intervals_exclude_zero():
-    from bnexp.studies import StudyData
+    from bnexp.analysis.study import StudyData
 
     rows = []
     for seed, jitter in enumerate([0.0, 0.004, -0.003, 0.002, -0.001]):

@@ -14,8 +14,11 @@ import pytest
 import torch
 import yaml
 
-from bnexp import launch, progress, records, train
-from bnexp.launch import Placement, place_job
+from bnexp import records
+from bnexp.jobs import launch
+from bnexp.training import progress
+from bnexp.training import fit as train
+from bnexp.jobs.launch import Placement, place_job
 from conftest import TINY, compose_config, make_config
 
 TIMING = {"seconds", "images_per_s"}
@@ -163,7 +166,7 @@ def test_run_lock_is_exclusive_and_released(tmp_path):
 
 def test_run_lock_of_a_killed_process_is_free(tmp_path):
     holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time; from bnexp import launch\n"
+        "import sys, time; from bnexp.jobs import launch\n"
         f"with launch.run_lock({str(tmp_path)!r}) as held:\n"
         "    print(held, flush=True); time.sleep(60)")], stdout=subprocess.PIPE, text=True)
     try:
@@ -292,7 +295,7 @@ def _finished_state(run_dir: Path) -> tuple:
 
 
 def _check_analysis_tables(study_dir: Path, n_runs: int, epochs: int) -> None:
-    tables = pytest.importorskip("bnexp.tables")
+    tables = pytest.importorskip("bnexp.analysis.tables")
     runs, curves = tables.collect_runs(study_dir)
     assert len(runs) == n_runs and runs["run"].is_unique
     assert len(curves) == n_runs * epochs and not curves.duplicated(["run", "epoch"]).any()
@@ -326,7 +329,7 @@ def test_submitit_local_sweep_leaves_the_records_of_the_basic_launcher(basic_swe
 
 
 def test_rerun_keeps_a_finished_runs_records_and_hydra_folder(tmp_path):
-    tables = pytest.importorskip("bnexp.tables")
+    tables = pytest.importorskip("bnexp.analysis.tables")
     sweep(tmp_path, "optim.epochs=1", "seed=0", "checkpoint=false")
     [run_dir] = run_dirs(tmp_path, "s").values()
     first = records.read_summary(run_dir)
@@ -355,7 +358,7 @@ def test_rerun_keeps_a_finished_runs_records_and_hydra_folder(tmp_path):
 def test_bench_naive_dataset_serves_the_same_images_as_pil():
     from torchvision.transforms.functional import pil_to_tensor
 
-    from bnexp.bench import SyntheticCIFAR
+    from bnexp.tools.bench import SyntheticCIFAR
 
     x = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
     y = torch.tensor([3, 1, 4, 1])
@@ -367,7 +370,7 @@ def test_bench_naive_dataset_serves_the_same_images_as_pil():
 
 
 def test_bench_flop_count_matches_the_conv_arithmetic():
-    from bnexp.bench import train_flops_per_image
+    from bnexp.tools.bench import train_flops_per_image
 
     cfg = make_config(["model.width=8"])
     flops = train_flops_per_image(cfg, num_classes=10, device=torch.device("cpu"), batch=2)

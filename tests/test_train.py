@@ -10,7 +10,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bnexp import norms, records, stats, train
+from bnexp import records
+from bnexp.layers import norms
+from bnexp.measure import modes as stats
+from bnexp.training import fit as train
 from conftest import TINY, make_config
 
 TIMING = {"seconds", "images_per_s"}
@@ -162,7 +165,7 @@ def test_cli_diverged_run_exits_0_and_keeps_no_nan_weights(tmp_path):
     [run_dir] = list((tmp_path / "scratch").iterdir())
     assert out.returncode == 0 and records.read_summary(run_dir)["status"] == "diverged"
     assert not (run_dir / records.MODEL).exists() and not (run_dir / records.LAST).exists()
-    from bnexp.checkpoint import load_model_state
+    from bnexp.training.checkpoint import load_model_state
 
     with pytest.raises(FileNotFoundError, match="diverged"):
         load_model_state(run_dir)
@@ -183,7 +186,7 @@ def test_cli_single_runs_started_together_get_their_own_folders(tmp_path):
 
 
 def test_cli_single_run_in_a_locked_folder_fails_loudly(tmp_path):
-    from bnexp import launch
+    from bnexp.jobs import launch
 
     busy = tmp_path / "busy"
     with launch.run_lock(busy) as held:

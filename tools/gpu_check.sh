@@ -35,5 +35,5 @@ print(f"ok on {summary['device']} ({summary['precision']}): test_acc {summary['m
 PY
 
 echo "== 3/3 bench on CUDA"
-timeout 110 "$PY" -m bnexp.bench --rounds 1 --batches 32,128 --accuracy-epochs 1 device=cuda
+timeout 110 "$PY" -m bnexp.tools.bench --rounds 1 --batches 32,128 --accuracy-epochs 1 device=cuda
 echo "gpu-check: ok"

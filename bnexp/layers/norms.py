@@ -36,11 +36,11 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .batchnorms import (BatchNorm2d, BatchRenorm2d, GhostBatchNorm2d, NoisyBatchNorm2d,
+from bnexp.layers.batchnorms import (BatchNorm2d, BatchRenorm2d, GhostBatchNorm2d, NoisyBatchNorm2d,
                          PopulationNorm2d)
-from .config import NormConfig
-from .ghost_noise import GhostNoise, GhostNoiseGroupNorm
-from .registry import Registry
+from bnexp.config import NormConfig
+from bnexp.layers.ghost_noise import GhostNoise, GhostNoiseGroupNorm
+from bnexp.registry import Registry
 
 __all__ = ["NORMS", "BatchNorm2d", "BatchRenorm2d", "GhostBatchNorm2d", "NoisyBatchNorm2d",
            "PopulationNorm2d", "GhostNoise", "GhostNoiseGroupNorm", "GroupNorm", "bn_layers", "group_count",

@@ -23,7 +23,7 @@ pair) and the exact byte length are checked instead; gzip's own CRC-32 catches d
 ``.gz``. ``verify_checksums=false`` skips the md5s only. Any failure is a one-line
 ``DataError`` that names the file and says how to get it.
 
-``python -m bnexp.datafiles fetch fashion_mnist`` (``make data``) gets a dataset onto a machine.
+``python -m bnexp.data.files fetch fashion_mnist`` (``make data``) gets a dataset onto a machine.
 """
 from __future__ import annotations
 
@@ -209,7 +209,7 @@ def _how_to_get(name: str, root) -> str:
     offline = (f"offline, apt-get install {spec.package} (its files in {PACKAGE_FOLDERS[name]} are "
                "used when data.root is not set)" if spec.package else "Debian ships no package of it")
     make = " (`make data`)" if name == "fashion_mnist" else ""
-    return (f"`python -m bnexp.datafiles fetch {name}`{make} downloads it where the network "
+    return (f"`python -m bnexp.data.files fetch {name}`{make} downloads it where the network "
             f"allows; {offline}; or copy the four files of the release (plain or .gz) into "
             f"{_raw_folder(name, root)}/")
 
@@ -354,7 +354,7 @@ def _apt_install(package: str) -> bool:
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m bnexp.datafiles", description=fetch.__doc__)
+    parser = argparse.ArgumentParser(prog="python -m bnexp.data.files", description=fetch.__doc__)
     parser.add_argument("command", choices=["fetch"])
     parser.add_argument("name", choices=sorted(IDX))
     parser.add_argument("--root", default=None, help="torchvision-layout folder (default: data, or the "

@@ -22,7 +22,7 @@ import pandas as pd
 import scipy.stats
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from . import records
+from bnexp import records
 
 STATUS_ORDER = ("done", "diverged", "failed", "incomplete", "pending")
 SUMMARY_SCALARS = ("wall_time_s", "train_images_per_s", "git_commit", "device", "precision")
@@ -320,8 +320,8 @@ def summarize(runs: pd.DataFrame, by: list[str], metrics: list[str], ci: float =
     ``n_incomplete`` count the group's folders so a figure can mark what is missing. The interval
     is mean +/- t_{(1+ci)/2, n-1} * std / sqrt(n) (std with n - 1); NaN when n < 2.
     ``<metric>.values`` keeps the group's values (a tuple), so that an interval between two
-    groups (Welch's, ``bnexp.report``) can be computed from the samples themselves. With a
-    ``trained`` column (``bnexp.verdicts.check_training``), ``n_untrained`` counts the group's
+    groups (Welch's, ``bnexp.analysis.report``) can be computed from the samples themselves. With a
+    ``trained`` column (``bnexp.analysis.verdicts.check_training``), ``n_untrained`` counts the group's
     used runs that did not train.
     """
     by = [by] if isinstance(by, str) else list(by)

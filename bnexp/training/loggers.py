@@ -25,7 +25,7 @@ import math
 from pathlib import Path
 from typing import Iterable
 
-from .registry import Registry
+from bnexp.registry import Registry
 
 TENSORBOARD_DIR = "tensorboard"  # inside the run folder
 

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .ghost_noise import affine, ghost_noise_injection
+from bnexp.layers.ghost_noise import affine, ghost_noise_injection
 
 
 class BatchNorm2d(nn.BatchNorm2d):

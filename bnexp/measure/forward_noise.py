@@ -1,5 +1,5 @@
 """The noise that batch-mates put into each sample's forward pass, measured the same way for every
-norm (the ``forward_noise`` probe of ``bnexp.probes``).
+norm (the ``forward_noise`` probe of ``bnexp.measure.probes``).
 
 The ``noise`` probe measures the spread of BN's batch statistics, so it has no value for arms
 without BN layers (none, LN, GN, each with or without ghost noise injection). This one looks at
@@ -43,7 +43,7 @@ POSITION = re.compile(r"norm\d*")
 
 def norm_positions(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """(name, module) of every module whose last name component is ``norm``, ``norm1``, ... (the
-    layout of ``bnexp.models``), in ``named_modules`` order."""
+    layout of ``bnexp.layers.models``), in ``named_modules`` order."""
     return [(name, m) for name, m in model.named_modules()
             if POSITION.fullmatch(name.rsplit(".", 1)[-1])]
 

@@ -3,10 +3,10 @@ on the training device.
 
 There is no DataLoader: a whole split lives on the device as ``uint8 [N, C, H, W]`` (CIFAR-10
 train, [50000, 3, 32, 32], is 150 MB; Fashion-MNIST's [60000, 1, 28, 28] 47 MB), batches are index
-tensors from ``bnexp.sampling``, and augmentation (``augment``) and normalization (``normalize``)
+tensors from ``bnexp.data.sampling``, and augmentation (``augment``) and normalization (``normalize``)
 run batched on the device. ``SPECS`` gives each dataset's input shape (which the models are built
 for) and its augmentation. ``load_data`` applies the ``data.*`` settings in a fixed order,
-documented on it. Reading files is ``bnexp.datafiles``' job: failures to find or read them raise
+documented on it. Reading files is ``bnexp.data.files``' job: failures to find or read them raise
 ``DataError`` with a message that says what to do; settings that do not fit the data raise
 ``ConfigError``.
 """
@@ -18,9 +18,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from bnexp import datafiles, synthetic
+from bnexp.data import files as datafiles
+from bnexp.data import synthetic
 from bnexp.config import ConfigError, DataConfig
-from bnexp.datafiles import DataError  # used here, and part of bnexp.data's API
+from bnexp.data.files import DataError  # used here, and part of bnexp.data.datasets's API
 
 
 @dataclass(frozen=True)
@@ -116,7 +117,7 @@ class Pipeline:
         return normalize(x, self.mean, self.std, channels_last=self.channels_last)
 
     def amp(self):
-        from .runtime import autocast
+        from bnexp.runtime import autocast
         return autocast(self.device, self.precision)
 
 
@@ -135,7 +136,7 @@ def seeded_generator(*parts, device: torch.device | str = "cpu") -> torch.Genera
 def load_data(cfg: DataConfig, device: torch.device | str, seed: int = 0) -> DataBundle:
     """Read ``cfg.name`` and apply the data settings, in this order.
 
-    1. read: the files of CIFAR, Fashion-MNIST or MNIST (``bnexp.datafiles``: where ``cfg.root``
+    1. read: the files of CIFAR, Fashion-MNIST or MNIST (``bnexp.data.files``: where ``cfg.root``
        says, downloaded and checksummed as configured) or the synthetic set (``synthetic_*``;
        ``label_noise`` flips that fraction of its training labels, seeded by ``synthetic_seed``;
        real data with ``label_noise > 0`` is an error, as the config says);
@@ -181,7 +182,7 @@ def _read(cfg: DataConfig):
 def make_synthetic(n_train: int, n_test: int, num_classes: int, seed: int, label_noise: float = 0.0):
     """``((x_train, y_train), (x_test, y_test), num_classes)`` on the CPU, a function of ``seed`` only.
 
-    Train and test are independent draws from one distribution (``bnexp.synthetic``); classes are
+    Train and test are independent draws from one distribution (``bnexp.data.synthetic``); classes are
     balanced. ``label_noise``: that fraction of training labels is replaced by a uniform draw
     (which may hit the true label), so the observed noise rate is ``label_noise * (C - 1) / C``.
     """

@@ -1,4 +1,4 @@
-"""``python -m bnexp.bench`` (``make bench``): training throughput, a typical script vs bnexp.
+"""``python -m bnexp.tools.bench`` (``make bench``): training throughput, a typical script vs bnexp.
 
 (a) naive: how a typical PyTorch CIFAR script trains. A torchvision ``VisionDataset`` that keeps
     the images as a uint8 HWC array and makes a PIL image per item (as ``torchvision.datasets.
@@ -32,14 +32,14 @@ from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 from torchvision import datasets, transforms
 
-from .api import compose
-from .config import Config
-from .data import DataBundle, load_data, spec
-from .models import build_model
-from .norms import make_norm
-from .runtime import resolve_device, resolve_precision, seed_everything
-from .sampling import build_sampler
-from .train import build, fit, lr_factor, make_optimizer, make_pipeline, train_epoch
+from bnexp.api import compose
+from bnexp.config import Config
+from bnexp.data.datasets import DataBundle, load_data, spec
+from bnexp.layers.models import build_model
+from bnexp.layers.norms import make_norm
+from bnexp.runtime import resolve_device, resolve_precision, seed_everything
+from bnexp.data.sampling import build_sampler
+from bnexp.training.fit import build, fit, lr_factor, make_optimizer, make_pipeline, train_epoch
 
 BATCHES = (8, 32, 128)
 IMAGES_PER_ROUND = 1280  # timed images per method, round and batch size...
@@ -250,7 +250,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m bnexp.bench", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m bnexp.tools.bench", description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds per batch size")
     parser.add_argument("--batches", default=",".join(map(str, BATCHES)), help="batch sizes")
     parser.add_argument("--accuracy-epochs", type=int, default=2,

@@ -1,5 +1,5 @@
 """Words and tables for people: a difference of two groups of runs with its interval (``Diff``,
-which a sentence and a ``bnexp.verdicts`` shape verdict both read), markdown tables, report.md and
+which a sentence and a ``bnexp.analysis.verdicts`` shape verdict both read), markdown tables, report.md and
 its account of the code the runs and the analysis ran at. Reads run folders through
 ``bnexp.records`` only.
 """
@@ -18,9 +18,9 @@ import pandas as pd
 import scipy.stats
 import yaml
 
-from . import records
-from .plots import is_percent
-from .tables import quiet, select, status_counts, summarize
+from bnexp import records
+from bnexp.analysis.plots import is_percent
+from bnexp.analysis.tables import quiet, select, status_counts, summarize
 
 LOWER_IS_BETTER = ("loss", "gap", "err", "time")  # metric names where smaller wins
 
@@ -29,7 +29,7 @@ LOWER_IS_BETTER = ("loss", "gap", "err", "time")  # metric names where smaller w
 @dataclass(frozen=True)
 class Diff:
     """``a - b`` of ``metric`` with its confidence interval ``[lo, hi]``: what a statement
-    (one sentence) and a shape verdict (``bnexp.verdicts``) both read. ``missing`` says why there
+    (one sentence) and a shape verdict (``bnexp.analysis.verdicts``) both read. ``missing`` says why there
     is no number; ``untrained`` names the sides that did not train (they are not compared)."""
     a: object
     b: object
@@ -274,8 +274,10 @@ def _commits(study_dir: Path) -> str:
 # Modules that only read records (analysis side): a change here cannot move a run's numbers.
 # experiments/ scripts count too; their training-side steps call bnexp functions listed nowhere here.
 # So does the text of ``bnexp --help`` (conf/hydra/help/).
-ANALYSIS_CODE = ("bnexp/analysis.py", "bnexp/plots.py", "bnexp/report.py", "bnexp/studies.py",
-                 "bnexp/tables.py", "bnexp/verdicts.py", "experiments/", "conf/hydra/help/")
+# The flat names before the package took its folders count too: runs made before the move diff
+# against them.
+ANALYSIS_CODE = ("bnexp/analysis/", "experiments/", "conf/hydra/help/", "bnexp/analysis.py",
+                 "bnexp/plots.py", "bnexp/report.py", "bnexp/studies.py", "bnexp/tables.py", "bnexp/verdicts.py")
 
 
 # Studies whose runs start from another study's runs: that study's config is theirs too.

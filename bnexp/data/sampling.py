@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 from bnexp.config import ConfigError, SamplerConfig
-from bnexp.data import seeded_generator
+from bnexp.data.datasets import seeded_generator
 from bnexp.registry import Registry
 
 SAMPLERS = Registry("sampler.name", "(cfg: SamplerConfig, labels, batch_size, seed) -> BatchSampler")

@@ -2,7 +2,7 @@
 
 pycls keeps one metrics table and one plotting path for every sweep; here every
 ``experiments/<name>.py`` states only what is particular to it, as a ``Study``: its name and
-docstring (the question), its expected shapes (``bnexp.verdicts.Shape``: claim, source, verdict
+docstring (the question), its expected shapes (``bnexp.analysis.verdicts.Shape``: claim, source, verdict
 function), its figure recipes, the summary table's group keys and metrics, and its comparisons.
 ``analyze(study, study_dir, command)`` then runs the same steps for all of them:
 
@@ -10,7 +10,7 @@ function), its figure recipes, the summary table's group keys and metrics, and i
    (``sweep_runs``: other data or scale, or runs of an earlier sweep, are excluded with a warning);
 2. write runs.csv, curves.csv (and probes.csv);
 3. the "no run yet" guard (``Study.requires``);
-4. the training check of every arm (``bnexp.verdicts.check_training``), before any comparison;
+4. the training check of every arm (``bnexp.analysis.verdicts.check_training``), before any comparison;
 5. ``Study.prepare``: derived columns and training-side steps (re-scoring, fusion);
 6. figures, summary table, comparisons, notes, one verdict line per expected shape -> report.md.
 
@@ -27,16 +27,16 @@ from pathlib import Path
 import pandas as pd
 from omegaconf import OmegaConf
 
-from .plots import save_figure
-from .report import format_summary, write_report
-from .tables import (
+from bnexp.analysis.plots import save_figure
+from bnexp.analysis.report import format_summary, write_report
+from bnexp.analysis.tables import (
     collect_probes,
     collect_runs,
     expected_run_names,
     summarize,
     swept_columns,
 )
-from .verdicts import Shape, check_training, training_text
+from bnexp.analysis.verdicts import Shape, check_training, training_text
 
 log = logging.getLogger(__name__)
 

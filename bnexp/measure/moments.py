@@ -19,10 +19,10 @@ from typing import Iterable, Iterator, Optional
 import torch
 from torch import nn
 
-from .config import SamplerConfig
-from .data import Split, seeded_generator
-from .norms import bn_layers, set_frozen, set_plain
-from .sampling import build_sampler
+from bnexp.config import SamplerConfig
+from bnexp.data.datasets import Split, seeded_generator
+from bnexp.layers.norms import bn_layers, set_frozen, set_plain
+from bnexp.data.sampling import build_sampler
 
 
 # ------------------------------------------------------------------- state hygiene
@@ -236,7 +236,7 @@ def input_batches(split: Split, n: int, batch_size: int, pipe, seed: int, tag: s
 def sampler_indices(sampler: SamplerConfig, labels: torch.Tensor, batch_size: int, seed: int,
                     tag: str, n: Optional[int] = None) -> Iterator[torch.Tensor]:
     """Index batches drawn by the sampler ``sampler`` over ``labels`` (as training draws them,
-    ``bnexp.sampling.build_sampler``), with its seed derived from (``seed``, ``tag``): one epoch,
+    ``bnexp.data.sampling.build_sampler``), with its seed derived from (``seed``, ``tag``): one epoch,
     or whole batches until at least ``n`` indices (further epochs when one is not enough)."""
     built = build_sampler(sampler, labels.cpu(), batch_size, seeded_generator(seed, tag).initial_seed())
     drawn = 0

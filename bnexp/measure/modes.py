@@ -42,14 +42,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import ema_shadows, records
-from .config import EvalConfig, SamplerConfig
-from .data import DataBundle, Split, seeded_generator
-from .moments import (  # noqa: F401  (re-exported: callers have always found these in stats)
+from bnexp import records
+from bnexp.layers import ema_shadows
+from bnexp.config import EvalConfig, SamplerConfig
+from bnexp.data.datasets import DataBundle, Split, seeded_generator
+from bnexp.measure.moments import (  # noqa: F401  (re-exported: callers have always found these in stats)
     LayerMoments, bn_train_mode, collect_moments, input_batches, precise_bn, preserved, sampler_batches,
     sampler_indices)
-from .norms import bn_layers, set_plain
-from .registry import Registry
+from bnexp.layers.norms import bn_layers, set_plain
+from bnexp.registry import Registry
 
 ECE_BINS = 15
 MODES = Registry("eval.modes", "mode(model, data, pipe, cfg: EvalConfig, batch_size: int, seed: int, "
@@ -278,7 +279,7 @@ def rescore_precise(run_dir, samples: list[int], device: str = "cpu", *, repeats
         cached = json.loads(path.read_text())
         if {k: cached.get(k) for k in key} == key:
             return cached["rows"]
-    from .runs import load_run  # runs imports train, which imports this module
+    from bnexp.training.assemble import load_run  # runs imports train, which imports this module
 
     run = load_run(run_dir, device)
     cfg, rows = run.config, []

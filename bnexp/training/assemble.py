@@ -15,10 +15,10 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .checkpoint import load_model_state
-from .config import Config, parse_config
-from .data import DataBundle, Pipeline, load_data
-from .runtime import resolve_device, resolve_precision
+from bnexp.training.checkpoint import load_model_state
+from bnexp.config import Config, parse_config
+from bnexp.data.datasets import DataBundle, Pipeline, load_data
+from bnexp.runtime import resolve_device, resolve_precision
 
 
 @dataclass
@@ -41,7 +41,7 @@ def load_run(run_dir, device: str = "cpu", precision: Optional[str] = None) -> L
     resolved for this device. Raises ``FileNotFoundError`` when the run has no ``model.pt`` and
     ``ConfigError`` when its saved config no longer parses.
     """
-    from .train import build, make_pipeline  # train imports stats, which imports this lazily
+    from bnexp.training.fit import build, make_pipeline  # train imports stats, which imports this lazily
 
     run_dir = Path(run_dir)
     state = load_model_state(run_dir)

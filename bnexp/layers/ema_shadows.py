@@ -25,8 +25,8 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from .config import ConfigError
-from .norms import bn_layers
+from bnexp.config import ConfigError
+from bnexp.layers.norms import bn_layers
 
 
 def mode_name(momentum: Optional[float]) -> str:

@@ -2,16 +2,16 @@
 
 The public face of the analysis half (pandas + matplotlib). It reads run folders through
 ``bnexp.records`` only and never imports the training code. The building blocks live in
-``bnexp.tables`` (collect, summarize, sweep status), ``bnexp.plots`` (figure recipes, LABELS,
-style) and ``bnexp.report`` (statements, markdown, report.md) and are re-exported here, so a study
+``bnexp.analysis.tables`` (collect, summarize, sweep status), ``bnexp.analysis.plots`` (figure recipes, LABELS,
+style) and ``bnexp.analysis.report`` (statements, markdown, report.md) and are re-exported here, so a study
 script needs one import::
 
-    from bnexp import analysis as A
+    from bnexp.analysis import generic as A
     runs, curves = A.collect_runs("results/batch_size")
     fig = A.plot_metric_vs(runs, x="data.batch_size", y="test_acc", hue="norm")
     A.save_figure(fig, "results/batch_size/figures", "acc_vs_batch")
 
-A study script declares a ``Study`` (``bnexp.studies``), whose ``analyze`` is the one path every
+A study script declares a ``Study`` (``bnexp.analysis.study``), whose ``analyze`` is the one path every
 study takes. ``analyze`` here is the generic pipeline behind ``bnexp-analyze RESULTS_DIR``: it does not know the
 study, so it plots the default metric against the first numeric swept key, coloured by the next.
 """
@@ -25,15 +25,15 @@ import matplotlib
 import pandas as pd
 from omegaconf import OmegaConf
 
-from .plots import (LABELS, is_percent, knob_label, label, plot_bars, plot_curves, plot_heatmap,
-                    plot_metric_vs, plot_probe, save_figure, set_style)
-from .report import (LOWER_IS_BETTER, Diff, compare_statement, format_summary, markdown_table, paired_diff,
-                     paired_statement, sentence, welch_diff, write_report)
-from .studies import Study, StudyData, load, sweep_runs
-from .tables import (collect_probes, collect_runs, eval_modes_long, expected_run_names, flatten, mean_ci,
+from bnexp.analysis.plots import (LABELS, is_percent, knob_label, label, plot_bars, plot_curves, plot_heatmap,
+                                  plot_metric_vs, plot_probe, save_figure, set_style)
+from bnexp.analysis.report import (LOWER_IS_BETTER, Diff, compare_statement, format_summary, markdown_table,
+                                   paired_diff, paired_statement, sentence, welch_diff, write_report)
+from bnexp.analysis.study import Study, StudyData, load, sweep_runs
+from bnexp.analysis.tables import (collect_probes, collect_runs, eval_modes_long, expected_run_names, flatten, mean_ci,
                      override_dirname, select, status_counts, summarize, swept_columns, t_cdf, t_quantile,
                      with_error)
-from .verdicts import Shape, Verdict, check_training, expect
+from bnexp.analysis.verdicts import Shape, Verdict, check_training, expect
 
 MAX_CURVE_GROUPS = 8  # more lines than this on one curve plot stop being readable
 MAX_PROBE_FIGURES = 4

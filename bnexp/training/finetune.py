@@ -48,13 +48,13 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from . import records
-from .checkpoint import load_model_state
-from .config import Config, ConfigError, DataConfig, parse_config, to_dict
-from .data import load_data
-from .moments import input_batches, precise_bn, preserved
-from .norms import BatchNorm2d, bn_layers
-from .stats import evaluate
+from bnexp import records
+from bnexp.training.checkpoint import load_model_state
+from bnexp.config import Config, ConfigError, DataConfig, parse_config, to_dict
+from bnexp.data.datasets import load_data
+from bnexp.measure.moments import input_batches, precise_bn, preserved
+from bnexp.layers.norms import BatchNorm2d, bn_layers
+from bnexp.measure.modes import evaluate
 
 log = logging.getLogger(__name__)
 NO_RUNNING_STATS = ("none", "gn", "ln")

@@ -29,7 +29,7 @@ Each row is long-format: ``step, epoch, layer, name, value`` (noise rows add ``b
   layer on zero-mean inputs gives r_c = 1 / (1 - p).
 * ``forward_noise.ratio`` (per normalization position, whatever its norm): the noise batch-mates
   put into a fixed probe image's norm output, over ``noise_batches`` training batches; 0 for
-  none/LN/PN, > 0 for batch statistics or ghost noise. Defined in ``bnexp.forward_noise``.
+  none/LN/PN, > 0 for batch statistics or ghost noise. Defined in ``bnexp.measure.forward_noise``.
 * ``weight_norm.norm`` (every conv) and ``weight_norm.effective_lr`` = lr / ||w||^2 (convs whose
   output feeds a normalization layer, where the loss is scale-invariant in w).
 
@@ -47,14 +47,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import records
-from .config import ConfigError, ProbeConfig
-from .data import DataBundle, Split, seeded_generator
-from .forward_noise import forward_noise, probe_count
-from .moments import bn_train_mode, collect_moments, input_batches, plain_statistics, preserved
-from .norms import bn_layers
-from .registry import Registry
-from .stats import evaluate
+from bnexp import records
+from bnexp.config import ConfigError, ProbeConfig
+from bnexp.data.datasets import DataBundle, Split, seeded_generator
+from bnexp.measure.forward_noise import forward_noise, probe_count
+from bnexp.measure.moments import bn_train_mode, collect_moments, input_batches, plain_statistics, preserved
+from bnexp.layers.norms import bn_layers
+from bnexp.registry import Registry
+from bnexp.measure.modes import evaluate
 
 PERCENTILES = (0.15, 0.50, 0.85)
 PROBE_IMAGES = 512       # training images behind discrepancy and variance_shift

@@ -21,7 +21,8 @@ from typing import Iterator
 from hydra.experimental.callback import Callback
 from omegaconf import OmegaConf, open_dict, read_write
 
-from . import progress, records
+from bnexp import records
+from bnexp.training import progress
 
 log = logging.getLogger("bnexp")
 LOCK = ".lock"

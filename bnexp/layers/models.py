@@ -1,6 +1,6 @@
 """Small CNNs that take the normalization layer, dropout and the input shape as plain arguments.
 
-The input shape comes from the data (``bnexp.data.SPECS``): ``in_channels`` (3 for CIFAR and the
+The input shape comes from the data (``bnexp.data.datasets.SPECS``): ``in_channels`` (3 for CIFAR and the
 synthetic set, 1 for MNIST and Fashion-MNIST) is the first conv's input, and ``image_size`` (32 or
 28) decides where the net downsamples, by one rule for both models:
 
@@ -34,8 +34,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .config import ConfigError, ModelConfig
-from .registry import Registry
+from bnexp.config import ConfigError, ModelConfig
+from bnexp.registry import Registry
 
 NormLayer = Callable[[int], nn.Module]
 PLACEMENTS = ("before_norm", "after_norm", "classifier")

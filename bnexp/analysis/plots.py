@@ -18,7 +18,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
-from .tables import summarize
+from bnexp.analysis.tables import summarize
 
 EVAL_MODES = ("ema", "precise", "batch", "adapted", "frozen")  # display names of records' modes
 LABELS: dict[str, str] = {

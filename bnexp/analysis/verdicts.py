@@ -5,7 +5,7 @@ seeds pooled) with ``check_training``: a run trained when it finished (status ``
 per-epoch training loss is flat over the last fifth of training (it moved by less than 5%, or
 by less than 0.01 nats: a memorized training set) and its final train-mode accuracy is well
 above chance. An arm trained when each of its finished runs did; an arm that
-did not is named, and ``bnexp.report``'s statements refuse to compare it (``Diff.untrained``).
+did not is named, and ``bnexp.analysis.report``'s statements refuse to compare it (``Diff.untrained``).
 
 A study states each expected shape as a ``Shape(claim, source, check)``; ``check(data)`` returns
 a ``Verdict`` (shown, not shown, partly, not tested) with the numbers and intervals behind it
@@ -23,8 +23,8 @@ from typing import Any
 
 import pandas as pd
 
-from .report import Diff, markdown_table
-from .tables import mean_ci
+from bnexp.analysis.report import Diff, markdown_table
+from bnexp.analysis.tables import mean_ci
 
 # A run's loss is "flat" when it moved by less than this fraction of its value over the last
 # PLATEAU_FRACTION of its epochs. Why 5%: the committed 4-epoch synthetic runs, which had not
@@ -176,7 +176,7 @@ class Verdict:
 @dataclass(frozen=True)
 class Shape:
     """One expected shape of a study: the literature's ``claim``, its ``source``, and
-    ``check(data) -> Verdict`` on the study's data (``bnexp.studies.StudyData``)."""
+    ``check(data) -> Verdict`` on the study's data (``bnexp.analysis.study.StudyData``)."""
     claim: str
     source: str
     check: Callable[[Any], Verdict]

@@ -20,19 +20,22 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from . import ema_shadows, finetune, loggers, records
-from .checkpoint import clear_last, load_last, save_last, save_model
-from .config import Config, OptimConfig, to_dict
-from .data import DataBundle, Pipeline, Split, load_data, spec
-from .models import build_model
-from .norms import make_norm, set_progress
-from .probes import Probes
-from .progress import RunProgress
-from .runtime import (device_name, resolve_device, resolve_precision, seed_everything,
+from bnexp import records
+from bnexp.layers import ema_shadows
+from bnexp.training import finetune
+from bnexp.training import loggers
+from bnexp.training.checkpoint import clear_last, load_last, save_last, save_model
+from bnexp.config import Config, OptimConfig, to_dict
+from bnexp.data.datasets import DataBundle, Pipeline, Split, load_data, spec
+from bnexp.layers.models import build_model
+from bnexp.layers.norms import make_norm, set_progress
+from bnexp.measure.probes import Probes
+from bnexp.training.progress import RunProgress
+from bnexp.runtime import (device_name, resolve_device, resolve_precision, seed_everything,
                       set_threads)
-from .sampling import BatchSampler, build_sampler
-from .moments import freeze_precisely
-from .stats import ModeResults, evaluate_modes, run_mode
+from bnexp.data.sampling import BatchSampler, build_sampler
+from bnexp.measure.moments import freeze_precisely
+from bnexp.measure.modes import ModeResults, evaluate_modes, run_mode
 
 log = logging.getLogger(__name__)
 CHECK_EVERY = 50  # steps between non-finite checks: each check is a host sync on CUDA

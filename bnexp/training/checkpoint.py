@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from . import records
+from bnexp import records
 
 log = logging.getLogger(__name__)
 

@@ -32,11 +32,11 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from . import records
-from .config import ConfigError
-from .runs import load_run
-from .runtime import device_name, set_threads
-from .stats import precise_pass
+from bnexp import records
+from bnexp.config import ConfigError
+from bnexp.training.assemble import load_run
+from bnexp.runtime import device_name, set_threads
+from bnexp.measure.modes import precise_pass
 
 FUSED = records.FUSED  # kept for callers of the old name
 MODES = ("ema", "precise")  # statistics that are fixed at inference, hence foldable
@@ -80,7 +80,7 @@ def check_foldable(model: nn.Module) -> None:
 def fuse_bn(model: nn.Module) -> tuple[nn.Module, int]:
     """An eval-mode copy of ``model`` with every BN folded into its conv, and the number folded.
 
-    Pairs follow bnexp.models' layout: a child ``norm<suffix>`` follows the sibling
+    Pairs follow bnexp.layers.models' layout: a child ``norm<suffix>`` follows the sibling
     ``conv<suffix>`` directly (``conv``/``norm``, ``conv1``/``norm1``, shortcut convs too). The
     conv becomes a Conv2d with bias, the BN an ``nn.Identity``. ``model`` itself is not changed.
     """

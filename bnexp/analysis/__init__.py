@@ -1,0 +1,1 @@
+"""Records -> tables -> verdicts -> figures -> reports. Reads run folders; never imports training."""

@@ -1,0 +1,1 @@
+"""Sweeps: run folders, skip and resume, locks, launcher placement, the sweep's progress."""

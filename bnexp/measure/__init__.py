@@ -1,0 +1,1 @@
+"""What BN does, measured: test-time statistic modes, precise BN passes, probes during training."""

@@ -1,0 +1,1 @@
+"""Commands that use a finished run: BN folding, the throughput benchmark."""
