@@ -598,7 +598,7 @@ def last_code_commit():
 
     from bnexp.analysis import report
 
-    root = Path(report.__file__).resolve().parents[1]
+    root = Path(report.__file__).resolve().parents[2]
     git = lambda *a: subprocess.run(["git", *a], cwd=root, capture_output=True, text=True).stdout.split()  # noqa: E731
     head = report._code_commit()
     if not head:
