@@ -37,7 +37,7 @@ def run(overrides: Sequence[str] = (), run_dir: str | Path | None = None) -> dic
     from hydra.types import RunMode
     from omegaconf import open_dict, read_write
 
-    from . import __main__ as entry
+    from bnexp.jobs import job
 
     cfg = _compose(overrides, with_hydra=True)
     with read_write(cfg.hydra), open_dict(cfg.hydra):
@@ -51,14 +51,14 @@ def run(overrides: Sequence[str] = (), run_dir: str | Path | None = None) -> dic
         out.mkdir(parents=True, exist_ok=True)
         _save_hydra_files(cfg, task, out / ".hydra")
         with _run_log(cfg):
-            return entry.run(task)
+            return job.run(task)
 
 
 def _compose(overrides: Sequence[str], with_hydra: bool):
     from hydra import compose as hydra_compose
     from hydra import initialize_config_module
 
-    from bnexp.__main__ import check_overrides
+    from bnexp.jobs.job import check_overrides
 
     check_overrides(list(overrides))  # an unknown key fails listing the allowed ones
     with initialize_config_module(config_module="bnexp.conf", version_base="1.3"):
