@@ -17,7 +17,12 @@ from omegaconf import DictConfig
 
 from bnexp import records
 from bnexp.config import ConfigError
+from bnexp.jobs.resolvers import register_resolvers
 from bnexp.jobs.job import check_overrides, run
+
+# conf/ interpolates ${bnexp_hydra_subdir:}; registered on import, not in main(), because joblib and
+# submitit workers import this module to unpickle the task function and compose nothing themselves
+register_resolvers()
 
 
 def objective(summary: dict | None) -> float:

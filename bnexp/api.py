@@ -59,8 +59,10 @@ def _compose(overrides: Sequence[str], with_hydra: bool):
     from hydra import initialize_config_module
 
     from bnexp.jobs.job import check_overrides
+    from bnexp.jobs.resolvers import register_resolvers
 
     check_overrides(list(overrides))  # an unknown key fails listing the allowed ones
+    register_resolvers()  # conf/'s ${bnexp_hydra_subdir:}
     with initialize_config_module(config_module="bnexp.conf", version_base="1.3"):
         return hydra_compose(config_name="config", overrides=list(overrides),
                              return_hydra_config=with_hydra)

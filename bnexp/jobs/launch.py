@@ -157,9 +157,6 @@ def hydra_subdir() -> str | None:
     return None if records.is_finished(Path(run_dir), rerun_failed=True) else ".hydra"
 
 
-OmegaConf.register_new_resolver("bnexp_hydra_subdir", hydra_subdir, replace=True)
-
-
 def config_drift(recorded: dict, current: dict, ignore=()) -> list[str]:
     """Dotted keys whose values differ between two configs, leaving out ``ignore`` (keys that
     do not change what a run computes: Hydra's override_dirname ``exclude_keys``)."""
