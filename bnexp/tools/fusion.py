@@ -149,9 +149,9 @@ def fuse_run(run_dir: Path, mode: str = "ema", device: str = "auto", batch_size:
              warmup: int = 2, repeats: int = 5, timing_images: int = 4096) -> dict:
     """Fold the BN layers of a finished run under statistics ``mode``, compare, and record.
 
-    Rebuilds the run with ``runs.load_run`` (fp32, eval mode, batch ``batch_size``, default the
+    Rebuilds the run with ``assemble.load_run`` (fp32, eval mode, batch ``batch_size``, default the
     run's ``eval.batch_size``); ``precise`` first re-estimates the statistics on the training
-    images as the run's precise eval mode does (``stats.precise_pass``). Merges the row
+    images as the run's precise eval mode does (``modes.precise_pass``). Merges the row
     (``ROW_KEYS``) into ``<run>/fused.json`` under ``mode`` and returns it. Raises
     ``FusionError`` for modes that cannot be folded (before loading anything) and for norms that
     cannot be folded (before any timing).
