@@ -46,8 +46,9 @@ smoke: $(STAMP)  ## every study end to end at smoke scale on synthetic data
 bench: $(STAMP)  ## throughput: naive PyTorch CIFAR script vs bnexp, batch 8/32/128
 	$(BIN)/python -m bnexp.tools.bench
 
-lint: $(STAMP)  ## ruff (rules in pyproject.toml)
+lint: $(STAMP)  ## ruff, then import-linter (the package's import rules); both in pyproject.toml
 	$(BIN)/ruff check .
+	$(BIN)/lint-imports
 
 gpu-check: $(STAMP)  ## on a CUDA machine: gpu tests, a 1-epoch CUDA run, the bench on CUDA (<= 5 min)
 	PY=$(BIN)/python tools/gpu_check.sh

@@ -37,7 +37,7 @@ def run(overrides: Sequence[str] = (), run_dir: str | Path | None = None) -> dic
     from hydra.types import RunMode
     from omegaconf import open_dict, read_write
 
-    from . import __main__ as entry
+    from bnexp.jobs import job
 
     cfg = _compose(overrides, with_hydra=True)
     with read_write(cfg.hydra), open_dict(cfg.hydra):
@@ -51,16 +51,18 @@ def run(overrides: Sequence[str] = (), run_dir: str | Path | None = None) -> dic
         out.mkdir(parents=True, exist_ok=True)
         _save_hydra_files(cfg, task, out / ".hydra")
         with _run_log(cfg):
-            return entry.run(task)
+            return job.run(task)
 
 
 def _compose(overrides: Sequence[str], with_hydra: bool):
     from hydra import compose as hydra_compose
     from hydra import initialize_config_module
 
-    from bnexp.__main__ import check_overrides
+    from bnexp.jobs.job import check_overrides
+    from bnexp.jobs.resolvers import register_resolvers
 
     check_overrides(list(overrides))  # an unknown key fails listing the allowed ones
+    register_resolvers()  # conf/'s ${bnexp_hydra_subdir:}
     with initialize_config_module(config_module="bnexp.conf", version_base="1.3"):
         return hydra_compose(config_name="config", overrides=list(overrides),
                              return_hydra_config=with_hydra)

@@ -12,7 +12,7 @@ One folder per run::
       summary.json             written last, atomically: SUMMARY_KEYS (see below)
       model.pt / last.pt       final weights / resumable state (never in git)
       fused.json               BN-folding rows per statistics mode (bnexp-fuse, post hoc)
-      precise_vs_n.json        test scores with precise BN at several N (stats.rescore_precise)
+      precise_vs_n.json        test scores with precise BN at several N (tools.rescore.rescore_precise)
 
 Every file name above is spelled once, in the constants below; other modules import them.
 

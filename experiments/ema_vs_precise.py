@@ -12,7 +12,7 @@ statistics recomputed over `eval.precise_samples` training images).
 
 Then, after the sweep, this script re-scores each saved model (`model.pt`) with precise BN at N
 = 256, 1k, 4k, 16k samples (smoke: 64 ... 2000; `grid.<scale>.precise_n`), `repeats` independent
-draws each (`bnexp.measure.modes.rescore_precise`), and writes `<run>/precise_vs_n.json`. Why after the
+draws each (`bnexp.tools.rescore.rescore_precise`), and writes `<run>/precise_vs_n.json`. Why after the
 sweep and not as a swept `eval.precise_samples`: N only changes how the finished model is
 evaluated, so sweeping it would retrain an identical model per N; re-scoring one model at every
 N also puts all N on the same weights, so the curve shows the estimator alone. It uses the same
@@ -50,12 +50,12 @@ SCORES = ("test_acc", "test_err", "test_loss", "ece")  # per eval mode: <score>.
 # ----------------------------------------------------------------------------- re-scoring at N
 def precise_vs_n(run_dir: Path, sizes: list[int], repeats: int, threads: int = 0) -> list[dict]:
     """Test loss/accuracy of the run's saved model with precise BN over N training images, for
-    each N in ``sizes`` and draws ``r < repeats``: ``bnexp.measure.modes.rescore_precise`` (draw r uses
+    each N in ``sizes`` and draws ``r < repeats``: ``bnexp.tools.rescore.rescore_precise`` (draw r uses
     seed ``run seed + 1000 r``; rows ``samples, repeat, test_acc, test_loss``; cached in
     ``<run_dir>/precise_vs_n.json``), with ``threads`` torch threads (0: torch's default)."""
     # the training side of bnexp: a study script may import it (bnexp.analysis.generic may not)
     from bnexp.runtime import set_threads
-    from bnexp.measure.modes import rescore_precise
+    from bnexp.tools.rescore import rescore_precise
 
     set_threads(threads)
     return rescore_precise(run_dir, [int(n) for n in sizes], "auto", repeats=repeats)

@@ -155,3 +155,36 @@ def test_help_lists_groups_overrides_studies_and_where_records_go(tmp_path):
     # the sweep layout the launcher writes (tests/test_train: <study>/<data>-<scale>/runs)
     assert "== Where records go ==" in out and "results/<study_name>/<data>-<scale>/runs/" in out
     assert "bnexp -sc install=bash" in out and "Powered by Hydra" not in out
+
+
+def test_help_lists_come_from_the_allowed_values():
+    """``${bnexp_names:KEY}`` in the help template: each list as config/the registries hold it."""
+    from bnexp import config
+    from bnexp.jobs.resolvers import names
+
+    out = subprocess.run([sys.executable, "-m", "bnexp", "--help"], capture_output=True, text=True,
+                         env=ENV, check=True).stdout
+    assert f"norm={'|'.join(config.NORMS)} " in out
+    assert f"(any of {', '.join(config.EVAL_MODES)})" in out
+    conf = Path(entry.__file__).resolve().parents[1] / "conf"
+    assert names("study", ", ") == ", ".join(sorted(p.stem for p in (conf / "study").glob("*.yaml")))
+    assert names("study", ", ") in out.split("== Studies")[1]
+
+
+@pytest.mark.parametrize("what", ["all", "job"])
+def test_cfg_resolve_needs_no_import_but_the_entry_points(tmp_path, what):
+    """``bnexp --cfg all --resolve`` resolves conf/'s own resolvers (registered by the entry point,
+    not as a side effect of a sweep module); a fresh process composing through the API too."""
+    out = subprocess.run([sys.executable, "-m", "bnexp", "--cfg", what, "--resolve", "results_dir=R"],
+                         cwd=tmp_path, capture_output=True, text=True, env=ENV, check=True).stdout
+    composed = yaml.safe_load(out)
+    if what == "all":
+        assert composed["hydra"]["output_subdir"] == ".hydra"
+        assert composed["hydra"]["run"]["dir"].startswith("R/scratch/")
+    assert composed["results_dir"] == "R"
+    code = ("from omegaconf import OmegaConf; from bnexp import api; "
+            "cfg = api._compose(['results_dir=R'], with_hydra=True); "
+            "print(OmegaConf.select(cfg, 'hydra.output_subdir'), OmegaConf.select(cfg, 'hydra.sweep.dir'))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, env=ENV,
+                         check=True).stdout
+    assert out.split() == [".hydra", "R/scratch/synthetic-full"]

@@ -329,16 +329,17 @@ def test_a_one_channel_run_trains_with_its_augmentation_and_fuses(tmp_path, monk
 
     from bnexp.tools import bench
     from bnexp.tools import fusion
+    from bnexp.training import assemble
     from bnexp.training import fit as train
 
     write_idx_folder(tmp_path / "FashionMNIST" / "raw", n_train=32, n_test=16, gz=False)
-    made, real = [], train.Pipeline
+    made, real = [], assemble.Pipeline
 
     def recording(*args, **kwargs):
         made.append(real(*args, **kwargs))
         return made[-1]
 
-    monkeypatch.setattr(train, "Pipeline", recording)
+    monkeypatch.setattr(assemble, "Pipeline", recording)  # make_pipeline builds it
     tiny = ["data=fashion_mnist", f"data.root={tmp_path}", "data.batch_size=8", "model.width=8",
             "optim.epochs=1", "precision=fp32", "device=cpu", "eval.precise_samples=16",
             "eval.batch_size=8", "progress=off"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bnexp.training import finetune
+from bnexp.training import assemble, finetune
 from bnexp.training import fit as train
 from bnexp.training.checkpoint import load_model_state, save_model
 from bnexp.config import ConfigError, to_dict
@@ -46,7 +46,7 @@ def started(source, overrides):
     """What ``fit`` does up to the first step: resolve, build, load data, ``finetune.start``."""
     cfg, src = finetune.resolve(make_config([*FT, f"finetune.from={source}", *overrides]))
     data = load_data(cfg.data, "cpu", seed=cfg.seed)
-    model = train.build(cfg, data.num_classes, torch.device("cpu"))
+    model = assemble.build(cfg, data.num_classes, torch.device("cpu"))
     pipe = train.Pipeline(torch.device("cpu"), "fp32", data.mean, data.std, cfg.channels_last,
                           cfg.data.augment, torch.Generator().manual_seed(1))
     return model, finetune.start(model, src, cfg, data, pipe), pipe

@@ -126,3 +126,16 @@ def test_cli_refuses_gn_run_and_prints_table_for_bn(tmp_path, capsys):
     fusion.main([str(bn), "--device", "cpu", "--repeats", "1", "--warmup", "0", "--timing-images", "64"])
     out = capsys.readouterr().out
     assert "max |logit diff|" in out and "(exact up to fp32 rounding)" in out and "speedup" in out
+
+
+def test_fusion_names_only_registered_eval_modes():
+    """What fusion folds or refuses is named as the eval-mode registry names it (a renamed mode
+    cannot leave fusion behind); a registered mode it does not fold is refused, not unknown."""
+    from bnexp.measure.modes import MODES
+
+    assert set(fusion.FOLDABLE) | set(fusion.REFUSED_MODES) <= set(MODES.names())
+    with pytest.raises(fusion.FusionError, match="eval mode not folded here 'precise_bvar'"):
+        fusion.fuse_run("no-such-run", mode="precise_bvar")
+    with pytest.raises(fusion.FusionError, match="unknown --mode 'exact'"):
+        fusion.fuse_run("no-such-run", mode="exact")
+

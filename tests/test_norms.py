@@ -582,7 +582,7 @@ def test_gni_shift_spreads_as_ghost_batch_means_drawn_with_replacement():
     torch.testing.assert_close(got, inst.var(0, unbiased=False).div(8).sqrt(), rtol=0.1, atol=0.0)
 
 
-GNI_NORMS = ["none", "ln", "gn", "pn", "bn", "ghost_bn", "batch_renorm", "noisy_bn"]
+GNI_NORMS = NORMS.names()  # every norm: ghost noise composes with each
 
 
 def gni_pair(name, norm_cfg, santurkar=True):

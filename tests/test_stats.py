@@ -16,6 +16,7 @@ from bnexp import config, records
 from bnexp.measure import moments
 from bnexp.layers import norms
 from bnexp.measure import modes as stats
+from bnexp.training import assemble
 from bnexp.training import fit as train
 from bnexp.training.fit import Pipeline
 from bnexp.data.datasets import DataBundle, Split, load_data, normalize, seeded_generator
@@ -235,7 +236,7 @@ def test_final_train_acc_uses_the_statistics_of_test_acc(mode):
                        "eval.modes=[ema,batch]", f"eval.default_mode={mode}", "eval.batch_size=192"])
     data = load_data(cfg.data, "cpu", seed=0)
     torch.manual_seed(0)
-    model = train.build(cfg, data.num_classes, torch.device("cpu"))
+    model = assemble.build(cfg, data.num_classes, torch.device("cpu"))
     x = normalize(data.train.x, data.mean, data.std)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     for idx in torch.randperm(192, generator=torch.Generator().manual_seed(0)).split(32) * 5:
@@ -388,6 +389,7 @@ def test_gen_gap_under_precise_statistics_scores_train_and_test_alike():
 
 def test_rescore_precise_reproduces_the_runs_own_precise_score_and_caches(tmp_path, monkeypatch):
     from conftest import TINY
+    from bnexp.tools import rescore
     from bnexp.training import assemble as runs
 
     cfg = make_config([*TINY, "optim.epochs=1", "data.synthetic_train=128", "data.batch_size=32",
@@ -397,11 +399,11 @@ def test_rescore_precise_reproduces_the_runs_own_precise_score_and_caches(tmp_pa
     assert run.config == cfg and not run.model.training
     ema = stats.evaluate(run.model, run.data.test.x, run.data.test.y, run.pipe, 128)
     assert ema["acc"] == pytest.approx(summary["metrics"]["test_acc.ema"])
-    rows = stats.rescore_precise(tmp_path, [64, 32], repeats=2)
+    rows = rescore.rescore_precise(tmp_path, [64, 32], repeats=2)
     assert [(r["samples"], r["repeat"]) for r in rows] == [(64, 0), (64, 1), (32, 0), (32, 1)]
     assert rows[0]["test_acc"] == pytest.approx(summary["metrics"]["test_acc.precise"])
     assert rows[0]["test_loss"] == pytest.approx(summary["metrics"]["test_loss.precise"], rel=1e-6)
     assert rows[0]["test_loss"] != rows[1]["test_loss"]  # another draw of the 64 images
-    monkeypatch.setattr(runs, "load_run", None)  # cached: the model is not rebuilt
-    assert stats.rescore_precise(tmp_path, [64, 32], repeats=2) == rows
+    monkeypatch.setattr(rescore, "load_run", None)  # cached: the model is not rebuilt
+    assert rescore.rescore_precise(tmp_path, [64, 32], repeats=2) == rows
     assert (tmp_path / records.PRECISE_VS_N).exists()

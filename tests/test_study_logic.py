@@ -44,7 +44,7 @@ def test_precise_vs_n_reproduces_the_runs_own_precise_mode(tmp_path):
     # another draw of the same N is another estimate: the loss moves
     assert rows[1]["test_loss"] != rows[0]["test_loss"]
     # cached: same sizes and repeats are read back, not recomputed
-    path = run_dir / records.PRECISE_VS_N  # bnexp.measure.modes.rescore_precise's cache
+    path = run_dir / records.PRECISE_VS_N  # bnexp.tools.rescore.rescore_precise's cache
     cached = json.loads(path.read_text())
     cached["rows"][0]["test_acc"] = -1.0
     path.write_text(json.dumps(cached))

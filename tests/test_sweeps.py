@@ -137,7 +137,7 @@ def test_a_skip_warns_of_a_changed_setting_but_not_of_a_key_added_with_its_defau
     import copy
     import json
 
-    from bnexp import __main__ as entry
+    from bnexp.jobs import job
     from bnexp.config import to_dict
 
     recorded = to_dict(make_config(tiny()))
@@ -146,10 +146,10 @@ def test_a_skip_warns_of_a_changed_setting_but_not_of_a_key_added_with_its_defau
     today = copy.deepcopy(recorded)
     today["eval"]["ema_momenta"] = []
     with caplog.at_level("INFO", logger="bnexp"):
-        entry._log_skip(tmp_path, today, [])
+        job._log_skip(tmp_path, today, [])
     assert "already finished" in caplog.text and "differs" not in caplog.text
     today["optim"]["epochs"] += 1
-    entry._log_skip(tmp_path, today, [])
+    job._log_skip(tmp_path, today, [])
     assert "differs from today's composition in optim.epochs" in caplog.text
 
 

@@ -19,8 +19,11 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
 from bnexp.analysis.tables import summarize
+from bnexp.config import EVAL_MODES as MODES
 
-EVAL_MODES = ("ema", "precise", "batch", "adapted", "frozen")  # display names of records' modes
+# display order of records' eval modes: config's list (= the measure.modes registry), then
+# ``frozen``, the name fused.json gives the EMA statistics of a FrozenBN run
+EVAL_MODES = (*MODES, "frozen")
 LABELS: dict[str, str] = {
     "test_acc": "test accuracy (%)", "train_acc": "train accuracy (%)",
     "test_loss": "test loss", "train_loss": "train loss",
@@ -391,8 +394,8 @@ def _cell_text(s: pd.Series, value: str, scale: float) -> str:
 
 
 def _sort_key(v):
-    """Numbers by value before strings, eval modes in their usual order (ema, precise, batch,
-    adapted, frozen) before other strings; None/NaN last (mixed columns must still sort)."""
+    """Numbers by value before strings, eval modes in their usual order (``EVAL_MODES``) before
+    other strings; None/NaN last (mixed columns must still sort)."""
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return (2, 0, "")
     if isinstance(v, (int, float, np.number)):

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import itertools
 import json
 import math
 import warnings
@@ -20,9 +19,9 @@ from typing import Any
 
 import pandas as pd
 import scipy.stats
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import OmegaConf
 
-from bnexp import records
+from bnexp import records, sweep
 
 STATUS_ORDER = ("done", "diverged", "failed", "incomplete", "pending")
 SUMMARY_SCALARS = ("wall_time_s", "train_images_per_s", "git_commit", "device", "precision")
@@ -179,73 +178,19 @@ def _equals(column: pd.Series, value) -> pd.Series:
 
 # ----------------------------------------------------------------------------- sweep status
 def expected_run_names(study_dir) -> list[str] | None:
-    """Folder names of every run the sweep in ``multirun.yaml`` defines (None if unknowable).
-
-    Mirrors Hydra 1.3's BasicSweeper and ``get_overrides_dirname``: sweeper params then the
-    command-line task overrides (a later key replaces an earlier one), cartesian product of the
-    discrete sweeps, then per job the non-excluded ``input_line``s sorted and joined. A custom
-    ``hydra.sweep.subdir`` (e.g. ``runs/${data.name}-seed${seed}``) gives the last folder of that
-    path per job instead (see ``_subdir_leaf``).
-    """
+    """Folder names of every run the sweep in ``multirun.yaml`` defines (None if unknowable):
+    the last folder of each job's ``hydra.sweep.subdir`` (``bnexp.sweep.job_subdirs``, the list
+    the sweep itself counts while it runs)."""
     path = Path(study_dir) / "multirun.yaml"
     if not path.exists():
         return None
-    cfg = OmegaConf.load(path)
     try:
-        params = [f"{k}={v}" for k, v in (cfg.hydra.sweeper.get("params") or {}).items()]
-        jobs = _sweep_jobs(params + list(cfg.hydra.overrides.task))
-        sweep = OmegaConf.to_container(cfg.hydra, resolve=False).get("sweep") or {}
-        subdir = str(sweep.get("subdir") or "")
-        if subdir and not subdir.endswith("${hydra.job.override_dirname}"):
-            return [_subdir_leaf(cfg, job, subdir, jobs) for job in jobs]
-        naming = cfg.hydra.job.config.override_dirname
-        return [override_dirname(job, list(naming.exclude_keys), naming.item_sep, naming.kv_sep)
-                for job in jobs]
+        return [Path(sub).name for sub in sweep.job_subdirs(OmegaConf.load(path))]
     except Exception:  # e.g. glob() sweeps need the config repository; say "unknown", not 0
         return None
 
 
-def _subdir_leaf(cfg, job: list[str], subdir: str, jobs: list[list[str]]) -> str:
-    """Last folder of ``subdir`` for one job: its interpolations resolved against the sweep's
-    config (multirun.yaml) with the job's plain-key overrides applied. Config-group choices are
-    already composed into that config unless they are swept, which cannot be redone without the
-    config repository: a swept group raises (the caller then says "unknown")."""
-    values: dict[str, set] = {}
-    for line in (line for j in jobs for line in j):
-        values.setdefault(line.split("=", 1)[0], set()).add(line)
-    swept = {key for key, lines in values.items() if len(lines) > 1}
-    job_cfg = cfg.copy()
-    with open_dict(job_cfg):
-        for ov in _parser().parse_overrides(job):
-            key = ov.key_or_group
-            if ov.is_delete() or "/" in key:
-                continue
-            if isinstance(OmegaConf.select(job_cfg, key), DictConfig):  # a config group choice
-                if key in swept:
-                    raise ValueError(f"swept config group {key} in a custom subdir sweep")
-                continue
-            OmegaConf.update(job_cfg, key, ov.value(), force_add=True)
-        job_cfg["_subdir"] = subdir
-    return Path(str(job_cfg["_subdir"])).name
-
-
-def _sweep_jobs(arguments: list[str]) -> list[list[str]]:
-    choices: dict[str, list[str]] = {}
-    for ov in _parser().parse_overrides(arguments):
-        key = ov.get_key_element()
-        if ov.is_sweep_override():
-            choices[key] = [f"{key}={v}" for v in ov.sweep_string_iterator()]
-        else:
-            choices[key] = [f"{key}={ov.get_value_element_as_str()}"]
-    return [list(job) for job in itertools.product(*choices.values())]
-
-
-def override_dirname(job: list[str], exclude_keys: list[str], item_sep: str = ",",
-                     kv_sep: str = "=") -> str:
-    """Hydra's ``hydra.job.override_dirname`` of one job's override strings."""
-    lines = sorted(ov.input_line for ov in _parser().parse_overrides(job)
-                   if ov.key_or_group not in exclude_keys)
-    return item_sep.join(lines).replace("=", kv_sep)
+override_dirname = sweep.override_dirname  # bnexp.analysis.generic's API has always had it
 
 
 def status_counts(study_dir) -> dict:

@@ -6,7 +6,6 @@ that reads Hydra's config, because Hydra hands its callbacks the DictConfig.
 """
 from __future__ import annotations
 
-import copy
 import fcntl
 import logging
 import os
@@ -19,9 +18,9 @@ from pathlib import Path
 from typing import Iterator
 
 from hydra.experimental.callback import Callback
-from omegaconf import OmegaConf, open_dict, read_write
+from omegaconf import OmegaConf
 
-from bnexp import records
+from bnexp import records, sweep
 from bnexp.training import progress
 
 log = logging.getLogger("bnexp")
@@ -157,9 +156,6 @@ def hydra_subdir() -> str | None:
     return None if records.is_finished(Path(run_dir), rerun_failed=True) else ".hydra"
 
 
-OmegaConf.register_new_resolver("bnexp_hydra_subdir", hydra_subdir, replace=True)
-
-
 def config_drift(recorded: dict, current: dict, ignore=()) -> list[str]:
     """Dotted keys whose values differ between two configs, leaving out ``ignore`` (keys that
     do not change what a run computes: Hydra's override_dirname ``exclude_keys``)."""
@@ -258,34 +254,12 @@ def _finished_since(run_dir: Path, start: float) -> bool:
 
 
 def sweep_run_dirs(config) -> list[Path]:
-    """The run folders a basic-sweeper ``-m`` sweep of ``config`` will use, in job order.
-
-    Replays what Hydra does: the BasicSweeper's cartesian product of ``hydra.sweeper.params``
-    and the command line, each job's ``override_dirname``, then ``hydra.sweep.dir/subdir``.
-    Empty when that cannot be known (another sweeper, a subdir that uses ``hydra.job.id``).
-    """
-    from hydra._internal.config_loader_impl import get_overrides_dirname
-    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    if "BasicSweeper" not in str(OmegaConf.select(config, "hydra.sweeper._target_")):
-        return []
+    """The run folders a basic-sweeper ``-m`` sweep of ``config`` will use, in job order:
+    ``hydra.sweep.dir`` / each job's subdir (``bnexp.sweep.job_subdirs``, the list analysis
+    uses too). Empty when that cannot be known (another sweeper, a swept config group in a
+    custom subdir)."""
     try:
-        parser = OverridesParser.create()
-        params = [f"{k}={v}" for k, v in (OmegaConf.select(config, "hydra.sweeper.params") or {}).items()]
-        task = list(OmegaConf.to_container(config.hydra.overrides.task))
-        [jobs] = BasicSweeper.split_arguments(parser.parse_overrides(params + task), None)
-        names = config.hydra.job.config.override_dirname
-        dirs = []
-        for num, job in enumerate(jobs):
-            app = [o for o in parser.parse_overrides(job) if not o.is_hydra_override()]
-            cfg = copy.deepcopy(config)
-            with read_write(cfg.hydra), open_dict(cfg.hydra):
-                cfg.hydra.job.override_dirname = get_overrides_dirname(
-                    app, list(names.exclude_keys), names.item_sep, names.kv_sep)
-                cfg.hydra.job.num = num
-            dirs.append(Path(str(cfg.hydra.sweep.dir)) / str(cfg.hydra.sweep.subdir))
-        return dirs
+        return [Path(str(config.hydra.sweep.dir)) / sub for sub in sweep.job_subdirs(config)]
     except Exception as err:  # progress is a convenience: never let it stop a sweep
         log.debug("sweep progress off: cannot list the sweep's run folders (%s)", err)
         return []

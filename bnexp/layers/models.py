@@ -184,7 +184,7 @@ def build_model(cfg: ModelConfig, norm_layer: NormLayer, num_classes: int, in_ch
                 image_size: int = 32) -> nn.Module:
     """The model of ``cfg`` with ``norm_layer`` after every conv, for ``in_channels`` x
     ``image_size`` x ``image_size`` inputs (default: CIFAR's 3 x 32 x 32; pass the data's, as
-    ``train.build`` does); unknown names are ``ConfigError``s."""
+    ``training.assemble.build`` does); unknown names are ``ConfigError``s."""
     return MODELS.get(cfg.name)(cfg, norm_layer, num_classes, in_channels, image_size)
 
 

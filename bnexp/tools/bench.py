@@ -39,7 +39,8 @@ from bnexp.layers.models import build_model
 from bnexp.layers.norms import make_norm
 from bnexp.runtime import resolve_device, resolve_precision, seed_everything
 from bnexp.data.sampling import build_sampler
-from bnexp.training.fit import build, fit, lr_factor, make_optimizer, make_pipeline, train_epoch
+from bnexp.training.assemble import build, make_pipeline
+from bnexp.training.fit import fit, lr_factor, make_optimizer, train_epoch
 
 BATCHES = (8, 32, 128)
 IMAGES_PER_ROUND = 1280  # timed images per method, round and batch size...

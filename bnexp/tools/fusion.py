@@ -36,10 +36,12 @@ from bnexp import records
 from bnexp.config import ConfigError
 from bnexp.training.assemble import load_run
 from bnexp.runtime import device_name, set_threads
-from bnexp.measure.modes import precise_pass
+from bnexp.measure.modes import MODES, precise_pass
 
 FUSED = records.FUSED  # kept for callers of the old name
-MODES = ("ema", "precise")  # statistics that are fixed at inference, hence foldable
+# the eval modes (measure.modes.MODES) whose statistics this tool re-creates and folds; the fixed
+# statistics of the other precise modes would fold too, but no pass here re-creates them
+FOLDABLE = ("ema", "precise")
 REFUSED_MODES = {
     "batch": "eval mode `batch` normalizes with the statistics of each test batch, which change "
              "from batch to batch; folded conv weights are fixed, so there is nothing to fold into",
@@ -147,17 +149,18 @@ def fuse_run(run_dir: Path, mode: str = "ema", device: str = "auto", batch_size:
              warmup: int = 2, repeats: int = 5, timing_images: int = 4096) -> dict:
     """Fold the BN layers of a finished run under statistics ``mode``, compare, and record.
 
-    Rebuilds the run with ``runs.load_run`` (fp32, eval mode, batch ``batch_size``, default the
+    Rebuilds the run with ``assemble.load_run`` (fp32, eval mode, batch ``batch_size``, default the
     run's ``eval.batch_size``); ``precise`` first re-estimates the statistics on the training
-    images as the run's precise eval mode does (``stats.precise_pass``). Merges the row
+    images as the run's precise eval mode does (``modes.precise_pass``). Merges the row
     (``ROW_KEYS``) into ``<run>/fused.json`` under ``mode`` and returns it. Raises
     ``FusionError`` for modes that cannot be folded (before loading anything) and for norms that
     cannot be folded (before any timing).
     """
     if mode in REFUSED_MODES:
         raise FusionError(f"cannot fold with --mode {mode}: {REFUSED_MODES[mode]}")
-    if mode not in MODES:
-        raise FusionError(f"unknown --mode {mode!r}; foldable modes: {', '.join(MODES)}")
+    if mode not in FOLDABLE:
+        what = "eval mode not folded here" if mode in MODES else "unknown --mode"
+        raise FusionError(f"{what} {mode!r}; foldable modes: {', '.join(FOLDABLE)}")
     run_dir = Path(run_dir)
     try:
         run = load_run(run_dir, device, precision="fp32")

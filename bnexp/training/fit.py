@@ -21,14 +21,13 @@ import torch
 import torch.nn.functional as F
 
 from bnexp import records
-from bnexp.layers import ema_shadows
 from bnexp.training import finetune
 from bnexp.training import loggers
+from bnexp.training.assemble import build, make_pipeline
 from bnexp.training.checkpoint import clear_last, load_last, save_last, save_model
 from bnexp.config import Config, OptimConfig, to_dict
-from bnexp.data.datasets import DataBundle, Pipeline, Split, load_data, spec
-from bnexp.layers.models import build_model
-from bnexp.layers.norms import make_norm, set_progress
+from bnexp.data.datasets import DataBundle, Pipeline, Split, load_data
+from bnexp.layers.norms import set_progress
 from bnexp.measure.probes import Probes
 from bnexp.training.progress import RunProgress
 from bnexp.runtime import (device_name, resolve_device, resolve_precision, seed_everything,
@@ -122,17 +121,6 @@ def freeze_step(freeze_after: Optional[float], total_steps: int) -> Optional[int
     return s if s < total_steps else None
 
 
-def build(cfg: Config, num_classes: int, device: torch.device) -> torch.nn.Module:
-    """The model of ``cfg`` for the input shape of ``cfg.data`` (``data.SPECS``: the shape
-    ``load_data`` checks its images against) on ``device``, seeded, in channels_last when asked."""
-    shape = spec(cfg.data.name)
-    model = build_model(cfg.model, make_norm(cfg.norm), num_classes, shape.channels, shape.size).to(device)
-    ema_shadows.attach(model, cfg.eval.ema_momenta)  # more EMAs beside BN's own (none by default)
-    if cfg.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    return model
-
-
 @dataclass
 class Session:
     """Everything ``set_up`` builds for one run; the steps of ``fit`` share it."""
@@ -209,14 +197,6 @@ def set_up(cfg: Config, run_dir: Path) -> Session:
     return Session(cfg, run_dir, device, precision, data, sampler, model,
                    torch.compile(model) if cfg.compile else model, pipe, optimizer,
                    scheduler, probes, tuned, total_steps, freeze_step(cfg.norm.freeze_after, total_steps))
-
-
-def make_pipeline(cfg: Config, data: DataBundle, device: torch.device, precision: str) -> Pipeline:
-    """How this run's uint8 images become model inputs (``fit``, ``runs.load_run``, ``bench``);
-    its augmentation generator, saved in ``last.pt``, is seeded ``seed + 1``."""
-    generator = torch.Generator(device=device).manual_seed(cfg.seed + 1)
-    return Pipeline(device, precision, data.mean, data.std, cfg.channels_last, cfg.data.augment, generator,
-                    data.pad, data.flip)
 
 
 def resume(run: Session, started: float) -> Progress:
