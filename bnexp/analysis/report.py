@@ -8,6 +8,7 @@ same records at the same code gives the same bytes: no time, no path of this mac
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 from pathlib import Path
@@ -70,6 +71,9 @@ def write_report(study_dir, name: str, question: str, command: str, figures: lis
     if notes:
         lines += ["## Notes", "", notes, ""]
     lines += [f"**Provenance.** {provenance.line(prov)}.", ""]
+    # the facts the findings page and the site read, as data (not parsed back out of markdown)
+    (study_dir / "report.json").write_text(json.dumps(
+        {"name": name, "question": question, "command": command, "figures": [f for f, _ in figures]}, indent=1) + "\n")
     path = study_dir / "report.md"
     path.write_text("\n".join(lines))
     return path
