@@ -825,3 +825,32 @@ def test_a_code_check_counts_from_the_rerun_commit_when_nothing_later_is_trainin
     # from the runs' own commit (here abc123): a check that needs no re-run of the study
     assert cited({}, {**check, "from": "abc123" + "0" * 34}).startswith(". Code checked from abc1230 to bbbbbbb")
     assert cited({}, {**check, "runs": [{**check["runs"][0], "identical": False}]}) == ""
+
+
+def test_report_reads_like_a_paper_and_remakes_byte_for_byte(study, runs):
+    """The answer (one line per shape, label and effect with its interval and k of n seeds) starts
+    within the first 15 lines; provenance is one line, its detail in provenance.json; the same
+    records give the same bytes (no time, no path of this machine)."""
+    fig = A.save_figure(A.plot_bars(runs, "norm", "test_acc"), study / "figures", "bars")[0]
+    verdicts = [{"study": "toy", "shape": "BN beats no normalization", "label": "shown", "contrast": "BN vs none",
+                 "metric": "test_err", "estimate": -0.012, "ci": [-0.02, -0.004], "n": 5, "k": 5, "text": ""},
+                {"label": "inconclusive", "text": "BN and GN are within a point of each other."}]
+
+    def make() -> bytes:
+        return A.write_report(study, "toy", "Does bn help?", "bnexp -m study=toy", [fig], pd.DataFrame({"a": [1]}),
+                              "s", verdicts=verdicts, runs=runs).read_bytes()
+
+    first = make()
+    text = first.decode()
+    lines = text.splitlines()
+    answer = next(i for i, line in enumerate(lines) if line.startswith("- **"))
+    assert answer < 15 and lines[answer - 2] == "## Answer"
+    assert lines[answer] == ("- **shown**: BN beats no normalization. BN vs none: -1.2 points [-2.0, -0.4] "
+                             "on test_err, 5 of 5 seeds")
+    assert lines[answer + 1] == "- **inconclusive**: BN and GN are within a point of each other."
+    assert text.index("![bars](figures/bars.png)") < text.index("## Comparisons") < text.index("## Methods")
+    prov = [line for line in lines if line.startswith("**Provenance.**")]
+    assert len(prov) == 1 and "runs at abc123" in prov[0] and "(provenance.json)" in prov[0]
+    assert json.loads((study / "provenance.json").read_text())["runs_at"]["abc123"] > 0
+    assert str(study) not in text and str(Path.home()) not in text
+    assert make() == first
