@@ -47,10 +47,10 @@ bench: $(STAMP)  ## throughput: naive PyTorch CIFAR script vs bnexp, batch 8/32/
 	$(BIN)/python -m bnexp.tools.bench
 
 findings: $(STAMP)  ## results/README.md: the claims scorecard and one line per shape, from each study's verdicts.json
-	$(BIN)/bnexp-findings
+	$(BIN)/python -m bnexp.analysis.findings
 
 site: $(STAMP)  ## site/index.html and one page per study (offline: no network at view time), from the committed results
-	$(BIN)/bnexp-site --results results --out site
+	$(BIN)/python -m bnexp.analysis.site --results results --out site
 
 lint: $(STAMP)  ## ruff (rules in pyproject.toml)
 	$(BIN)/ruff check .
