@@ -54,7 +54,7 @@ def plot_forest(df: pd.DataFrame, metric: str, title: str | None = None, ci: flo
         y = len(order) - 1 - i
         ax.plot(d, y + 0.18 * _spread(len(d)), ls="none", marker="o", ms=3, color="0.35", alpha=0.8)
         bad = bool(g["untrained"].any())
-        color = PALETTE[0] if mean < 0 else PALETTE[1]
+        color = PALETTE[0]
         ax.errorbar(mean, y, xerr=half if not math.isnan(half) else None, fmt="D", ms=6, capsize=3,
                     color=color, mfc="white" if bad else color, mew=1.5)
         below = int((d < 0).sum())
