@@ -40,7 +40,9 @@ def paired_rows(runs: pd.DataFrame, metric: str, by: str, contrasts: Sequence[tu
 def plot_forest(df: pd.DataFrame, metric: str, title: str | None = None, ci: float = 0.95) -> Figure:
     """One row per ``contrast`` of ``df`` (``paired_rows``): each seed's difference as a dot, the
     mean with its t interval as a bar, ``k of n`` seeds below 0 written beside it; 0 drawn as the
-    reference. A contrast with an arm that did not train is drawn open and says so."""
+    reference. A contrast with an arm that did not train is drawn open and says so; the axis is
+    scaled to the contrasts of trained arms, and one beyond it is drawn as an arrow at the edge
+    (its numbers stay written beside it)."""
     set_style()
     order = list(dict.fromkeys(df["contrast"]))
     fig = Figure(figsize=(8.5, 0.5 * len(order) + 1.4))
@@ -60,7 +62,8 @@ def plot_forest(df: pd.DataFrame, metric: str, title: str | None = None, ci: flo
         below = int((d < 0).sum())
         ci_text = "" if math.isnan(half) else f" [{fmt.format(mean - half)}, {fmt.format(mean + half)}]"
         ax.annotate(f"{fmt.format(mean)}{ci_text}, {below} of {len(d)} below 0" + (", an arm untrained" if bad else ""),
-                    (1.01, y), xycoords=("axes fraction", "data"), va="center", fontsize=7.5)
+                    (1.04, y), xycoords=("axes fraction", "data"), va="center", fontsize=7.5)
+    _clip_to_trained(ax, df, scale, ci)
     ax.axvline(0.0, color="0.2", lw=0.8)
     ax.set_yticks(range(len(order)), order[::-1])
     ax.set_ylim(-0.6, len(order) - 0.4)
@@ -69,6 +72,26 @@ def plot_forest(df: pd.DataFrame, metric: str, title: str | None = None, ci: flo
     if title:
         ax.set_title(title)
     return fig
+
+
+def _clip_to_trained(ax, df: pd.DataFrame, scale: float, ci: float) -> None:
+    """x limits from the trained contrasts (so an untrained arm's 80-point gap cannot flatten
+    the 1-point effects), with arrows at the edge for the values beyond them."""
+    trained = df[~df["untrained"]] if (~df["untrained"]).any() else df
+    ends = [0.0, *(trained["diff"] * scale)]
+    for _, g in trained.groupby("contrast"):
+        mean, half = _mean_ci(g["diff"].to_numpy() * scale, ci)
+        ends += [mean - half, mean + half] if not math.isnan(half) else []
+    lo, hi = min(ends), max(ends)
+    pad = 0.08 * (hi - lo or 1.0)
+    lo, hi = lo - pad, hi + pad
+    order = list(dict.fromkeys(df["contrast"]))
+    for i, name in enumerate(order):
+        for v in df.loc[df["contrast"] == name, "diff"] * scale:
+            if not lo <= v <= hi:
+                ax.plot(hi if v > hi else lo, len(order) - 1 - i, marker=">" if v > hi else "<", ms=8,
+                        color="0.35", clip_on=False)
+    ax.set_xlim(lo, hi)
 
 
 def _mean_ci(d: np.ndarray, ci: float) -> tuple[float, float]:
