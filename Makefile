@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 S ?= demo
 ARGS ?=
 
-.PHONY: help setup test test-all data demo study smoke bench lint gpu-check clean
+.PHONY: help setup test test-all data demo study smoke bench lint gpu-check site findings clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -45,6 +45,12 @@ smoke: $(STAMP)  ## every study end to end at smoke scale on synthetic data
 
 bench: $(STAMP)  ## throughput: naive PyTorch CIFAR script vs bnexp, batch 8/32/128
 	$(BIN)/python -m bnexp.tools.bench
+
+findings: $(STAMP)  ## results/README.md: the claims scorecard and one line per shape, from each study's verdicts.json
+	$(BIN)/python -m bnexp.analysis.findings
+
+site: $(STAMP)  ## site/index.html and one page per study (offline: no network at view time), from the committed results
+	$(BIN)/python -m bnexp.analysis.site --results results --out site
 
 lint: $(STAMP)  ## ruff, then import-linter (the package's import rules); both in pyproject.toml
 	$(BIN)/ruff check .

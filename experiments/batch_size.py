@@ -30,6 +30,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from bnexp.analysis import generic as A
+from bnexp.analysis.forest import paired_rows, plot_forest
 from bnexp.analysis.plots import PALETTE
 from bnexp.analysis.study import Study, StudyData
 from bnexp.analysis.verdicts import Shape, expect
@@ -38,6 +39,7 @@ from common import run_study
 NBS = "norm.virtual_batch"
 BN = "ghost_bn"  # norm.name of the arms along the axis
 LEVELS = ("gn", "ln", "none")  # batch-independent arms: reference levels across the axis
+NAMES = {"gn": "GN", "ln": "LN", "none": "no normalization"}
 
 
 def bn_rows(runs: pd.DataFrame) -> pd.DataFrame:
@@ -95,6 +97,18 @@ def paired(runs: pd.DataFrame, a, b, metric: str = "test_err"):
     return A.paired_diff(rows, metric, "arm", *name)
 
 
+def plot_paired(runs: pd.DataFrame, xs: list, metric: str = "test_err") -> Figure:
+    """The headline: the contrasts of ``statements`` as per-seed paired differences (BN at each NBS
+    against BN at 32; GN, LN and none against BN at the smallest and the largest NBS)."""
+    rows = runs.assign(arm=[f"{n} {int(v)}" if n == BN else n for n, v in zip(runs["norm.name"], runs[NBS])])
+    ref = min(xs, key=lambda x: abs(x - 32))
+    pairs = [(f"{BN} {int(x)}", f"{BN} {int(ref)}", f"BN at {int(x)} - BN at {int(ref)}") for x in xs if x != ref]
+    pairs += [(n, f"{BN} {int(x)}", f"{NAMES[n]} - BN at {int(x)}") for n in LEVELS if n in set(runs["norm.name"])
+              for x in (xs[0], xs[-1])]
+    return plot_forest(paired_rows(rows, metric, "arm", pairs), metric,
+                       title="test error, paired by seed (below 0: the first arm is better)")
+
+
 def statements(d: StudyData) -> list[str]:
     """BN at each NBS against BN at 32 (Wu & He's reference), then GN / LN / none against BN at
     the smallest and the largest NBS; all paired by seed."""
@@ -139,7 +153,8 @@ STUDY = Study(
             Shape("GN and LN beat BN at the smallest normalization batch", SOURCE, levels_win_small),
             Shape("BN beats GN and LN at the largest normalization batch", SOURCE, bn_wins_large)],
     prepare=lambda d: replace(d, runs=A.with_error(d.runs)),
-    figures=lambda d: {"test_err_vs_normalization_batch": plot_vs_nbs(
+    figures=lambda d: {"test_err_paired": plot_paired(d.runs, nbs(d)),
+                       "test_err_vs_normalization_batch": plot_vs_nbs(
         d.runs, title=f"optimization batch {int(d.runs['data.batch_size'].iloc[0])}, the same "
                       "steps and lr for every arm")},
     by=("norm", NBS), metrics=("test_err", "test_err.precise", "train_loss", "gen_gap"),

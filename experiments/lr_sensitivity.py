@@ -21,6 +21,7 @@ from __future__ import annotations
 import pandas as pd
 
 from bnexp.analysis import generic as A
+from bnexp.analysis.forest import plot_counts
 from bnexp.analysis.study import Study, StudyData
 from bnexp.analysis.verdicts import (CHANCE_MULTIPLE, NOT_SHOWN, NOT_TESTED, PARTLY, SHOWN, Shape, Verdict,
                             chance, expect, learned)
@@ -67,7 +68,10 @@ def statements(runs: pd.DataFrame, metric: str = "test_acc") -> list[str]:
 
 
 def figures(d: StudyData) -> dict:
-    figs = {"test_acc_vs_lr": A.plot_metric_vs(d.runs, LR, "test_acc", "norm", logx=10,
+    # headline: seeds either train or do not at a given lr (bimodal), so counts, not a mean and a band
+    figs = {"trained_vs_lr": plot_counts(d.runs, LR, "trained", "norm",
+                                         title="seeds that trained (k of n) per learning rate; hatched: diverged"),
+            "test_acc_vs_lr": A.plot_metric_vs(d.runs, LR, "test_acc", "norm", logx=10,
                                                title="final test accuracy; x = a run that diverged")}
     if "train_loss" in d.runs:  # does it train at all: a stalled run keeps the initial ~ln(classes)
         figs["train_loss_vs_lr"] = A.plot_metric_vs(

@@ -33,6 +33,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from bnexp.analysis import generic as A
+from bnexp.analysis.forest import paired_rows, plot_forest
 from bnexp.analysis.plots import PALETTE
 from bnexp.analysis.study import Study, StudyData
 from bnexp.analysis.verdicts import Shape, expect
@@ -115,9 +116,19 @@ def plot_vs_noise(runs: pd.DataFrame) -> Figure:
     return fig
 
 
+# The primary contrasts, each "with the ingredient - without it" (below 0: the ingredient helps)
+CONTRASTS = [("pn_gni16", "pn", "PN + noise - PN"), ("ln_gni16", "ln", "LN + noise - LN"),
+             ("bn_gni16", "bn", "BN + noise - BN"), ("none_gni16", "none", "no norm. + noise - no norm."),
+             ("bn", "pn", "BN - PN (batch noise)"), ("ln", "none", "LN - no normalization"),
+             ("pn", "none", "PN - no normalization"), ("bn_gni16", "ghost_bn16", "BN + noise - ghost BN 16")]
+
+
 def figures(d: StudyData) -> dict:
     where = "\n(precise stats where the net has BN layers)"
-    figs = {"test_err_per_arm": plot_per_arm(d.runs, ERR, "test error (%)" + where),
+    present = [c for c in CONTRASTS if {c[0], c[1]} <= set(d.runs["norm"])]
+    figs = {"test_err_paired": plot_forest(paired_rows(d.runs, ERR, "norm", present), "test_err",
+                                           title="test error, paired by seed (below 0: the first arm is better)"),
+            "test_err_per_arm": plot_per_arm(d.runs, ERR, "test error (%)" + where),
             "gen_gap_per_arm": plot_per_arm(d.runs, GAP, "generalization gap (train - test, points)" + where),
             "test_err_vs_noise": plot_vs_noise(d.runs)}
     if len(d.curves) and "train_acc" in d.curves:

@@ -33,6 +33,7 @@ from matplotlib.figure import Figure
 
 from bnexp.analysis import generic as A
 from bnexp import records
+from bnexp.analysis.forest import paired_rows, plot_forest
 from bnexp.analysis.report import Diff
 from bnexp.analysis.study import Study, StudyData
 from bnexp.analysis.verdicts import NOT_TESTED, Shape, Verdict, check_training, expect, mean_diff
@@ -140,7 +141,19 @@ def freeze_note(loss: pd.DataFrame) -> str:
 def figures(d: StudyData) -> dict:
     title = "ghost BN at optimization batch " + ", ".join(
         map(str, sorted(d.runs["data.batch_size"].unique())))
-    return {"test_err_vs_nbs_by_eval_mode": plot_modes(d.runs, NBS, title=title)}
+    return {"test_err_paired_by_eval_mode": plot_paired_modes(d.runs),
+            "test_err_vs_nbs_by_eval_mode": plot_modes(d.runs, NBS, title=title)}
+
+
+def plot_paired_modes(runs: pd.DataFrame) -> Figure:
+    """The headline: at each NBS, EMA and test-batch statistics against precise ones on the same
+    models (paired by seed), so the contrast the overlaid bands of ``plot_modes`` hide is seen."""
+    long = mode_lines(runs)
+    rows = [paired_rows(long, "test_err", "eval_mode", [(m, "precise", f"{m} - precise, NBS {x:g}")], at={NBS: x})
+            for x in sorted(long[NBS].dropna().unique()) for m in ("ema", "batch")
+            if {m, "precise"} <= set(long["eval_mode"])]
+    return plot_forest(pd.concat(rows, ignore_index=True), "test_err",
+                       title="test error against precise statistics, same models (below 0: better than precise)")
 
 
 def labelled(d: StudyData) -> pd.DataFrame:

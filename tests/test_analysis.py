@@ -403,7 +403,9 @@ def test_report_flags_runs_from_several_commits(study):
     summary = records.read_summary(run)
     records.write_json_atomic(run / records.SUMMARY, {**summary, "git_commit": "def456-dirty"})
     text = A.write_report(study, "toy", "q", "cmd", [], pd.DataFrame({"a": [1]}), "s").read_text()
-    assert "abc123, def456-dirty" in text and "come from 2 commits" in text and "uncommitted" in text
+    assert "runs at abc123, def456-dirty;" in text and "some runs had uncommitted changes" in text
+    detail = json.loads((study / "provenance.json").read_text())["detail"]
+    assert "come from 2 commits" in detail and "uncommitted" in detail
 
 
 def test_report_names_each_runs_device_and_precision(study):
@@ -415,7 +417,7 @@ def test_report_names_each_runs_device_and_precision(study):
         records.write_json_atomic(run / records.SUMMARY, {**summary, "device": "cpu (2 cores, 1 threads)",
                                                           "precision": "bf16" if i < 2 else "fp32"})
     text = A.write_report(study, "toy", "q", "cmd", [], pd.DataFrame({"a": [1]}), "s").read_text()
-    assert (f"**Machine.** cpu (2 cores, 1 threads), bf16 (2 runs); cpu (2 cores, 1 threads), fp32 "
+    assert (f"**Trained on.** cpu (2 cores, 1 threads), bf16 (2 runs); cpu (2 cores, 1 threads), fp32 "
             f"({len(done) - 2} runs).") in text
 
 
@@ -596,11 +598,11 @@ def last_code_commit():
     of this repository; skipped outside a git checkout."""
     import subprocess
 
-    from bnexp.analysis import report
+    from bnexp.analysis import provenance
 
-    root = Path(report.__file__).resolve().parents[2]
+    root = Path(provenance.__file__).resolve().parents[2]
     git = lambda *a: subprocess.run(["git", *a], cwd=root, capture_output=True, text=True).stdout.split()  # noqa: E731
-    head = report._code_commit()
+    head = provenance._code_commit()
     if not head:
         pytest.skip("not a git checkout")
     parent = git("rev-parse", f"{head}^")[0]
@@ -611,17 +613,17 @@ def test_report_names_the_code_changed_since_the_runs_and_whether_it_is_analysis
                                                                                       last_code_commit):
     """Against this repository's own history: the first parent of the analysis code commit vs
     that commit, compared with git's own list of files it changed."""
-    from bnexp.analysis import report
+    from bnexp.analysis import provenance
 
     head, parent, files = last_code_commit
-    monkeypatch.setattr(report, "same_code", lambda *a: False)  # tested on its own below
-    text = report._changed_since([parent], head)
+    monkeypatch.setattr(provenance, "same_code", lambda *a, **k: False)  # tested on its own below
+    text = provenance._changed_since([parent], head)
     assert all(f"`{f}`" in text for f in files)
-    analysis_only = all(f.startswith(report.ANALYSIS_CODE) for f in files)
+    analysis_only = all(f.startswith(provenance.ANALYSIS_CODE) for f in files)
     assert ("all on the analysis side" in text) == analysis_only
-    assert report._changed_since([head], head) == ""  # runs at the analysis code: nothing to say
-    monkeypatch.setattr(report, "ANALYSIS_CODE", ("nowhere/",))
-    assert "some on the training side" in report._changed_since([parent], head)
+    assert provenance._changed_since([head], head) == ""  # runs at the analysis code: nothing to say
+    monkeypatch.setattr(provenance, "ANALYSIS_CODE", ("nowhere/",))
+    assert "some on the training side" in provenance._changed_since([parent], head)
 
 
 @pytest.mark.parametrize("study, changed, side", [
@@ -638,12 +640,12 @@ def test_report_exempts_only_other_studies_configs(monkeypatch, study, changed, 
     import subprocess
     from types import SimpleNamespace
 
-    from bnexp.analysis import report
+    from bnexp.analysis import provenance
 
-    fake = lambda *a, **k: SimpleNamespace(returncode=0, stdout="\n".join(changed))  # noqa: E731
+    fake = lambda *a, **k: SimpleNamespace(returncode=0, stdout="\n".join(f"M\t{f}" for f in changed))  # noqa: E731
     monkeypatch.setattr(subprocess, "run", fake)
-    monkeypatch.setattr(report, "same_code", lambda *a: False)
-    text = report._changed_since(["a" * 40], "b" * 40, study)
+    monkeypatch.setattr(provenance, "same_code", lambda *a, **k: False)
+    text = provenance._changed_since(["a" * 40], "b" * 40, study)
     assert all(f"`{f}`" in text for f in changed)
     assert ("some on the training side" in text) == (side == "training")
 
@@ -651,17 +653,17 @@ def test_report_exempts_only_other_studies_configs(monkeypatch, study, changed, 
 def test_report_accounts_for_what_differs_between_the_runs_commits(monkeypatch, last_code_commit):
     """Runs from several commits: the files that differ between them, against git's own list for
     this repository's last code commit and its parent, classified as _changed_since classifies."""
-    from bnexp.analysis import report
+    from bnexp.analysis import provenance
 
     head, parent, files = last_code_commit
-    monkeypatch.setattr(report, "same_code", lambda *a: False)
-    text = report._changed_between([head, parent + "-dirty"])
+    monkeypatch.setattr(provenance, "same_code", lambda *a, **k: False)
+    text = provenance._changed_between([head, parent + "-dirty"])
     assert text.startswith(". What differs between those commits")
     assert all(f"`{f}`" in text for f in files) and text.count("`") == 2 * len(files)
-    assert ("all on the analysis side" in text) == all(f.startswith(report.ANALYSIS_CODE) for f in files)
-    assert report._changed_between([head]) == "" and report._changed_between([head, "unknown"]) == ""
-    monkeypatch.setattr(report, "ANALYSIS_CODE", ("nowhere/",))
-    assert "some on the training side" in report._changed_between([parent, head])
+    assert ("all on the analysis side" in text) == all(f.startswith(provenance.ANALYSIS_CODE) for f in files)
+    assert provenance._changed_between([head]) == "" and provenance._changed_between([head, "unknown"]) == ""
+    monkeypatch.setattr(provenance, "ANALYSIS_CODE", ("nowhere/",))
+    assert "some on the training side" in provenance._changed_between([parent, head])
 
 
 def test_figures_mark_the_arms_some_of_whose_seeds_did_not_train():
@@ -756,23 +758,23 @@ def f(x):
     ("Makefile", "x\n", "x\n", False),                                   # not a kind it reads
 ])
 def test_same_code_ignores_comments_and_docstrings_only(monkeypatch, path, before, after, same):
-    from bnexp.analysis import report
+    from bnexp.analysis import provenance
 
     versions = {"a": before, "b": after}
-    monkeypatch.setattr(report, "_git", lambda cmd, spec: versions[spec.split(":")[0]])
-    assert report.same_code(path, "a", "b") == same
-    assert report.same_code(path, "a", "a") == (path != "Makefile")
+    monkeypatch.setattr(provenance, "_git", lambda cmd, spec: versions[spec.split(":")[0]])
+    assert provenance.same_code(path, "a", "b") == same
+    assert provenance.same_code(path, "a", "a") == (path != "Makefile")
 
 
 def test_report_lists_comment_only_changes_apart(monkeypatch):
-    from bnexp.analysis import report
+    from bnexp.analysis import provenance
 
     files = {"conf/study/noise.yaml": False, "bnexp/measure/modes.py": False, "bnexp/analysis/plots.py": True}
-    monkeypatch.setattr(report, "_changed_files", lambda commits, against: dict(sorted(files.items())))
-    text = report._changed_since(["a" * 40], "b" * 40, "noise")
+    monkeypatch.setattr(provenance, "_changed_files", lambda commits, against: dict(sorted(files.items())))
+    text = provenance._changed_since(["a" * 40], "b" * 40, "noise")
     assert "all on the analysis side, in other studies' configs or in comments only" in text
     files["bnexp/training/fit.py"] = True
-    text = report._changed_since(["a" * 40], "b" * 40, "noise")
+    text = provenance._changed_since(["a" * 40], "b" * 40, "noise")
     training, _, rest = text.partition("; and on the analysis side or in other studies' configs: ")
     assert training.endswith("some on the training side (re-run the study if they change what it "
                              "computes): `bnexp/training/fit.py`")
@@ -783,13 +785,13 @@ def test_report_names_which_changed_files_are_training_side(monkeypatch):
     import subprocess
     from types import SimpleNamespace
 
-    from bnexp.analysis import report
+    from bnexp.analysis import provenance
 
     changed = ["bnexp/analysis/plots.py", "bnexp/measure/modes.py", "conf/study/fusion.yaml", "conf/study/noise.yaml"]
-    fake = lambda *a, **k: SimpleNamespace(returncode=0, stdout="\n".join(changed))  # noqa: E731
+    fake = lambda *a, **k: SimpleNamespace(returncode=0, stdout="\n".join(f"M\t{f}" for f in changed))  # noqa: E731
     monkeypatch.setattr(subprocess, "run", fake)
-    monkeypatch.setattr(report, "same_code", lambda *a: False)
-    text = report._changed_since(["a" * 40], "b" * 40, "noise")
+    monkeypatch.setattr(provenance, "same_code", lambda *a, **k: False)
+    text = provenance._changed_since(["a" * 40], "b" * 40, "noise")
     training, _, harmless = text.partition("; and on the analysis side or in other studies' configs: ")
     assert training.endswith(": `bnexp/measure/modes.py`, `conf/study/noise.yaml`")
     assert harmless == "`bnexp/analysis/plots.py`, `conf/study/fusion.yaml`"
@@ -799,7 +801,7 @@ def test_a_code_check_counts_from_the_rerun_commit_when_nothing_later_is_trainin
     """results/code_checks.json: configs run at the commit of the study's re-run and at a later
     one with identical records. The report cites it only from that commit, only when every run
     of the check was identical, and only when what changed after it cannot move the numbers."""
-    from bnexp.analysis import report
+    from bnexp.analysis import provenance
 
     study = tmp_path / "results" / "toy" / "synthetic-smoke"
     for row in RUNS:
@@ -808,12 +810,12 @@ def test_a_code_check_counts_from_the_rerun_commit_when_nothing_later_is_trainin
     (run / "reproduced.json").write_text(json.dumps({"at": "a" * 40, "max_abs_diff": 0.0}))
     check = {"from": "a" * 40, "to": "b" * 40, "change": "a knob, default off", "machine": "fp32 here",
              "runs": [{"study": "toy", "overrides": ["norm=bn", "seed=0"], "identical": True}]}
-    checks = tmp_path / "results" / report.CODE_CHECKS
+    checks = tmp_path / "results" / provenance.CODE_CHECKS
 
     def cited(later: dict, *rows) -> str:
         checks.write_text(json.dumps(list(rows)))
-        monkeypatch.setattr(report, "_changed_files", lambda commits, against: later)
-        return report._code_checked(study, "c" * 40)
+        monkeypatch.setattr(provenance, "_changed_files", lambda commits, against: later)
+        return provenance._code_checked(study, "c" * 40, ["abc123"])
 
     assert cited({"bnexp/analysis/plots.py": True}, check) == (
         ". Code checked from aaaaaaa to bbbbbbb (a knob, default off): the same configs run at both "
@@ -823,3 +825,32 @@ def test_a_code_check_counts_from_the_rerun_commit_when_nothing_later_is_trainin
     # from the runs' own commit (here abc123): a check that needs no re-run of the study
     assert cited({}, {**check, "from": "abc123" + "0" * 34}).startswith(". Code checked from abc1230 to bbbbbbb")
     assert cited({}, {**check, "runs": [{**check["runs"][0], "identical": False}]}) == ""
+
+
+def test_report_reads_like_a_paper_and_remakes_byte_for_byte(study, runs):
+    """The answer (one line per shape, label and effect with its interval and k of n seeds) starts
+    within the first 15 lines; provenance is one line, its detail in provenance.json; the same
+    records give the same bytes (no time, no path of this machine)."""
+    fig = A.save_figure(A.plot_bars(runs, "norm", "test_acc"), study / "figures", "bars")[0]
+    verdicts = [{"study": "toy", "shape": "BN beats no normalization", "label": "shown", "contrast": "BN vs none",
+                 "metric": "test_err", "estimate": -0.012, "ci": [-0.02, -0.004], "n": 5, "k": 5, "text": ""},
+                {"label": "inconclusive", "text": "BN and GN are within a point of each other."}]
+
+    def make() -> bytes:
+        return A.write_report(study, "toy", "Does bn help?", "bnexp -m study=toy", [fig], pd.DataFrame({"a": [1]}),
+                              "s", verdicts=verdicts, runs=runs).read_bytes()
+
+    first = make()
+    text = first.decode()
+    lines = text.splitlines()
+    answer = next(i for i, line in enumerate(lines) if line.startswith("- **"))
+    assert answer < 15 and lines[answer - 2] == "## Answer"
+    assert lines[answer] == ("- **shown**: BN beats no normalization. BN vs none: -1.2 points [-2.0, -0.4] "
+                             "on test_err, 5 of 5 seeds")
+    assert lines[answer + 1] == "- **inconclusive**: BN and GN are within a point of each other."
+    assert text.index("![bars](figures/bars.png)") < text.index("## Comparisons") < text.index("## Methods")
+    prov = [line for line in lines if line.startswith("**Provenance.**")]
+    assert len(prov) == 1 and "runs at abc123" in prov[0] and "(provenance.json)" in prov[0]
+    assert json.loads((study / "provenance.json").read_text())["runs_at"]["abc123"] > 0
+    assert str(study) not in text and str(Path.home()) not in text
+    assert make() == first

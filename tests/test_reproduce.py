@@ -62,12 +62,12 @@ def test_a_folder_that_is_not_a_finished_run_exits_2(tmp_path, capsys):
 
 
 def test_record_writes_the_outcome_that_the_report_cites(finished, tmp_path):
-    from bnexp.analysis import report
+    from bnexp.analysis import provenance
 
     assert reproduce.main([str(finished), "--record", "--out", str(tmp_path / "again")]) == 0
     outcome = json.loads((finished / "reproduced.json").read_text())
     assert outcome["within_tolerance"] and outcome["max_abs_diff"] == 0
     study_dir = finished.parent  # iter_run_dirs finds the run folder below it
-    text = report._reproduced(study_dir)
+    text = provenance._reproduced(study_dir)
     assert f"`{finished.name}`" in text and "identical" in text
     (finished / "reproduced.json").unlink()

@@ -179,16 +179,17 @@ def test_study_runs_end_to_end_at_smoke_scale(name, tmp_path):
     # data=synthetic is given, so the demo keeps it too (its real-data default is not applied)
     study_dir = tmp_path / name / "synthetic-smoke"  # one folder per (study, data, scale)
     report = (study_dir / "report.md").read_text()
-    assert report.startswith(f"# {name}") and "## Result" in report
+    assert report.startswith(f"# {name}") and "## Answer" in report and "## Comparisons" in report
     assert list((study_dir / "figures").glob("*.png")), "no figure"
     with open(study_dir / "runs.csv") as f:
         statuses = [row["status"] for row in csv.DictReader(f)]
     assert statuses and set(statuses) <= {"ok", "diverged"}, statuses
     assert " 0 failed, 0 incomplete, 0 pending" in report
     assert "## Did every arm train?" in report
-    verdicts = report.split("## Expected shapes", 1)[1].strip().splitlines()
-    assert verdicts and all(v.startswith(("- **shown**", "- **not shown**", "- **partly**",
-                                          "- **not tested**")) for v in verdicts), verdicts
+    # one line per expected shape, label first, at the top (the labels: docs/../STUDIES.md)
+    verdicts = report.split("## Answer", 1)[1].strip().split("\n\n")[0].splitlines()
+    assert verdicts and all(v.startswith("- **") for v in verdicts), verdicts
+    assert report.splitlines().index("## Answer") < 15
 
 
 # ------------------------------------------------------------------------------ one folder per sweep

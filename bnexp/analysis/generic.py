@@ -52,7 +52,7 @@ def analyze(study_dir, metric: str | None = None, x: str | None = None, hue: str
     question = question or f"Generic analysis of {study_dir.name}: how do the swept settings change the metrics?"
     if "test_acc" not in runs and metric is None and not runs.attrs.get("metric_keys"):
         return write_report(study_dir, study_dir.name, question, data.command, [],
-                            runs[["run", "status"]], "No finished run has metrics yet.")
+                            runs[["run", "status"]], "No finished run has metrics yet.", runs=runs)
     swept = swept_columns(runs)
     metric = metric or ("test_acc" if "test_acc" in runs else runs.attrs["metric_keys"][0])
     x, hue = default_axes(runs, swept, x, hue)
@@ -66,7 +66,8 @@ def analyze(study_dir, metric: str | None = None, x: str | None = None, hue: str
         notes = (f"Figures average over the swept keys not on their axes ({', '.join(by[2:])}); "
                  "the table keeps every combination.")
     return write_report(study_dir, study_dir.name, question, data.command, figures,
-                        format_summary(summary, by, metrics), generic_statement(runs, by, metric), notes)
+                        format_summary(summary, by, metrics), generic_statement(runs, by, metric), notes,
+                        runs=runs)
 
 
 def default_axes(runs: pd.DataFrame, swept: list[str], x=None, hue=None) -> tuple:

@@ -47,6 +47,9 @@ LABELS: dict[str, str] = {
 }
 # Okabe-Ito: distinguishable in colour-blind vision and in greyscale print.
 PALETTE = ["#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#000000", "#F0E442"]
+# Paul Tol's "muted" scheme (with its pale grey): ten categories a colour-blind reader tells apart.
+TOL_MUTED = ["#332288", "#88CCEE", "#44AA99", "#117733", "#999933", "#DDCC77", "#CC6677", "#882255",
+             "#AA4499", "#DDDDDD"]
 
 
 # Legend entry of the arms some of whose seeds did not train (open marker, hatched bar or cell).
@@ -263,10 +266,17 @@ def _groups(stats: pd.DataFrame, hue: str, order=None) -> list[tuple]:
 
 
 def _colors(values: pd.Series, order=None) -> list:
-    """Okabe-Ito for a few categories; an ordered colormap for many (layers, lr grids)."""
-    n = len(order) if order is not None else values.nunique()
+    """Okabe-Ito for up to 7 categories (its yellow is too pale for lines on white); Paul Tol's
+    muted set (also colour-blind safe, no two alike) for 8 to 10 named categories; an ordered
+    colormap only for many numbers (layers, lr grids), where neighbours in colour are neighbours
+    in value."""
+    levels = list(order) if order is not None else list(values.dropna().unique())
+    n = len(levels)
     if n <= len(PALETTE) - 1:
         return PALETTE[:n]
+    numeric = all(isinstance(v, (int, float, np.number)) for v in levels)
+    if not numeric and n <= len(TOL_MUTED):
+        return TOL_MUTED[:n]
     return [mpl.colormaps["viridis"](v) for v in np.linspace(0.0, 0.9, n)]
 
 

@@ -94,7 +94,7 @@ def analyze(study: Study, study_dir, command: str) -> Path:
     if not _has(data, study.requires):
         return write_report(data.study_dir, study.name, study.question, data.command, [],
                             data.runs[["run", "status"]], "No finished run yet.",
-                            _excluded_note(data))
+                            _excluded_note(data), runs=data.runs)
     arm = list(study.arm) if study.arm is not None else swept_columns(data.runs)
     data.runs, data.arms = check_training(data.runs, data.curves, arm)
     data = study.prepare(data) if study.prepare else data
@@ -104,7 +104,7 @@ def analyze(study: Study, study_dir, command: str) -> Path:
     notes = " ".join(t for t in (study.notes(data) if study.notes else "", _excluded_note(data)) if t)
     return write_report(data.study_dir, study.name, study.question, data.command, figures,
                         summary_table(study, data), statement, notes, training_text(data.arms),
-                        [shape.line(data) for shape in study.shapes])
+                        [shape.line(data) for shape in study.shapes], runs=data.runs, arm=arm)
 
 
 def load(study_dir, command: str) -> StudyData:

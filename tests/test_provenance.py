@@ -1,0 +1,99 @@
+"""Provenance follows renames: a module moved with its imports (and the module names that name it)
+rewritten is "moved", one whose code changed too is a change; a records check across the move
+covers it; the report says all of it in one line."""
+from __future__ import annotations
+
+import json
+import subprocess
+
+import pytest
+
+from bnexp.analysis import provenance
+
+OLD = '''"""Doubles."""
+from .helpers import twice
+
+
+def g(x):
+    return twice(x)  # see bnexp.old
+''' + "".join(f"\n\ndef f{i}(x):\n    return x + {i}\n" for i in range(8))  # long enough for git to see the rename
+NEW = OLD.replace("from .helpers import twice", "from bnexp.tools.helpers import twice").replace(
+    "bnexp.old", "bnexp.new.mod")
+
+
+@pytest.fixture
+def repo(tmp_path, monkeypatch):
+    """A git repository with a flat package, then a commit that moves it into a folder."""
+    def git(*args):
+        out = subprocess.run(["git", "-c", "user.email=t@t", "-c", "user.name=t", *args], cwd=tmp_path,
+                             capture_output=True, text=True)
+        return None if out.returncode else out.stdout
+
+    git("init", "-q")
+    files = {"bnexp/old.py": OLD, "bnexp/helpers.py": "def twice(x):\n    return 2 * x\n",
+             "bnexp/core.py": "K = 1\n", "conf/config.yaml": "cb:\n  _target_: bnexp.old.g\n"}
+    for path, text in files.items():
+        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / path).write_text(text)
+    git("add", "-A")
+    git("commit", "-qm", "flat")
+    before = git("rev-parse", "HEAD").strip()
+    (tmp_path / "bnexp/new").mkdir()
+    (tmp_path / "bnexp/tools").mkdir()
+    git("mv", "bnexp/old.py", "bnexp/new/mod.py")
+    git("mv", "bnexp/helpers.py", "bnexp/tools/helpers.py")
+    (tmp_path / "bnexp/new/mod.py").write_text(NEW)
+    (tmp_path / "bnexp/new/__init__.py").write_text('"""A wing."""\n')
+    (tmp_path / "conf/config.yaml").write_text("cb:\n  _target_: bnexp.new.mod.g\n")
+    (tmp_path / "bnexp/core.py").write_text("K = 2\n")  # a real change beside the move
+    git("add", "-A")
+    git("commit", "-qm", "move")
+    monkeypatch.setattr(provenance, "_git", git)
+    return tmp_path, git, before, git("rev-parse", "HEAD").strip()
+
+
+def test_a_moved_module_is_moved_and_a_real_change_beside_it_is_not(repo):
+    root, git, before, after = repo
+    files = provenance._changed_files([before], after)
+    assert files == {"bnexp/core.py": True, "bnexp/new/__init__.py": False, "bnexp/new/mod.py": provenance.MOVED,
+                     "bnexp/tools/helpers.py": False, "conf/config.yaml": provenance.MOVED}
+    assert provenance._moves([before], after) == [after]
+    # the same move with a constant changed inside the moved module: a change, not a move
+    (root / "bnexp/new/mod.py").write_text(NEW.replace("twice(x)", "twice(x) + 1"))
+    git("commit", "-qam", "edit")
+    assert provenance._changed_files([before], git("rev-parse", "HEAD").strip())["bnexp/new/mod.py"] is True
+
+
+def test_a_records_check_across_the_move_covers_it(repo, tmp_path):
+    root, git, before, after = repo
+    study = tmp_path / "results" / "toy" / "synthetic-smoke"
+    study.mkdir(parents=True)
+    check = {"from": before, "to": after, "change": "the move", "machine": "here",
+             "runs": [{"study": "toy", "overrides": ["seed=0"], "identical": True}]}
+    (tmp_path / "results" / provenance.CODE_CHECKS).write_text(json.dumps([check]))
+    assert provenance._move_checked(study, [after])
+    (tmp_path / "results" / provenance.CODE_CHECKS).write_text(json.dumps([{**check, "to": before}]))
+    assert not provenance._move_checked(study, [after])  # ends before the move
+    assert not provenance._move_checked(study, [])
+
+
+def prov(**kw) -> dict:
+    base = {"runs_at": {"a" * 40: 3}, "reproduced": {}, "code_checks": [], "vouched_at": ["a" * 40],
+            "changed_since_vouched": {}, "moves": [], "move_checked": False}
+    return {**base, **kw}
+
+
+@pytest.mark.parametrize("kw, says", [
+    ({}, "runs at aaaaaaa ([provenance.json](provenance.json))"),
+    ({"reproduced": {"r": {"at": "b" * 40, "max_abs_diff": 0}}}, "runs at aaaaaaa; 1 re-run identically at bbbbbbb ("),
+    ({"moves": ["c" * 40], "move_checked": True, "changed_since_vouched": {"bnexp/x.py": "moved"}},
+     "code moved at ccccccc; records checked identical ([code_checks.json](../../code_checks.json)) ("),
+    ({"moves": ["c" * 40], "changed_since_vouched": {"bnexp/x.py": "moved"}},
+     "code moved at ccccccc; no records check across the move yet ("),
+    ({"changed_since_vouched": {"bnexp/x.py": "training", "bnexp/y.py": "training", "e/z.py": "analysis"}},
+     "; 2 training-side file(s) changed since, not checked: re-run to confirm ("),
+    ({"changed_since_vouched": {"e/z.py": "analysis"}}, "; changed since only where a number cannot move ("),
+])
+def test_provenance_is_one_line_that_says_what_the_record_holds(kw, says):
+    text = provenance.line(prov(**kw))
+    assert says in text and "\n" not in text
