@@ -54,9 +54,14 @@ class DataConfig:
     synthetic_classes: int
     synthetic_seed: int
     label_noise: float
+    # images carved from the training subset as a validation split (0 = none); a default, so
+    # configs saved before the key existed still parse
+    val_size: int = 0
 
     def check(self) -> None:
         _choice("data.name", self.name, DATASETS)
+        _fail_if(not isinstance(self.val_size, int) or self.val_size < 0,
+                 f"data.val_size={self.val_size!r} must be an integer >= 0 (0 = no validation split)")
         _positive(self, "data", "batch_size")
         _positive(self, "data", "train_size", "test_size", optional=True)
         if self.shift is not None:
