@@ -185,7 +185,8 @@ def expected_run_names(study_dir) -> list[str] | None:
     command-line task overrides (a later key replaces an earlier one), cartesian product of the
     discrete sweeps, then per job the non-excluded ``input_line``s sorted and joined. A custom
     ``hydra.sweep.subdir`` (e.g. ``runs/${data.name}-seed${seed}``) gives the last folder of that
-    path per job instead (see ``_subdir_leaf``).
+    path per job instead (see ``_subdir_leaf``). A study with per-arm lrs launches its sweep once
+    per chosen lr (``lr_choice.json``'s ``sweeps``, ``bnexp.jobs.tuning``): the union of those.
     """
     path = Path(study_dir) / "multirun.yaml"
     if not path.exists():
@@ -193,7 +194,8 @@ def expected_run_names(study_dir) -> list[str] | None:
     cfg = OmegaConf.load(path)
     try:
         params = [f"{k}={v}" for k, v in (cfg.hydra.sweeper.get("params") or {}).items()]
-        jobs = _sweep_jobs(params + list(cfg.hydra.overrides.task))
+        jobs = [job for task in _launches(study_dir, list(cfg.hydra.overrides.task))
+                for job in _sweep_jobs(params + task)]
         sweep = OmegaConf.to_container(cfg.hydra, resolve=False).get("sweep") or {}
         subdir = str(sweep.get("subdir") or "")
         if subdir and not subdir.endswith("${hydra.job.override_dirname}"):
@@ -203,6 +205,18 @@ def expected_run_names(study_dir) -> list[str] | None:
                 for job in jobs]
     except Exception:  # e.g. glob() sweeps need the config repository; say "unknown", not 0
         return None
+
+
+def _launches(study_dir, task: list[str]) -> list[list[str]]:
+    """The task overrides of each launch into ``study_dir``: ``[task]``, or with an
+    ``lr_choice.json`` one per entry of its ``sweeps`` (the keys those set replaced in ``task``)."""
+    path = Path(study_dir) / "lr_choice.json"
+    if not path.exists():
+        return [task]
+    sweeps = json.loads(path.read_text())["sweeps"]
+    touched = {line.split("=", 1)[0] for extra in sweeps for line in extra}
+    base = [t for t in task if t.split("=", 1)[0].lstrip("+~") not in touched]
+    return [base + list(extra) for extra in sweeps]
 
 
 def _subdir_leaf(cfg, job: list[str], subdir: str, jobs: list[list[str]]) -> str:
