@@ -25,6 +25,7 @@ SAMPLERS = ("iid", "pk", "sorted", "dirichlet")
 MODELS = ("vgg", "resnet")
 NORMS = ("bn", "none", "gn", "ln", "ghost_bn", "batch_renorm", "noisy_bn", "pn")
 DROPOUT_PLACEMENTS = ("before_norm", "after_norm", "classifier")
+MODEL_INITS = ("kaiming", "kaiming_in", "lsuv")  # = bnexp.layers.init.INITS
 SCHEDULES = ("cosine", "step", "constant")
 EVAL_MODES = ("ema", "precise", "precise_bvar", "precise_sampler", "precise_sampler_bvar", "batch",
               "batch_sampler", "adapted")
@@ -105,9 +106,11 @@ class ModelConfig:
     depth: int
     dropout: float
     dropout_placement: str
+    init: str = "kaiming"  # a default, so configs saved before the key existed still parse
 
     def check(self) -> None:
         _choice("model.name", self.name, MODELS)
+        _choice("model.init", self.init, MODEL_INITS)
         _positive(self, "model", "width", "depth")
         _fail_if(not 0.0 <= self.dropout < 1.0, f"model.dropout={self.dropout} must be in [0, 1)")
         _choice("model.dropout_placement", self.dropout_placement, DROPOUT_PLACEMENTS)

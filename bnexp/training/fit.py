@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from bnexp import records
 from bnexp.layers import ema_shadows
+from bnexp.layers import init as weight_init
 from bnexp.training import finetune
 from bnexp.training import loggers
 from bnexp.training.checkpoint import clear_last, load_last, save_last, save_model
@@ -197,6 +198,7 @@ def set_up(cfg: Config, run_dir: Path) -> Session:
     sampler = build_sampler(cfg.sampler, data.train.y.cpu(), cfg.data.batch_size, cfg.seed)
     model = build(cfg, data.num_classes, device)
     pipe = make_pipeline(cfg, data, device, precision)
+    weight_init.apply(model, cfg.model.init, lambda: pipe.prep(data.train.x[:weight_init.LSUV_BATCH]))
     # source weights, source input normalization, BN mode; before the optimizer sees the params
     tuned = finetune.start(model, source, cfg, data, pipe) if source else None
     optimizer = make_optimizer(model, cfg.optim, cfg.data.batch_size)
