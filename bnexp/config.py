@@ -25,7 +25,7 @@ SAMPLERS = ("iid", "pk", "sorted", "dirichlet")
 MODELS = ("vgg", "resnet")
 NORMS = ("bn", "none", "gn", "ln", "ghost_bn", "batch_renorm", "noisy_bn", "pn")
 DROPOUT_PLACEMENTS = ("before_norm", "after_norm", "classifier")
-MODEL_INITS = ("kaiming", "kaiming_in", "lsuv")  # = bnexp.layers.init.INITS
+MODEL_INITS = ("kaiming", "lsuv")  # = bnexp.layers.init.INITS
 SCHEDULES = ("cosine", "step", "constant")
 EVAL_MODES = ("ema", "precise", "precise_bvar", "precise_sampler", "precise_sampler_bvar", "batch",
               "batch_sampler", "adapted")

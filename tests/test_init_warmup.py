@@ -1,4 +1,4 @@
-"""optim.warmup_epochs against the closed form, and model.init (kaiming_in, LSUV) against
+"""optim.warmup_epochs against the closed form, and model.init=lsuv against
 independent measurements."""
 from __future__ import annotations
 
@@ -79,15 +79,6 @@ def test_lsuv_gives_unit_output_variance_in_every_layer():
     assert all(abs(v - 1) < 0.05 for v in measured.values()), measured
     held_out = variances(model, images(512)[256:])  # other images of the same distribution
     assert all(abs(v - 1) < 0.3 for v in held_out.values()), held_out
-
-
-def test_kaiming_in_draws_convs_at_the_fan_in_scale():
-    model = unnormalized_vgg()
-    weight_init.apply(model, "kaiming_in", lambda: None)
-    for m in weight_init.weighted(model).values():
-        fan_in = m.weight[0].numel()
-        assert m.weight.std().item() == pytest.approx(math.sqrt(2 / fan_in), rel=0.15)
-        assert m.bias is None or not m.bias.any()
 
 
 def test_model_init_is_checked_and_lsuv_runs_in_fit(tmp_path):

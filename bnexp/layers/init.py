@@ -2,15 +2,18 @@
 
 * ``kaiming``: the models' own init (``models._init_weights``: Kaiming-normal convs with
   ``fan_out``, as torchvision's ResNets; nn.Linear's default head). Nothing is changed.
-* ``kaiming_in``: Kaiming-normal convs and head with ``fan_in`` (He et al. 2015's forward rule:
-  each conv keeps the second moment of its input, so an unnormalized VGG's activations neither
-  grow nor shrink where the channels double, as they do under ``fan_out``); zero biases.
 * ``lsuv``: layer-sequential unit variance (Mishkin & Matas, ICLR 2016): orthonormal weights, then,
   layer by layer in module order, the weight rescaled until the layer's output on a probe batch
   of training images has variance 1 (within ``tol``, at most ``max_iter`` rescalings).
 
 Norm layers are left at weight 1 / bias 0. For nets with a norm after every conv the choice
 hardly matters (the norm rescales); it is meant for ``norm=none`` and its noise variants.
+
+Measured at init (unnormalized VGG, width 8, 256 synthetic images, eval mode), each conv's and the
+head's output variance in order: ``kaiming`` depth 4: 0.82 1.13 0.36 0.24 0.025; depth 8: 0.72 ...
+0.26 0.046 (the head's logits nearly flat); ``lsuv``: 1.00 at every layer. A fan_in Kaiming was
+tried and dropped: the 2x2 max pools raise the second moment, and its variances grew to 9.3
+(depth 4) and 10.3 (depth 8).
 """
 from __future__ import annotations
 
@@ -19,7 +22,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-INITS = ("kaiming", "kaiming_in", "lsuv")
+INITS = ("kaiming", "lsuv")
 LSUV_BATCH = 256  # training images in the probe batch
 
 
@@ -27,12 +30,6 @@ def apply(model: nn.Module, name: str, probe: Callable[[], torch.Tensor]) -> dic
     """Initialize ``model`` as ``name`` says; ``probe()`` gives the input batch LSUV needs (called
     only for ``lsuv``). Returns ``{layer: output variance}`` for ``lsuv``, else ``{}``."""
     if name == "kaiming":
-        return {}
-    if name == "kaiming_in":
-        for m in weighted(model).values():
-            nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="relu")
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
         return {}
     if name == "lsuv":
         return lsuv(model, probe())
