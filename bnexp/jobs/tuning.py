@@ -9,6 +9,7 @@ A study declares it in its conf/study/<name>.yaml (absent: the study runs as bef
         lr: {none: [0.003, 0.01, 0.03], bn: [0.03, 0.1, 0.3]}   # arms not listed keep optim.lr
         seeds: [100, 101]           # tuning seeds, apart from the study's seeds
         val_size: 500               # data.val_size of the grid runs (held out of the training subset)
+        overrides: [model.dropout=0]  # optional: more overrides of the grid runs (fix a swept axis)
 
 ``run`` then, for a study folder ``<results_dir>/<study>/<data>-<scale>``:
 
@@ -54,6 +55,7 @@ class TuneSpec:
     arms: tuple          # every arm of the study's sweep, in its order (tuned or not)
     study_dir: Path
     exclude_keys: tuple  # override keys that do not name a run folder (hydra's exclude_keys)
+    overrides: tuple = ()  # more overrides of the grid runs (grid.tune.overrides)
 
     @property
     def grid_dir(self) -> Path:
@@ -72,10 +74,10 @@ def read_spec(name: str, overrides: Sequence[str], root: Path) -> TuneSpec | Non
     if tune is None:
         return None
     tune = OmegaConf.to_container(tune, resolve=True)
-    unknown = set(tune) - {"arm", "lr", "seeds", "val_size"}
+    unknown = set(tune) - {"arm", "lr", "seeds", "val_size", "overrides"}
     if unknown or not tune.get("arm") or not tune.get("lr") or not tune.get("seeds"):
         raise ConfigError(f"grid.tune of study {name} needs keys arm, lr (arm -> list of lrs), seeds, "
-                          f"val_size; got {sorted(tune)}")
+                          f"val_size (and optionally overrides); got {sorted(tune)}")
     if not isinstance(tune.get("val_size"), int) or tune["val_size"] <= 0:
         raise ConfigError(f"grid.tune.val_size={tune.get('val_size')!r} must be a positive integer")
     key = tune["arm"]
@@ -86,13 +88,14 @@ def read_spec(name: str, overrides: Sequence[str], root: Path) -> TuneSpec | Non
     return TuneSpec(name, key, {str(a): tuple(float(x) for x in v) for a, v in tune["lr"].items()},
                     tuple(int(s) for s in tune["seeds"]), tune["val_size"], arms,
                     path if path.is_absolute() else Path(root) / path,
-                    tuple(cfg.hydra.job.config.override_dirname.exclude_keys))
+                    tuple(cfg.hydra.job.config.override_dirname.exclude_keys),
+                    tuple(str(o) for o in tune.get("overrides") or ()))
 
 
 def grid_launches(spec: TuneSpec, overrides: Sequence[str]) -> list[list[str]]:
     """The ``bnexp -m`` arguments of each tuned arm's grid sweep."""
-    base = _without(overrides, (spec.arm_key, *SET_BY_GRID))
-    return [[f"study={spec.study}", *base, f"{spec.arm_key}={arm}",
+    base = _without(overrides, (spec.arm_key, *SET_BY_GRID, *map(_key, spec.overrides)))
+    return [[f"study={spec.study}", *base, *spec.overrides, f"{spec.arm_key}={arm}",
              "optim.lr=" + ",".join(map(repr, lrs)), "seed=" + ",".join(map(str, spec.seeds)),
              f"data.val_size={spec.val_size}", "probes.enabled=false", f"hydra.sweep.dir={spec.grid_dir}"]
             for arm, lrs in spec.lrs.items() if arm in spec.arms]
@@ -103,11 +106,12 @@ def collect(spec: TuneSpec, overrides: Sequence[str]) -> dict:
     this launch: same overrides as ``overrides`` (folder-naming keys only), a tuned arm, an lr of
     its grid, a tuning seed. Raises ``RuntimeError`` naming what is missing when a (arm, lr)
     lacks a tuning seed (an unfinished grid: run again, finished runs are skipped)."""
-    want = _naming(_without(overrides, (spec.arm_key, *SET_BY_GRID)), spec)
+    set_here = (spec.arm_key, *SET_BY_GRID)
+    want = _naming(_without(overrides, (*set_here, *map(_key, spec.overrides))) + list(spec.overrides), spec)
     found = {arm: {lr: [] for lr in lrs} for arm, lrs in spec.lrs.items() if arm in spec.arms}
     for run_dir in records.iter_run_dirs(spec.grid_dir):
         s = records.read_summary(run_dir)
-        if not s or _naming(_without(s.get("overrides", []), (spec.arm_key, *SET_BY_GRID)), spec) != want:
+        if not s or _naming(_without(s.get("overrides", []), set_here), spec) != want:
             continue
         ov = dict(_split(o) for o in s.get("overrides", []))
         arm = (s.get("choices") or {}).get(spec.arm_key) or ov.get(spec.arm_key)
