@@ -256,9 +256,14 @@ class FinetuneConfig:
     from_: Optional[str]
     bn: str
     reinit_head: Any  # "auto" | True | False
+    # the fine-tune runs at seed + seed_offset (``seed`` may also name the source run); a default,
+    # so configs saved before the key existed still parse
+    seed_offset: int = 0
 
     def check(self) -> None:
         _choice("finetune.bn", self.bn, FINETUNE_BN)
+        _fail_if(not isinstance(self.seed_offset, int) or self.seed_offset < 0,
+                 f"finetune.seed_offset={self.seed_offset!r} must be an integer >= 0")
         _fail_if(self.reinit_head not in ("auto", True, False),
                  f"finetune.reinit_head={self.reinit_head!r}: allowed values are auto, true, false")
 
