@@ -56,6 +56,7 @@ class TuneSpec:
     study_dir: Path
     exclude_keys: tuple  # override keys that do not name a run folder (hydra's exclude_keys)
     overrides: tuple = ()  # more overrides of the grid runs (grid.tune.overrides)
+    swept: tuple = ()      # the keys the study's sweeper sweeps (a run records the value it got)
 
     @property
     def grid_dir(self) -> Path:
@@ -89,7 +90,8 @@ def read_spec(name: str, overrides: Sequence[str], root: Path) -> TuneSpec | Non
                     tuple(int(s) for s in tune["seeds"]), tune["val_size"], arms,
                     path if path.is_absolute() else Path(root) / path,
                     tuple(cfg.hydra.job.config.override_dirname.exclude_keys),
-                    tuple(str(o) for o in tune.get("overrides") or ()))
+                    tuple(str(o) for o in tune.get("overrides") or ()),
+                    tuple(OmegaConf.select(cfg, "hydra.sweeper.params", default=None) or ()))
 
 
 def grid_launches(spec: TuneSpec, overrides: Sequence[str]) -> list[list[str]]:
@@ -173,5 +175,7 @@ def _without(overrides: Sequence[str], keys: Sequence[str]) -> list[str]:
 
 
 def _naming(overrides: Sequence[str], spec: TuneSpec) -> dict:
-    """The overrides that name a run folder, as a dict (hydra's exclude_keys dropped)."""
-    return {k: v for k, v in map(_split, overrides) if k not in spec.exclude_keys and not k.startswith("hydra.")}
+    """The overrides that name a run folder, as a dict, less hydra's exclude_keys and the keys
+    the study sweeps (a grid run records the swept value it got; every value belongs)."""
+    return {k: v for k, v in map(_split, overrides)
+            if k not in spec.exclude_keys and k not in spec.swept and not k.startswith("hydra.")}
