@@ -111,3 +111,33 @@ def test_tuning_end_to_end_on_tiny_runs(tmp_path):
     again = tuning.run(spec, overrides, launcher([]))
     assert again["arms"] == out["arms"]
     assert {p: records.read_summary(p)["started_at"] for p in records.iter_run_dirs(tmp_path)} == started
+
+
+def test_collect_keeps_this_launchs_grid_runs_whatever_the_swept_axes(tmp_path):
+    """Grid runs are matched by their overrides: a value of an axis the study sweeps belongs, a
+    run of another setting (other epochs) or not of the grid (val_size 0) does not."""
+    spec = tuning.TuneSpec("demo", "norm", {"none": (0.01, 0.03)}, (100,), 50, ("bn", "none"),
+                           tmp_path / "demo" / "synthetic-smoke", ("study", "threads", "launcher"),
+                           swept=("data.batch_size", "norm", "seed"))
+    base = ["study=demo", "data=synthetic", "optim.epochs=2"]
+
+    def fake(name, lr, batch, epochs=2, val=50):
+        run = spec.grid_dir / "runs" / name
+        run.mkdir(parents=True)
+        overrides = ["study=demo", "threads=1", f"data.batch_size={batch}", "norm=none", "seed=100",
+                     "data=synthetic", f"optim.epochs={epochs}", f"optim.lr={lr}", f"data.val_size={val}",
+                     "probes.enabled=False"]
+        records.write_json_atomic(run / records.SUMMARY, {
+            "status": "ok", "overrides": overrides, "choices": {"norm": "none"},
+            "config": {"seed": 100, "optim": {"lr": lr}, "data": {"val_size": val}},
+            "metrics": {"val_acc": 0.5, "val_loss": 1.0}})
+
+    for i, (lr, batch) in enumerate([(0.01, 8), (0.01, 128), (0.03, 8), (0.03, 128)]):
+        fake(f"r{i}", lr, batch)
+    fake("other_epochs", 0.01, 8, epochs=3)
+    fake("no_split", 0.03, 8, val=0)
+    found = tuning.collect(spec, base)
+    assert {lr: sorted(r["run"] for r in runs) for lr, runs in found["none"].items()} == \
+        {0.01: ["r0", "r1"], 0.03: ["r2", "r3"]}
+    with pytest.raises(RuntimeError, match="unfinished"):
+        tuning.collect(dataclasses.replace(spec, seeds=(100, 101)), base)
