@@ -25,7 +25,8 @@ SAMPLERS = ("iid", "pk", "sorted", "dirichlet")
 MODELS = ("vgg", "resnet")
 NORMS = ("bn", "none", "gn", "ln", "ghost_bn", "batch_renorm", "noisy_bn", "pn")
 DROPOUT_PLACEMENTS = ("before_norm", "after_norm", "classifier")
-MODEL_INITS = ("kaiming", "lsuv")  # = bnexp.layers.init.INITS
+MODEL_INITS = ("kaiming", "lsuv")
+GHOST_UPDATES = ("step", "chunk")  # = bnexp.layers.batchnorms.GHOST_UPDATES  # = bnexp.layers.init.INITS
 SCHEDULES = ("cosine", "step", "constant")
 EVAL_MODES = ("ema", "precise", "precise_bvar", "precise_sampler", "precise_sampler_bvar", "batch",
               "batch_sampler", "adapted")
@@ -136,9 +137,13 @@ class NormConfig:
     noise_add: float    # noisy_bn: std of the per-sample jitter of the shift around mu_t
     ghost_noise: Optional[int]  # ghost noise injection: ghost batch size N (None: off)
     freeze_after: Optional[float]
+    # ghost_bn's running statistics: one update per step (chunk average) or per chunk (Hoffer's
+    # bigBatch); a default, so configs saved before the key existed still parse
+    ghost_update: str = "step"
 
     def check(self) -> None:
         _choice("norm.name", self.name, NORMS)
+        _choice("norm.ghost_update", self.ghost_update, GHOST_UPDATES)
         if self.momentum is not None and not 0.0 < self.momentum <= 1.0:
             raise ConfigError(
                 f"norm.momentum={self.momentum} must be in (0, 1] or null (PyTorch convention: "
