@@ -141,3 +141,14 @@ def test_collect_keeps_this_launchs_grid_runs_whatever_the_swept_axes(tmp_path):
         {0.01: ["r0", "r1"], 0.03: ["r2", "r3"]}
     with pytest.raises(RuntimeError, match="unfinished"):
         tuning.collect(dataclasses.replace(spec, seeds=(100, 101)), base)
+
+
+def test_the_report_note_names_each_arms_lr_and_its_edge(tmp_path):
+    arms = lr_choice.choose_all({"none": {lr: [ok(a)] for lr, a in ((0.003, 0.9), (0.01, 0.8), (0.03, 0.7))},
+                                 "bn": {lr: [ok(a)] for lr, a in ((0.03, 0.8), (0.1, 0.9), (0.3, 0.7))}})
+    records.write_json_atomic(tmp_path / lr_choice.CHOICE_FILE, {
+        "arms": arms, "untuned": ["ln"], "seeds": [100], "val_size": 50, "rule": lr_choice.RULE})
+    text = lr_choice.note(tmp_path)
+    assert "none at lr 0.003" in text and "low edge" in text and "bn at lr 0.1 (" in text
+    assert "bn at lr 0.1 (grid 0.03, 0.1, 0.3; mean val_acc 0.800, 0.900, 0.700)" in text
+    assert "(ln) at the study's lr" in text and lr_choice.note(tmp_path / "none") == ""

@@ -18,9 +18,12 @@ The rule (``choose_lr``), stated once:
 """
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 from typing import Iterable, Mapping
 
+CHOICE_FILE = "lr_choice.json"
 FAILED_SCORE = 0.0  # val_acc of a diverged or failed run
 RULE = ("mean val_acc over the tuning seeds (diverged/failed runs count 0); ties: lower mean "
         "val_loss, then the smaller lr; edge: the choice is the grid's smallest/largest lr")
@@ -79,6 +82,28 @@ def choose_all(arms: Mapping[str, Mapping[float, Iterable[Mapping]]]) -> dict:
 def edge_warnings(choice: Mapping[str, Mapping]) -> list[str]:
     """One line per arm whose choice is flagged (``edge`` not None)."""
     return [f"lr of arm {arm}: {entry['why']}" for arm, entry in choice.items() if entry.get("edge")]
+
+
+def note(study_dir) -> str:
+    """The report's sentence on the learning rates of a tuned study (``lr_choice.json`` in
+    ``study_dir``); "" when the study was not tuned."""
+    path = Path(study_dir) / CHOICE_FILE
+    if not path.exists():
+        return ""
+    saved = json.loads(path.read_text())
+    arms = "; ".join(_arm_text(arm, entry) for arm, entry in saved["arms"].items())
+    untuned = f"; the other arms ({', '.join(saved['untuned'])}) at the study's lr" if saved.get("untuned") else ""
+    return (f"Learning rates chosen per arm ({CHOICE_FILE}; {saved['rule']}; tuning seeds "
+            f"{', '.join(map(str, saved['seeds']))}, {saved['val_size']} training images held out): "
+            f"{arms}{untuned}.")
+
+
+def _arm_text(arm: str, entry: Mapping) -> str:
+    """``none at lr 0.01 (grid 0.003, 0.01, 0.03; mean val_acc 0.81, 0.86, 0.84)``."""
+    grid = ", ".join(f"{lr:g}" for lr in entry["grid"])
+    accs = ", ".join(f"{entry['val_acc'][_key(lr)]:.3f}" for lr in entry["grid"])
+    edge = f"; {entry['edge']} edge: not bracketed" if entry.get("edge") else ""
+    return f"{arm} at lr {entry['chosen_lr']:g} (grid {grid}; mean val_acc {accs}{edge})"
 
 
 def _key(lr: float) -> str:

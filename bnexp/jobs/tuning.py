@@ -39,7 +39,7 @@ from bnexp.analysis import lr_choice
 from bnexp.config import ConfigError
 
 log = logging.getLogger("bnexp")
-CHOICE_FILE = "lr_choice.json"
+CHOICE_FILE = lr_choice.CHOICE_FILE
 GRID_SUFFIX = "-lr_grid"
 SET_BY_GRID = ("optim.lr", "seed", "data.val_size", "probes.enabled")  # the grid launches set these
 
