@@ -7,7 +7,16 @@ STAMP := $(VENV)/.installed
 S ?= demo
 ARGS ?=
 
-.PHONY: help setup test test-all data demo study smoke bench lint gpu-check site findings clean
+# `make studies`: every study in order at data=fashion_mnist scale=small (issue 26's re-runs; the
+# plan and its measured minutes: docs/compute_plan.md, `make plan`). Resumes: finished runs are
+# skipped, interrupted ones resume. One log per study in $(LOGS)/<study>.log, with its wall time.
+STUDIES ?= demo norm_vs_noise bn_vs_dropout lr_sensitivity batch_size batch_size_true \
+           stat_modes_vs_batch noise noniid activations ema_vs_precise fusion finetune_source finetune
+STUDY_ARGS ?= data=fashion_mnist scale=small launcher=joblib
+RESULTS ?= results
+LOGS ?= logs/studies
+
+.PHONY: help setup test test-all data demo study studies plan smoke bench lint gpu-check site findings clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -39,6 +48,20 @@ demo: $(STAMP)  ## the quick tour on real Fashion-MNIST (fetched first; syntheti
 
 study: $(STAMP)  ## make study S=<name> ARGS="..."
 	$(BIN)/python experiments/$(S).py $(ARGS)
+
+studies: $(STAMP)  ## every study in order at scale=small, resuming; logs in logs/studies/ (docs/compute_plan.md)
+	$(BIN)/python -m bnexp.data.files fetch fashion_mnist
+	@mkdir -p $(LOGS)
+	@set -e; for s in $(STUDIES); do \
+	  echo "== $$s  (log: $(LOGS)/$$s.log)"; start=$$(date +%s); \
+	  echo "# $$(date -u +%FT%TZ) $(BIN)/python experiments/$$s.py $(STUDY_ARGS) results_dir=$(RESULTS) $(ARGS)" >> $(LOGS)/$$s.log; \
+	  $(BIN)/python experiments/$$s.py $(STUDY_ARGS) results_dir=$(RESULTS) $(ARGS) >> $(LOGS)/$$s.log 2>&1 \
+	    || { echo "   $$s failed: see $(LOGS)/$$s.log (re-run resumes)"; exit 1; }; \
+	  echo "# $$(date -u +%FT%TZ) $$s done in $$(( ($$(date +%s) - start) / 60 )) min" | tee -a $(LOGS)/$$s.log; \
+	done
+
+plan: $(STAMP)  ## the compute plan of `make studies`: runs x measured minutes per study
+	$(BIN)/python tools/compute_plan.py
 
 smoke: $(STAMP)  ## every study end to end at smoke scale on synthetic data
 	$(BIN)/python -m pytest -q -m slow tests/test_studies.py

@@ -25,6 +25,8 @@ SAMPLERS = ("iid", "pk", "sorted", "dirichlet")
 MODELS = ("vgg", "resnet")
 NORMS = ("bn", "none", "gn", "ln", "ghost_bn", "batch_renorm", "noisy_bn", "pn")
 DROPOUT_PLACEMENTS = ("before_norm", "after_norm", "classifier")
+MODEL_INITS = ("kaiming", "lsuv")
+GHOST_UPDATES = ("step", "chunk")  # = bnexp.layers.batchnorms.GHOST_UPDATES  # = bnexp.layers.init.INITS
 SCHEDULES = ("cosine", "step", "constant")
 EVAL_MODES = ("ema", "precise", "precise_bvar", "precise_sampler", "precise_sampler_bvar", "batch",
               "batch_sampler", "adapted")
@@ -54,9 +56,14 @@ class DataConfig:
     synthetic_classes: int
     synthetic_seed: int
     label_noise: float
+    # images carved from the training subset as a validation split (0 = none); a default, so
+    # configs saved before the key existed still parse
+    val_size: int = 0
 
     def check(self) -> None:
         _choice("data.name", self.name, DATASETS)
+        _fail_if(not isinstance(self.val_size, int) or self.val_size < 0,
+                 f"data.val_size={self.val_size!r} must be an integer >= 0 (0 = no validation split)")
         _positive(self, "data", "batch_size")
         _positive(self, "data", "train_size", "test_size", optional=True)
         if self.shift is not None:
@@ -100,9 +107,11 @@ class ModelConfig:
     depth: int
     dropout: float
     dropout_placement: str
+    init: str = "kaiming"  # a default, so configs saved before the key existed still parse
 
     def check(self) -> None:
         _choice("model.name", self.name, MODELS)
+        _choice("model.init", self.init, MODEL_INITS)
         _positive(self, "model", "width", "depth")
         _fail_if(not 0.0 <= self.dropout < 1.0, f"model.dropout={self.dropout} must be in [0, 1)")
         _choice("model.dropout_placement", self.dropout_placement, DROPOUT_PLACEMENTS)
@@ -128,9 +137,13 @@ class NormConfig:
     noise_add: float    # noisy_bn: std of the per-sample jitter of the shift around mu_t
     ghost_noise: Optional[int]  # ghost noise injection: ghost batch size N (None: off)
     freeze_after: Optional[float]
+    # ghost_bn's running statistics: one update per step (chunk average) or per chunk (Hoffer's
+    # bigBatch); a default, so configs saved before the key existed still parse
+    ghost_update: str = "step"
 
     def check(self) -> None:
         _choice("norm.name", self.name, NORMS)
+        _choice("norm.ghost_update", self.ghost_update, GHOST_UPDATES)
         if self.momentum is not None and not 0.0 < self.momentum <= 1.0:
             raise ConfigError(
                 f"norm.momentum={self.momentum} must be in (0, 1] or null (PyTorch convention: "
@@ -248,9 +261,14 @@ class FinetuneConfig:
     from_: Optional[str]
     bn: str
     reinit_head: Any  # "auto" | True | False
+    # the fine-tune runs at seed + seed_offset (``seed`` may also name the source run); a default,
+    # so configs saved before the key existed still parse
+    seed_offset: int = 0
 
     def check(self) -> None:
         _choice("finetune.bn", self.bn, FINETUNE_BN)
+        _fail_if(not isinstance(self.seed_offset, int) or self.seed_offset < 0,
+                 f"finetune.seed_offset={self.seed_offset!r} must be an integer >= 0")
         _fail_if(self.reinit_head not in ("auto", True, False),
                  f"finetune.reinit_head={self.reinit_head!r}: allowed values are auto, true, false")
 

@@ -46,13 +46,24 @@ def study_dir(name: str, overrides: Sequence[str]) -> Path:
 def sweep(name: str, overrides: Sequence[str]) -> str:
     """Run ``bnexp -m study=<name> overrides...`` from the repository root; return the command.
 
-    Finished runs are skipped and interrupted ones resume, so re-running a study is cheap.
+    Finished runs are skipped and interrupted ones resume, so re-running a study is cheap. A
+    study that declares ``grid.tune`` first runs its lr grid and then one sweep per chosen lr
+    (``bnexp.jobs.tuning``); the lr grid's runs are skipped and resumed likewise.
     """
-    cmd = [sys.executable, "-m", "bnexp", "-m", f"study={name}", *overrides]
-    shown = "bnexp -m " + " ".join(shlex.quote(a) for a in cmd[4:])
-    print(f"$ {shown}", flush=True)
-    subprocess.run(cmd, cwd=ROOT, check=True)
-    return shown
+    from bnexp.jobs import tuning
+
+    spec = tuning.read_spec(name, overrides, ROOT)
+    if spec is not None:
+        tuning.run(spec, overrides, launch=_bnexp)
+    else:
+        _bnexp([f"study={name}", *overrides])
+    return "bnexp -m " + " ".join(shlex.quote(a) for a in [f"study={name}", *overrides])
+
+
+def _bnexp(args: Sequence[str]) -> None:
+    """``bnexp -m args`` in the repository root, to the end; a non-zero exit raises."""
+    print("$ bnexp -m " + " ".join(shlex.quote(a) for a in args), flush=True)
+    subprocess.run([sys.executable, "-m", "bnexp", "-m", *args], cwd=ROOT, check=True)
 
 
 def run_study(study: Study, argv: Sequence[str] | None = None,

@@ -5,7 +5,9 @@ Sweep (conf/study/norm_vs_noise.yaml): norm {none, ln, pn, bn, ghost_bn16, none_
 pn_gni16, bn_gni16} x 5 seeds, no data augmentation, trained to ~100% training accuracy on a small
 training set so that memorizing is possible. The arms pull the two explanations apart: PN
 (population normalization: BN's normalization with the running statistics in the forward pass)
-against BN changes only the batch noise, with the normalization held fixed; none against
+against BN changes only the batch noise of the forward pass, with the normalization held fixed (PN's
+backward is train-mode BN's, through the batch statistics, so the gradient keeps BN's batch noise:
+bnexp/layers/batchnorms.py, PopulationNorm2d); none against
 none + GNI and LN against LN + GNI (ghost noise injection of ghost batches of 16) add noise
 without BN; LN against none adds normalization without noise. Every arm shares the optimizer,
 initialization seed and batch order, so comparisons are paired by seed.

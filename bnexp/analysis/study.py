@@ -27,6 +27,7 @@ from pathlib import Path
 import pandas as pd
 from omegaconf import OmegaConf
 
+from bnexp import lr_choice
 from bnexp.analysis.plots import save_figure
 from bnexp.analysis.report import format_summary, write_report
 from bnexp.analysis.tables import (
@@ -101,7 +102,8 @@ def analyze(study: Study, study_dir, command: str) -> Path:
     figures = [save_figure(fig, data.study_dir / "figures", stem)[0]
                for stem, fig in study.figures(data).items()]
     statement = _paragraph(study.comparisons(data) if study.comparisons else "")
-    notes = " ".join(t for t in (study.notes(data) if study.notes else "", _excluded_note(data)) if t)
+    notes = " ".join(t for t in (study.notes(data) if study.notes else "", _excluded_note(data),
+                                 lr_choice.note(data.study_dir)) if t)
     return write_report(data.study_dir, study.name, study.question, data.command, figures,
                         summary_table(study, data), statement, notes, training_text(data.arms),
                         [shape.line(data) for shape in study.shapes], runs=data.runs, arm=arm)

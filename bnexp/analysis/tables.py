@@ -19,7 +19,7 @@ from typing import Any
 
 import pandas as pd
 import scipy.stats
-from omegaconf import OmegaConf
+from omegaconf import OmegaConf, open_dict
 
 from bnexp import records, sweep
 
@@ -180,17 +180,40 @@ def _equals(column: pd.Series, value) -> pd.Series:
 def expected_run_names(study_dir) -> list[str] | None:
     """Folder names of every run the sweep in ``multirun.yaml`` defines (None if unknowable):
     the last folder of each job's ``hydra.sweep.subdir`` (``bnexp.sweep.job_subdirs``, the list
-    the sweep itself counts while it runs)."""
+    the sweep itself counts while it runs). A study with per-arm lrs launches its sweep once per chosen lr
+    (``lr_choice.json``'s ``sweeps``, ``bnexp.jobs.tuning``): the union of those."""
     path = Path(study_dir) / "multirun.yaml"
     if not path.exists():
         return None
     try:
-        return [Path(sub).name for sub in sweep.job_subdirs(OmegaConf.load(path))]
+        cfg = OmegaConf.load(path)
+        return [Path(sub).name for task in _launches(study_dir, list(cfg.hydra.overrides.task))
+                for sub in sweep.job_subdirs(_with_task(cfg, task))]
     except Exception:  # e.g. glob() sweeps need the config repository; say "unknown", not 0
         return None
 
 
 override_dirname = sweep.override_dirname  # bnexp.analysis.generic's API has always had it
+
+
+def _launches(study_dir, task: list[str]) -> list[list[str]]:
+    """The task overrides of each launch into ``study_dir``: ``[task]``, or with an
+    ``lr_choice.json`` one per entry of its ``sweeps`` (the keys those set replaced in ``task``)."""
+    path = Path(study_dir) / "lr_choice.json"
+    if not path.exists():
+        return [task]
+    sweeps = json.loads(path.read_text())["sweeps"]
+    touched = {line.split("=", 1)[0] for extra in sweeps for line in extra}
+    base = [t for t in task if t.split("=", 1)[0].lstrip("+~") not in touched]
+    return [base + list(extra) for extra in sweeps]
+
+
+def _with_task(cfg, task: list[str]):
+    """A copy of the sweep's config whose command-line overrides are ``task``."""
+    cfg = cfg.copy()
+    with open_dict(cfg):
+        cfg.hydra.overrides.task = task
+    return cfg
 
 
 def status_counts(study_dir) -> dict:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -85,6 +86,7 @@ class DataBundle:
     name: str
     pad: int = 4        # random-crop padding of the training augmentation
     flip: bool = True   # random horizontal flip
+    val: Optional[Split] = None  # data.val_size images carved out of the training subset
 
     @property
     def in_channels(self) -> int:
@@ -142,6 +144,8 @@ def load_data(cfg: DataConfig, device: torch.device | str, seed: int = 0) -> Dat
        real data with ``label_noise > 0`` is an error, as the config says);
     2. ``classes``: keep those labels in both splits, relabelled 0..n-1 in the given order;
     3. ``train_size`` / ``test_size``: seeded random subsets (seed = ``seed``), original order kept;
+       ``val_size``: that many of the training subset's images (``split_validation``) become the
+       validation split, the rest (``train_size - val_size``) the training split;
     4. move to ``device``; ``shift``: corrupt both splits with ``apply_shift`` (seeded by ``seed``);
     5. ``mean`` / ``std`` from the resulting training images.
     """
@@ -157,13 +161,32 @@ def load_data(cfg: DataConfig, device: torch.device | str, seed: int = 0) -> Dat
         num_classes = len(cfg.classes)
     xtr, ytr = _subset(xtr, ytr, cfg.train_size, "data.train_size", seeded_generator(seed, "train_size"))
     xte, yte = _subset(xte, yte, cfg.test_size, "data.test_size", seeded_generator(seed, "test_size"))
+    val = None
+    if cfg.val_size:
+        keep, held = split_validation(len(ytr), cfg.val_size, seed)
+        val = Split(xtr[held].to(device), ytr[held].to(device))
+        xtr, ytr = xtr[keep], ytr[keep]
     train, test = Split(xtr.to(device), ytr.to(device)), Split(xte.to(device), yte.to(device))
     if cfg.shift is not None:
-        for split, part in ((train, "train"), (test, "test")):
+        for split, part in ((train, "train"), (test, "test"), (val, "val")):
+            if split is None:
+                continue
             split.x = apply_shift(split.x, cfg.shift, cfg.shift_severity,
                                   seeded_generator(seed, "shift", part, device=device))
     mean, std = channel_stats(train.x)
-    return DataBundle(train, test, num_classes, mean, std, cfg.name, spec(cfg.name).pad, spec(cfg.name).flip)
+    return DataBundle(train, test, num_classes, mean, std, cfg.name, spec(cfg.name).pad, spec(cfg.name).flip,
+                      val)
+
+
+def split_validation(n: int, val_size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(train_index, val_index)``: a seeded random ``val_size`` of ``range(n)`` held out, the
+    rest kept, each in ascending order; disjoint, together ``range(n)``, the same for the same
+    ``(n, val_size, seed)``. At least one image must stay for training."""
+    if not 0 < val_size < n:
+        raise ConfigError(f"data.val_size={val_size} must be below the {n} training images "
+                          "(after data.classes and data.train_size)")
+    order = torch.randperm(n, generator=seeded_generator(seed, "val_size"))
+    return order[val_size:].sort().values, order[:val_size].sort().values
 
 
 def _read(cfg: DataConfig):

@@ -69,6 +69,9 @@ class BatchNorm2d(nn.BatchNorm2d):
                 f"ghost_noise={self.ghost_noise}")
 
 
+GHOST_UPDATES = ("step", "chunk")  # = bnexp.config.GHOST_UPDATES
+
+
 class GhostBatchNorm2d(BatchNorm2d):
     """Ghost BN (Hoffer et al. 2017): train-mode statistics over sub-batches of ``virtual_batch``.
 
@@ -81,13 +84,22 @@ class GhostBatchNorm2d(BatchNorm2d):
     normalizes with at this ghost batch size. A batch of at most ``virtual_batch`` is one chunk,
     and then the layer is exactly ``BatchNorm2d``. ``plain`` keeps the chunks (they are this
     layer's normalization) and drops only the ghost noise. Eval mode: plain BN (foldable).
+
+    ``update="chunk"`` (``norm.ghost_update``): instead, one momentum update per chunk, in chunk
+    order, each with that chunk's mean and unbiased variance (the remainder chunk counts as one),
+    as Hoffer et al.'s bigBatch code does by running BN once per chunk: k chunks then weigh the
+    step's statistics by an effective momentum ``1 - (1 - momentum)^k``, and ``num_batches_tracked``
+    counts chunks.
     """
 
-    def __init__(self, num_features: int, virtual_batch: int, **kwargs):
+    def __init__(self, num_features: int, virtual_batch: int, update: str = "step", **kwargs):
         if virtual_batch < 1:
             raise ValueError(f"virtual_batch={virtual_batch} must be >= 1")
+        if update not in GHOST_UPDATES:
+            raise ValueError(f"update={update!r}: allowed values are {', '.join(GHOST_UPDATES)}")
         super().__init__(num_features, **kwargs)
         self.virtual_batch = virtual_batch
+        self.update = update
 
     def _normalize(self, x, weight, bias):
         if x.shape[0] <= self.virtual_batch:
@@ -95,7 +107,7 @@ class GhostBatchNorm2d(BatchNorm2d):
         return _ghost_normalize(self, x, weight, bias)
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, virtual_batch={self.virtual_batch}"
+        return f"{super().extra_repr()}, virtual_batch={self.virtual_batch}, update={self.update}"
 
 
 class BatchRenorm2d(BatchNorm2d):
@@ -315,10 +327,17 @@ def _ghost_normalize(layer: BatchNorm2d, x: torch.Tensor, weight: Optional[torch
         parts.append(_chunked_batch_norm(x[full:], 1, weight, bias, layer.eps, renorm))
     share = torch.full((batch // size + (full < batch), 1), size / batch, device=x.device)
     share[full // size:] = (batch - full) / batch  # the remainder chunk, if any
-    factor = layer._update_factor()
+    means, variances = torch.cat([p[1] for p in parts]), torch.cat([p[2] for p in parts])
     with torch.no_grad():  # after every chunk's r, d: they all saw the same running statistics
-        layer.running_mean.lerp_((torch.cat([p[1] for p in parts]) * share).sum(0), factor)
-        layer.running_var.lerp_((torch.cat([p[2] for p in parts]) * share).sum(0), factor)
+        if getattr(layer, "update", "step") == "chunk":  # one update per chunk, in order
+            for mean, var in zip(means, variances):
+                factor = layer._update_factor()
+                layer.running_mean.lerp_(mean, factor)
+                layer.running_var.lerp_(var, factor)
+        else:
+            factor = layer._update_factor()
+            layer.running_mean.lerp_((means * share).sum(0), factor)
+            layer.running_var.lerp_((variances * share).sum(0), factor)
     return parts[0][0] if len(parts) == 1 else torch.cat([p[0] for p in parts])
 
 

@@ -108,7 +108,8 @@ def _ln(cfg: NormConfig) -> Callable[[int], nn.Module]:
 
 @NORMS.register("ghost_bn")
 def _ghost_bn(cfg: NormConfig) -> Callable[[int], nn.Module]:
-    return functools.partial(GhostBatchNorm2d, virtual_batch=cfg.virtual_batch, **_bn_kwargs(cfg))
+    return functools.partial(GhostBatchNorm2d, virtual_batch=cfg.virtual_batch, update=cfg.ghost_update,
+                             **_bn_kwargs(cfg))
 
 
 @NORMS.register("batch_renorm")

@@ -32,6 +32,7 @@ autocast all statistics here are computed and kept in fp32 (float64 sums).
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 from pathlib import Path
 from typing import Iterable, Iterator, NamedTuple, Optional
@@ -241,6 +242,20 @@ def evaluate_modes(model: nn.Module, data: DataBundle, pipe, cfg: EvalConfig, tr
         metrics[key] = metrics[f"{key}.{source}"]
     _precise_summary(metrics, tables, run_dir)
     return ModeResults(metrics, skipped, {"default_mode": cfg.default_mode, "test_acc_from": source})
+
+
+def validation_metrics(model: nn.Module, data: DataBundle, pipe, cfg: EvalConfig, train_batch_size: int,
+                       seed: int, sampler: Optional[SamplerConfig] = None) -> dict:
+    """``{"val_acc", "val_loss"}`` of ``model`` on ``data.val`` (``data.val_size``) under
+    ``cfg.default_mode``, scored exactly as that mode scores the test set (``ema``, plain eval,
+    where the model has no BN layers, as in ``evaluate_modes``); ``{}`` without a validation
+    split. The model is left as it was."""
+    if data.val is None:
+        return {}
+    mode = cfg.default_mode if bn_layers(model) else "ema"
+    result, _ = run_mode(mode, model, dataclasses.replace(data, test=data.val), pipe, cfg,
+                         train_batch_size, seed, sampler)
+    return {"val_acc": result["acc"], "val_loss": result["loss"]}
 
 
 def _put_scores(metrics: dict, mode: str, result: dict) -> None:

@@ -82,6 +82,7 @@ class Started:
 
 def resolve(cfg: Config) -> tuple[Config, Optional[Source]]:
     """The config to train and the source run, or ``(cfg, None)`` without ``finetune.from``.
+    With ``finetune.from``, the config's ``seed`` becomes ``seed + finetune.seed_offset``.
 
     Raises ``FileNotFoundError`` when the source has no model.pt and ``ConfigError`` for settings
     that contradict the BN mode.
@@ -102,7 +103,9 @@ def resolve(cfg: Config) -> tuple[Config, Optional[Source]]:
         log.warning("finetune: model/norm come from the source run %s; ignoring %s", run_dir, ignored)
     source = Source(run_dir, state["model"], source_cfg, state["num_classes"], state.get("mean"),
                     state.get("std"), differs)
-    return dataclasses.replace(cfg, model=source_cfg.model, norm=norm), source
+    # finetune.seed_offset: the fine-tune draws its own randomness, not the source run's seed's
+    return dataclasses.replace(cfg, model=source_cfg.model, norm=norm,
+                               seed=cfg.seed + cfg.finetune.seed_offset), source
 
 
 def start(model: nn.Module, source: Source, cfg: Config, data, pipe) -> Started:

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from bnexp import records
+from bnexp.layers import init as weight_init
 from bnexp.training import finetune
 from bnexp.training import loggers
 from bnexp.training.assemble import build, make_pipeline
@@ -34,7 +35,7 @@ from bnexp.runtime import (device_name, resolve_device, resolve_precision, seed_
                       set_threads)
 from bnexp.data.sampling import BatchSampler, build_sampler
 from bnexp.measure.moments import freeze_precisely
-from bnexp.measure.modes import ModeResults, evaluate_modes, run_mode
+from bnexp.measure.modes import ModeResults, evaluate_modes, run_mode, validation_metrics
 
 log = logging.getLogger(__name__)
 CHECK_EVERY = 50  # steps between non-finite checks: each check is a host sync on CUDA
@@ -185,6 +186,7 @@ def set_up(cfg: Config, run_dir: Path) -> Session:
     sampler = build_sampler(cfg.sampler, data.train.y.cpu(), cfg.data.batch_size, cfg.seed)
     model = build(cfg, data.num_classes, device)
     pipe = make_pipeline(cfg, data, device, precision)
+    weight_init.apply(model, cfg.model.init, lambda: pipe.prep(data.train.x[:weight_init.LSUV_BATCH]))
     # source weights, source input normalization, BN mode; before the optimizer sees the params
     tuned = finetune.start(model, source, cfg, data, pipe) if source else None
     optimizer = make_optimizer(model, cfg.optim, cfg.data.batch_size)
@@ -231,6 +233,9 @@ def run_epoch(run: Session, progress: Progress, epoch: int, bar: RunProgress) ->
     test = evaluate_modes(run.model, run.data, run.pipe, cfg.eval, cfg.data.batch_size, cfg.seed,
                           modes=cfg.eval.modes if cfg.eval.every_epoch else (),
                           sampler=cfg.sampler).metrics if scored else {"test_loss": None, "test_acc": None}
+    if scored:  # data.val_size: the validation split, scored as the test set is
+        test.update(validation_metrics(run.model, run.data, run.pipe, cfg.eval, cfg.data.batch_size,
+                                       cfg.seed, cfg.sampler))
     row = {"epoch": epoch, "step": progress.step, "lr": lr, "train_loss": result["loss"],
            "train_acc": result["acc"], "test_loss": test["test_loss"], "test_acc": test["test_acc"],
            "seconds": seconds, "images_per_s": result["images"] / seconds, **test}
@@ -315,6 +320,7 @@ def final_metrics(model, data: DataBundle, pipe: Pipeline, cfg: Config, run_dir=
               for mode in dict.fromkeys([source, "precise"]) if f"test_acc.{mode}" in modes.metrics}
     metrics = {"train_acc": scored[source]["acc"], "train_loss": scored[source]["loss"], **modes.metrics}
     metrics["gen_gap"] = scored[source]["acc"] - metrics["test_acc"]
+    metrics.update(validation_metrics(model, data, pipe, cfg.eval, cfg.data.batch_size, cfg.seed, cfg.sampler))
     if "precise" in scored:
         metrics.update({"train_acc.precise": scored["precise"]["acc"],
                         "train_loss.precise": scored["precise"]["loss"],
