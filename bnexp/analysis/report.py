@@ -222,8 +222,8 @@ def markdown_table(df: pd.DataFrame) -> str:
 # ----------------------------------------------------------------------------- report
 def write_report(study_dir, name: str, question: str, command: str, figures: list,
                  table: pd.DataFrame, statement: str, notes: str = "", checks: str = "",
-                 verdicts: list[str] | None = None) -> Path:
-    """Write ``<study_dir>/report.md``: question, command, commits, run counts by status, the
+                 verdicts: list[str] | None = None, filename: str = "report.md") -> Path:
+    """Write ``<study_dir>/<filename>`` (report.md): question, command, commits, run counts by status, the
     training check (``checks``, before any comparison), the statement, figures (relative links,
     PNG shown, PDF linked), ``table`` as markdown, notes, and last one line per expected shape
     (``verdicts``)."""
@@ -251,7 +251,7 @@ def write_report(study_dir, name: str, question: str, command: str, figures: lis
         lines += ["## Notes", "", notes, ""]
     if verdicts:
         lines += ["## Expected shapes", "", *verdicts, ""]
-    path = study_dir / "report.md"
+    path = study_dir / filename
     path.write_text("\n".join(lines))
     return path
 
@@ -406,7 +406,7 @@ def _machines(study_dir: Path) -> str:
 
 
 def _reproduced(study_dir: Path) -> str:
-    """The runs re-run later from their recorded overrides (``experiments/reproduce.py --record``
+    """The runs re-run later from their recorded overrides (``bnexp-reproduce --record``
     writes ``reproduced.json`` in a run folder): evidence that the code changed since the runs
     does not move their numbers."""
     done = []

@@ -178,8 +178,30 @@ def _equals(column: pd.Series, value) -> pd.Series:
 
 
 # ----------------------------------------------------------------------------- sweep status
+def sweep_definitions(study_dir) -> list[Path]:
+    """The sweep definitions of a folder: every ``-m`` command's record (``sweeps/*.yaml``,
+    written by ``bnexp.jobs.launch.record_sweep``) and multirun.yaml (the last command's; the
+    only one in folders swept before the records existed)."""
+    study_dir = Path(study_dir)
+    last = study_dir / "multirun.yaml"
+    return sorted((study_dir / records.SWEEP_RECORDS).glob("*.yaml")) + ([last] if last.exists() else [])
+
+
 def expected_run_names(study_dir) -> list[str] | None:
-    """Folder names of every run the sweep in ``multirun.yaml`` defines (None if unknowable).
+    """Folder names of every run that any sweep command into the folder defined (the union over
+    ``sweep_definitions``, in order, each once); None if unknowable (no definition, or one that
+    cannot be expanded)."""
+    names: dict[str, None] = {}
+    for path in sweep_definitions(study_dir):
+        found = _expected_in(path)
+        if found is None:
+            return None
+        names.update(dict.fromkeys(found))
+    return list(names) if names else None
+
+
+def _expected_in(path: Path) -> list[str] | None:
+    """Folder names of every run the sweep in one multirun.yaml defines (None if unknowable).
 
     Mirrors Hydra 1.3's BasicSweeper and ``get_overrides_dirname``: sweeper params then the
     command-line task overrides (a later key replaces an earlier one), cartesian product of the
@@ -187,9 +209,6 @@ def expected_run_names(study_dir) -> list[str] | None:
     ``hydra.sweep.subdir`` (e.g. ``runs/${data.name}-seed${seed}``) gives the last folder of that
     path per job instead (see ``_subdir_leaf``).
     """
-    path = Path(study_dir) / "multirun.yaml"
-    if not path.exists():
-        return None
     cfg = OmegaConf.load(path)
     try:
         params = [f"{k}={v}" for k, v in (cfg.hydra.sweeper.get("params") or {}).items()]

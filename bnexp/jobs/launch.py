@@ -199,6 +199,7 @@ class SweepProgress(Callback):
         return {"_state": None}  # launchers pickle callbacks into their workers: send them inert
 
     def on_multirun_start(self, config, **kwargs) -> None:
+        record_sweep(config)
         if not progress.enabled(str(config.get("progress", "auto"))):
             return
         dirs = sweep_run_dirs(config)
@@ -255,6 +256,28 @@ def _finished_since(run_dir: Path, start: float) -> bool:
         return (Path(run_dir) / records.SUMMARY).stat().st_mtime >= start
     except OSError:
         return False
+
+
+def record_sweep(config) -> Path | None:
+    """Saves this command's sweep definition as ``<sweep dir>/sweeps/<time>.yaml``.
+
+    Hydra's multirun.yaml holds the last ``-m`` command only (each one into the folder overwrites
+    it: adding seeds with a second command would drop the first command's runs from the
+    report); the analysis reads the union of these records (``tables.sweep_definitions``).
+    Saved unresolved, as Hydra saves multirun.yaml. Never stops a sweep.
+    """
+    try:
+        folder = Path(str(config.hydra.sweep.dir)) / records.SWEEP_RECORDS
+        folder.mkdir(parents=True, exist_ok=True)
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        path, n = folder / f"{stamp}.yaml", 1
+        while path.exists():
+            path, n = folder / f"{stamp}-{n}.yaml", n + 1
+        OmegaConf.save(config, path)
+        return path
+    except Exception as err:  # a convenience record: the runs themselves are the record
+        log.warning("could not record the sweep's definition (%s)", err)
+        return None
 
 
 def sweep_run_dirs(config) -> list[Path]:
