@@ -6,10 +6,12 @@ that reads Hydra's config, because Hydra hands its callbacks the DictConfig.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import fcntl
 import logging
 import os
+import re
 import socket
 import threading
 import time
@@ -226,6 +228,8 @@ class SweepProgress(Callback):
             self._state["bar"].set(self._count())
 
     def on_multirun_end(self, config, **kwargs) -> None:
+        with contextlib.suppress(Exception):  # Hydra's multirun.yaml, committed with a study
+            drop_host_paths(Path(str(config.hydra.sweep.dir)) / "multirun.yaml")
         if self._state:
             self._state["stop"].set()
             if self._state["inline"]:
@@ -274,10 +278,18 @@ def record_sweep(config) -> Path | None:
         while path.exists():
             path, n = folder / f"{stamp}-{n}.yaml", n + 1
         OmegaConf.save(config, path)
+        drop_host_paths(path)
         return path
     except Exception as err:  # a convenience record: the runs themselves are the record
         log.warning("could not record the sweep's definition (%s)", err)
         return None
+
+
+def drop_host_paths(path: Path) -> None:
+    """``hydra.runtime.cwd: .`` in a saved sweep config (multirun.yaml, a record): the folder it
+    was launched from is this machine's, and studies commit these files."""
+    text = Path(path).read_text()
+    Path(path).write_text(re.sub(r"(?m)^(  runtime:\n(?:    .*\n)*?    cwd: ).*$", r"\1.", text))
 
 
 def sweep_run_dirs(config) -> list[Path]:
