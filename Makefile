@@ -54,5 +54,5 @@ lint: $(STAMP)  ## ruff (rules in pyproject.toml)
 gpu-check: $(STAMP)  ## on a CUDA machine: gpu tests, a 1-epoch CUDA run, the bench on CUDA (<= 5 min)
 	PY=$(BIN)/python tools/gpu_check.sh
 
-clean:  ## delete results/scratch: single runs AND sweeps run without study_name= (keeps .venv, named studies)
+clean:  ## delete results/scratch: single runs, sweeps run without study_name=, your make demo (keeps .venv, named studies)
 	rm -rf results/scratch
