@@ -105,8 +105,11 @@ def test_the_committed_fusion_study_is_analysed_without_touching_its_report(tmp_
     study = tmp_path / "fusion" / "fashion_mnist-small"
     shutil.copytree(src, study)
     curated = (study / "report.md").read_text()
+    figures = {p.name: p.read_bytes() for p in (study / "figures").iterdir() if p.is_file()}
     assert A.main([str(study)]) == 0
     assert (study / "report.md").read_text() == curated
+    assert {p.name: p.read_bytes() for p in (study / "figures").iterdir() if p.is_file()} == figures
+    assert list((study / "figures" / "generic").glob("*.png"))
     generic = (study / A.GENERIC_REPORT).read_text()
     assert generic.startswith("# fashion_mnist-small") and "## Table" in generic
 

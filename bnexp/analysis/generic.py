@@ -59,7 +59,9 @@ def analyze(study_dir, metric: str | None = None, x: str | None = None, hue: str
     swept = swept_columns(runs)
     metric = metric or ("test_acc" if "test_acc" in runs else runs.attrs["metric_keys"][0])
     x, hue = default_axes(runs, swept, x, hue)
-    figures = default_figures(runs, data.curves, data.probes, study_dir / "figures", metric, x, hue, swept)
+    # beside a named study's figures, the generic ones go to a folder of their own
+    fig_dir = study_dir / "figures" / ("generic" if report == GENERIC_REPORT else "")
+    figures = default_figures(runs, data.curves, data.probes, fig_dir, metric, x, hue, swept)
     by = list(dict.fromkeys(c for c in (x, hue, *swept) if c))
     metrics = [metric] + [m for m in runs.attrs["metric_keys"]
                           if m.startswith(metric + ".") or m == "gen_gap" != metric]
