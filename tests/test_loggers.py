@@ -160,6 +160,9 @@ def test_wandb_offline_run_holds_config_epochs_and_final_metrics(tmp_path, monke
     monkeypatch.setenv("WANDB_SILENT", "true")
     run_dir = tmp_path / "run"
     summary = bnexp.run([*TINY, *SWEPT, "logger=wandb", "checkpoint=false", "progress=off"], run_dir=run_dir)
+    import wandb
+
+    wandb.teardown()  # stop wandb's service process: its last records are on disk once it has gone
     [wandb_file] = list((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
     recs = _wandb_records(wandb_file)
     kind = lambda r: r.WhichOneof("record_type")
