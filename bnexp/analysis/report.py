@@ -414,7 +414,7 @@ def _reproduced(study_dir: Path) -> str:
         same = "identical" if r.get("max_abs_diff") == 0 else f"max |difference| {r.get('max_abs_diff')}"
         done.append(f"`{name}` at {str(r.get('at'))[:7]}: {same}"
                     + ("" if r.get("within_tolerance") else " (NOT within tolerance)"))
-    return (". Re-run from their recorded overrides (experiments/reproduce.py): " + "; ".join(done)
+    return (". Re-run from their recorded overrides (bnexp-reproduce): " + "; ".join(done)
             if done else "")
 
 
