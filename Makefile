@@ -40,11 +40,13 @@ test-all: $(STAMP)  ## every test, the slow end-to-end studies included
 data: $(STAMP)  ## get Fashion-MNIST: torchvision download, else apt-get install dataset-fashion-mnist
 	$(BIN)/python -m bnexp.data.files fetch fashion_mnist
 
-demo: $(STAMP)  ## the quick tour on real Fashion-MNIST (fetched first; synthetic only if none can be had): 18 runs, ~8 min on 2 cores, results/demo/fashion_mnist-small/
+demo: $(STAMP)  ## the quick tour on real Fashion-MNIST (fetched first): 18 runs, ~8 min on 2 cores, into results/scratch/demo/ beside the committed results/demo/
 	@# get the data first (a no-op when it is here); when it cannot be had, demo.py falls back
-	@# to the offline synthetic images and says so in the terminal and the report
+	@# to the offline synthetic images and says so in the terminal and the report. Your runs go
+	@# to the git-ignored results/scratch/ (the committed results/demo/ is the reference they are
+	@# compared with; `make study S=demo` re-makes that)
 	$(BIN)/python -m bnexp.data.files fetch fashion_mnist || true
-	$(BIN)/python experiments/demo.py $(ARGS)
+	$(BIN)/python experiments/demo.py results_dir=results/scratch $(ARGS)
 
 study: $(STAMP)  ## make study S=<name> ARGS="..."
 	$(BIN)/python experiments/$(S).py $(ARGS)
@@ -82,5 +84,5 @@ lint: $(STAMP)  ## ruff, then import-linter (the package's import rules); both i
 gpu-check: $(STAMP)  ## on a CUDA machine: gpu tests, a 1-epoch CUDA run, the bench on CUDA (<= 5 min)
 	PY=$(BIN)/python tools/gpu_check.sh
 
-clean:  ## delete results/scratch: single runs AND sweeps run without study_name= (keeps .venv, named studies)
+clean:  ## delete results/scratch: single runs, sweeps run without study_name=, your make demo (keeps .venv, named studies)
 	rm -rf results/scratch

@@ -33,7 +33,7 @@ EVAL_MODES = ("ema", "precise", "precise_bvar", "precise_sampler", "precise_samp
 PROBES = ("noise", "forward_noise", "discrepancy", "calibration", "activations", "variance_shift",
           "weight_norm")
 FINETUNE_BN = ("train", "frozen_stats", "frozen_all", "adapt")
-LOGGERS = ("none", "tensorboard")
+LOGGERS = ("none", "tensorboard", "wandb")
 
 
 @dataclass(frozen=True)

@@ -41,6 +41,7 @@ MODEL = "model.pt"
 LAST = "last.pt"
 FUSED = "fused.json"
 PRECISE_VS_N = "precise_vs_n.json"
+SWEEP_RECORDS = "sweeps"  # <sweep dir>/sweeps/<time>.yaml: every -m command's multirun.yaml
 STATUSES = ("ok", "diverged", "failed")
 FINISHED = ("ok", "diverged")
 EPOCH_KEYS = ("epoch", "step", "lr", "train_loss", "train_acc", "test_loss", "test_acc",

@@ -9,13 +9,18 @@ precise (population) and test-batch statistics. Only when no real data can be ha
 package, no download: `make demo` first tries `python -m bnexp.data.files fetch fashion_mnist`)
 does it fall back to the offline synthetic images at smoke scale (`data=synthetic
 scale=smoke`), and it says so in the terminal and in the report. Its figures are those of the
-``batch_size`` and ``stat_modes_vs_batch`` studies at a few minutes' scale. Results:
-``results/demo/fashion_mnist-small/`` (fallback: ``results/demo/synthetic-smoke/``).
+``batch_size`` and ``stat_modes_vs_batch`` studies at a few minutes' scale.
+
+``make demo`` trains into a folder of your own, ``results/scratch/demo/fashion_mnist-small/``
+(``results_dir=results/scratch``: git-ignored, so no tracked file changes), and its report and
+terminal put each arm's numbers beside the committed reference run of this repository,
+``results/demo/fashion_mnist-small/`` (``beside_reference``). ``make study S=demo`` re-makes
+that reference itself.
 
 Run::
 
     make demo                     # fetch the data if needed, then 18 runs, a few minutes on 2 CPU cores
-    make study S=demo ARGS="hydra/launcher=basic"   # the same runs one after another, in-process
+    make study S=demo ARGS="hydra/launcher=basic"   # the reference runs, one after another, in-process
 
 Expected: on 2 CPU cores the sweep finishes in a few minutes. BN trains fastest at both batch
 sizes and is well ahead of no normalization at batch 128 (Ioffe & Szegedy 2015), with a visible
@@ -28,6 +33,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import pandas as pd
+
 from bnexp.analysis import generic as A
 from bnexp.analysis.study import Study, StudyData
 from bnexp.analysis.verdicts import NOT_TESTED, Shape, Verdict, expect, mean_diff
@@ -38,6 +45,8 @@ BATCH = "data.batch_size"
 FIGURE = "test_acc_vs_batch"  # the main figure (docs/demo.png)
 REAL = "fashion_mnist"
 FALLBACK = {"data": "synthetic", "scale": "smoke"}  # offline procedural images, the smoke budget
+REFERENCE = ROOT / "results" / "demo"  # the committed runs a newcomer's demo is compared with
+SCRATCH = "results/scratch"  # `make demo`'s results_dir: git-ignored (.gitignore), never the reference
 
 
 def plot_vs_batch(runs, metric: str, title: str):
@@ -129,7 +138,34 @@ def bn_gap(d: StudyData):
     return expect([(mean_diff(bn, "gen_gap", "gen_gap", "bn gen_gap"), +1)])
 
 
+def beside_reference(runs, study_dir: Path) -> list[str]:
+    """Each arm's mean test accuracy beside the committed reference's (``REFERENCE/<data>-<scale>
+    /runs.csv``, its finished runs): one line per (norm, batch). Empty for the reference folder
+    itself, or where the repository has no reference for this data and scale."""
+    ref_csv = REFERENCE / Path(study_dir).name / "runs.csv"
+    if not ref_csv.is_file() or Path(study_dir).resolve() == ref_csv.parent.resolve():
+        return []
+    ref = pd.read_csv(ref_csv)
+    mine, theirs = (r[r["status"] == "ok"].groupby(["norm", BATCH])["test_acc"] for r in (runs, ref))
+    mine, theirs = mine.agg(["mean", "count"]), theirs.agg(["mean", "count"])
+    out = []
+    for (norm, batch), row in mine.iterrows():
+        ref_text = (f"committed {100 * theirs.loc[(norm, batch), 'mean']:.1f}% "
+                    f"(n={int(theirs.loc[(norm, batch), 'count'])})" if (norm, batch) in theirs.index
+                    else "no committed run")
+        out.append(f"{norm} at batch {batch:g}: yours {100 * row['mean']:.1f}% (n={int(row['count'])}), {ref_text}")
+    return out
+
+
 def notes(d: StudyData) -> str:
+    mine = beside_reference(d.runs, d.study_dir)
+    beside = (f"Test accuracy (EMA statistics) beside the committed reference "
+              f"({REFERENCE.relative_to(ROOT).as_posix()}/{d.study_dir.name}): " + "; ".join(mine) + ". "
+              if mine else "")
+    return beside + _notes(d)
+
+
+def _notes(d: StudyData) -> str:
     wall = d.runs["wall_time_s"].sum()
     data = set(d.runs["data.name"].dropna())
     where = ("**These runs used the offline synthetic images, the fallback when no real "
@@ -157,6 +193,9 @@ STUDY = Study(
 def main(argv: list[str]) -> Path:
     report = run_study(STUDY, with_data(with_launcher(argv)))
     print(f"figures: {report.parent / 'figures'}  (main one: {FIGURE}.png)")
+    mine = beside_reference(pd.read_csv(report.parent / "runs.csv"), report.parent)
+    if mine:
+        print("test accuracy, yours beside the committed reference:\n  " + "\n  ".join(mine))
     return report
 
 

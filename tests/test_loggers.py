@@ -79,3 +79,102 @@ def test_a_resumed_run_hides_the_events_its_interrupted_attempt_wrote_after_the_
     scalars, _ = events(tmp_path)
     assert scalars["test_acc"] == [(10, pytest.approx(0.1)), (20, pytest.approx(0.2)),
                                    (30, pytest.approx(0.35))]
+
+
+# ----------------------------------------------------------------------------- hparams, wandb
+SWEPT = ["norm=bn", "data.batch_size=32", "seed=1", "optim.lr=0.05"]
+
+
+@pytest.fixture(scope="module")
+def tb_run(tmp_path_factory):
+    """One run through the command-line path (``bnexp.run``: its summary records the overrides)."""
+    import bnexp
+
+    run_dir = tmp_path_factory.mktemp("tb") / "run"
+    summary = bnexp.run([*TINY, *SWEPT, "optim.epochs=1", "logger=tensorboard", "checkpoint=false",
+                         "progress=off", "launcher=joblib"], run_dir=run_dir)
+    return run_dir, summary
+
+
+def test_tensorboard_hparams_hold_the_runs_settings_and_final_metrics(tb_run):
+    """The HParams plugin's records, parsed back from the event file: the session's hparams are
+    the run's overrides (typed), and the experiment's metrics are final/ scalars of the run."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    run_dir, summary = tb_run
+    acc = EventAccumulator(str(run_dir / loggers.TENSORBOARD_DIR), size_guidance={"scalars": 0})
+    acc.Reload()
+    content = {tag: plugin_data_pb2.HParamsPluginData.FromString(raw)
+               for tag, raw in acc.PluginTagToContent("hparams").items()}
+    start = content["_hparams_/session_start_info"].session_start_info.hparams
+    got = {k: v.WhichOneof("kind") and getattr(v, v.WhichOneof("kind")) for k, v in start.items()}
+    assert got["norm"] == "bn" and got["data.batch_size"] == 32 and got["seed"] == 1
+    assert got["optim.lr"] == pytest.approx(0.05) and got["precision"] == "fp32"
+    assert "launcher" not in got and "progress" not in got
+    metric_tags = {m.name.tag for m in content["_hparams_/experiment"].experiment.metric_infos}
+    assert {f"final/{k}" for k in summary["metrics"]} == metric_tags
+    final = acc.Scalars("final/test_acc")[-1].value
+    assert final == pytest.approx(summary["metrics"]["test_acc"], rel=1e-6)
+
+
+def _wandb_records(path):
+    """The records of an offline run's ``.wandb`` file, read by hand: a LevelDB-style log (a
+    7-byte ``:W&B`` file header, 32 KiB blocks of chunks with a crc32/length/type header, type
+    1 whole, 2-3-4 first/middle/last) of ``wandb_internal_pb2.Record`` messages."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2
+
+    data, block = path.read_bytes(), 32768
+    assert data[:4] == b":W&B"
+    pos, chunks, pending = 7, [], b""
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # a block's tail too short for a header is padding
+            pos += block - pos % block
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        chunk, pos = data[pos + 7:pos + 7 + length], pos + 7 + length
+        if kind == 1:
+            chunks.append(chunk)
+        elif kind in (2, 3):
+            pending += chunk
+        elif kind == 4:
+            chunks.append(pending + chunk)
+            pending = b""
+    records_ = []
+    for chunk in chunks:
+        rec = wandb_internal_pb2.Record()
+        rec.ParseFromString(chunk)
+        records_.append(rec)
+    return records_
+
+
+def test_wandb_offline_run_holds_config_epochs_and_final_metrics(tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    import json
+
+    import bnexp
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    run_dir = tmp_path / "run"
+    summary = bnexp.run([*TINY, *SWEPT, "logger=wandb", "checkpoint=false", "progress=off"], run_dir=run_dir)
+    import wandb
+
+    wandb.teardown()  # stop wandb's service process: its last records are on disk once it has gone
+    [wandb_file] = list((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
+    recs = _wandb_records(wandb_file)
+    kind = lambda r: r.WhichOneof("record_type")
+    name = lambda u: u.key or "/".join(u.nested_key)  # wandb-core writes nested_key
+    summ = {name(u): json.loads(u.value_json) for r in recs if kind(r) == "summary" for u in r.summary.update}
+    assert summ["final/test_acc"] == pytest.approx(summary["metrics"]["test_acc"], rel=1e-9)
+    assert summ["status"] == "ok"
+    config = {name(u): json.loads(u.value_json) for r in recs if kind(r) == "config" for u in r.config.update}
+    assert config["hparams"]["norm"] == "bn" and config["hparams"]["data.batch_size"] == 32
+    assert config["resolved"]["optim"]["lr"] == pytest.approx(0.05)
+    rows = records.read_jsonl(run_dir / records.METRICS)
+    history = [{name(u): json.loads(u.value_json) for u in r.history.item} for r in recs if kind(r) == "history"]
+    history = [h for h in history if "test_acc" in h]
+    assert [h["_step"] for h in history] == [r["step"] for r in rows]
+    assert [h["test_acc"] for h in history] == pytest.approx([r["test_acc"] for r in rows])

@@ -1,4 +1,4 @@
-"""experiments/reproduce.py: re-run a finished run from its recorded overrides.
+"""bnexp-reproduce (bnexp.tools.reproduce): re-run a finished run as it ran.
 
 The oracle is the run's own record: a CPU run of one thread is deterministic, so the re-run must
 give the recorded accuracies (within the default one point; here, exactly), and a record whose
@@ -7,16 +7,13 @@ numbers were altered must be reported as not reproduced.
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
+import shutil
 
 import pytest
 
 import bnexp
+from bnexp.tools import reproduce
 from conftest import TINY
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
-import reproduce  # noqa: E402
 
 ONE_EPOCH = [*TINY, "optim.epochs=1", "progress=off", "threads=1"]
 
@@ -71,3 +68,32 @@ def test_record_writes_the_outcome_that_the_report_cites(finished, tmp_path):
     text = provenance._reproduced(study_dir)
     assert f"`{finished.name}`" in text and "identical" in text
     (finished / "reproduced.json").unlink()
+
+
+def test_a_rerun_uses_the_threads_precision_and_device_the_run_recorded(finished, tmp_path, monkeypatch):
+    """The committed runs got 1 thread from the joblib launcher, not from their command line:
+    the re-run must still use 1 (and the resolved precision and device), not torch's default."""
+    copy = tmp_path / "launched"
+    shutil.copytree(finished, copy)
+    given = [o for o in ONE_EPOCH if not o.startswith(("threads=", "precision=", "device="))]
+    (copy / ".hydra" / "overrides.yaml").write_text(json.dumps([*given, "launcher=joblib"]))
+    record = json.loads((copy / "summary.json").read_text())
+    assert record["device"].startswith("cpu (") and record["device"].endswith(" 1 threads)")
+    overrides, _ = reproduce.recorded(copy)
+    assert overrides == [*given, "threads=1", f"precision={record['precision']}", "device=cpu"]
+    seen = []
+    monkeypatch.setattr(bnexp, "run", lambda ov, run_dir: seen.append(list(ov)) or record)
+    assert reproduce.main([str(copy), "--out", str(tmp_path / "again")]) == 0
+    assert seen == [overrides]
+
+
+def test_the_console_command_names_main():
+    """pyproject's ``bnexp-reproduce`` points at this module's ``main`` (read from the file: an
+    older install's metadata may sit earlier on sys.path)."""
+    import importlib
+    import tomllib
+    from pathlib import Path
+
+    pyproject = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+    module, func = pyproject["project"]["scripts"]["bnexp-reproduce"].split(":")
+    assert getattr(importlib.import_module(module), func) is reproduce.main

@@ -31,32 +31,38 @@ from bnexp.analysis.report import (LOWER_IS_BETTER, Diff, compare_statement, for
                                    paired_diff, paired_statement, sentence, welch_diff, write_report)
 from bnexp.analysis.study import Study, StudyData, load, sweep_runs
 from bnexp.analysis.tables import (collect_probes, collect_runs, eval_modes_long, expected_run_names, flatten, mean_ci,
-                     override_dirname, select, status_counts, summarize, swept_columns, t_cdf, t_quantile,
-                     with_error)
+                     override_dirname, select, status_counts, summarize, sweep_definitions, swept_columns,
+                     t_cdf, t_quantile, with_error)
 from bnexp.analysis.verdicts import Shape, Verdict, check_training, expect
 
 MAX_CURVE_GROUPS = 8  # more lines than this on one curve plot stop being readable
 MAX_PROBE_FIGURES = 4
+GENERIC_REPORT = "report.generic.md"  # beside a named study's own report.md, never over it
 
 
 def analyze(study_dir, metric: str | None = None, x: str | None = None, hue: str | None = None,
-            question: str | None = None, command: str | None = None) -> Path:
-    """Write runs.csv, curves.csv (probes.csv), figures/*.png|pdf and report.md; return report.md.
+            question: str | None = None, command: str | None = None, force: bool = False) -> Path:
+    """Write runs.csv, curves.csv (probes.csv), figures/*.png|pdf and report.md; return the report.
 
     ``metric`` defaults to ``test_acc``; ``x`` to the first numeric swept override key (else the
     first swept key), ``hue`` to the next swept key. ``command`` defaults to the sweep's command
-    line rebuilt from multirun.yaml.
+    line rebuilt from multirun.yaml. A named study's own report.md (``curated_report``) is kept:
+    this generic one then goes to report.generic.md, unless ``force``.
     """
+    report = "report.md" if force or not curated_report(study_dir) else GENERIC_REPORT
     data = load(study_dir, command or sweep_command(study_dir))
     study_dir, runs = data.study_dir, data.runs
     question = question or f"Generic analysis of {study_dir.name}: how do the swept settings change the metrics?"
     if "test_acc" not in runs and metric is None and not runs.attrs.get("metric_keys"):
         return write_report(study_dir, study_dir.name, question, data.command, [],
-                            runs[["run", "status"]], "No finished run has metrics yet.", runs=runs)
+                            runs[["run", "status"]], "No finished run has metrics yet.", runs=runs,
+                            filename=report)
     swept = swept_columns(runs)
     metric = metric or ("test_acc" if "test_acc" in runs else runs.attrs["metric_keys"][0])
     x, hue = default_axes(runs, swept, x, hue)
-    figures = default_figures(runs, data.curves, data.probes, study_dir / "figures", metric, x, hue, swept)
+    # beside a named study's figures, the generic ones go to a folder of their own
+    fig_dir = study_dir / "figures" / ("generic" if report == GENERIC_REPORT else "")
+    figures = default_figures(runs, data.curves, data.probes, fig_dir, metric, x, hue, swept)
     by = list(dict.fromkeys(c for c in (x, hue, *swept) if c))
     metrics = [metric] + [m for m in runs.attrs["metric_keys"]
                           if m.startswith(metric + ".") or m == "gen_gap" != metric]
@@ -67,7 +73,17 @@ def analyze(study_dir, metric: str | None = None, x: str | None = None, hue: str
                  "the table keeps every combination.")
     return write_report(study_dir, study_dir.name, question, data.command, figures,
                         format_summary(summary, by, metrics), generic_statement(runs, by, metric), notes,
-                        runs=runs)
+                        runs=runs, filename=report)
+
+
+def curated_report(study_dir) -> bool:
+    """Whether ``study_dir/report.md`` is a named study's (``experiments/<name>.py``) report: its
+    title is the study's name, where the generic report's is the folder's name."""
+    path = Path(study_dir) / "report.md"
+    if not path.is_file():
+        return False
+    first = path.read_text().split("\n", 1)[0]
+    return first.strip() != f"# {Path(study_dir).name}"
 
 
 def default_axes(runs: pd.DataFrame, swept: list[str], x=None, hue=None) -> tuple:
@@ -91,8 +107,17 @@ def default_figures(runs, curves, probes, fig_dir: Path, metric: str, x, hue, sw
         figs[f"{metric}_heatmap"] = plot_heatmap(runs, row=hue, col=x, value=metric)
     modes = eval_modes_long(runs, metric)
     if len(modes) and x is not None:
-        figs[f"{metric}_by_eval_mode"] = (plot_metric_vs(modes, x, metric, "eval_mode") if numeric_x
-                                          else plot_bars(modes, "eval_mode", metric, x))
+        # one line per eval mode AND arm: a mode some arms lack (precise BN without BN) must not
+        # average over another set of arms than the modes beside it
+        keys = [c for c in swept if c != x and c in modes]
+        modes = modes[~((modes["status"] == "ok") & modes[metric].isna())]  # a mode the arm lacks
+        line = "eval_mode"
+        if keys:
+            modes = _with_config_column(modes, keys)
+            modes = modes.assign(eval_mode_arm=modes["eval_mode"].astype(str) + ", " + modes["config"])
+            line = "eval_mode_arm"
+        figs[f"{metric}_by_eval_mode"] = (plot_metric_vs(modes, x, metric, line) if numeric_x
+                                          else plot_bars(modes, line, metric, x))
     if len(curves) and metric in curves:
         keys = [c for c in swept if c in curves]
         curves = _with_config_column(curves, keys) if keys else curves
@@ -136,12 +161,13 @@ def _with_config_column(df: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
 
 
 def sweep_command(study_dir) -> str:
-    """``bnexp -m <overrides>`` as the sweep was launched (from multirun.yaml), else a hint."""
-    path = Path(study_dir) / "multirun.yaml"
-    if not path.exists():
+    """``bnexp -m <overrides>`` as the sweep was launched, one line per distinct command recorded
+    (``sweep_definitions``: the seeds added by a second command too), else a hint."""
+    paths = sweep_definitions(study_dir)
+    if not paths:
         return f"(no multirun.yaml in {study_dir}: command unknown)"
-    task = OmegaConf.load(path).hydra.overrides.task
-    return "bnexp -m " + " ".join(str(t) for t in task)
+    lines = ("bnexp -m " + " ".join(str(t) for t in OmegaConf.load(p).hydra.overrides.task) for p in paths)
+    return "\n".join(dict.fromkeys(lines))
 
 
 def _study_dirs(path: Path, depth: int = 2) -> list[Path]:
@@ -169,21 +195,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--metric", help="metric to plot and rank (default test_acc)")
     parser.add_argument("--x", help="x-axis column (default: first numeric swept override key)")
     parser.add_argument("--hue", help="line colour column (default: next swept override key)")
+    parser.add_argument("--force", action="store_true",
+                        help=f"overwrite a named study's report.md (default: write {GENERIC_REPORT} beside it)")
     args = parser.parse_args(argv)
     if not args.results_dir.is_dir():
         parser.error(f"{args.results_dir} is not a directory")
+    failed = 0
     for study in _study_dirs(args.results_dir):
-        if args.status:
-            counts = status_counts(study)
-            print(f"{study}: " + " ".join(f"{k}={'?' if v is None else v}" for k, v in counts.items()))
-        else:
-            matplotlib.use("Agg")  # the CLI only writes files; never open a window
-            print(analyze(study, args.metric, args.x, args.hue))
-    return 0
+        try:  # each folder on its own: one that cannot be analysed is one line, the rest go on
+            if args.status:
+                counts = status_counts(study)
+                print(f"{study}: " + " ".join(f"{k}={'?' if v is None else v}" for k, v in counts.items()))
+            else:
+                matplotlib.use("Agg")  # the CLI only writes files; never open a window
+                print(analyze(study, args.metric, args.x, args.hue, force=args.force))
+        except Exception as err:  # noqa: BLE001 - reported, and the exit status says so
+            failed += 1
+            print(f"{study}: analysis failed: {type(err).__name__}: {err}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 __all__ = ["LABELS", "LOWER_IS_BETTER", "Diff", "Shape", "Study", "StudyData", "Verdict", "analyze",
-           "check_training", "collect_probes", "collect_runs", "compare_statement", "default_axes",
+           "check_training", "collect_probes", "curated_report", "collect_runs", "compare_statement", "default_axes",
            "default_figures", "eval_modes_long", "expect", "expected_run_names", "flatten",
            "format_summary", "generic_statement", "is_percent", "knob_label", "label", "main",
            "markdown_table", "mean_ci", "override_dirname", "paired_diff", "paired_statement",

@@ -191,7 +191,7 @@ def plot_heatmap(df: pd.DataFrame, row: str, col: str, value: str, ci: float = 0
     grid = np.full((len(rows), len(cols)), np.nan)
     cells = {}
     for _, s in stats.iterrows():
-        i, j = rows.index(s[row]), cols.index(s[col])
+        i, j = _position(rows, s[row]), _position(cols, s[col])
         grid[i, j] = s[f"{value}.mean"] * scale
         cells[i, j] = s
     colormap = mpl.colormaps["viridis"].with_extremes(bad="0.88")  # cells without a finished run
@@ -414,9 +414,18 @@ def _sort_key(v):
 
 
 def _fmt(v) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "null"  # a swept key that takes null (``fusion=null``): the value as typed
     if isinstance(v, (float, np.floating)):
         return f"{v:g}"
     return str(v)
+
+
+def _position(values: list, v) -> int:
+    """Index of ``v`` in ``values``, a None/NaN cell included (NaN != NaN defeats list.index)."""
+    if _sort_key(v) == (2, 0, ""):
+        return next(i for i, u in enumerate(values) if _sort_key(u) == (2, 0, ""))
+    return values.index(v)
 
 
 __all__ = ["LABELS", "set_style", "label", "knob_label", "is_percent", "save_figure",

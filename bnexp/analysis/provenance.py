@@ -3,7 +3,7 @@ numbers: ``collect`` writes it all to ``provenance.json`` beside report.md, and 
 in one line for the report ("runs at abc1234; re-run identically at def5678; ...").
 
 Evidence, strongest first: the runs re-run later with identical records (``reproduced.json`` in a
-run folder, by ``experiments/reproduce.py``); ``results/code_checks.json`` (the same configs run at
+run folder, by ``bnexp-reproduce``); ``results/code_checks.json`` (the same configs run at
 two commits with identical records); a change that cannot move a number (analysis side, another
 study's config, comments and docstrings only). Git follows renames (``git diff -M``): a file that
 moved is compared, old path at the old commit against new path at the new one, and one whose code
@@ -295,7 +295,7 @@ def _reproductions(study_dir: Path) -> dict[str, dict]:
 
 
 def _reproduced(study_dir: Path) -> str:
-    """The runs re-run later from their recorded overrides (``experiments/reproduce.py --record``
+    """The runs re-run later from their recorded overrides (``bnexp-reproduce --record``
     writes ``reproduced.json`` in a run folder): evidence that the code changed since the runs
     does not move their numbers."""
     done = []
@@ -303,7 +303,7 @@ def _reproduced(study_dir: Path) -> str:
         same = "identical" if r.get("max_abs_diff") == 0 else f"max |difference| {r.get('max_abs_diff')}"
         done.append(f"`{name}` at {str(r.get('at'))[:7]}: {same}"
                     + ("" if r.get("within_tolerance") else " (NOT within tolerance)"))
-    return (". Re-run from their recorded overrides (experiments/reproduce.py): " + "; ".join(done)
+    return (". Re-run from their recorded overrides (bnexp-reproduce): " + "; ".join(done)
             if done else "")
 
 

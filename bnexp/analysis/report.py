@@ -43,8 +43,9 @@ PLAIN = {"none": "no normalization", "bn": "BN", "ln": "LN", "gn": "GN", "pn": "
 def write_report(study_dir, name: str, question: str, command: str, figures: list,
                  table: pd.DataFrame, statement: str, notes: str = "", checks: str = "",
                  verdicts: list | None = None, runs: pd.DataFrame | None = None,
-                 arm: list[str] | None = None) -> Path:
-    """Write ``<study_dir>/report.md`` and ``provenance.json`` beside it; return report.md.
+                 arm: list[str] | None = None, filename: str = "report.md") -> Path:
+    """Write ``<study_dir>/<filename>`` (report.md; the generic report beside a study's own:
+    report.generic.md) and its facts as data beside it; return its path.
 
     ``figures``: PNG paths, the first one the headline; ``table``: the comparisons table;
     ``statement``: the comparisons in sentences; ``checks``: the training check; ``verdicts``:
@@ -72,9 +73,9 @@ def write_report(study_dir, name: str, question: str, command: str, figures: lis
         lines += ["## Notes", "", notes, ""]
     lines += [f"**Provenance.** {provenance.line(prov)}.", ""]
     # the facts the findings page and the site read, as data (not parsed back out of markdown)
-    (study_dir / "report.json").write_text(json.dumps(
+    (study_dir / Path(filename).with_suffix(".json").name).write_text(json.dumps(
         {"name": name, "question": question, "command": command, "figures": [f for f, _ in figures]}, indent=1) + "\n")
-    path = study_dir / "report.md"
+    path = study_dir / filename
     path.write_text("\n".join(lines))
     return path
 

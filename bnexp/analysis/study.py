@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import warnings
+from importlib import resources
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +36,7 @@ from bnexp.analysis.tables import (
     collect_runs,
     expected_run_names,
     summarize,
+    sweep_definitions,
     swept_columns,
 )
 from bnexp.analysis.verdicts import Shape, check_training, training_text
@@ -149,22 +151,32 @@ def _paragraph(comparisons) -> str:
 
 # ----------------------------------------------------------------------------- which runs
 def sweep_setting(study_dir: Path) -> dict:
-    """``{"data.name": ..., "scale_name": ...}`` of the sweep a folder holds: from its
-    multirun.yaml (the sweep's composed config), else from a ``<data>-<scale>`` folder name."""
-    path = Path(study_dir) / "multirun.yaml"
-    if path.exists():
-        cfg = OmegaConf.load(path)
+    """``{"data.name": ..., "scale_name": ...}`` of the sweep a folder holds: from its last sweep
+    definition (multirun.yaml, the sweep's composed config), else from a ``<data>-<scale>``
+    folder name, read so only when both parts name a config (``fashion_mnist-small``; not
+    ``my-runs`` or ``lr-sweep``, whose runs it would all exclude)."""
+    paths = sweep_definitions(study_dir)
+    if paths:
+        cfg = OmegaConf.load(paths[-1])
         found = {k: OmegaConf.select(cfg, k, default=None) for k in ("data.name", "scale_name")}
         return {k: v for k, v in found.items() if v is not None}
     data, sep, scale = Path(study_dir).name.rpartition("-")
-    return {"data.name": data, "scale_name": scale} if sep else {}
+    known = sep and data in _config_names("data") and scale in _config_names("scale")
+    return {"data.name": data, "scale_name": scale} if known else {}
+
+
+def _config_names(group: str) -> set[str]:
+    """The options of a config group (``conf/<group>/*.yaml``, shipped as ``bnexp.conf``)."""
+    return {p.name.removesuffix(".yaml") for p in resources.files("bnexp.conf").joinpath(group).iterdir()
+            if p.name.endswith(".yaml")}
 
 
 def sweep_runs(study_dir: Path, runs: pd.DataFrame) -> tuple[pd.DataFrame, dict]:
     """``(runs of the folder's sweep, {run: why excluded})``. A run is excluded when its config
-    has another dataset or scale than the folder's sweep, or when multirun.yaml (the last sweep
-    launched into the folder) does not list it (unless it lists none of the folders: then its
-    expansion is not trusted). Each exclusion is warned about."""
+    has another dataset or scale than the folder's sweep, or when no sweep command launched into
+    the folder lists it (``expected_run_names``: the union over every command's record, not only
+    the last multirun.yaml; unless they list none of the folders: then the expansion is not
+    trusted). Each exclusion is warned about."""
     setting = sweep_setting(study_dir)
     expected = expected_run_names(study_dir)
     why = {}
@@ -176,7 +188,7 @@ def sweep_runs(study_dir: Path, runs: pd.DataFrame) -> tuple[pd.DataFrame, dict]
         if wrong:
             why[r["run"]] = ", ".join(wrong)
         elif expected is not None and r["run"] not in expected:
-            why[r["run"]] = "not a run of the sweep in multirun.yaml"
+            why[r["run"]] = "not a run of any sweep command recorded here (multirun.yaml, sweeps/)"
     for run, reason in why.items():
         warnings.warn(f"{study_dir}: run {run} excluded from the report: {reason}", stacklevel=2)
     kept = runs[~runs["run"].isin(list(why))].reset_index(drop=True)

@@ -177,14 +177,33 @@ def _equals(column: pd.Series, value) -> pd.Series:
 
 
 # ----------------------------------------------------------------------------- sweep status
+def sweep_definitions(study_dir) -> list[Path]:
+    """The sweep definitions of a folder: every ``-m`` command's record (``sweeps/*.yaml``,
+    written by ``bnexp.jobs.launch.record_sweep``) and multirun.yaml (the last command's; the
+    only one in folders swept before the records existed)."""
+    study_dir = Path(study_dir)
+    last = study_dir / "multirun.yaml"
+    return sorted((study_dir / records.SWEEP_RECORDS).glob("*.yaml")) + ([last] if last.exists() else [])
+
+
 def expected_run_names(study_dir) -> list[str] | None:
-    """Folder names of every run the sweep in ``multirun.yaml`` defines (None if unknowable):
-    the last folder of each job's ``hydra.sweep.subdir`` (``bnexp.sweep.job_subdirs``, the list
-    the sweep itself counts while it runs). A study with per-arm lrs launches its sweep once per chosen lr
-    (``lr_choice.json``'s ``sweeps``, ``bnexp.jobs.tuning``): the union of those."""
-    path = Path(study_dir) / "multirun.yaml"
-    if not path.exists():
-        return None
+    """Folder names of every run that any sweep command into the folder defined (the union over
+    ``sweep_definitions``, in order, each once; a study with per-arm lrs launches each definition
+    once per chosen lr, ``lr_choice.json``'s ``sweeps``); None if unknowable (no definition, or
+    one that cannot be expanded)."""
+    names: dict[str, None] = {}
+    for path in sweep_definitions(study_dir):
+        found = _expected_in(study_dir, path)
+        if found is None:
+            return None
+        names.update(dict.fromkeys(found))
+    return list(names) if names else None
+
+
+def _expected_in(study_dir, path: Path) -> list[str] | None:
+    """Folder names of every run one sweep definition defines: the last folder of each job's
+    ``hydra.sweep.subdir`` (``bnexp.sweep.job_subdirs``, the list the sweep itself counts while it
+    runs); None if unknowable."""
     try:
         cfg = OmegaConf.load(path)
         return [Path(sub).name for task in _launches(study_dir, list(cfg.hydra.overrides.task))

@@ -6,9 +6,11 @@ that reads Hydra's config, because Hydra hands its callbacks the DictConfig.
 """
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import logging
 import os
+import re
 import socket
 import threading
 import time
@@ -195,6 +197,7 @@ class SweepProgress(Callback):
         return {"_state": None}  # launchers pickle callbacks into their workers: send them inert
 
     def on_multirun_start(self, config, **kwargs) -> None:
+        record_sweep(config)
         if not progress.enabled(str(config.get("progress", "auto"))):
             return
         dirs = sweep_run_dirs(config)
@@ -221,6 +224,8 @@ class SweepProgress(Callback):
             self._state["bar"].set(self._count())
 
     def on_multirun_end(self, config, **kwargs) -> None:
+        with contextlib.suppress(Exception):  # Hydra's multirun.yaml, committed with a study
+            drop_host_paths(Path(str(config.hydra.sweep.dir)) / "multirun.yaml")
         if self._state:
             self._state["stop"].set()
             if self._state["inline"]:
@@ -251,6 +256,36 @@ def _finished_since(run_dir: Path, start: float) -> bool:
         return (Path(run_dir) / records.SUMMARY).stat().st_mtime >= start
     except OSError:
         return False
+
+
+def record_sweep(config) -> Path | None:
+    """Saves this command's sweep definition as ``<sweep dir>/sweeps/<time>.yaml``.
+
+    Hydra's multirun.yaml holds the last ``-m`` command only (each one into the folder overwrites
+    it: adding seeds with a second command would drop the first command's runs from the
+    report); the analysis reads the union of these records (``tables.sweep_definitions``).
+    Saved unresolved, as Hydra saves multirun.yaml. Never stops a sweep.
+    """
+    try:
+        folder = Path(str(config.hydra.sweep.dir)) / records.SWEEP_RECORDS
+        folder.mkdir(parents=True, exist_ok=True)
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        path, n = folder / f"{stamp}.yaml", 1
+        while path.exists():
+            path, n = folder / f"{stamp}-{n}.yaml", n + 1
+        OmegaConf.save(config, path)
+        drop_host_paths(path)
+        return path
+    except Exception as err:  # a convenience record: the runs themselves are the record
+        log.warning("could not record the sweep's definition (%s)", err)
+        return None
+
+
+def drop_host_paths(path: Path) -> None:
+    """``hydra.runtime.cwd: .`` in a saved sweep config (multirun.yaml, a record): the folder it
+    was launched from is this machine's, and studies commit these files."""
+    text = Path(path).read_text()
+    Path(path).write_text(re.sub(r"(?m)^(  runtime:\n(?:    .*\n)*?    cwd: ).*$", r"\1.", text))
 
 
 def sweep_run_dirs(config) -> list[Path]:

@@ -11,7 +11,13 @@ setting names one entry of ``LOGGERS``, each ``logger(run_dir, first_step) -> Lo
   (``train_loss``, ``test_acc``, ``test_acc.<mode>`` with ``eval.every_epoch``, ``lr``, ...) at
   its ``step``; ``probes/<name>/<layer>[/<key>=<value>]`` (``probe_tag``) at the probe's step;
   ``final/<metric>`` for every metric of the summary (the eval modes among them) at the last
-  step; the ``status`` and the resolved config as text.
+  step; the ``status`` and the resolved config as text; and the run's hparams (``hparams``: its
+  command-line settings) with the ``final/<metric>`` scalars as their metrics, so TensorBoard's
+  HParams tab compares the runs of a sweep side by side.
+* ``wandb``: Weights & Biases (``pip install 'bnexp[wandb]'``), offline unless ``WANDB_MODE``
+  says otherwise, its files in ``<run>/wandb/`` (``wandb sync`` uploads them later). The config
+  (the resolved one of ``.hydra/config.yaml``, and the summary's), each ``metrics.jsonl`` row at
+  its step, the probe rows as a table, ``final/<metric>`` and ``status`` in the run summary.
 
 ``first_step`` is the step a resumed run starts from: TensorBoard hides the events an
 interrupted attempt wrote after it (``purge_step``), so a resumed run reads as one.
@@ -22,8 +28,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 from typing import Iterable
+
+import yaml
 
 from bnexp.registry import Registry
 
@@ -93,9 +102,83 @@ class TensorBoard(Logger):
         # the resolved config, so the event files alone say what was run
         self.writer.add_text("config", "```\n" + json.dumps(summary.get("config"), indent=1) + "\n```",
                              self.last_step)
+        self._log_hparams(summary)
+
+    def _log_hparams(self, summary: dict) -> None:
+        """The HParams plugin's experiment, session start and end, in this run's own event file
+        (``add_hparams`` would open a sub-run of its own): its metrics are the ``final/`` tags."""
+        from torch.utils.tensorboard.summary import hparams as hparams_summary
+
+        metrics = {f"final/{k}": v for k, v in (summary.get("metrics") or {}).items() if _is_number(v)}
+        writer = self.writer._get_file_writer()
+        for part in hparams_summary(hparams(summary), metrics):
+            writer.add_summary(part, self.last_step)
 
     def close(self) -> None:
         self.writer.close()
+
+
+@LOGGERS.register("wandb")
+class WandB(Logger):
+    """Weights & Biases through ``wandb`` (imported here: an optional extra). Offline by default:
+    a sweep must not stop for a login, and the run folder stays the record."""
+
+    def __init__(self, run_dir: Path, first_step: int):
+        try:
+            import wandb
+        except ImportError as err:
+            raise ImportError("logger=wandb needs the wandb package: pip install 'bnexp[wandb]'") from err
+        config_yaml = run_dir / ".hydra" / "config.yaml"
+        config = yaml.safe_load(config_yaml.read_text()) if config_yaml.is_file() else {}
+        self.run = wandb.init(dir=str(run_dir), mode=os.environ.get("WANDB_MODE", "offline"),
+                              project=os.environ.get("WANDB_PROJECT", "bnexp"), name=run_dir.name,
+                              config=config, reinit="create_new",
+                              # no copy of the terminal (run.log has it), no banner per run of a sweep
+                              settings=wandb.Settings(console="off", quiet=True))
+
+    def log_epoch(self, row: dict, step: int) -> None:
+        self.run.log({k: v for k, v in row.items() if k not in ("epoch", "step") and _is_number(v)}
+                     | {"epoch": row.get("epoch")}, step=step)
+
+    def log_probes(self, rows: Iterable[dict]) -> None:
+        rows = list(rows)
+        if rows:  # their steps are behind the run's last one: a table, not step-indexed scalars
+            import wandb
+
+            columns = sorted({k for r in rows for k in r})
+            self.run.log({"probes": wandb.Table(columns=columns, data=[[r.get(c) for c in columns]
+                                                                      for r in rows])})
+
+    def log_summary(self, summary: dict) -> None:
+        self.run.config.update({"hparams": hparams(summary), "resolved": summary.get("config") or {}},
+                               allow_val_change=True)
+        final = {f"final/{k}": v for k, v in (summary.get("metrics") or {}).items() if _is_number(v)}
+        self.run.summary.update({**final, "status": str(summary.get("status"))})
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+def hparams(summary: dict) -> dict:
+    """The run's command-line settings (its ``overrides``: the sweep's swept keys among them) as
+    ``{key: number | str | bool}``, the launcher and bookkeeping keys left out; ``null`` and
+    lists as their text."""
+    out = {}
+    for line in summary.get("overrides") or []:
+        key, _, text = str(line).partition("=")
+        key = key.lstrip("+~")
+        if key in _NOT_HPARAMS:
+            continue
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError:
+            value = text
+        out[key] = value if isinstance(value, (int, float, str, bool)) else text
+    return out
+
+
+_NOT_HPARAMS = {"launcher", "hydra/launcher", "progress", "logger", "checkpoint", "results_dir",
+                "data.root", "data.download", "rerun_failed", "study_name"}
 
 
 def probe_tag(row: dict) -> str:

@@ -1,10 +1,13 @@
-"""Re-run one finished run from its recorded overrides and compare its numbers with the record.
+"""Re-run one finished run as it ran and compare its numbers with the record (``bnexp-reproduce``).
 
-    python experiments/reproduce.py results/batch_size/fashion_mnist-small/runs/<run>
-    python experiments/reproduce.py <run> --out /tmp/again --tolerance 0.01
+    bnexp-reproduce results/batch_size/fashion_mnist-small/runs/<run>
+    bnexp-reproduce <run> --out /tmp/again --tolerance 0.01
 
 The run folder's ``.hydra/overrides.yaml`` holds the command line of that run (the sweep's
-overrides plus its own); the launcher override is dropped (one run, in this process). The new
+overrides plus its own); the launcher override is dropped (one run, in this process). What the
+launcher or ``auto`` decided is not on that line but in ``summary.json``: the threads the run
+used (a joblib sweep gives each job 1), its precision (``auto`` -> ``bf16``) and device; they are
+added as overrides (``as_ran``) unless the command line already set them. The new
 run goes to ``--out`` (default: a temporary folder, removed afterwards), then each final metric
 the record has (``test_acc`` and the eval modes', ``train_acc``, ``train_loss``) is printed beside
 the new value. Exit status 0 when every accuracy is within ``--tolerance`` (a fraction: 0.01 is
@@ -16,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import shutil
 import sys
 import tempfile
@@ -37,7 +41,25 @@ def recorded(run_dir: Path) -> tuple[list[str], dict]:
         raise ValueError(f"{run_dir}: status {record.get('status')!r}, not ok: nothing to compare")
     given = [o for o in yaml.safe_load(overrides.read_text()) or []
              if o.split("=", 1)[0].lstrip("+~") not in ("launcher", "hydra/launcher")]
-    return given, record["metrics"]
+    keys = {o.split("=", 1)[0].lstrip("+~") for o in given}
+    return given + [f"{k}={v}" for k, v in as_ran(record).items() if k not in keys], record["metrics"]
+
+
+def as_ran(record: dict) -> dict:
+    """``{threads, precision, device}`` as the run resolved them (its summary), where known:
+    a one-thread run re-made with torch's default would not be the same computation."""
+    device = str(record.get("device") or "")
+    out = {}
+    threads = re.search(r"(\d+) threads", device)
+    if threads:
+        out["threads"] = int(threads.group(1))
+    elif int((record.get("config") or {}).get("threads") or 0) > 0:
+        out["threads"] = int(record["config"]["threads"])
+    if record.get("precision") in ("fp32", "bf16"):
+        out["precision"] = record["precision"]
+    if device:
+        out["device"] = "cpu" if device.startswith("cpu") else "cuda"
+    return out
 
 
 def compare(old: dict, new: dict, tolerance: float) -> tuple[list[tuple], bool]:
@@ -54,8 +76,8 @@ def compare(old: dict, new: dict, tolerance: float) -> tuple[list[tuple], bool]:
     return rows, ok
 
 
-def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="bnexp-reproduce", description=__doc__.split("\n\n")[0])
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("--out", type=Path, default=None, help="where the re-run goes (kept)")
     parser.add_argument("--record", action="store_true",
@@ -96,4 +118,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(main())
