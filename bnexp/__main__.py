@@ -5,7 +5,7 @@ way). It resolves the config, parses it into frozen dataclasses, and hands them 
 ``train.fit``. Whatever happens inside a run becomes a record: a bad setting or an exception is
 written as a ``failed`` summary, and inside a sweep the process carries on so that one bad run
 never loses the others. The task function returns the run's ``objective`` (``test_acc``), the
-value Hydra's sweepers (Optuna) optimize.
+value Hydra's sweepers (Optuna) optimize, or for a run without one a text (``task_value``).
 """
 from __future__ import annotations
 
@@ -189,8 +189,8 @@ def _headline(metrics: dict) -> str:
 
 def objective(summary: dict | None) -> float:
     """The value a sweeper optimizes for a run: ``test_acc`` (``eval.default_mode``'s) of an ``ok``
-    run, NaN for a failed or diverged run or one without a record (Optuna marks a NaN trial
-    failed and goes on; None would stop its sweep)."""
+    run, NaN for a failed or diverged run or one without a record (the task function hands
+    the sweeper ``task_value`` instead of the NaN)."""
     value = (summary or {}).get("metrics", {}).get("test_acc")
     if (summary or {}).get("status") != "ok" or value is None:
         return math.nan

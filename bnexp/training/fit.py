@@ -169,7 +169,8 @@ class Progress:
 def fit(cfg: Config, run_dir: Path, provenance: dict | None = None) -> dict:
     """Train one model as ``cfg`` says and write its records into ``run_dir``; return the summary.
 
-    A non-finite training loss ends the run with status ``diverged`` (a result, not an error).
+    A non-finite training loss, weight or buffer (checked after each epoch) or final test
+    output ends the run with status ``diverged`` (a result, not an error).
     Exceptions propagate; the entry point records them as ``failed``.
     """
     started = time.time()
@@ -198,6 +199,9 @@ def set_up(cfg: Config, run_dir: Path) -> Session:
     data = load_data(cfg.data, device, seed=cfg.seed)
     sampler = build_sampler(cfg.sampler, data.train.y.cpu(), cfg.data.batch_size, cfg.seed)
     model = build(cfg, data.num_classes, device)
+    if cfg.norm.name == "gn" and any(g != cfg.norm.groups for g in (groups_used(model) or {}).values()):
+        log.info("norm.groups=%d does not divide every width: groups used per width %s (the largest "
+                 "divisor <= norm.groups; recorded as norm_groups_used)", cfg.norm.groups, groups_used(model))
     pipe = make_pipeline(cfg, data, device, precision)
     # source weights, source input normalization, BN mode; before the optimizer sees the params
     tuned = finetune.start(model, source, cfg, data, pipe) if source else None
