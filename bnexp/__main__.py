@@ -3,7 +3,8 @@
 The command line is checked (``check_command_line``: an unknown key fails listing the allowed
 ones), then Hydra composes the config and calls the task function, which hands each job to
 ``bnexp.jobs.job.run`` (the job's lifecycle: lock, skip, parse, train, record). The task function
-returns the run's ``objective`` (``test_acc``), the value Hydra's sweepers (Optuna) optimize.
+returns the run's ``objective`` (``test_acc``), the value Hydra's sweepers (Optuna) optimize, or
+for a run without one a text (``task_value``).
 """
 from __future__ import annotations
 
@@ -27,8 +28,8 @@ register_resolvers()
 
 def objective(summary: dict | None) -> float:
     """The value a sweeper optimizes for a run: ``test_acc`` (``eval.default_mode``'s) of an ``ok``
-    run, NaN for a failed or diverged run or one without a record (Optuna marks a NaN trial
-    failed and goes on; None would stop its sweep)."""
+    run, NaN for a failed or diverged run or one without a record (the task function hands
+    the sweeper ``task_value`` instead of the NaN)."""
     value = (summary or {}).get("metrics", {}).get("test_acc")
     if (summary or {}).get("status") != "ok" or value is None:
         return math.nan
@@ -36,7 +37,7 @@ def objective(summary: dict | None) -> float:
 
 
 @hydra.main(config_path="pkg://bnexp.conf", config_name="config", version_base="1.3")
-def _hydra_main(cfg: DictConfig) -> float:
+def _hydra_main(cfg: DictConfig) -> float | str:
     """The task function: one run, its ``objective`` returned (a skipped run's from its record).
     A single run that fails exits 2 for a bad setting, 1 otherwise, with one line on stderr."""
     try:
@@ -46,7 +47,22 @@ def _hydra_main(cfg: DictConfig) -> float:
         raise SystemExit(2 if isinstance(err, ConfigError) else 1) from None
     if summary is None:  # skipped in a sweep: finished before, or locked by another process
         summary = records.read_summary(Path(HydraConfig.get().runtime.output_dir))
-    return objective(summary)
+    return task_value(summary)
+
+
+def task_value(summary: dict | None) -> float | str:
+    """What the task function hands the sweeper: ``objective`` of an ``ok`` run; for a run
+    without one (failed, diverged, locked) a one-line str saying so, which is not a number.
+
+    Not NaN: Optuna's Hydra sweeper tells a float as a COMPLETE trial; Optuna refuses a NaN
+    value there, and the sweeper's fallback, telling the trial FAIL *with* that value, raises
+    ``ValueError: Values were told`` and aborts the search. A value ``float()`` cannot cast
+    is told FAIL without a value: the trial fails and the search goes on."""
+    value = objective(summary)
+    if not math.isnan(value):
+        return value
+    status = (summary or {}).get("status") or "unrecorded"
+    return f"no objective: the run is {status}"
 
 
 def main() -> None:

@@ -14,6 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Sequence
 
+from bnexp import records
 from bnexp.config import Config, parse_config
 
 
@@ -26,11 +27,13 @@ def compose(overrides: Sequence[str] = ()) -> Config:
     return parse_config(OmegaConf.to_container(cfg, resolve=True))
 
 
-def run(overrides: Sequence[str] = (), run_dir: str | Path | None = None) -> dict:
+def run(overrides: Sequence[str] = (), run_dir: str | Path | None = None, overwrite: bool = False) -> dict:
     """Train one run of ``overrides`` and return its summary (as in ``summary.json``).
 
     ``run_dir`` None: the command line's single-run folder,
     ``<results_dir>/scratch/<date>_<time>_<microseconds>/`` relative to the working directory.
+    A ``run_dir`` that holds a finished run (``ok`` or ``diverged``) is refused with
+    ``FileExistsError`` unless ``overwrite`` (then the run is trained again in it).
     A failed run is recorded (status ``failed``) and its error raised, as the command line exits
     non-zero; a diverged run returns its summary (status ``diverged``).
     """
@@ -39,6 +42,9 @@ def run(overrides: Sequence[str] = (), run_dir: str | Path | None = None) -> dic
 
     from bnexp.jobs import job
 
+    if run_dir is not None and not overwrite and records.is_finished(Path(run_dir), rerun_failed=True):
+        raise FileExistsError(f"{run_dir} holds a finished run (summary.json, ok or diverged): not overwritten; "
+                              "pass overwrite=True to train it again there, or choose another run_dir")
     cfg = _compose(overrides, with_hydra=True)
     with read_write(cfg.hydra), open_dict(cfg.hydra):
         cfg.hydra.mode = RunMode.RUN

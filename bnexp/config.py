@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
 import typing
 from dataclasses import dataclass, fields
 from typing import Any, Optional, Union
@@ -197,6 +198,8 @@ class OptimConfig:
                  f"optim.label_smoothing={self.label_smoothing} must be in [0, 1)")
         _fail_if(self.grad_clip is not None and self.grad_clip <= 0,
                  f"optim.grad_clip={self.grad_clip} must be > 0 or null")
+        _fail_if(not self.gamma > 0, f"optim.gamma={self.gamma} must be > 0 (the step schedule "
+                 "multiplies the lr by gamma at each milestone; <= 0 would make it zero or negative)")
         _fail_if(any(not 0.0 < m < 1.0 for m in self.milestones),
                  f"optim.milestones={list(self.milestones)} must be fractions of training in (0, 1)")
 
@@ -382,6 +385,10 @@ def _typed(key: str, value, hint):
     """``value`` as field type ``hint`` wants it (lists become tuples, ints in float fields
     floats), or ``ConfigError`` naming the setting, the value and the expected type."""
     origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if isinstance(value, float) and not math.isfinite(value):
+        # every float setting is a rate, size or scale: nan/inf would pass the range checks
+        # (nan compares False) and turn into a diverged or silently odd run
+        raise ConfigError(f"{key}={value!r} must be a finite number")
     if hint is Any:
         return tuple(value) if isinstance(value, list) else value
     if origin is Union:  # Optional[X]

@@ -26,12 +26,15 @@ Accuracies are fractions in [0, 1].
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import tempfile
 import time
 from pathlib import Path
 from typing import Any, Iterable, Iterator
+
+log = logging.getLogger("bnexp")
 
 SUMMARY = "summary.json"
 METRICS = "metrics.jsonl"
@@ -120,11 +123,21 @@ def read_jsonl(path: Path) -> list[dict]:
 
 
 def read_summary(run_dir: Path) -> dict | None:
-    """The run's summary, or None when it has not finished (no summary.json yet)."""
+    """The run's summary, or None when it has not finished (no summary.json yet). An empty or
+    corrupt file (a crash or a full disk outside ``write_json_atomic``) counts as unfinished,
+    with a warning: a sweep trains the run again."""
     path = Path(run_dir) / SUMMARY
-    if not path.exists():
+    try:
+        summary = json.loads(path.read_text())
+    except FileNotFoundError:
         return None
-    return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        summary = err
+    if not isinstance(summary, dict) or not isinstance(summary.get("status"), str):
+        why = summary if isinstance(summary, Exception) else "not a summary object"
+        log.warning("%s is empty or corrupt (%s): the run counts as unfinished", path, why)
+        return None
+    return summary
 
 
 def is_finished(run_dir: Path, rerun_failed: bool = False) -> bool:

@@ -121,7 +121,7 @@ def _task_return(task, cfg) -> float:
         HydraConfig.instance().cfg = None
 
 
-def test_task_function_returns_test_acc_for_optuna_and_nan_when_a_run_fails(tmp_path):
+def test_task_function_returns_test_acc_for_optuna_and_no_number_when_a_run_fails(tmp_path):
     ok = _as_sweep_job(tmp_path, "ok", ONE_EPOCH)
     value = _task_return(*ok)
     recorded = records.read_summary(tmp_path / "ok")
@@ -129,7 +129,10 @@ def test_task_function_returns_test_acc_for_optuna_and_nan_when_a_run_fails(tmp_
     assert recorded["metrics"]["test_acc"] == recorded["metrics"][f"test_acc.{recorded['default_mode']}"]
     assert _task_return(*ok) == value  # a finished run is skipped: its recorded value again
     bad = _as_sweep_job(tmp_path, "bad", [*ONE_EPOCH, "optim.lr=-1"])
-    assert math.isnan(_task_return(*bad))
+    value = _task_return(*bad)  # not a number: Optuna's sweeper then tells the trial FAIL
+    assert isinstance(value, str) and "failed" in value
+    with pytest.raises(ValueError):
+        float(value)
     assert records.read_summary(tmp_path / "bad")["status"] == "failed"
 
 

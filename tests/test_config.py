@@ -152,7 +152,8 @@ def test_cli_key_check_leaves_hydra_features_alone(tmp_path):
 
 def test_cli_sweep_records_wrong_types_and_goes_on(tmp_path):
     out = bnexp("-m", "optim.lr=abc,-1", f"results_dir={tmp_path}", "study_name=t", cwd=tmp_path)
-    assert out.returncode == 0, out.stderr[-2000:]
+    # both were recorded; a sweep of failures only exits 1, counting them (issue 23)
+    assert out.returncode == 1 and "2 of 2 runs of the sweep failed" in out.stderr, out.stderr[-2000:]
     errors = sorted(json.loads(p.read_text())["error"] for p in tmp_path.glob("t/synthetic-full/runs/*/summary.json"))
     assert len(errors) == 2 and "optim.lr='abc' has the wrong type" in errors[0]
     assert "optim.lr=-1.0 must be > 0" in errors[1]

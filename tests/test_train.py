@@ -140,6 +140,9 @@ def test_cli_single_run_bad_input_exits_nonzero_with_clear_message(tmp_path, arg
     assert out.returncode == rc, both[-3000:]
     assert "Traceback" not in both and both.count(message) == 1
     assert out.stderr.startswith(f"bnexp: {message}")
+    if rc == 2:  # a rejected setting is no result of a single run: its scratch folder is gone
+        assert list((tmp_path / "scratch").iterdir()) == []
+        return
     [run_dir] = list((tmp_path / "scratch").iterdir())
     summary = records.read_summary(run_dir)
     assert summary["status"] == "failed" and message in summary["error"]

@@ -296,10 +296,26 @@ def _read_batches(paths: list, label_key: str, num_classes: int) -> tuple[torch.
     return torch.cat(xs), torch.cat(ys)
 
 
+class _ArraysOnly(pickle.Unpickler):
+    """An unpickler that builds nothing but numpy arrays and dtypes (and the dicts, lists,
+    strings and numbers pickle makes by itself): a crafted "CIFAR batch" cannot run code."""
+
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
+               ("numpy", "ndarray"), ("numpy", "dtype"),
+               ("_codecs", "encode")}  # how Python 3's protocol-2 pickles spell bytes
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refused to load {module}.{name} (a CIFAR batch holds "
+                                         "only numpy arrays, lists and strings)")
+        return super().find_class(module, name)
+
+
 def _unpickle(path: Path) -> dict:
     try:
         with open(path, "rb") as f:
-            entry = pickle.load(f, encoding="latin1")  # the files are Python 2 pickles
+            entry = _ArraysOnly(f, encoding="latin1").load()  # the files are Python 2 pickles
     except Exception as err:  # garbage bytes can fail in any way; all mean "corrupt file"
         raise DataError(f"{path} is truncated or corrupt ({type(err).__name__}: {err}); delete it and "
                         "download again (data.verify_checksums=true detects this up front)") from err

@@ -10,6 +10,8 @@ checks override keys before anything is composed (the command line and ``api`` b
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 import time
 import traceback
 from pathlib import Path
@@ -43,6 +45,8 @@ def run(cfg: DictConfig) -> dict | None:
     run_dir = Path(hc.runtime.output_dir)
     sweeping = hc.mode == RunMode.MULTIRUN
     raw = OmegaConf.to_container(cfg, resolve=True)
+    if sweeping and launch.launcher_kind(dict(hc.launcher)) == "joblib":
+        launch.die_with_parent()  # a kill -9 of the sweep must not leave this worker training
     with launch.run_lock(run_dir) as held:
         if not held:
             return _locked_out(run_dir, sweeping)
@@ -124,20 +128,47 @@ def _record_failure(run_dir: Path, raw: dict, err: Exception, sweeping: bool, st
     error = f"{type(err).__name__}: {err}" if expected else traceback.format_exc()
     summary = {"status": "failed", "metrics": {}, "config": raw, "error": error,
                **records.provenance(started, **provenance)}
-    records.write_json_atomic(run_dir / records.SUMMARY, summary)
+    if not sweeping and isinstance(err, ConfigError) and _drop_scratch_folder(run_dir, raw):
+        raise err  # a rejected setting is not a result of a single run: no folder left behind
+    from bnexp.training.checkpoint import ResumeRefused
+
+    if isinstance(err, ResumeRefused):  # the folder holds another config's run: leave it as it is
+        if not sweeping:
+            raise err
+        log.error("run %s not resumed: %s", run_dir.name, err)
+        return summary
+    try:
+        records.write_json_atomic(run_dir / records.SUMMARY, summary)
+    except OSError as write_err:  # a full disk: say so, and let the sweep go on
+        log.error("run %s: its failed summary could not be written either (%s)", run_dir.name, write_err)
     if not sweeping:  # a single run reports the problem to its caller (the CLI: exit status)
         raise err
     log.error("run %s failed: %s (recorded; the sweep continues)", run_dir.name, str(err).splitlines()[0])
     return summary
 
 
+def _drop_scratch_folder(run_dir: Path, raw: dict) -> bool:
+    """Delete the automatic ``<results_dir>/scratch/<time>/`` folder of a single run that was
+    rejected before it trained; True when done. Only a folder holding nothing but what this
+    attempt wrote (``.hydra/``, ``run.log``, the lock) goes; a folder the user named stays."""
+    scratch = (Path(str(raw.get("results_dir") or "results")) / "scratch").absolute()
+    if run_dir.absolute().parent != scratch:
+        return False
+    if any(p.name not in (".hydra", "run.log", launch.LOCK) for p in run_dir.iterdir()):
+        return False
+    shutil.rmtree(run_dir, ignore_errors=True)
+    return True
+
+
 def _is_expected(err: Exception) -> bool:
-    """A bad setting (``ConfigError``, ``runtime.DeviceError`` among them) or unusable data."""
-    if isinstance(err, ConfigError):
+    """A bad setting (``ConfigError``, ``runtime.DeviceError`` among them), unusable data or
+    checkpoint, or an ``OSError`` (disk full, permissions): recorded as its one-line message."""
+    if isinstance(err, (ConfigError, OSError)):  # OSError: a full disk, a folder not writable
         return True
     from bnexp.data.datasets import DataError  # torch is loaded by now: only fit raises this
+    from bnexp.training.checkpoint import CheckpointError
 
-    return isinstance(err, DataError)
+    return isinstance(err, (DataError, CheckpointError))
 
 
 def _log_to_file_only(message: str) -> None:
@@ -169,6 +200,48 @@ def check_overrides(overrides: list[str]) -> None:
     for ov in parsed:
         if ov.type == OverrideType.CHANGE and not ov.is_hydra_override() and ov.package is None:
             check_override_key(ov.key_or_group, groups)
+        if ov.key_or_group in groups and ov.type != OverrideType.DEL:
+            _check_group_option(ov)
+        if ov.key_or_group in ("results_dir", "hydra.run.dir", "hydra.sweep.dir") \
+                and not ov.is_sweep_override():
+            _check_writable(ov.key_or_group, ov.get_value_element_as_str())
+
+
+def _check_writable(key: str, value: str) -> None:
+    """``ConfigError`` when folder ``value`` cannot be created or written (the nearest existing
+    folder on its path is a file, or not writable): Hydra would fail creating the run folder
+    with a traceback. Values with interpolations are left to Hydra."""
+    if "${" in value:
+        return
+    path = Path(value).expanduser().absolute()
+    existing = next(p for p in (path, *path.parents) if p.exists() or p == p.parent)
+    if not existing.is_dir():
+        raise ConfigError(f"{key}={value} cannot be created: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"{key}={value} is not writable: no write permission in {existing}")
+
+
+def _check_group_option(ov) -> None:
+    """``ConfigError`` naming the group and its options when ``norm=batchnorm`` (or a sweep
+    ``norm=bn,batchnorm``) picks an option the group does not have: Hydra's own
+    ``MissingConfigException`` prints a page and is not a ``ConfigError``."""
+    try:
+        values = list(ov.sweep_string_iterator()) if ov.is_sweep_override() else [ov.get_value_element_as_str()]
+    except Exception:  # a range/interval sweep or an unusual value: Hydra judges it
+        return
+    allowed = _group_options(ov.key_or_group)
+    for value in values:
+        if value not in allowed:
+            raise ConfigError(f"{ov.key_or_group}={value} is not an option; allowed values: "
+                              f"{', '.join(sorted(allowed))}")
+
+
+def _group_options(group: str) -> set[str]:
+    """The options of config group ``group``: its YAML files, without the suffix."""
+    from importlib.resources import files
+
+    return {p.name[:-len(".yaml")] for p in files("bnexp.conf").joinpath(group).iterdir()
+            if p.name.endswith(".yaml")}
 
 
 def _config_groups() -> set[str]:

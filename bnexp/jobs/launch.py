@@ -11,7 +11,9 @@ import fcntl
 import logging
 import os
 import re
+import signal
 import socket
+import sys
 import threading
 import time
 from contextlib import contextmanager
@@ -175,6 +177,59 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
         else:
             out[prefix + key] = list(value) if isinstance(value, tuple) else value
     return out
+
+
+_watchdog: threading.Thread | None = None
+
+
+def die_with_parent(poll_s: float = 0.5) -> None:
+    """Kill this process (SIGKILL) as soon as its parent is gone: joblib's worker processes
+    would otherwise train on as orphans after a ``kill -9`` of the sweep. A daemon thread
+    watches ``os.getppid()`` (it changes when the parent dies); started once per process.
+    (``prctl(PR_SET_PDEATHSIG)`` fires when the parent *thread* that started the worker ends,
+    which for loky's workers may be a thread of the live sweep: not used.)"""
+    global _watchdog
+    if _watchdog is not None:
+        return
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(poll_s)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    _watchdog = threading.Thread(target=watch, daemon=True, name="bnexp-die-with-parent")
+    _watchdog.start()
+
+
+# ------------------------------------------------------------------------------ sweep outcome
+
+class SweepOutcome(Callback):
+    """Hydra callback: at the end of a ``-m`` sweep, one line counting the runs that failed in
+    it, and exit status 1 when every run that ran failed (a sweep of failures is no success).
+    Runs skipped as finished before are not counted. Listed first under ``hydra.callbacks``:
+    Hydra calls ``on_multirun_end`` in reverse order, so its exit comes after the others'."""
+
+    def __init__(self) -> None:
+        self._start: float | None = None
+
+    def __getstate__(self) -> dict:
+        return {"_start": None}  # launchers pickle callbacks into their workers: send them inert
+
+    def on_multirun_start(self, config, **kwargs) -> None:
+        self._start = time.time()
+
+    def on_multirun_end(self, config, **kwargs) -> None:
+        if self._start is None:
+            return
+        dirs = sweep_run_dirs(config) or list(records.iter_run_dirs(Path(str(config.hydra.sweep.dir))))
+        ran = [records.read_summary(d) for d in dirs if _finished_since(d, self._start)]
+        failed = sum(1 for summary in ran if (summary or {}).get("status") == "failed")
+        if failed:
+            print(f"bnexp: {failed} of {len(ran)} runs of the sweep failed (their summary.json "
+                  "and run.log say why)", file=sys.stderr)
+        if ran and failed == len(ran):
+            raise SystemExit(1)
 
 
 # ------------------------------------------------------------------------------ sweep progress

@@ -35,7 +35,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from pathlib import Path
-from typing import Iterable, Iterator, NamedTuple, Optional
+from typing import Callable, Iterable, Iterator, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -206,7 +206,8 @@ def run_mode(mode: str, model: nn.Module, data: DataBundle, pipe, cfg: EvalConfi
 
 def evaluate_modes(model: nn.Module, data: DataBundle, pipe, cfg: EvalConfig, train_batch_size: int,
                    seed: int, modes: Optional[Iterable[str]] = None, run_dir=None,
-                   sampler: Optional[SamplerConfig] = None) -> ModeResults:
+                   sampler: Optional[SamplerConfig] = None,
+                   on_mode: Callable[[str, int, int], None] = lambda mode, i, n: None) -> ModeResults:
     """Evaluate ``model`` on the test set under each of ``modes`` (default ``cfg.modes``) and the
     default mode; the model is left exactly as it was.
 
@@ -217,15 +218,17 @@ def evaluate_modes(model: nn.Module, data: DataBundle, pipe, cfg: EvalConfig, tr
     ``precise_sampler``) ``<pass>.var_ratio`` (mean-of-batch-variances / pooled variance),
     ``<pass>.ema_var_ratio`` (EMA / pooled) and ``<pass>.ema_mean_shift`` (|EMA - pooled mean| /
     pooled std), each a mean over layers and channels. With ``run_dir``, the passes' per-layer
-    tables (rows with a ``pass`` key) go to ``<run_dir>/precise_stats.json``.
+    tables (rows with a ``pass`` key) go to ``<run_dir>/precise_stats.json``. ``on_mode(mode, i,
+    n)`` is called before the i-th (1-based) of the n modes is scored (to tell the user).
     """
     wanted = list(dict.fromkeys([*(cfg.modes if modes is None else modes), cfg.default_mode]))
     has_bn = bool(bn_layers(model))
     metrics, skipped, tables = {}, {}, {}
-    for mode in wanted:
+    for i, mode in enumerate(wanted, 1):
         if mode != "ema" and not has_bn:
             skipped[mode] = "no BatchNorm layers: no statistics to choose (same as ema)"
             continue
+        on_mode(mode, i, len(wanted))
         result, info = run_mode(mode, model, data, pipe, cfg, train_batch_size, seed, sampler)
         _put_scores(metrics, mode, result)
         if "layers" in info:

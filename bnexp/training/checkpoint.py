@@ -19,29 +19,98 @@ from bnexp import records
 log = logging.getLogger(__name__)
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used: unsafe to unpickle, or of another config."""
+
+
+class ResumeRefused(CheckpointError):
+    """``last.pt`` belongs to a run of another config: nothing was run, the folder is untouched."""
+
+
+# Settings that do not change what a run computes (conf/config.yaml's override_dirname
+# exclude_keys): a resume with another value of one of these is the same computation.
+RESUME_IGNORES = ("study", "study_name", "device", "threads", "progress", "logger", "rerun_failed",
+                  "checkpoint", "results_dir", "data.root", "data.download")
+
+
 def save_last(run_dir: Path, *, model, optimizer, scheduler, generator: torch.Generator,
-              epoch: int, step: int, history: list[dict], timing: dict) -> None:
+              epoch: int, step: int, history: list[dict], timing: dict, config: dict) -> None:
+    """Write ``last.pt`` atomically (a failed write leaves no partial file). ``config``: the
+    resolved config of the run (``to_dict``), which a resume must match (``load_last``)."""
     state = {
-        "epoch": epoch, "step": step, "history": history, "timing": timing,
+        "epoch": epoch, "step": step, "history": history, "timing": timing, "config": config,
         "model": model.state_dict(), "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(), "generator": generator.get_state(),
         "torch_rng": torch.get_rng_state(),
         "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
     }
-    path = Path(run_dir) / records.LAST
+    _save_atomic(state, Path(run_dir) / records.LAST)
+
+
+def _save_atomic(state: dict, path: Path) -> None:
+    """``torch.save`` to a temporary file renamed over ``path``; on any failure (a full disk:
+    ``OSError``) the temporary file is removed and the error raised."""
     tmp = path.with_suffix(".pt.tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
-def load_last(run_dir: Path, *, model, optimizer, scheduler, generator: torch.Generator) -> dict | None:
+def safe_load(path: Path) -> dict:
+    """``torch.load`` with ``weights_only=True``: tensors and plain Python types only, so a
+    crafted pickle in a shared results folder runs nothing; ``CheckpointError`` (one line) when
+    the file holds anything else or is not a checkpoint at all."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # UnpicklingError (unsafe globals), truncated or foreign files
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"{path} was not loaded: it is not a checkpoint that loads safely "
+                              f"(weights_only; {first[:160]}); delete it if you did not write it") from None
+
+
+def config_changes(saved: dict, current: dict) -> list[str]:
+    """``key (saved -> now)`` for each dotted key whose value differs, ``RESUME_IGNORES`` aside."""
+    a, b = _flatten(saved), _flatten(current)
+    keys = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k)
+                  and not any(k == i or k.startswith(i + ".") for i in RESUME_IGNORES))
+    return [f"{k} ({a.get(k)!r} -> {b.get(k)!r})" for k in keys]
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = list(value) if isinstance(value, tuple) else value
+    return out
+
+
+def nonfinite_tensors(state: dict) -> list[str]:
+    """Names of the floating-point tensors of ``state`` (a state_dict) that hold inf or NaN."""
+    return [name for name, t in state.items()
+            if torch.is_tensor(t) and t.is_floating_point() and not torch.isfinite(t).all()]
+
+
+def load_last(run_dir: Path, *, model, optimizer, scheduler, generator: torch.Generator,
+              config: dict) -> dict | None:
     """Restore the state saved by ``save_last`` into the given objects; returns the bookkeeping
     (epoch, step, history, timing), or None when there is nothing to resume. Rewrites
-    ``metrics.jsonl`` from the saved history, dropping rows of the epoch that was interrupted."""
+    ``metrics.jsonl`` from the saved history, dropping rows of the epoch that was interrupted.
+    ``CheckpointError`` naming the keys when ``last.pt`` was saved by a run of another
+    ``config`` (a resume would run the old schedule under the new record): nothing is changed."""
     path = Path(run_dir) / records.LAST
     if not path.exists():
         return None
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    state = safe_load(path)
+    if "config" not in state:  # written before last.pt kept its config: cannot be checked
+        log.warning("%s holds no config (an older checkpoint): resuming without checking it", path)
+    elif changes := config_changes(state["config"], config):
+        raise ResumeRefused(f"{path} was saved by a run of another config: {', '.join(changes)}; "
+                              "not resuming (delete last.pt to train from scratch, or run in another folder)")
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
@@ -64,14 +133,11 @@ def save_model(run_dir: Path, model, config: dict, num_classes: int, mean=None, 
     computes; a fine-tuned run keeps its source's, which its own data config would not give).
     """
     state = model.state_dict()
-    if not all(torch.isfinite(t).all() for t in state.values() if t.is_floating_point()):
+    if nonfinite_tensors(state):
         log.warning("model.pt not saved: the weights are not finite (the run diverged)")
         return False
-    path = Path(run_dir) / records.MODEL
-    tmp = path.with_suffix(".pt.tmp")
-    torch.save({"model": state, "config": config, "num_classes": num_classes,
-                "mean": _floats(mean), "std": _floats(std)}, tmp)
-    os.replace(tmp, path)
+    _save_atomic({"model": state, "config": config, "num_classes": num_classes,
+                  "mean": _floats(mean), "std": _floats(std)}, Path(run_dir) / records.MODEL)
     return True
 
 
@@ -86,7 +152,7 @@ def load_model_state(run_dir: Path) -> dict:
         raise FileNotFoundError(
             f"{path} does not exist: the run has not finished, diverged (non-finite weights are "
             "not saved), or ran with checkpoint=false")
-    return torch.load(path, map_location="cpu", weights_only=False)
+    return safe_load(path)
 
 
 def clear_last(run_dir: Path) -> None:

@@ -25,7 +25,7 @@ from bnexp.layers import init as weight_init
 from bnexp.training import finetune
 from bnexp.training import loggers
 from bnexp.training.assemble import build, make_pipeline
-from bnexp.training.checkpoint import clear_last, load_last, save_last, save_model
+from bnexp.training.checkpoint import clear_last, load_last, nonfinite_tensors, save_last, save_model
 from bnexp.config import Config, OptimConfig, to_dict
 from bnexp.data.datasets import DataBundle, Pipeline, Split, load_data
 from bnexp.layers.norms import set_progress
@@ -158,7 +158,8 @@ class Progress:
 def fit(cfg: Config, run_dir: Path, provenance: dict | None = None) -> dict:
     """Train one model as ``cfg`` says and write its records into ``run_dir``; return the summary.
 
-    A non-finite training loss ends the run with status ``diverged`` (a result, not an error).
+    A non-finite training loss, weight or buffer (checked after each epoch) or final test
+    output ends the run with status ``diverged`` (a result, not an error).
     Exceptions propagate; the entry point records them as ``failed``.
     """
     started = time.time()
@@ -171,8 +172,10 @@ def fit(cfg: Config, run_dir: Path, provenance: dict | None = None) -> dict:
         diverged_at = run_epoch(run, progress, epoch, bar)
         if diverged_at:
             break
-    bar.close()
-    return summarize(run, progress, diverged_at, provenance)
+    try:
+        return summarize(run, progress, diverged_at, provenance, bar)
+    finally:
+        bar.close()
 
 
 def set_up(cfg: Config, run_dir: Path) -> Session:
@@ -185,6 +188,9 @@ def set_up(cfg: Config, run_dir: Path) -> Session:
     data = load_data(cfg.data, device, seed=cfg.seed)
     sampler = build_sampler(cfg.sampler, data.train.y.cpu(), cfg.data.batch_size, cfg.seed)
     model = build(cfg, data.num_classes, device)
+    if cfg.norm.name == "gn" and any(g != cfg.norm.groups for g in (groups_used(model) or {}).values()):
+        log.info("norm.groups=%d does not divide every width: groups used per width %s (the largest "
+                 "divisor <= norm.groups; recorded as norm_groups_used)", cfg.norm.groups, groups_used(model))
     pipe = make_pipeline(cfg, data, device, precision)
     weight_init.apply(model, cfg.model.init, lambda: pipe.prep(data.train.x[:weight_init.LSUV_BATCH]))
     # source weights, source input normalization, BN mode; before the optimizer sees the params
@@ -204,7 +210,7 @@ def set_up(cfg: Config, run_dir: Path) -> Session:
 def resume(run: Session, started: float) -> Progress:
     """Restore an interrupted run from ``last.pt`` (when ``checkpoint``), else start fresh."""
     saved = load_last(run.run_dir, model=run.model, optimizer=run.optimizer, scheduler=run.scheduler,
-                      generator=run.pipe.generator) if run.cfg.checkpoint else None
+                      generator=run.pipe.generator, config=to_dict(run.cfg)) if run.cfg.checkpoint else None
     if not saved:  # a fresh start must not append to the rows of an attempt killed before its checkpoint
         (run.run_dir / records.METRICS).unlink(missing_ok=True)
         return Progress(started=started)
@@ -215,7 +221,8 @@ def resume(run: Session, started: float) -> Progress:
 
 def run_epoch(run: Session, progress: Progress, epoch: int, bar: RunProgress) -> Optional[dict]:
     """Train one epoch, evaluate, append its row to metrics.jsonl, probe, checkpoint. Returns
-    ``{"epoch", "step"}`` when the loss went non-finite (the run diverged), else None."""
+    ``{"epoch", "step", "reason"}`` when the loss or, after the epoch, a weight or buffer (BN's
+    running statistics) went non-finite (the run diverged), else None."""
     cfg, tic, lr = run.cfg, time.perf_counter(), run.optimizer.param_groups[0]["lr"]
     result = train_epoch(run.forward, run.optimizer, run.scheduler, run.data.train,
                          bar.track(run.sampler.batches(epoch), epoch), run.pipe, progress.step,
@@ -224,7 +231,13 @@ def run_epoch(run: Session, progress: Progress, epoch: int, bar: RunProgress) ->
     progress.step = result["step"]
     if result["diverged"]:
         log.warning("non-finite loss in epoch %d (by step %d): run diverged", epoch, progress.step)
-        return {"epoch": epoch, "step": progress.step}
+        return {"epoch": epoch, "step": progress.step, "reason": "non-finite training loss"}
+    # the loss is computed before each update: the last updates can blow the weights up unseen
+    if bad := nonfinite_tensors(run.model.state_dict()):
+        reason = f"non-finite weights or buffers after epoch {epoch + 1}: {', '.join(bad[:3])}" + \
+            (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+        log.warning("%s: run diverged", reason)
+        return {"epoch": epoch, "step": progress.step, "reason": reason}
     seconds = time.perf_counter() - tic
     progress.timing["train_seconds"] += seconds
     progress.timing["train_images"] += result["images"]
@@ -252,7 +265,7 @@ def run_epoch(run: Session, progress: Progress, epoch: int, bar: RunProgress) ->
         progress.timing["wall"] = progress.prior_wall + time.time() - progress.started
         save_last(run.run_dir, model=run.model, optimizer=run.optimizer, scheduler=run.scheduler,
                   generator=run.pipe.generator, epoch=epoch, step=progress.step, history=progress.history,
-                  timing=progress.timing)
+                  timing=progress.timing, config=to_dict(cfg))
     return None
 
 
@@ -267,11 +280,23 @@ def before_step(run: Session, step: int, epoch: int) -> None:
 
 
 def summarize(run: Session, progress: Progress, diverged_at: Optional[dict],
-              provenance: Optional[dict]) -> dict:
-    """Score every eval mode, save model.pt, write summary.json (the commit point), drop last.pt."""
-    cfg, status = run.cfg, "diverged" if diverged_at else "ok"
-    final = final_metrics(run.model, run.data, run.pipe, cfg, run.run_dir) if not diverged_at else None
+              provenance: Optional[dict], bar: Optional[RunProgress] = None) -> dict:
+    """Score every eval mode, save model.pt, write summary.json (the commit point), drop last.pt.
+    Non-finite test outputs of the final evaluation make the run ``diverged`` too."""
+    cfg = run.cfg
+
+    def announce(mode: str, i: int, n: int) -> None:  # the final evaluation can take a while
+        log.info("final evaluation: %s (%d/%d)", mode, i, n)
+        if bar is not None:
+            bar.stage(f"final eval: {mode} ({i}/{n})")
+
+    final = None if diverged_at else final_metrics(run.model, run.data, run.pipe, cfg, run.run_dir, announce)
     metrics, skipped = (final.metrics, final.skipped) if final else ({}, {})
+    if final and not math.isfinite(metrics.get("test_loss") or 0.0):
+        diverged_at = {"epoch": cfg.optim.epochs - 1, "step": progress.step,
+                       "reason": "non-finite outputs in the final evaluation (test_loss)"}
+        log.warning("%s: run diverged", diverged_at["reason"])
+    status = "diverged" if diverged_at else "ok"
     if run.tuned:  # the source model scored on the target before fine-tuning (test_acc.before_finetune)
         metrics.update(run.tuned.metrics)
     timing = progress.timing
@@ -285,6 +310,8 @@ def summarize(run: Session, progress: Progress, diverged_at: Optional[dict],
         "frozen_at_step": run.freeze_at if run.freeze_at is not None and progress.step > run.freeze_at else None,
         "error": None, "diverged_at": diverged_at,
         "resumed": progress.resumed, "finetune": run.tuned.info if run.tuned else None,
+        # norm.groups as each GroupNorm width used it (the largest divisor <= norm.groups)
+        "norm_groups_used": groups_used(run.model),
         # provenance: the entry point's ``overrides`` and ``choices``, commit, versions, times
         **records.provenance(progress.started, device=device_name(run.device), precision=run.precision,
                              wall_time_s=progress.prior_wall + time.time() - progress.started,
@@ -300,7 +327,15 @@ def summarize(run: Session, progress: Progress, diverged_at: Optional[dict],
     return summary
 
 
-def final_metrics(model, data: DataBundle, pipe: Pipeline, cfg: Config, run_dir=None) -> ModeResults:
+def groups_used(model: torch.nn.Module) -> Optional[dict]:
+    """``{channels: groups}`` of the model's GroupNorm layers (None without any): the record of
+    what ``norm.groups`` became where it does not divide a layer's width."""
+    used = {str(m.num_channels): m.num_groups for m in model.modules() if isinstance(m, torch.nn.GroupNorm)}
+    return used or None
+
+
+def final_metrics(model, data: DataBundle, pipe: Pipeline, cfg: Config, run_dir=None,
+                  on_mode=lambda mode, i, n: None) -> ModeResults:
     """The test set under every eval mode (``stats.evaluate_modes``: ``test_acc`` is the default
     mode's), train loss/accuracy on up to ``TRAIN_EVAL_MAX`` un-augmented training images scored
     under the same statistics as ``test_acc``, and ``gen_gap = train_acc - test_acc``; when the
@@ -311,7 +346,7 @@ def final_metrics(model, data: DataBundle, pipe: Pipeline, cfg: Config, run_dir=
     shift of dropout before BN (which lowers EMA-scored train and test accuracy alike).
     """
     modes = evaluate_modes(model, data, pipe, cfg.eval, cfg.data.batch_size, cfg.seed, run_dir=run_dir,
-                           sampler=cfg.sampler)
+                           sampler=cfg.sampler, on_mode=on_mode)
     n = min(len(data.train.y), TRAIN_EVAL_MAX)
     train_as_test = dataclasses.replace(data, test=Split(data.train.x[:n], data.train.y[:n]))
     source = modes.extra["test_acc_from"]

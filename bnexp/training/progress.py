@@ -113,7 +113,7 @@ class RunProgress:
     included.
     """
 
-    FORMAT = "epoch {epoch}/{epochs} step {step}/{steps} |{bar:12}| {img_s} img/s{left}"
+    FORMAT = "epoch {epoch}/{epochs} step {step}/{steps} |{bar:12}| {img_s} img/s{left}{stage}"
 
     def __init__(self, mode: str, epochs: int, steps_per_epoch: int, batch_size: int):
         self.on = enabled(mode)
@@ -121,6 +121,7 @@ class RunProgress:
         self.rate: float | None = None  # images/s of the last finished epoch
         self._epoch, self._step = 0, 0
         self.bar: _Bar | None = None
+        self._stage = ""  # what runs after the last step (the final evaluation's modes)
         if self.on:
             route_logs()
 
@@ -139,6 +140,12 @@ class RunProgress:
             self.bar.n = (epoch + 1) * self.steps
             self.bar.refresh()
 
+    def stage(self, text: str) -> None:
+        """Show ``text`` after the bar (``final eval: precise (2/4)``) until the next call."""
+        if self.on and self.bar is not None:
+            self._stage = f"  {text}" if text else ""
+            self.bar.refresh()
+
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
@@ -150,7 +157,7 @@ class RunProgress:
             rate = (d["n"] - d["initial"]) * self.batch_size / d["elapsed"]
         return {"epoch": min(self._epoch + 1, self.epochs), "epochs": self.epochs,
                 "step": self._step, "steps": self.steps,
-                "img_s": f"{rate:.0f}" if rate else "?"}
+                "img_s": f"{rate:.0f}" if rate else "?", "stage": self._stage}
 
 
 class _Tracked:
