@@ -29,7 +29,7 @@ SCHEDULES = ("cosine", "step", "constant")
 EVAL_MODES = ("ema", "precise", "precise_bvar", "precise_sampler", "precise_sampler_bvar", "batch",
               "batch_sampler", "adapted")
 PROBES = ("noise", "forward_noise", "discrepancy", "calibration", "activations", "variance_shift",
-          "weight_norm")
+          "weight_norm", "smoothness", "ics")
 FINETUNE_BN = ("train", "frozen_stats", "frozen_all", "adapt")
 LOGGERS = ("none", "tensorboard")
 
@@ -229,8 +229,12 @@ class ProbeConfig:
     noise_batches: int
     layer: Optional[str]
     unit: Optional[int]
+    # smoothness: the step sizes eta of w - eta * g; a default, so configs saved before it parse
+    etas: tuple[float, ...] = (0.05, 0.1, 0.2, 0.4)
 
     def check(self) -> None:
+        _fail_if(not self.etas or any(not e > 0 for e in self.etas),
+                 f"probes.etas={list(self.etas)} must be a non-empty list of step sizes > 0")
         for name in self.names:
             _choice("probes.names", name, PROBES)
         _fail_if(self.every_steps < 0,

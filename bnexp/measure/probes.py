@@ -30,6 +30,13 @@ Each row is long-format: ``step, epoch, layer, name, value`` (noise rows add ``b
 * ``forward_noise.ratio`` (per normalization position, whatever its norm): the noise batch-mates
   put into a fixed probe image's norm output, over ``noise_batches`` training batches; 0 for
   none/LN/PN, > 0 for batch statistics or ghost noise. Defined in ``bnexp.measure.forward_noise``.
+* ``smoothness.loss_range`` / ``.grad_change_max`` / ``.grad_change_min`` / ``.beta`` /
+  ``.grad_norm`` (layer ``model``) and ``smoothness.loss`` (rows add ``eta``): the loss landscape
+  along the gradient on a fixed probe batch (one training batch, drawn once), BN in train mode
+  as training sees it, for each step size of ``probes.etas`` (Santurkar et al. 2018, Fig. 4;
+  ``bnexp.measure.smoothness.along_gradient``).
+* ``ics.l2`` / ``ics.cos`` (per conv/linear layer but the first): Santurkar's internal covariate
+  shift on the same batch at the current lr (Definition 2.1, Fig. 5; ``smoothness.covariate_shift``).
 * ``weight_norm.norm`` (every conv) and ``weight_norm.effective_lr`` = lr / ||w||^2 (convs whose
   output feeds a normalization layer, where the loss is scale-invariant in w).
 
@@ -50,6 +57,7 @@ from torch import nn
 from bnexp import records
 from bnexp.config import ConfigError, ProbeConfig
 from bnexp.data.datasets import DataBundle, Split, seeded_generator
+from bnexp.measure import smoothness
 from bnexp.measure.forward_noise import forward_noise, probe_count
 from bnexp.measure.moments import bn_train_mode, collect_moments, input_batches, plain_statistics, preserved
 from bnexp.layers.norms import bn_layers
@@ -206,6 +214,31 @@ def _row(name: str, value: float) -> dict:
     return {"layer": "model", "name": name, "value": value}
 
 
+def _cross_entropy(model: nn.Module, batch) -> torch.Tensor:
+    x, y = batch
+    return F.cross_entropy(model(x).float(), y)
+
+
+def landscape(model: nn.Module, batch, etas, pipe) -> list[dict]:
+    """``smoothness.*`` rows on the prepared ``(x, y)`` batch; see the module doc. Call inside
+    ``preserved`` (the forward passes move BN's running statistics)."""
+    bn_train_mode(model)
+    with pipe.amp():
+        got = smoothness.along_gradient(model, _cross_entropy, batch, etas)
+        _, g = smoothness.gradient(model, _cross_entropy, batch)
+    rows = [_row(f"smoothness.{k}", got[k]) for k in ("loss_range", "grad_change_max", "grad_change_min", "beta")]
+    rows.append(_row("smoothness.grad_norm", torch.sqrt(sum((t.double() ** 2).sum() for t in g)).item()))
+    return rows + [{**_row("smoothness.loss", v), "eta": eta} for eta, v in zip(etas, got["losses"])]
+
+
+def internal_covariate_shift(model: nn.Module, batch, lr: float, pipe) -> list[dict]:
+    """``ics.l2`` / ``ics.cos`` rows per layer; see the module doc. Call inside ``preserved``."""
+    bn_train_mode(model)
+    with pipe.amp():
+        rows = smoothness.covariate_shift(model, _cross_entropy, batch, lr)
+    return [{"layer": r["layer"], "name": f"ics.{k}", "value": r[k]} for r in rows for k in ("l2", "cos")]
+
+
 # ---------------------------------------------------------------------------- the recorder
 
 class Probes:
@@ -298,6 +331,22 @@ def _activations(rec: Probes) -> list[dict]:
 def _variance_shift(rec: Probes) -> list[dict]:
     return variance_shift(rec.model, rec.images("set", max(PROBE_IMAGES, rec.batch_size), rec.batch_size),
                           rec.pipe)
+
+
+def _probe_batch(rec: Probes):
+    """One training batch (augmented as training does), drawn once: the same images every call."""
+    return next(iter(input_batches(rec.data.train, rec.batch_size, rec.batch_size, rec.pipe, rec.seed,
+                                   "probe-landscape", augment=True, labels=True)))
+
+
+@PROBES.register("smoothness")
+def _smoothness(rec: Probes) -> list[dict]:
+    return landscape(rec.model, _probe_batch(rec), rec.cfg.etas, rec.pipe)
+
+
+@PROBES.register("ics")
+def _ics(rec: Probes) -> list[dict]:
+    return internal_covariate_shift(rec.model, _probe_batch(rec), rec.lr(), rec.pipe)
 
 
 @PROBES.register("weight_norm")
