@@ -20,7 +20,7 @@ class ConfigError(ValueError):
 
 
 DATASETS = ("synthetic", "cifar10", "cifar100", "fashion_mnist", "mnist")  # = bnexp.data.datasets.SPECS
-SHIFTS = ("noise", "blur", "contrast", "brightness")
+SHIFTS = ("noise", "blur", "contrast", "brightness", "pixelate")  # = bnexp.data.corruptions.CORRUPTIONS
 SAMPLERS = ("iid", "pk", "sorted", "dirichlet")
 MODELS = ("vgg", "resnet")
 NORMS = ("bn", "none", "gn", "ln", "ghost_bn", "batch_renorm", "noisy_bn", "pn")
