@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from bnexp import records
 from bnexp.layers import ema_shadows
-from bnexp.training import finetune
+from bnexp.training import finetune, targets
 from bnexp.training import loggers
 from bnexp.training.checkpoint import clear_last, load_last, save_last, save_model
 from bnexp.config import Config, OptimConfig, to_dict
@@ -35,7 +35,9 @@ from bnexp.runtime import (device_name, resolve_device, resolve_precision, seed_
                       set_threads)
 from bnexp.data.sampling import BatchSampler, build_sampler
 from bnexp.measure.moments import freeze_precisely
+from bnexp.measure.affine import affine_metrics, learned_affine
 from bnexp.measure.modes import ModeResults, evaluate_modes, run_mode
+from bnexp.measure.robustness import corruption_metrics, corruption_table
 
 log = logging.getLogger(__name__)
 CHECK_EVERY = 50  # steps between non-finite checks: each check is a host sync on CUDA
@@ -254,6 +256,8 @@ def run_epoch(run: Session, progress: Progress, epoch: int, bar: RunProgress) ->
     row = {"epoch": epoch, "step": progress.step, "lr": lr, "train_loss": result["loss"],
            "train_acc": result["acc"], "test_loss": test["test_loss"], "test_acc": test["test_acc"],
            "seconds": seconds, "images_per_s": result["images"] / seconds, **test}
+    if cfg.eval.targets:  # steps to target: clean (eval-mode, un-augmented) training accuracy
+        row["train_acc.clean"] = targets.clean_train_acc(run.model, run.data, run.pipe, cfg.eval.batch_size)
     progress.history.append(row)
     records.write_epoch(run.run_dir, row)
     run.tracker.log_epoch(row, progress.step)
@@ -287,6 +291,8 @@ def summarize(run: Session, progress: Progress, diverged_at: Optional[dict],
     cfg, status = run.cfg, "diverged" if diverged_at else "ok"
     final = final_metrics(run.model, run.data, run.pipe, cfg, run.run_dir) if not diverged_at else None
     metrics, skipped = (final.metrics, final.skipped) if final else ({}, {})
+    if final:
+        metrics.update(targets.steps_to(progress.history, cfg.eval.targets))
     if run.tuned:  # the source model scored on the target before fine-tuning (test_acc.before_finetune)
         metrics.update(run.tuned.metrics)
     timing = progress.timing
@@ -333,10 +339,25 @@ def final_metrics(model, data: DataBundle, pipe: Pipeline, cfg: Config, run_dir=
     scored = {mode: run_mode(mode, model, train_as_test, pipe, cfg.eval, cfg.data.batch_size,
                              cfg.seed, cfg.sampler)[0]
               for mode in dict.fromkeys([source, "precise"]) if f"test_acc.{mode}" in modes.metrics}
-    metrics = {"train_acc": scored[source]["acc"], "train_loss": scored[source]["loss"], **modes.metrics}
+    metrics = {"train_acc": scored[source]["acc"], "train_loss": scored[source]["loss"], **modes.metrics,
+               **affine_metrics(model), **corruption_scores(model, data, pipe, cfg, run_dir)}
     metrics["gen_gap"] = scored[source]["acc"] - metrics["test_acc"]
     if "precise" in scored:
         metrics.update({"train_acc.precise": scored["precise"]["acc"],
                         "train_loss.precise": scored["precise"]["loss"],
                         "gen_gap.precise": scored["precise"]["acc"] - metrics["test_acc.precise"]})
     return modes._replace(metrics=metrics)
+
+
+def corruption_scores(model, data: DataBundle, pipe: Pipeline, cfg: Config, run_dir=None) -> dict:
+    """With ``eval.corruptions``: ``robustness.corruption_table`` written to ``corruptions.json``,
+    its summary keys returned (``robustness.corruption_metrics``); else nothing. With ``run_dir``
+    also the learned gammas and betas per layer (``affine.json``), for every run."""
+    if run_dir is not None:
+        records.write_json_atomic(Path(run_dir) / records.AFFINE, learned_affine(model))
+    if not cfg.eval.corruptions:
+        return {}
+    rows = corruption_table(model, data, pipe, cfg.eval, cfg.data.batch_size, cfg.seed)
+    if run_dir is not None:
+        records.write_json_atomic(Path(run_dir) / records.CORRUPTIONS, rows)
+    return corruption_metrics(rows)
