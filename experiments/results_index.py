@@ -24,7 +24,7 @@ WHY_NOT_RUN = {"batch_size_true": "measured: no arm converges at 16,000-30,000 i
                                   "cores, over the 45-minute budget; see conf/study/batch_size_true.yaml"}
 ORDER = ("demo", "stat_modes_vs_batch", "batch_size", "batch_size_true", "noniid", "bn_vs_dropout",
          "lr_sensitivity", "noise", "norm_vs_noise", "ema_vs_precise", "finetune", "fusion",
-         "activations")
+         "activations", "smoothness", "robustness", "affine")
 
 
 def section(text: str, title: str) -> list[str]:
