@@ -55,8 +55,9 @@ def long_errors(runs: pd.DataFrame) -> pd.DataFrame:
                 continue
             base = {"run": r["run"], "seed": r["seed"], "norm": r["norm"], "mode": mode,
                     SERIES: series_name(r["norm"], mode), "mce": r[f"mce.{mode}"]}
-            clean = r.get(f"test_acc.{mode}", r["test_acc"]) if mode != "batch_sorted" else r.get(
-                "test_acc.batch_sorted")
+            clean = r.get(f"test_acc.{mode}")
+            if mode == "ema" and pd.isna(clean):  # plain eval is the ema mode's number
+                clean = r["test_acc"]
             rows.append({**base, "severity": 0, "err": 1 - clean if pd.notna(clean) else float("nan")})
             for severity in range(1, 6):
                 key = f"corrupt_err.{severity}.{mode}"

@@ -33,8 +33,8 @@ Each row is long-format: ``step, epoch, layer, name, value`` (noise rows add ``b
 * ``smoothness.loss_range`` / ``.grad_change_max`` / ``.grad_change_min`` / ``.beta`` /
   ``.grad_norm`` (layer ``model``) and ``smoothness.loss`` (rows add ``eta``): the loss landscape
   along the gradient on a fixed probe batch (one training batch, drawn once), BN in train mode
-  as training sees it, for each step size of ``probes.etas`` (Santurkar et al. 2018, Fig. 4;
-  ``bnexp.measure.smoothness.along_gradient``).
+  as training sees it, in fp32 (no autocast, whatever ``precision``), for each step size of
+  ``probes.etas`` (Santurkar et al. 2018, Fig. 4; ``bnexp.measure.smoothness.along_gradient``).
 * ``ics.l2`` / ``ics.cos`` (per conv/linear layer but the first): Santurkar's internal covariate
   shift on the same batch at the current lr (Definition 2.1, Fig. 5; ``smoothness.covariate_shift``).
 * ``weight_norm.norm`` (every conv) and ``weight_norm.effective_lr`` = lr / ||w||^2 (convs whose
@@ -219,23 +219,29 @@ def _cross_entropy(model: nn.Module, batch) -> torch.Tensor:
     return F.cross_entropy(model(x).float(), y)
 
 
-def landscape(model: nn.Module, batch, etas, pipe) -> list[dict]:
+def _fp32(batch):
+    """The probe batch in fp32, and no autocast: bf16's rounding (~3 significant digits) would
+    swamp the gradient changes of small steps that the smoothness measures divide by eta."""
+    x, y = batch
+    return x.float(), y
+
+
+def landscape(model: nn.Module, batch, etas, pipe=None) -> list[dict]:
     """``smoothness.*`` rows on the prepared ``(x, y)`` batch; see the module doc. Call inside
     ``preserved`` (the forward passes move BN's running statistics)."""
     bn_train_mode(model)
-    with pipe.amp():
-        got = smoothness.along_gradient(model, _cross_entropy, batch, etas)
-        _, g = smoothness.gradient(model, _cross_entropy, batch)
+    batch = _fp32(batch)
+    got = smoothness.along_gradient(model, _cross_entropy, batch, etas)
+    _, g = smoothness.gradient(model, _cross_entropy, batch)
     rows = [_row(f"smoothness.{k}", got[k]) for k in ("loss_range", "grad_change_max", "grad_change_min", "beta")]
     rows.append(_row("smoothness.grad_norm", torch.sqrt(sum((t.double() ** 2).sum() for t in g)).item()))
     return rows + [{**_row("smoothness.loss", v), "eta": eta} for eta, v in zip(etas, got["losses"])]
 
 
-def internal_covariate_shift(model: nn.Module, batch, lr: float, pipe) -> list[dict]:
+def internal_covariate_shift(model: nn.Module, batch, lr: float, pipe=None) -> list[dict]:
     """``ics.l2`` / ``ics.cos`` rows per layer; see the module doc. Call inside ``preserved``."""
     bn_train_mode(model)
-    with pipe.amp():
-        rows = smoothness.covariate_shift(model, _cross_entropy, batch, lr)
+    rows = smoothness.covariate_shift(model, _cross_entropy, _fp32(batch), lr)
     return [{"layer": r["layer"], "name": f"ics.{k}", "value": r[k]} for r in rows for k in ("l2", "cos")]
 
 
