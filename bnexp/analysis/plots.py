@@ -20,7 +20,7 @@ from matplotlib.patches import Rectangle
 
 from bnexp.analysis.tables import summarize
 
-EVAL_MODES = ("ema", "precise", "batch", "adapted", "frozen")  # display names of records' modes
+EVAL_MODES = ("ema", "precise", "batch", "batch_sorted", "adapted", "frozen")  # display names of records' modes
 LABELS: dict[str, str] = {
     "test_acc": "test accuracy (%)", "train_acc": "train accuracy (%)",
     "test_loss": "test loss", "train_loss": "train loss",

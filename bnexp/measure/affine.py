@@ -11,9 +11,12 @@ pools every channel of every layer into summary keys ``gamma.p50``, ``gamma.nega
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch import nn
 
+from bnexp import records
 from bnexp.measure.probes import NORM_TYPES
 
 QUANTILES = (0.1, 0.5, 0.9)
@@ -51,3 +54,11 @@ def affine_metrics(model: nn.Module) -> dict:
                     pooled.setdefault(NAMES[attr], []).append(param.detach().flatten())
     return {f"{param}.{k}": v for param, tensors in pooled.items()
             for k, v in _describe(torch.cat(tensors)).items() if k != "channels"}
+
+
+def record_affine(model: nn.Module, run_dir=None) -> dict:
+    """``learned_affine``'s rows into ``<run_dir>/affine.json`` (with ``run_dir``); returns
+    ``affine_metrics``."""
+    if run_dir is not None:
+        records.write_json_atomic(Path(run_dir) / records.AFFINE, learned_affine(model))
+    return affine_metrics(model)

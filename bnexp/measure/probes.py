@@ -214,37 +214,6 @@ def _row(name: str, value: float) -> dict:
     return {"layer": "model", "name": name, "value": value}
 
 
-def _cross_entropy(model: nn.Module, batch) -> torch.Tensor:
-    x, y = batch
-    return F.cross_entropy(model(x).float(), y)
-
-
-def _fp32(batch):
-    """The probe batch in fp32, and no autocast: bf16's rounding (~3 significant digits) would
-    swamp the gradient changes of small steps that the smoothness measures divide by eta."""
-    x, y = batch
-    return x.float(), y
-
-
-def landscape(model: nn.Module, batch, etas, pipe=None) -> list[dict]:
-    """``smoothness.*`` rows on the prepared ``(x, y)`` batch; see the module doc. Call inside
-    ``preserved`` (the forward passes move BN's running statistics)."""
-    bn_train_mode(model)
-    batch = _fp32(batch)
-    got = smoothness.along_gradient(model, _cross_entropy, batch, etas)
-    _, g = smoothness.gradient(model, _cross_entropy, batch)
-    rows = [_row(f"smoothness.{k}", got[k]) for k in ("loss_range", "grad_change_max", "grad_change_min", "beta")]
-    rows.append(_row("smoothness.grad_norm", torch.sqrt(sum((t.double() ** 2).sum() for t in g)).item()))
-    return rows + [{**_row("smoothness.loss", v), "eta": eta} for eta, v in zip(etas, got["losses"])]
-
-
-def internal_covariate_shift(model: nn.Module, batch, lr: float, pipe=None) -> list[dict]:
-    """``ics.l2`` / ``ics.cos`` rows per layer; see the module doc. Call inside ``preserved``."""
-    bn_train_mode(model)
-    rows = smoothness.covariate_shift(model, _cross_entropy, _fp32(batch), lr)
-    return [{"layer": r["layer"], "name": f"ics.{k}", "value": r[k]} for r in rows for k in ("l2", "cos")]
-
-
 # ---------------------------------------------------------------------------- the recorder
 
 class Probes:
@@ -347,12 +316,12 @@ def _probe_batch(rec: Probes):
 
 @PROBES.register("smoothness")
 def _smoothness(rec: Probes) -> list[dict]:
-    return landscape(rec.model, _probe_batch(rec), rec.cfg.etas, rec.pipe)
+    return smoothness.landscape_rows(rec.model, _probe_batch(rec), rec.cfg.etas)
 
 
 @PROBES.register("ics")
 def _ics(rec: Probes) -> list[dict]:
-    return internal_covariate_shift(rec.model, _probe_batch(rec), rec.lr(), rec.pipe)
+    return smoothness.covariate_shift_rows(rec.model, _probe_batch(rec), rec.lr())
 
 
 @PROBES.register("weight_norm")

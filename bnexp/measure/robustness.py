@@ -21,10 +21,12 @@ Fashion-MNIST counterpart). The model comes back as it was (``preserved``).
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from typing import Sequence
 
 from torch import nn
 
+from bnexp import records
 from bnexp.config import EvalConfig
 from bnexp.data.corruptions import corrupted
 from bnexp.data.datasets import DataBundle, Split
@@ -80,3 +82,15 @@ def corruption_metrics(rows: Sequence[dict]) -> dict:
             at = [1 - r["acc"] for r in shifted if r["mode"] == mode and r["severity"] == severity]
             out[f"corrupt_err.{severity}.{mode}"] = sum(at) / len(at)
     return out
+
+
+def record_corruptions(model: nn.Module, data: DataBundle, pipe, cfg: EvalConfig, train_batch_size: int,
+                       seed: int, run_dir=None) -> dict:
+    """With ``cfg.corruptions``: ``corruption_table`` into ``<run_dir>/corruptions.json`` (with
+    ``run_dir``) and its ``corruption_metrics`` returned; without, nothing (``{}``)."""
+    if not cfg.corruptions:
+        return {}
+    rows = corruption_table(model, data, pipe, cfg, train_batch_size, seed)
+    if run_dir is not None:
+        records.write_json_atomic(Path(run_dir) / records.CORRUPTIONS, rows)
+    return corruption_metrics(rows)

@@ -18,6 +18,9 @@ not moved back, so they come back bit for bit.
   parameters at w; G' = the same gradient after every parameter registered before layer i's
   took its own step w_j - lr * g_j (same batch, plain SGD step); ``l2`` = ||G - G'|| and
   ``cos`` = <G, G'> / (||G|| ||G'||).
+
+``landscape_rows`` and ``covariate_shift_rows`` are the ``smoothness`` and ``ics`` probes'
+rows (``bnexp.measure.probes``): cross-entropy on a prepared ``(x, y)`` batch, BN in train mode.
 """
 from __future__ import annotations
 
@@ -25,7 +28,10 @@ import contextlib
 from typing import Callable, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+from bnexp.measure.moments import bn_train_mode
 
 LossFn = Callable[[nn.Module, object], torch.Tensor]
 
@@ -65,7 +71,7 @@ def _moved(params: Sequence[torch.Tensor], direction: Sequence[torch.Tensor], st
 def along_gradient(model: nn.Module, loss_fn: LossFn, batch, etas: Sequence[float]) -> dict:
     """Loss and gradient along w - eta g for each eta (see the module doc); parameters restored.
 
-    Returns ``{"loss": L(w), "losses": [...], "grad_changes": [...], "loss_range",
+    Returns ``{"loss": L(w), "grad_norm": ||g||, "losses": [...], "grad_changes": [...], "loss_range",
     "grad_change_max", "grad_change_min", "beta"}``, the lists in the order of ``etas``."""
     params = _params(model)
     loss0, g = gradient(model, loss_fn, batch)
@@ -77,7 +83,7 @@ def along_gradient(model: nn.Module, loss_fn: LossFn, batch, etas: Sequence[floa
         losses.append(loss)
         changes.append(_flat_norm([a - b for a, b in zip(g_eta, g)]))
     ratios = [c / (eta * g_norm) if eta * g_norm > 0 else float("nan") for c, eta in zip(changes, etas)]
-    return {"loss": loss0, "losses": losses, "grad_changes": changes,
+    return {"loss": loss0, "grad_norm": g_norm, "losses": losses, "grad_changes": changes,
             "loss_range": max(losses) - min(losses), "grad_change_max": max(changes),
             "grad_change_min": min(changes), "beta": max(ratios)}
 
@@ -112,3 +118,38 @@ def covariate_shift(model: nn.Module, loss_fn: LossFn, batch, lr: float,
         rows.append({"layer": name, "l2": (G - G2).norm().item(),
                      "cos": (G @ G2).item() / denom if denom > 0 else float("nan")})
     return rows
+
+
+# ------------------------------------------------------------------ the probes' rows
+def _cross_entropy(model: nn.Module, batch) -> torch.Tensor:
+    x, y = batch
+    return F.cross_entropy(model(x).float(), y)
+
+
+def _fp32(batch):
+    """The probe batch in fp32, and no autocast: bf16's rounding (~3 significant digits) would
+    swamp the gradient changes of small steps that the smoothness measures divide by eta."""
+    x, y = batch
+    return x.float(), y
+
+
+def _row(name: str, value: float, **extra) -> dict:
+    return {"layer": "model", "name": name, "value": value, **extra}
+
+
+def landscape_rows(model: nn.Module, batch, etas: Sequence[float]) -> list[dict]:
+    """``smoothness.<loss_range|grad_change_max|grad_change_min|beta|grad_norm>`` rows and one
+    ``smoothness.loss`` row per eta (with ``eta``), BN in train mode. Call inside
+    ``moments.preserved`` (the forward passes move BN's running statistics)."""
+    bn_train_mode(model)
+    got = along_gradient(model, _cross_entropy, _fp32(batch), etas)
+    keys = ("loss_range", "grad_change_max", "grad_change_min", "beta", "grad_norm")
+    return ([_row(f"smoothness.{k}", got[k]) for k in keys]
+            + [_row("smoothness.loss", v, eta=eta) for eta, v in zip(etas, got["losses"])])
+
+
+def covariate_shift_rows(model: nn.Module, batch, lr: float) -> list[dict]:
+    """``ics.l2`` / ``ics.cos`` rows per layer, BN in train mode. Call inside ``preserved``."""
+    bn_train_mode(model)
+    rows = covariate_shift(model, _cross_entropy, _fp32(batch), lr)
+    return [{"layer": r["layer"], "name": f"ics.{k}", "value": r[k]} for r in rows for k in ("l2", "cos")]

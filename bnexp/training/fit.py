@@ -35,9 +35,9 @@ from bnexp.runtime import (device_name, resolve_device, resolve_precision, seed_
                       set_threads)
 from bnexp.data.sampling import BatchSampler, build_sampler
 from bnexp.measure.moments import freeze_precisely
-from bnexp.measure.affine import affine_metrics, learned_affine
+from bnexp.measure.affine import record_affine
 from bnexp.measure.modes import ModeResults, evaluate_modes, run_mode
-from bnexp.measure.robustness import corruption_metrics, corruption_table
+from bnexp.measure.robustness import record_corruptions
 
 log = logging.getLogger(__name__)
 CHECK_EVERY = 50  # steps between non-finite checks: each check is a host sync on CUDA
@@ -340,7 +340,8 @@ def final_metrics(model, data: DataBundle, pipe: Pipeline, cfg: Config, run_dir=
                              cfg.seed, cfg.sampler)[0]
               for mode in dict.fromkeys([source, "precise"]) if f"test_acc.{mode}" in modes.metrics}
     metrics = {"train_acc": scored[source]["acc"], "train_loss": scored[source]["loss"], **modes.metrics,
-               **affine_metrics(model), **corruption_scores(model, data, pipe, cfg, run_dir)}
+               **record_affine(model, run_dir),
+               **record_corruptions(model, data, pipe, cfg.eval, cfg.data.batch_size, cfg.seed, run_dir)}
     metrics["gen_gap"] = scored[source]["acc"] - metrics["test_acc"]
     if "precise" in scored:
         metrics.update({"train_acc.precise": scored["precise"]["acc"],
@@ -348,16 +349,3 @@ def final_metrics(model, data: DataBundle, pipe: Pipeline, cfg: Config, run_dir=
                         "gen_gap.precise": scored["precise"]["acc"] - metrics["test_acc.precise"]})
     return modes._replace(metrics=metrics)
 
-
-def corruption_scores(model, data: DataBundle, pipe: Pipeline, cfg: Config, run_dir=None) -> dict:
-    """With ``eval.corruptions``: ``robustness.corruption_table`` written to ``corruptions.json``,
-    its summary keys returned (``robustness.corruption_metrics``); else nothing. With ``run_dir``
-    also the learned gammas and betas per layer (``affine.json``), for every run."""
-    if run_dir is not None:
-        records.write_json_atomic(Path(run_dir) / records.AFFINE, learned_affine(model))
-    if not cfg.eval.corruptions:
-        return {}
-    rows = corruption_table(model, data, pipe, cfg.eval, cfg.data.batch_size, cfg.seed)
-    if run_dir is not None:
-        records.write_json_atomic(Path(run_dir) / records.CORRUPTIONS, rows)
-    return corruption_metrics(rows)
