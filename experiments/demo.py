@@ -30,7 +30,7 @@ from pathlib import Path
 
 from bnexp.analysis import generic as A
 from bnexp.analysis.study import Study, StudyData
-from bnexp.analysis.verdicts import NOT_TESTED, Shape, Verdict, expect, mean_diff
+from bnexp.analysis.verdicts import NOT_TESTED, Shape, Verdict, expect, mean_diff, on_learned_runs
 from common import ROOT, run_study
 from lr_sensitivity import TARGET, learns_faster
 from stat_modes_vs_batch import plot_modes
@@ -130,6 +130,7 @@ def bn_gap(d: StudyData):
     return expect([(mean_diff(bn, "gen_gap", "gen_gap", "bn gen_gap"), +1)])
 
 
+@on_learned_runs
 def bn_faster(d: StudyData):
     """BN vs none at each batch size (one lr per batch, by the linear rule: the demo has no lr
     grid, so not each arm at its own best lr), paired by seed, on log2 steps to the target."""

@@ -24,7 +24,7 @@ import pandas as pd
 from bnexp.analysis import generic as A
 from bnexp.analysis.study import Study, StudyData
 from bnexp.analysis.verdicts import (CHANCE_MULTIPLE, NOT_SHOWN, NOT_TESTED, PARTLY, SHOWN, Shape, Verdict,
-                            chance, expect, learned)
+                            chance, expect, learned, on_learned_runs)
 from common import run_study
 
 LR = "optim.lr"
@@ -140,8 +140,11 @@ def learns_faster(runs: pd.DataFrame, curves: pd.DataFrame, arm: str, a: str, b:
     return expect([(A.paired_diff(runs, STEPS, arm, a, b, at=at), -1)])
 
 
+@on_learned_runs
 def bn_faster(d: StudyData):
-    """BN and none each at its best lr (by mean test accuracy, as ``bn_best``), paired by seed."""
+    """BN and none each at its best lr (by mean test accuracy, as ``bn_best``), paired by seed;
+    a claim about trajectories, so read on the runs that learned when only unflattened losses
+    keep an arm out (``on_learned_runs``)."""
     best = best_lr(A.summarize(d.runs, ["norm", LR], ["test_acc"]), "test_acc")
     runs = d.runs.assign(arm=d.runs["norm"] + " at lr " + d.runs[LR].map("{:g}".format))
     arms = {n: f"{n} at lr {best.loc[n, LR]:g}" for n in ("bn", "none")}
