@@ -86,19 +86,26 @@ def prepare(d: StudyData) -> StudyData:
 
 # ----------------------------------------------------------------------------- figures
 def plot_measures(points: pd.DataFrame) -> Figure:
-    """Each measure vs step, one panel per measure, one line per arm (mean over seeds, 95% CI
-    band); log y for the positive measures."""
+    """Each measure vs step, one panel per measure, one line per arm: for the positive measures
+    the geometric mean over seeds and the 95% t band of log10 (log y), for the cosine the mean
+    and its band (clipped to [-1, 1])."""
     A.set_style()
     names = [n for n in MEASURES if n in set(points["name"])]
     fig = Figure(figsize=(12.5, 3.4 * ((len(names) + 2) // 3)))
     axes = fig.subplots((len(names) + 2) // 3, 3, squeeze=False).ravel()
     arms = sorted(points[ARM].unique())
     for ax, name in zip(axes, names):
-        stats = A.summarize(points[points["name"] == name], [ARM, "step"], ["value"], include_diverged=True)
+        rows = points[points["name"] == name]
+        logged = name in LOGGED  # geometric mean and its interval: the t band stays positive
+        if logged:
+            rows = rows.assign(value=np.log10(rows["value"].clip(lower=1e-30)))
+        stats = A.summarize(rows, [ARM, "step"], ["value"], include_diverged=True)
+        back = (lambda v: 10.0 ** v) if logged else (lambda v: v.clip(-1.0, 1.0))
         for color, arm in zip(PALETTE, arms):
             g = stats[stats[ARM] == arm].sort_values("step")
-            ax.plot(g["step"], g["value.mean"], color=color, label=arm)
-            ax.fill_between(g["step"], g["value.ci_lo"], g["value.ci_hi"], color=color, alpha=0.2, lw=0)
+            ax.plot(g["step"], back(g["value.mean"]), color=color, label=arm)
+            ax.fill_between(g["step"], back(g["value.ci_lo"]), back(g["value.ci_hi"]), color=color,
+                            alpha=0.2, lw=0)
         if name in LOGGED:
             ax.set_yscale("log")
         ax.set_title(MEASURES[name], fontsize=9)
