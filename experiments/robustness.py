@@ -13,7 +13,7 @@ statistics re-estimated on the corrupted set itself). GN, LN and none have one w
     make study S=robustness ARGS="data=synthetic scale=smoke"                    # 8 runs, minutes
     make study S=robustness ARGS="data=fashion_mnist scale=small launcher=joblib" # 12 runs, 2 cores
 
-Mean corruption error (`mce.<mode>`): the mean test error over the five corruptions and every
+Mean corruption error (`mean_corrupt_err.<mode>`): the mean test error over the five corruptions and every
 severity scored, unnormalized (Hendrycks & Dietterich's mCE divides by AlexNet's errors, which
 Fashion-MNIST does not have); `corrupt_err.<severity>.<mode>` the same at one severity.
 
@@ -38,6 +38,7 @@ from common import run_study
 BN_MODES = ("ema", "precise", "batch", "batch_sorted", "adapted")
 SERIES = "statistics"  # column: "bn, ema", ..., "gn", "ln", "none"
 ORDER = [f"bn, {m}" for m in BN_MODES] + ["gn", "ln", "none"]
+MCE = "mean_corrupt_err"  # the summary key's name (bnexp/measure/robustness.py): mean corruption error
 
 
 def series_name(norm: str, mode: str) -> str:
@@ -46,15 +47,16 @@ def series_name(norm: str, mode: str) -> str:
 
 def long_errors(runs: pd.DataFrame) -> pd.DataFrame:
     """One row per (run, statistics, severity): ``err``, the test error (mean over corruptions;
-    severity 0 = clean), plus ``mce`` per (run, statistics) repeated on its rows."""
+    severity 0 = clean), plus ``mean_corrupt_err`` per (run, statistics) repeated on its rows."""
     rows = []
     for _, r in runs[runs["status"] == "ok"].iterrows():
         modes = BN_MODES if r["norm"] == "bn" else ("ema",)
         for mode in modes:
-            if f"mce.{mode}" not in r or pd.isna(r.get(f"mce.{mode}")):
+            if f"mean_corrupt_err.{mode}" not in r or pd.isna(r.get(f"mean_corrupt_err.{mode}")):
                 continue
             base = {"run": r["run"], "seed": r["seed"], "norm": r["norm"], "mode": mode,
-                    SERIES: series_name(r["norm"], mode), "mce": r[f"mce.{mode}"]}
+                    "trained": r.get("trained", True),
+                    SERIES: series_name(r["norm"], mode), MCE: r[f"mean_corrupt_err.{mode}"]}
             clean = r.get(f"test_acc.{mode}")
             if mode == "ema" and pd.isna(clean):  # plain eval is the ema mode's number
                 clean = r["test_acc"]
@@ -63,7 +65,7 @@ def long_errors(runs: pd.DataFrame) -> pd.DataFrame:
                 key = f"corrupt_err.{severity}.{mode}"
                 if key in r and pd.notna(r[key]):
                     rows.append({**base, "severity": severity, "err": r[key]})
-    return pd.DataFrame(rows, columns=["run", "seed", "norm", "mode", SERIES, "mce", "severity", "err"])
+    return pd.DataFrame(rows, columns=["run", "seed", "norm", "mode", "trained", SERIES, MCE, "severity", "err"])
 
 
 def prepare(d: StudyData) -> StudyData:
@@ -84,7 +86,7 @@ def plot_vs_severity(long: pd.DataFrame) -> Figure:
         g = stats[stats[SERIES] == name].sort_values("severity")
         ax.plot(g["severity"], 100 * g["err.mean"], color=color, label=name,
                 ls="-" if name.startswith("bn") else "--", marker="o", ms=3)
-        ax.fill_between(g["severity"], 100 * g["err.ci_lo"], 100 * g["err.ci_hi"], color=color, alpha=0.15, lw=0)
+        ax.fill_between(g["severity"], 100 * g["err.ci_lo"], 100 * g["err.ci_hi"], color=color, alpha=0.08, lw=0)
     ax.set_xlabel("corruption severity (0 = clean; mean over noise, blur, contrast, brightness, pixelate)")
     ax.set_ylabel("test error (%)")
     ax.legend(title="norm, test-time statistics", loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
@@ -94,10 +96,10 @@ def plot_vs_severity(long: pd.DataFrame) -> Figure:
 def plot_mce(long: pd.DataFrame) -> Figure:
     """Mean corruption error per statistics (bars, 95% CI, runs as dots)."""
     per_run = long.drop_duplicates(["run", SERIES])
-    fig = A.plot_bars(per_run, SERIES, "mce")
+    fig = A.plot_bars(per_run, SERIES, MCE)
     ax = fig.axes[0]
     ax.set_xlabel("norm, test-time statistics [norm, eval mode]")
-    ax.set_ylabel("mean corruption error\n(over 5 corruptions x severities)")
+    ax.set_ylabel("mean corruption error (%)\n(over 5 corruptions x severities)")
     return fig
 
 
@@ -109,10 +111,11 @@ def figures(d: StudyData) -> dict:
 
 
 # ----------------------------------------------------------------------------- the answer
-def diff(d: StudyData, metric: str, a: str, b: str, severity: int | None = None):
+def diff(d: StudyData, metric: str, a: str, b: str, severity: int | None = None, gate: bool = True):
     """``a - b`` between two statistics series, paired by seed (the same run for two BN modes:
-    same weights; different nets at the same seed otherwise)."""
-    long = d.extra["long"]
+    same weights; different nets at the same seed otherwise). ``gate``: an arm that did not
+    train is not compared (claims about finished models); off for same-weights estimators."""
+    long = d.extra["long"] if gate else d.extra["long"].drop(columns="trained")
     rows = long if severity is None else long[long["severity"] == severity]
     if severity is None:
         rows = rows.drop_duplicates(["run", SERIES])
@@ -122,25 +125,25 @@ def diff(d: StudyData, metric: str, a: str, b: str, severity: int | None = None)
 def batch_recovers(d: StudyData):
     """Claim type E (same weights, different statistics; no training gate). Primary contrast:
     BN's ``batch`` vs ``ema`` error at severity 5, paired by run; also AdaBN (``adapted``)."""
-    return expect([(diff(d, "err", "bn, batch", "bn, ema", 5), -1),
-                   (diff(d, "err", "bn, adapted", "bn, ema", 5), -1)])
+    return expect([(diff(d, "err", "bn, batch", "bn, ema", 5, gate=False), -1),
+                   (diff(d, "err", "bn, adapted", "bn, ema", 5, gate=False), -1)])
 
 
 def sorted_collapses(d: StudyData):
     """Claim type E. Primary contrast: BN's ``batch_sorted`` vs ``batch`` mCE, paired by run:
     higher on the class-sorted stream."""
-    return expect([(diff(d, "mce", "bn, batch_sorted", "bn, batch"), +1)])
+    return expect([(diff(d, MCE, "bn, batch_sorted", "bn, batch", gate=False), +1)])
 
 
 def group_norms_hold(d: StudyData):
     """Claim type G (finished models of different arms). Primary contrast: GN's and LN's mCE vs
     BN's on the class-sorted stream, paired by seed: lower."""
-    return expect([(diff(d, "mce", "gn", "bn, batch_sorted"), -1), (diff(d, "mce", "ln", "bn, batch_sorted"), -1)])
+    return expect([(diff(d, MCE, "gn", "bn, batch_sorted"), -1), (diff(d, MCE, "ln", "bn, batch_sorted"), -1)])
 
 
 def bn_more_robust(d: StudyData):
     """Claim type G. Primary contrast: BN (EMA statistics) vs none mCE, paired by seed: lower."""
-    return expect([(diff(d, "mce", "bn, ema", "none"), -1)])
+    return expect([(diff(d, MCE, "bn, ema", "none"), -1)])
 
 
 def answer(d: StudyData) -> list[str]:
@@ -148,7 +151,7 @@ def answer(d: StudyData) -> list[str]:
              ("bn, batch_sorted", "bn, batch", None), ("gn", "bn, batch_sorted", None),
              ("ln", "bn, batch_sorted", None), ("bn, ema", "none", None), ("bn, batch", "gn", None)]
     present = set(d.extra["long"][SERIES])
-    return [A.sentence(diff(d, "err" if s else "mce", a, b, s)) + (f" (severity {s})" if s else "")
+    return [A.sentence(diff(d, "err" if s else MCE, a, b, s)) + (f" (severity {s})" if s else "")
             for a, b, s in pairs if {a, b} <= present]
 
 
@@ -157,7 +160,7 @@ def table(d: StudyData) -> pd.DataFrame:
     long = d.extra["long"]
     wide = long.pivot_table(index=SERIES, columns="severity", values="err", aggfunc="mean") * 100
     wide.columns = ["clean err %" if c == 0 else f"sev {c} err %" for c in wide.columns]
-    mce = long.drop_duplicates(["run", SERIES]).groupby(SERIES)["mce"].agg(["mean", "count"])
+    mce = long.drop_duplicates(["run", SERIES]).groupby(SERIES)[MCE].agg(["mean", "count"])
     out = wide.join((mce["mean"] * 100).rename("mCE %")).join(mce["count"].rename("n"))
     return out.reindex([s for s in ORDER if s in out.index]).round(2).reset_index()
 
@@ -170,7 +173,7 @@ def notes(d: StudyData) -> str:
 
 
 def _has_corruptions(d: StudyData) -> bool:
-    return any(c.startswith("mce.") for c in d.runs.columns)
+    return any(c.startswith(MCE + ".") for c in d.runs.columns)
 
 
 STUDY = Study(
@@ -185,7 +188,7 @@ STUDY = Study(
             Shape("a BN net (its EMA statistics) is more robust than one without normalization",
                   "the notes: 'normalized data makes the network a bit robust'", bn_more_robust)],
     requires=_has_corruptions, prepare=prepare, figures=figures, table=table, by=("norm",),
-    arm=("norm",), metrics=tuple(f"mce.{m}" for m in BN_MODES), comparisons=answer, notes=notes)
+    arm=("norm",), metrics=tuple(f"{MCE}.{m}" for m in BN_MODES), comparisons=answer, notes=notes)
 
 
 if __name__ == "__main__":

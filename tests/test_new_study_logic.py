@@ -33,10 +33,10 @@ def test_smoothness_per_run_averages_log10_over_probe_points_and_layers():
 def test_robustness_long_table_reads_clean_and_per_severity_errors():
     runs = pd.DataFrame([
         {"run": "b", "seed": 0, "norm": "bn", "status": "ok", "test_acc": 0.9, "test_acc.ema": 0.9,
-         "test_acc.batch_sorted": 0.3, "mce.ema": 0.4, "mce.batch_sorted": 0.8,
+         "test_acc.batch_sorted": 0.3, "mean_corrupt_err.ema": 0.4, "mean_corrupt_err.batch_sorted": 0.8,
          "corrupt_err.1.ema": 0.2, "corrupt_err.5.ema": 0.6, "corrupt_err.1.batch_sorted": 0.7,
          "corrupt_err.5.batch_sorted": 0.9},
-        {"run": "g", "seed": 0, "norm": "gn", "status": "ok", "test_acc": 0.88, "mce.ema": 0.3,
+        {"run": "g", "seed": 0, "norm": "gn", "status": "ok", "test_acc": 0.88, "mean_corrupt_err.ema": 0.3,
          "corrupt_err.1.ema": 0.15, "corrupt_err.5.ema": 0.45}])
     long = robustness.long_errors(runs).set_index([robustness.SERIES, "severity"])["err"]
     assert long[("bn, ema", 0)] == pytest.approx(0.1)

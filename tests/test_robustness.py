@@ -41,7 +41,7 @@ def test_corruption_metrics_average_the_errors_by_hand():
             for c, s, acc in (("clean", 0, 0.9), ("blur", 1, 0.8), ("blur", 5, 0.5),
                               ("noise", 1, 0.7), ("noise", 5, 0.2))]
     m = robustness.corruption_metrics(rows)
-    assert m["mce.batch"] == pytest.approx((0.2 + 0.5 + 0.3 + 0.8) / 4)  # clean not counted
+    assert m["mean_corrupt_err.batch"] == pytest.approx((0.2 + 0.5 + 0.3 + 0.8) / 4)  # clean not counted
     assert m["corrupt_err.5.batch"] == pytest.approx((0.5 + 0.8) / 2)
     assert m["corrupt_acc.noise.1.batch"] == 0.7 and "corrupt_acc.clean.0.batch" not in m
 
@@ -83,5 +83,5 @@ def test_a_run_records_clean_train_accuracy_steps_to_target_and_corruptions(tmp_
         ("clean", 0, "ema"), ("clean", 0, "batch"), ("pixelate", 5, "ema"), ("pixelate", 5, "batch")}
     clean_ema = next(r["acc"] for r in table if r["corruption"] == "clean" and r["mode"] == "ema")
     assert clean_ema == pytest.approx(summary["metrics"]["test_acc.ema"])
-    assert summary["metrics"]["mce.batch"] == pytest.approx(
+    assert summary["metrics"]["mean_corrupt_err.batch"] == pytest.approx(
         1 - next(r["acc"] for r in table if r["severity"] == 5 and r["mode"] == "batch"))

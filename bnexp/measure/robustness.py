@@ -13,7 +13,7 @@ definitions, seeded, cached) under each eval mode of ``eval.modes`` that applies
 A model without BN layers has one way to be scored (``ema``, plain eval). Rows are
 ``{corruption, severity, mode, acc, loss}``; ``corruption_metrics`` turns them into summary keys:
 ``corrupt_acc.<corruption>.<severity>.<mode>`` per cell, ``corrupt_err.<severity>.<mode>`` (the
-mean error over corruptions at one severity) and ``mce.<mode>``, the mean corruption error: the
+mean error over corruptions at one severity) and ``mean_corrupt_err.<mode>``, the mean corruption error: the
 mean error over every corruption and severity 1..5, unnormalized (Tent and Schneider et al.
 report this mean; Hendrycks & Dietterich's mCE also divides by AlexNet's errors, which have no
 Fashion-MNIST counterpart). The model comes back as it was (``preserved``).
@@ -77,7 +77,7 @@ def corruption_metrics(rows: Sequence[dict]) -> dict:
     shifted = [r for r in rows if r["severity"]]
     for mode in dict.fromkeys(r["mode"] for r in shifted):
         errs = [1 - r["acc"] for r in shifted if r["mode"] == mode]
-        out[f"mce.{mode}"] = sum(errs) / len(errs)
+        out[f"mean_corrupt_err.{mode}"] = sum(errs) / len(errs)
         for severity in sorted({r["severity"] for r in shifted}):
             at = [1 - r["acc"] for r in shifted if r["mode"] == mode and r["severity"] == severity]
             out[f"corrupt_err.{severity}.{mode}"] = sum(at) / len(at)
