@@ -85,12 +85,13 @@ def plot_learned(learned: pd.DataFrame) -> Figure:
                 layers = list(dict.fromkeys(g["layer"]))
                 m = g.groupby("layer")[["p10", "p50", "p90"]].mean().reindex(layers)
                 xs = range(len(layers))
-                ax.plot(xs, m["p50"], color=color, ls=ls, marker="o", ms=3, label=f"{norm}, affine={affine}")
+                text = f"{norm}, both learned" if affine == "both" else f"{norm}, only {param} learned"
+                ax.plot(xs, m["p50"], color=color, ls=ls, marker="o", ms=3, label=text)
                 ax.fill_between(xs, m["p10"], m["p90"], color=color, alpha=0.12 if ls == "-" else 0.06, lw=0)
         ax.axhline(ref, color="grey", lw=0.8)
         ax.set_ylabel(f"learned {param}\n(median; band: 10-90th pct over channels)")
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     axes[1].set_xlabel("norm layer, input to output")
-    axes[0].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     return fig
 
 
@@ -124,7 +125,7 @@ def beta_matters_more(d: StudyData):
 
 
 def answer(d: StudyData) -> list[str]:
-    text = [A.sentence(diff(d, a, b, n)) + f" ({n})" for n in norms(d)
+    text = [A.sentence(diff(d, a, b, n)) for n in norms(d)
             for a, b in (("none", "both"), ("gamma", "both"), ("beta", "both"), ("gamma", "beta"))]
     learned = d.extra["learned"]
     both = learned[learned[AFFINE] == "both"] if len(learned) else learned
