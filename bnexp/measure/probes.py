@@ -308,6 +308,11 @@ def _variance_shift(rec: Probes) -> list[dict]:
                           rec.pipe)
 
 
+@PROBES.register("weight_norm")
+def _weight_norm(rec: Probes) -> list[dict]:
+    return weight_norms(rec.model, rec.lr())
+
+
 def _probe_batch(rec: Probes):
     """One training batch (augmented as training does), drawn once: the same images every call."""
     return next(iter(input_batches(rec.data.train, rec.batch_size, rec.batch_size, rec.pipe, rec.seed,
@@ -322,8 +327,3 @@ def _smoothness(rec: Probes) -> list[dict]:
 @PROBES.register("ics")
 def _ics(rec: Probes) -> list[dict]:
     return smoothness.covariate_shift_rows(rec.model, _probe_batch(rec), rec.lr())
-
-
-@PROBES.register("weight_norm")
-def _weight_norm(rec: Probes) -> list[dict]:
-    return weight_norms(rec.model, rec.lr())
