@@ -21,18 +21,19 @@ class ConfigError(ValueError):
 
 
 DATASETS = ("synthetic", "cifar10", "cifar100", "fashion_mnist", "mnist")  # = bnexp.data.datasets.SPECS
-SHIFTS = ("noise", "blur", "contrast", "brightness")
+SHIFTS = ("noise", "blur", "contrast", "brightness", "pixelate")  # = bnexp.data.corruptions.CORRUPTIONS
 SAMPLERS = ("iid", "pk", "sorted", "dirichlet")
 MODELS = ("vgg", "resnet")
 NORMS = ("bn", "none", "gn", "ln", "ghost_bn", "batch_renorm", "noisy_bn", "pn")
 DROPOUT_PLACEMENTS = ("before_norm", "after_norm", "classifier")
-MODEL_INITS = ("kaiming", "lsuv")
-GHOST_UPDATES = ("step", "chunk")  # = bnexp.layers.batchnorms.GHOST_UPDATES  # = bnexp.layers.init.INITS
+MODEL_INITS = ("kaiming", "lsuv")  # = bnexp.layers.init.INITS
+GHOST_UPDATES = ("step", "chunk")  # = bnexp.layers.batchnorms.GHOST_UPDATES
 SCHEDULES = ("cosine", "step", "constant")
 EVAL_MODES = ("ema", "precise", "precise_bvar", "precise_sampler", "precise_sampler_bvar", "batch",
-              "batch_sampler", "adapted")
+              "batch_sorted", "batch_sampler", "adapted")
 PROBES = ("noise", "forward_noise", "discrepancy", "calibration", "activations", "variance_shift",
-          "weight_norm")
+          "weight_norm", "smoothness", "ics")
+AFFINE = ("both", "gamma", "beta", "none")  # norm.affine: which of gamma, beta are learned
 FINETUNE_BN = ("train", "frozen_stats", "frozen_all", "adapt")
 LOGGERS = ("none", "tensorboard", "wandb")
 
@@ -141,10 +142,14 @@ class NormConfig:
     # ghost_bn's running statistics: one update per step (chunk average) or per chunk (Hoffer's
     # bigBatch); a default, so configs saved before the key existed still parse
     ghost_update: str = "step"
+    # which affine parameters learn: both | gamma | beta | none; the others stay at gamma = 1,
+    # beta = 0 (buffers). A default, so configs saved before the key existed still parse
+    affine: str = "both"
 
     def check(self) -> None:
         _choice("norm.name", self.name, NORMS)
         _choice("norm.ghost_update", self.ghost_update, GHOST_UPDATES)
+        _choice("norm.affine", self.affine, AFFINE)
         if self.momentum is not None and not 0.0 < self.momentum <= 1.0:
             raise ConfigError(
                 f"norm.momentum={self.momentum} must be in (0, 1] or null (PyTorch convention: "
@@ -223,9 +228,21 @@ class EvalConfig:
     # the test set is scored (and the per-epoch probes run) after every k-th epoch and after the
     # last; a default, so configs saved before the key existed still parse
     score_every: int = 1
+    # robustness: the trained model scored on corrupted test sets (bnexp/measure/robustness.py);
+    # defaults, so configs saved before the keys existed still parse
+    corruptions: tuple[str, ...] = ()
+    severities: tuple[int, ...] = (1, 2, 3, 4, 5)
+    # steps to target (bnexp/training/targets.py): accuracies whose first step is recorded
+    targets: tuple[float, ...] = (0.5, 0.8, 0.9, 0.99)
 
     def check(self) -> None:
+        _fail_if(any(not 0.0 < t <= 1.0 for t in self.targets),
+                 f"eval.targets={list(self.targets)} must be accuracies in (0, 1]")
         _positive(self, "eval", "score_every")
+        for name in self.corruptions:
+            _choice("eval.corruptions", name, SHIFTS)
+        for severity in self.severities:
+            _range("eval.severities", severity, 1, 5)
         for m in self.ema_momenta:
             _fail_if(m is not None and not 0.0 < m <= 1.0, f"eval.ema_momenta: {m} must be in (0, 1] or "
                      "null (the cumulative average), as norm.momentum")
@@ -245,8 +262,12 @@ class ProbeConfig:
     noise_batches: int
     layer: Optional[str]
     unit: Optional[int]
+    # smoothness: the step sizes eta of w - eta * g; a default, so configs saved before it parse
+    etas: tuple[float, ...] = (0.05, 0.1, 0.2, 0.4)
 
     def check(self) -> None:
+        _fail_if(not self.etas or any(not e > 0 for e in self.etas),
+                 f"probes.etas={list(self.etas)} must be a non-empty list of step sizes > 0")
         for name in self.names:
             _choice("probes.names", name, PROBES)
         _fail_if(self.every_steps < 0,

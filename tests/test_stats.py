@@ -7,6 +7,7 @@ import dataclasses
 import functools
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -135,7 +136,7 @@ def test_every_mode_leaves_the_model_exactly_as_it_found_it(norm):
         assert not any("forward" in m.__dict__ for m in model.modules())
     assert torch.equal(pipe.generator.get_state(), gen_state)  # training's augmentation stream untouched
     # the modes really are different computations
-    assert len({round(r["loss"], 6) for r in results.values()}) == len(stats.MODES) == 8
+    assert len({round(r["loss"], 6) for r in results.values()}) == len(stats.MODES) == 9
     # and deterministic
     again, _ = stats.run_mode("batch", model, data, pipe, cfg.eval, 16, cfg.seed)
     assert again == results["batch"]
@@ -154,6 +155,21 @@ def manual_forward(model, x, batch_stats: bool):
             x = F.batch_norm(x, n.running_mean, n.running_var, n.weight, n.bias, training=False, eps=n.eps)
         x = F.relu(x)
     return model.head(x.mean((2, 3)))
+
+
+def test_batch_sorted_mode_normalizes_each_batch_of_the_label_sorted_test_set():
+    cfg, model, data, pipe = tiny_setup(n_test=50)
+    got, _ = stats.run_mode("batch_sorted", model, data, pipe, cfg.eval, 16, cfg.seed)
+    order = np.argsort(data.test.y.numpy(), kind="stable")  # numpy's sort, not torch's
+    losses, hits = [], []
+    with torch.no_grad():
+        for start in range(0, 50, cfg.eval.batch_size):  # the last batch shorter, nothing topped up
+            idx = torch.from_numpy(order[start:start + cfg.eval.batch_size])
+            logits = manual_forward(model, pipe.prep(data.test.x[idx]), True)
+            losses.append(F.cross_entropy(logits, data.test.y[idx], reduction="none"))
+            hits.append(logits.argmax(1) == data.test.y[idx])
+    assert got["loss"] == pytest.approx(torch.cat(losses).mean().item(), rel=1e-5)
+    assert got["acc"] == pytest.approx(torch.cat(hits).float().mean().item())
 
 
 @pytest.mark.parametrize("n_test", [48, 50])  # 50: the last batch is topped up with 14 uncounted images

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
+from bnexp.data import corruptions
 from bnexp.data import files as datafiles
 from bnexp.data import synthetic
 from bnexp.config import ConfigError, DataConfig
@@ -323,52 +323,12 @@ def normalize(x: torch.Tensor, mean, std, channels_last: bool = True,
 
 
 # ---------------------------------------------------------------------------------- distribution shift
-
-# Severity 1..5 constants of CIFAR-10-C (Hendrycks & Dietterich 2019, make_cifar_c.py).
-SHIFT_SEVERITY = {
-    "noise": (0.04, 0.06, 0.08, 0.09, 0.10),       # std of additive Gaussian noise, [0, 1] scale
-    "blur": (0.4, 0.6, 0.7, 0.8, 1.0),             # Gaussian blur sigma in pixels
-    "contrast": (0.75, 0.5, 0.4, 0.3, 0.15),       # factor on each channel's deviation from its mean
-    "brightness": (0.05, 0.1, 0.15, 0.2, 0.3),     # added to the HSV value (max over channels)
-}
+# ``data.shift`` uses the corruptions of ``bnexp.data.corruptions`` (CIFAR-10-C's definitions and
+# severity constants); these names stay for the callers that have always found them here.
+SHIFT_SEVERITY = corruptions.SEVERITY
 
 
-def apply_shift(x: torch.Tensor, name: str, severity: int, generator: torch.Generator | None = None,
-                chunk: int = 4096) -> torch.Tensor:
-    """Corrupt uint8 images on their device as CIFAR-10-C does; stronger with ``severity`` (1..5).
-
-    Only ``noise`` is random (``generator``, on ``x.device``, makes it reproducible). Works through
-    ``chunk`` images at a time to bound the float32 working memory.
-    """
-    if name not in SHIFT_SEVERITY or not 1 <= severity <= 5:
-        raise ValueError(f"shift {name!r} severity {severity}: allowed {', '.join(SHIFT_SEVERITY)} x 1..5")
-    level = SHIFT_SEVERITY[name][severity - 1]
-    parts = []
-    for part in x.split(chunk):
-        img = part.float() / 255
-        if name == "noise":
-            img = img + level * torch.randn(img.shape, device=img.device, generator=generator)
-        elif name == "blur":
-            img = _gaussian_blur(img, level)
-        elif name == "contrast":
-            mean = img.mean((2, 3), keepdim=True)
-            img = (img - mean) * level + mean
-        else:
-            value = img.amax(1, keepdim=True)
-            brighter = (value + level).clamp(max=1)
-            # Raising V at fixed hue and saturation scales the RGB triple; black becomes grey.
-            img = torch.where(value > 0, img * brighter / value.clamp_min(1e-12), brighter)
-        parts.append((img.clamp(0, 1) * 255).round().to(torch.uint8))
-    return torch.cat(parts)
-
-
-def _gaussian_blur(img: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Separable Gaussian blur, truncated at 4 sigma, edges repeated (skimage's defaults)."""
-    radius = int(4 * sigma + 0.5)
-    taps = torch.arange(-radius, radius + 1, dtype=torch.float32, device=img.device)
-    kernel = torch.exp(-0.5 * (taps / sigma) ** 2)
-    kernel = kernel / kernel.sum()
-    c = img.shape[1]
-    img = F.pad(img, (radius, radius, radius, radius), mode="replicate")
-    img = F.conv2d(img, kernel.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
-    return F.conv2d(img, kernel.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
+def apply_shift(x: torch.Tensor, name: str, severity: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Corrupt uint8 images on their device as CIFAR-10-C does (``corruptions.corrupt``);
+    stronger with ``severity`` (1..5). Only ``noise`` is random (``generator``)."""
+    return corruptions.corrupt(x, name, severity, generator)

@@ -44,7 +44,7 @@ from bnexp.registry import Registry
 
 __all__ = ["NORMS", "BatchNorm2d", "BatchRenorm2d", "GhostBatchNorm2d", "NoisyBatchNorm2d",
            "PopulationNorm2d", "GhostNoise", "GhostNoiseGroupNorm", "GroupNorm", "bn_layers", "group_count",
-           "group_norm", "make_norm", "set_frozen", "set_plain", "set_progress"]
+           "group_norm", "fix_affine", "make_norm", "set_frozen", "set_plain", "set_progress"]
 
 
 def group_count(num_channels: int, groups: int) -> int:
@@ -133,8 +133,25 @@ def _pn(cfg: NormConfig) -> Callable[[int], nn.Module]:
 
 
 def make_norm(cfg: NormConfig) -> Callable[[int], nn.Module]:
-    """The ``norm(num_channels)`` factory of ``cfg.name``; an unknown name is a ``ConfigError``."""
-    return NORMS.get(cfg.name)(cfg)
+    """The ``norm(num_channels)`` factory of ``cfg.name``; an unknown name is a ``ConfigError``.
+    ``cfg.affine`` other than ``both``: the layers it makes keep only the affine parameters named."""
+    factory = NORMS.get(cfg.name)(cfg)
+    if cfg.affine == "both":
+        return factory
+    return lambda num_channels: fix_affine(factory(num_channels), cfg.affine)
+
+
+def fix_affine(layer: nn.Module, keep: str) -> nn.Module:
+    """Turn the affine parameters that ``keep`` (both | gamma | beta | none) does not name into
+    buffers of their initial values (gamma = ``weight`` = 1, beta = ``bias`` = 0), so the forward
+    pass is unchanged and they do not learn; ``weight`` and ``bias`` stay readable attributes
+    (fusion, batch-stat eval read them). A layer without them (``Identity``) is returned as is."""
+    for name, learned in (("weight", keep in ("both", "gamma")), ("bias", keep in ("both", "beta"))):
+        param = layer._parameters.get(name)
+        if param is not None and not learned:
+            del layer._parameters[name]
+            layer.register_buffer(name, param.detach().clone())
+    return layer
 
 
 def bn_layers(model: nn.Module) -> list[tuple[str, _BatchNorm]]:

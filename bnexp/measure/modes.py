@@ -18,6 +18,9 @@ Eval modes (``MODES``; named the same in configs, records and legends):
   batch (``F.batch_norm(training=True)``; ghost chunks, renorm corrections and noise are off).
   Test batches are a seeded shuffle cut into batches of exactly ``eval.batch_size``; the last one
   is topped up with images from the start of the shuffle, which are not scored twice.
+* ``batch_sorted``: as ``batch`` on a class-sorted test stream: the test set sorted by label,
+  cut into batches of ``eval.batch_size`` (mostly one class each; test-time adaptation's
+  non-i.i.d. stream, Niu et al. 2023).
 * ``batch_sampler``: test batches drawn by the training sampler over the test labels (its
   structure at the training batch size, e.g. P x K); each layer normalizes as in training with
   plain statistics (per ghost chunk for ghost BN). Images of the sampler's dropped remainder
@@ -166,14 +169,34 @@ _precise_mode("precise_sampler", "sampler", "pooled")
 _precise_mode("precise_sampler_bvar", "sampler", "bvar")
 
 
-@MODES.register("batch")
-def _batch(model, data, pipe, cfg, batch_size, seed, sampler=None):
+def sorted_batches(split: Split, batch_size: int) -> Iterator[tuple]:
+    """``split`` sorted by label (stable: the original order within a class), cut into batches
+    of ``batch_size`` (the last one shorter): a class-sorted test stream, ``(x, y, counted)``."""
+    order = torch.sort(split.y.cpu(), stable=True).indices.to(split.x.device)
+    for start in range(0, len(split), batch_size):
+        b = order[start:start + batch_size]
+        yield split.x.index_select(0, b), split.y.index_select(0, b), len(b)
+
+
+def use_batch_statistics(model: nn.Module) -> None:
+    """Eval mode, every BN layer normalizing with the plain statistics of its input batch (its
+    affine kept). An instance ``forward``: call inside ``preserved``, which removes it."""
     model.eval()
     for _, m in bn_layers(model):
-        # the plain statistics of each test batch; ``preserved`` removes this forward again
         m.forward = functools.partial(F.batch_norm, running_mean=None, running_var=None, weight=m.weight,
                                       bias=m.bias, training=True, momentum=0.0, eps=m.eps)
+
+
+@MODES.register("batch")
+def _batch(model, data, pipe, cfg, batch_size, seed, sampler=None):
+    use_batch_statistics(model)
     return score(model, batch_mode_batches(data.test, cfg.batch_size, seed), pipe), {}
+
+
+@MODES.register("batch_sorted")
+def _batch_sorted(model, data, pipe, cfg, batch_size, seed, sampler=None):
+    use_batch_statistics(model)
+    return score(model, sorted_batches(data.test, cfg.batch_size), pipe), {}
 
 
 @MODES.register("batch_sampler")

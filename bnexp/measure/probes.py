@@ -30,6 +30,13 @@ Each row is long-format: ``step, epoch, layer, name, value`` (noise rows add ``b
 * ``forward_noise.ratio`` (per normalization position, whatever its norm): the noise batch-mates
   put into a fixed probe image's norm output, over ``noise_batches`` training batches; 0 for
   none/LN/PN, > 0 for batch statistics or ghost noise. Defined in ``bnexp.measure.forward_noise``.
+* ``smoothness.loss_range`` / ``.grad_change_max`` / ``.grad_change_min`` / ``.beta`` /
+  ``.grad_norm`` (layer ``model``) and ``smoothness.loss`` (rows add ``eta``): the loss landscape
+  along the gradient on a fixed probe batch (one training batch, drawn once), BN in train mode
+  as training sees it, in fp32 (no autocast, whatever ``precision``), for each step size of
+  ``probes.etas`` (Santurkar et al. 2018, Fig. 4; ``bnexp.measure.smoothness.along_gradient``).
+* ``ics.l2`` / ``ics.cos`` (per conv/linear layer but the first): Santurkar's internal covariate
+  shift on the same batch at the current lr (Definition 2.1, Fig. 5; ``smoothness.covariate_shift``).
 * ``weight_norm.norm`` (every conv) and ``weight_norm.effective_lr`` = lr / ||w||^2 (convs whose
   output feeds a normalization layer, where the loss is scale-invariant in w).
 
@@ -50,6 +57,7 @@ from torch import nn
 from bnexp import records
 from bnexp.config import ConfigError, ProbeConfig
 from bnexp.data.datasets import DataBundle, Split, seeded_generator
+from bnexp.measure import smoothness
 from bnexp.measure.forward_noise import forward_noise, probe_count
 from bnexp.measure.moments import bn_train_mode, collect_moments, input_batches, plain_statistics, preserved
 from bnexp.layers.norms import bn_layers
@@ -303,3 +311,19 @@ def _variance_shift(rec: Probes) -> list[dict]:
 @PROBES.register("weight_norm")
 def _weight_norm(rec: Probes) -> list[dict]:
     return weight_norms(rec.model, rec.lr())
+
+
+def _probe_batch(rec: Probes):
+    """One training batch (augmented as training does), drawn once: the same images every call."""
+    return next(iter(input_batches(rec.data.train, rec.batch_size, rec.batch_size, rec.pipe, rec.seed,
+                                   "probe-landscape", augment=True, labels=True)))
+
+
+@PROBES.register("smoothness")
+def _smoothness(rec: Probes) -> list[dict]:
+    return smoothness.landscape_rows(rec.model, _probe_batch(rec), rec.cfg.etas)
+
+
+@PROBES.register("ics")
+def _ics(rec: Probes) -> list[dict]:
+    return smoothness.covariate_shift_rows(rec.model, _probe_batch(rec), rec.lr())

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from bnexp import records
 from bnexp.layers import init as weight_init
-from bnexp.training import finetune
+from bnexp.training import finetune, targets
 from bnexp.training import loggers
 from bnexp.training.assemble import build, make_pipeline
 from bnexp.training.checkpoint import clear_last, load_last, nonfinite_tensors, save_last, save_model
@@ -35,7 +35,9 @@ from bnexp.runtime import (device_name, resolve_device, resolve_precision, seed_
                       set_threads)
 from bnexp.data.sampling import BatchSampler, build_sampler
 from bnexp.measure.moments import freeze_precisely
+from bnexp.measure.affine import record_affine
 from bnexp.measure.modes import ModeResults, evaluate_modes, run_mode, validation_metrics
+from bnexp.measure.robustness import record_corruptions
 
 log = logging.getLogger(__name__)
 CHECK_EVERY = 50  # steps between non-finite checks: each check is a host sync on CUDA
@@ -252,6 +254,8 @@ def run_epoch(run: Session, progress: Progress, epoch: int, bar: RunProgress) ->
     row = {"epoch": epoch, "step": progress.step, "lr": lr, "train_loss": result["loss"],
            "train_acc": result["acc"], "test_loss": test["test_loss"], "test_acc": test["test_acc"],
            "seconds": seconds, "images_per_s": result["images"] / seconds, **test}
+    if cfg.eval.targets:  # steps to target: clean (eval-mode, un-augmented) training accuracy
+        row["train_acc.clean"] = targets.clean_train_acc(run.model, run.data, run.pipe, cfg.eval.batch_size)
     progress.history.append(row)
     records.write_epoch(run.run_dir, row)
     run.tracker.log_epoch(row, progress.step)
@@ -292,6 +296,8 @@ def summarize(run: Session, progress: Progress, diverged_at: Optional[dict],
 
     final = None if diverged_at else final_metrics(run.model, run.data, run.pipe, cfg, run.run_dir, announce)
     metrics, skipped = (final.metrics, final.skipped) if final else ({}, {})
+    if final:
+        metrics.update(targets.steps_to(progress.history, cfg.eval.targets))
     if final and not math.isfinite(metrics.get("test_loss") or 0.0):
         diverged_at = {"epoch": cfg.optim.epochs - 1, "step": progress.step,
                        "reason": "non-finite outputs in the final evaluation (test_loss)"}
@@ -353,7 +359,9 @@ def final_metrics(model, data: DataBundle, pipe: Pipeline, cfg: Config, run_dir=
     scored = {mode: run_mode(mode, model, train_as_test, pipe, cfg.eval, cfg.data.batch_size,
                              cfg.seed, cfg.sampler)[0]
               for mode in dict.fromkeys([source, "precise"]) if f"test_acc.{mode}" in modes.metrics}
-    metrics = {"train_acc": scored[source]["acc"], "train_loss": scored[source]["loss"], **modes.metrics}
+    metrics = {"train_acc": scored[source]["acc"], "train_loss": scored[source]["loss"], **modes.metrics,
+               **record_affine(model, run_dir),
+               **record_corruptions(model, data, pipe, cfg.eval, cfg.data.batch_size, cfg.seed, run_dir)}
     metrics["gen_gap"] = scored[source]["acc"] - metrics["test_acc"]
     metrics.update(validation_metrics(model, data, pipe, cfg.eval, cfg.data.batch_size, cfg.seed, cfg.sampler))
     if "precise" in scored:
@@ -361,3 +369,4 @@ def final_metrics(model, data: DataBundle, pipe: Pipeline, cfg: Config, run_dir=
                         "train_loss.precise": scored["precise"]["loss"],
                         "gen_gap.precise": scored["precise"]["acc"] - metrics["test_acc.precise"]})
     return modes._replace(metrics=metrics)
+

@@ -1,0 +1,200 @@
+"""Does BN reduce internal covariate shift, or does it make the loss landscape smoother?
+
+Sweep (conf/study/smoothness.yaml): norm {bn, none} x lr {none's tuned lr, BN's tuned lr} x
+seeds: BN and none each at its own tuned lr, BN at none's lr, none at BN's lr (it diverges: a
+result). Every `probes.every_steps` updates, on one fixed training batch (BN in train mode, as
+training sees it; bnexp/measure/smoothness.py):
+
+* loss range along the gradient: max - min of L(w - eta g) over eta in `probes.etas`
+  (Santurkar et al. 2018, Fig. 4a);
+* gradient predictiveness: the largest l2 change of the gradient along that path,
+  ||grad L(w - eta g) - g|| (Fig. 4b; small = the gradient predicts the next one);
+* effective beta-smoothness: max over eta of ||grad L(w - eta g) - g|| / ||eta g|| (Fig. 4c);
+* internal covariate shift as Santurkar et al. define it (Def. 2.1, Fig. 5): the change of a
+  layer's gradient when every layer before it takes its own SGD step at the run's lr, as l2
+  distance and cosine, per conv/linear layer but the first.
+
+    make study S=smoothness ARGS="data=synthetic scale=smoke"                    # 12 runs, minutes
+    make study S=smoothness ARGS="data=fashion_mnist scale=small launcher=joblib" # 20 runs, 2 cores
+
+Per run, each measure is summarized by the mean over probe points of its log10 (the measures
+are ratios and spread over decades; steps are matched across arms), ICS over layers too; arms
+are compared paired by seed (same initialization and batch order).
+
+Expected (Santurkar et al. 2018): with BN the loss and the gradient change less along the
+gradient (smaller loss range, gradient change and beta), while its ICS is not lower, and can be
+higher (larger l2, lower cosine), than without BN: BN helps optimization by smoothing the
+landscape, not by reducing internal covariate shift. The notes say BN "resolves the problem of
+internal covariate shift"; the report says which the data support.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+
+from bnexp.analysis import generic as A
+from bnexp.analysis.plots import PALETTE
+from bnexp.analysis.study import Study, StudyData
+from bnexp.analysis.verdicts import Shape, expect, on_learned_runs
+from common import run_study
+
+MEASURES = {"smoothness.loss_range": "loss range along the gradient",
+            "smoothness.grad_change_max": "largest gradient change ||g(w - eta g) - g||",
+            "smoothness.beta": "effective beta-smoothness",
+            "ics.l2": "ICS, l2 (mean over layers)",
+            "ics.cos": "ICS, cosine (mean over layers)"}
+LOGGED = ("smoothness.loss_range", "smoothness.grad_change_max", "smoothness.beta", "ics.l2")
+ARM = "arm"
+
+
+def arm_name(norm: str, lr: float) -> str:
+    return f"{norm} lr {lr:g}"
+
+
+def tuned_lrs(runs: pd.DataFrame) -> dict:
+    """The two lrs of the sweep: none's tuned (the smaller) and BN's tuned (the larger)."""
+    lrs = sorted(runs["optim.lr"].dropna().unique())
+    return {"none": lrs[0], "bn": lrs[-1]}
+
+
+def per_probe(probes: pd.DataFrame) -> pd.DataFrame:
+    """One row per (run, step, measure): ICS averaged over layers, the per-eta losses left out."""
+    rows = probes[probes["name"].isin(list(MEASURES))]
+    return rows.groupby(["run", "step", "name"], as_index=False)["value"].mean()
+
+
+def per_run(points: pd.DataFrame) -> pd.DataFrame:
+    """Per run: ``<measure>.log`` = mean over probe points of log10(value) for the positive
+    measures, and ``ics.cos`` its plain mean."""
+    out = {}
+    for name, g in points.groupby("name"):
+        if name in LOGGED:
+            out[f"{name}.log"] = g.groupby("run")["value"].apply(lambda v: np.log10(v.clip(lower=1e-30)).mean())
+        else:
+            out[name] = g.groupby("run")["value"].mean()
+    return pd.DataFrame(out).reset_index().rename(columns={"index": "run"})
+
+
+def prepare(d: StudyData) -> StudyData:
+    d.runs = d.runs.assign(**{ARM: [arm_name(n, lr) for n, lr in zip(d.runs["norm"], d.runs["optim.lr"])]})
+    points = per_probe(d.probes) if len(d.probes) else pd.DataFrame(columns=["run", "step", "name", "value"])
+    d.extra["points"] = points.merge(d.runs[["run", ARM, "status"]], on="run")
+    d.runs = d.runs.merge(per_run(points), on="run", how="left") if len(points) else d.runs
+    return d
+
+
+# ----------------------------------------------------------------------------- figures
+def plot_measures(points: pd.DataFrame) -> Figure:
+    """Each measure vs step, one panel per measure, one line per arm: for the positive measures
+    the geometric mean over seeds and the 95% t band of log10 (log y), for the cosine the mean
+    and its band (clipped to [-1, 1])."""
+    A.set_style()
+    names = [n for n in MEASURES if n in set(points["name"])]
+    fig = Figure(figsize=(12.5, 3.4 * ((len(names) + 2) // 3)))
+    axes = fig.subplots((len(names) + 2) // 3, 3, squeeze=False).ravel()
+    arms = sorted(points[ARM].unique())
+    for ax, name in zip(axes, names):
+        rows = points[points["name"] == name]
+        logged = name in LOGGED  # geometric mean and its interval: the t band stays positive
+        if logged:
+            rows = rows.assign(value=np.log10(rows["value"].clip(lower=1e-30)))
+        stats = A.summarize(rows, [ARM, "step"], ["value"], include_diverged=True)
+        back = (lambda v: 10.0 ** v) if logged else (lambda v: v.clip(-1.0, 1.0))
+        for color, arm in zip(PALETTE, arms):
+            g = stats[stats[ARM] == arm].sort_values("step")
+            ax.plot(g["step"], back(g["value.mean"]), color=color, label=arm)
+            ax.fill_between(g["step"], back(g["value.ci_lo"]), back(g["value.ci_hi"]), color=color,
+                            alpha=0.2, lw=0)
+        if name in LOGGED:
+            ax.set_yscale("log")
+        ax.set_title(MEASURES[name], fontsize=9)
+        ax.set_xlabel("optimizer step")
+    for ax in axes[len(names):]:
+        ax.set_visible(False)
+    axes[0].legend(title="arm [norm, optim.lr]", fontsize=8)
+    fig.suptitle("the loss landscape along the gradient and internal covariate shift during training")
+    return fig
+
+
+def figures(d: StudyData) -> dict:
+    points = d.extra["points"]
+    return {"smoothness_vs_step": plot_measures(points)} if len(points) else {}
+
+
+# ----------------------------------------------------------------------------- the answer
+def diff(d: StudyData, metric: str, a: str, b: str):
+    """``a - b`` on a per-run summary, paired by seed (shared initialization and batch order)."""
+    return A.paired_diff(d.runs, metric, ARM, a, b)
+
+
+def contrasts(d: StudyData) -> list[tuple[str, str]]:
+    """(BN arm, none arm): the primary contrast, each at its own tuned lr, then BN at none's lr."""
+    lr = tuned_lrs(d.runs)
+    return [(arm_name("bn", lr["bn"]), arm_name("none", lr["none"])),
+            (arm_name("bn", lr["none"]), arm_name("none", lr["none"]))]
+
+
+@on_learned_runs
+def smoother(d: StudyData):
+    """Claim type D (trajectories at matched steps, log statistics). Primary contrast: BN at its
+    tuned lr vs none at its tuned lr, paired by seed, on the mean log10 loss range, gradient
+    change and beta along the gradient: each lower with BN."""
+    (bn, none), _ = contrasts(d)
+    return expect([(diff(d, f"{m}.log", bn, none), -1) for m in LOGGED[:3]])
+
+
+@on_learned_runs
+def smoother_same_lr(d: StudyData):
+    """Claim type D. Primary contrast: BN vs none at the same lr (none's tuned lr), paired by
+    seed, on the same three measures: each lower with BN."""
+    _, (bn, none) = contrasts(d)
+    return expect([(diff(d, f"{m}.log", bn, none), -1) for m in LOGGED[:3]])
+
+
+@on_learned_runs
+def ics_not_lower(d: StudyData):
+    """Claim type D. Primary contrast: none vs BN each at its tuned lr, paired by seed, on the
+    mean log10 ICS l2: none's ICS is not above BN's (the interval's top below FLAT_MARGIN, i.e.
+    BN's ICS is not lower by more than ~5%); the cosine is read in the statement."""
+    (bn, none), _ = contrasts(d)
+    return expect([(diff(d, "ics.l2.log", none, bn), "<=")])
+
+
+def answer(d: StudyData) -> list[str]:
+    text = []
+    for bn, none in contrasts(d):
+        for metric in [f"{m}.log" for m in LOGGED] + ["ics.cos"]:
+            if metric in d.runs:
+                text.append(A.sentence(diff(d, metric, bn, none)))
+    return text
+
+
+def notes(d: StudyData) -> str:
+    acc = d.runs[d.runs["status"] == "ok"].groupby(ARM)["train_acc"].mean() * 100
+    return ("`<measure>.log`: the mean over probe points of log10 of the measure (a difference of "
+            "-0.3 is a factor of 2); ICS l2 and cosine averaged over the conv/linear layers but the "
+            "first. Step sizes: probes.etas, absolute, the same path lengths for every arm. Train "
+            "accuracy at the end: " + ", ".join(f"{k} {v:.1f}%" for k, v in acc.items()) + ".")
+
+
+def _has_probes(d: StudyData) -> bool:
+    return len(d.probes) > 0 and d.probes["name"].isin(list(MEASURES)).any()
+
+
+SOURCE = "Santurkar et al. 2018"
+STUDY = Study(
+    "smoothness", __doc__,
+    shapes=[Shape("BN at its tuned lr: the loss and the gradient change less along the gradient than "
+                  "without BN at its tuned lr (loss range, gradient change, beta-smoothness)",
+                  f"{SOURCE}, Fig. 4", smoother),
+            Shape("the same at one lr (the unnormalized net's)", f"{SOURCE}, Fig. 4", smoother_same_lr),
+            Shape("BN's internal covariate shift (l2) is not lower than without BN", f"{SOURCE}, Fig. 5",
+                  ics_not_lower)],
+    requires=_has_probes, prepare=prepare, figures=figures, by=(ARM,), arm=("norm", "optim.lr"),
+    metrics=tuple(f"{m}.log" for m in LOGGED) + ("ics.cos", "train_acc", "test_acc"),
+    comparisons=answer, notes=notes)
+
+
+if __name__ == "__main__":
+    run_study(STUDY)
