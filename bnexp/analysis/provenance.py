@@ -267,9 +267,16 @@ def _changed_since(runs: list[str], head: str, study: str = "") -> str:
 def _changed_between(runs: list[str], study: str = "") -> str:
     """The same account for a sweep whose runs come from several commits: the files that differ
     between the first commit and each other one, and whether any can move a number."""
-    clean = sorted({r.removesuffix("-dirty") for r in runs if r != "unknown"})
-    files = _changed_files(clean[1:], clean[0]) if len(clean) > 1 else None
+    clean = sorted({r.removesuffix("-dirty") for r in runs if r != "unknown"}, key=_commit_time)
+    # by age: each older commit is diffed towards the newest, so a file added later reads as added
+    files = _changed_files(clean[:-1], clean[-1]) if len(clean) > 1 else None
     return _describe(". What differs between those commits", files, study) if files else ""
+
+
+def _commit_time(commit: str) -> tuple[int, str]:
+    """(committer time, hash) of ``commit``: an order of commits by age (unknown ones first)."""
+    out = _git("show", "-s", "--format=%ct", commit)
+    return (int(out.strip()) if out and out.strip().isdigit() else 0, commit)
 
 
 def _describe(lead: str, files: dict, study: str) -> str:
