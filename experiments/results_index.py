@@ -11,6 +11,7 @@ and its main figure. Nothing is typed by hand: re-run it after any study's analy
 from __future__ import annotations
 
 import argparse
+import json
 import re
 from pathlib import Path
 
@@ -73,10 +74,13 @@ def row(study: str, folder: Path, results: Path) -> str:
     figures = [line for line in section(report, "Figures") if line.startswith("![")]
     figure = re.search(r"\]\(([^)]+\.png)\)", figures[0]).group(1) if figures else None
     shapes = []
-    for line in section(report, "Expected shapes"):
+    for line in section(report, "Expected shapes"):  # reports made before verdicts.json
         match = VERDICT.match(line.strip())
         if match:
             shapes.append(f"**{match.group(1)}**: {match.group(2)}")
+    if (folder / "verdicts.json").is_file():
+        shapes = [f"**{v['label']}**: {v['shape']} ({v['source']}). {v['text']}"
+                  for v in json.loads((folder / "verdicts.json").read_text())]
     minutes = sweep_minutes(folder)
     cells = [f"[`{study}`]({rel}/report.md)" + (f"<br>[figure]({rel}/{figure})" if figure else ""),
              field(report, "Question"),

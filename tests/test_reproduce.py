@@ -7,16 +7,13 @@ numbers were altered must be reported as not reproduced.
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
 import bnexp
-from conftest import TINY
+from conftest import TINY, experiment
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
-import reproduce  # noqa: E402
+reproduce = experiment("reproduce")
 
 ONE_EPOCH = [*TINY, "optim.epochs=1", "progress=off", "threads=1"]
 

@@ -2,12 +2,12 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
+from conftest import experiment
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "experiments"))
-import results_index  # noqa: E402
+results_index = experiment("results_index")
 
 REPORT = """# noise
 

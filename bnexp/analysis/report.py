@@ -222,22 +222,25 @@ def markdown_table(df: pd.DataFrame) -> str:
 # ----------------------------------------------------------------------------- report
 def write_report(study_dir, name: str, question: str, command: str, figures: list,
                  table: pd.DataFrame, statement: str, notes: str = "", checks: str = "",
-                 verdicts: list[str] | None = None) -> Path:
-    """Write ``<study_dir>/report.md``: question, command, commits, run counts by status, the
-    training check (``checks``, before any comparison), the statement, figures (relative links,
-    PNG shown, PDF linked), ``table`` as markdown, notes, and last one line per expected shape
-    (``verdicts``)."""
+                 verdicts: list[dict] | None = None) -> Path:
+    """Write ``<study_dir>/report.md``: question, the answer (one line per expected shape from
+    ``verdicts``, the objects of verdicts.json: ``- **label** — shape (source). text``), command,
+    commits, run counts by status, what every arm reached (``checks``), the statement, figures
+    (relative links, PNG shown, PDF linked), ``table`` as markdown, notes."""
     study_dir = Path(study_dir)
     counts = status_counts(study_dir)
     count_text = ", ".join(f"{'?' if v is None else v} {k}" for k, v in counts.items())
-    lines = [f"# {name}", "", f"**Question.** {question}", "",
-             "**Command.**", "", "```bash", command, "```", "",
+    lines = [f"# {name}", "", f"**Question.** {question}", ""]
+    if verdicts:
+        lines += ["## Answer", "", *(f"- **{v['label']}** — {v['shape']} ({v['source']}; claim "
+                                     f"{v['claim']}). {v['text']}" for v in verdicts), ""]
+    lines += ["**Command.**", "", "```bash", command, "```", "",
              f"**Code.** {_commits(study_dir)}", "", f"**Runs.** {count_text}.", ""]
     machines = _machines(study_dir)
     if machines:
         lines += [f"**Machine.** {machines}.", ""]
     if checks:
-        lines += ["## Did every arm train?", "", checks, ""]
+        lines += ["## What every arm reached", "", checks, ""]
     lines += ["## Result", "", statement, ""]
     if figures:
         lines += ["## Figures", ""]
@@ -249,8 +252,6 @@ def write_report(study_dir, name: str, question: str, command: str, figures: lis
     lines += ["## Table", "", markdown_table(table), ""]
     if notes:
         lines += ["## Notes", "", notes, ""]
-    if verdicts:
-        lines += ["## Expected shapes", "", *verdicts, ""]
     path = study_dir / "report.md"
     path.write_text("\n".join(lines))
     return path
