@@ -16,19 +16,7 @@ is a result); **E** same-weights estimators (no training gate, paired by run); *
 at matched steps (no gate; ``log=True`` for ratios); **G** generalization of finished models
 (always at equal budget, "at convergence" where every seed of both arms converged).
 
-Labels (``LABELS``) and the rule that gives them, on the paired differences ``d`` (``want``: +1
-a above b, -1 a below b, 0 equal within ``margin``, "<=" / ">=" a not above / not below b):
-
-* ``shown``: the 95% interval of mean(d) excludes 0 in the claimed direction and, with fewer
-  than ``MIN_T_SEEDS`` pairs (where a t-interval of 3 seeds decides little), every pair agrees
-  (k = n; the sign test's p is printed, the count is primary); for G, ``shown at equal budget``
-  when not every seed of both arms converged;
-* ``contradicted``: the same the other way;
-* ``equivalent``: neither, and the interval lies inside +/- margin (for a directional claim);
-  for a claim of equality (``want=0``) that is ``shown``, and an interval wholly outside the
-  margin is ``contradicted``;
-* ``inconclusive``: anything else;
-* ``not tested``: only where an arm has no finished run at all.
+Labels (``LABELS``) and the rule that gives them: ``bnexp.analysis.decision``.
 """
 from __future__ import annotations
 
@@ -41,20 +29,21 @@ import numpy as np
 import pandas as pd
 import scipy.stats
 
+from bnexp.analysis.decision import (ALPHA, CONTRADICTED, EQUIVALENT, INCONCLUSIVE, LABELS, MARGIN,
+                                     MIN_T_SEEDS, NOT_TESTED, SHOWN, SHOWN_AT_BUDGET, decide,
+                                     decide_unpaired)
 from bnexp.analysis.plots import LABELS as AXIS_LABELS
 from bnexp.analysis.plots import is_percent
 from bnexp.analysis.tables import quiet
 
-SHOWN, SHOWN_AT_BUDGET, CONTRADICTED = "shown", "shown at equal budget", "contradicted"
-EQUIVALENT, INCONCLUSIVE, NOT_TESTED = "equivalent", "inconclusive", "not tested"
-LABELS = (SHOWN, SHOWN_AT_BUDGET, CONTRADICTED, EQUIVALENT, INCONCLUSIVE, NOT_TESTED)
+__all__ = ["ALPHA", "BUDGETS", "CLAIMS", "CONTRADICTED", "EQUIVALENT", "INCONCLUSIVE", "LABELS", "MARGIN",
+           "MIN_T_SEEDS", "NOT_TESTED", "SHOWN", "SHOWN_AT_BUDGET", "Shape", "Verdict", "compare",
+           "compare_outcomes", "compare_recovery", "compare_value", "decide", "memorization_note", "words"]
+
 CLAIMS = {"T": "trains / is stable at", "E": "same-weights estimators",
           "D": "trajectories at matched steps", "G": "generalization of finished models"}
 BUDGETS = {"T": "per-seed outcome", "E": "same weights, no training gate",
            "D": "matched steps, no training gate"}
-MIN_T_SEEDS = 5  # below this many pairs the sign count decides, with its exact test printed
-CI, ALPHA = 0.95, 0.05
-MARGIN = 0.01  # default margin: 1 point of accuracy or error
 # Plain words for arms and metrics in a verdict's text (LABELS of plots for the rest).
 WORDS = {"bn": "BN", "none": "no normalization", "ln": "LN", "gn": "GN", "pn": "PN",
          "ema": "EMA statistics", "precise": "precise statistics", "batch": "batch statistics",
@@ -123,80 +112,6 @@ class Shape:
         return {"shape": self.shape, "source": self.source, "claim": self.claim, **asdict(v)}
 
 
-# ----------------------------------------------------------------------------- the decision
-def decide(d: Sequence[float], want, margin: float = MARGIN, rank: bool = False) -> dict:
-    """Label, estimate, interval, k and test of paired differences ``d`` (see the module
-    docstring). ``rank``: the Wilcoxon signed-rank test instead of the paired t (heavy tails)."""
-    d = np.asarray([v for v in d if math.isfinite(v)], dtype=float)
-    n = len(d)
-    if n == 0:
-        return dict(label=NOT_TESTED, estimate=math.nan, ci=None, n=0, k=0, test="")
-    est = float(d.mean())
-    ci = _t_interval(d)
-    side = {1: "greater", -1: "less", ">=": "greater", "<=": "less"}.get(want, "two-sided")
-    if want == 0:
-        k = int((abs(d) < margin).sum())
-    elif want in ("<=", ">="):
-        k = int((d <= 0).sum() if want == "<=" else (d >= 0).sum())
-    else:
-        k = int((np.sign(d) == want).sum())
-    test = _paired_test(d, side if want in (1, -1) else "two-sided", rank, k)
-    return dict(label=_label(d, ci, want, margin, k, test), estimate=est,
-                ci=None if ci is None else [float(ci[0]), float(ci[1])], n=n, k=k, test=test)
-
-
-def _t_interval(d: np.ndarray):
-    if len(d) < 2:
-        return None
-    if d.std() == 0:
-        return (float(d.mean()),) * 2
-    with quiet():
-        return scipy.stats.ttest_1samp(d, 0.0).confidence_interval(CI)
-
-
-def _paired_test(d: np.ndarray, side: str, rank: bool, k: int) -> str:
-    n = len(d)
-    if n < 2:
-        return ""
-    if n < MIN_T_SEEDS:
-        nonzero = int((d != 0).sum())
-        p = scipy.stats.binomtest(min(k, nonzero), nonzero, 0.5,
-                                  alternative="greater" if side != "two-sided" else "two-sided").pvalue \
-            if nonzero else 1.0
-        return f"sign test p={p:.2g}"
-    with quiet():
-        if rank:
-            p = scipy.stats.wilcoxon(d, alternative=side).pvalue if (d != 0).any() else 1.0
-            return f"Wilcoxon signed-rank p={p:.2g}"
-        p = scipy.stats.ttest_1samp(d, 0.0, alternative=side).pvalue if d.std() else 0.0
-    return f"paired t p={p:.2g}"
-
-
-def _label(d: np.ndarray, ci, want, margin: float, k: int, test: str) -> str:
-    n = len(d)
-    if ci is None:
-        return INCONCLUSIVE
-    lo, hi = ci
-    inside = -margin < lo and hi < margin
-    if want == 0:
-        return SHOWN if inside else CONTRADICTED if (lo >= margin or hi <= -margin) else INCONCLUSIVE
-    if want in ("<=", ">="):
-        good = hi < margin if want == "<=" else lo > -margin
-        bad = lo > margin if want == "<=" else hi < -margin
-        return SHOWN if good else CONTRADICTED if bad else INCONCLUSIVE
-    if "Wilcoxon" in test:
-        p_for = float(test.rsplit("=", 1)[1])
-        return SHOWN if p_for < ALPHA else EQUIVALENT if inside else INCONCLUSIVE
-    s_lo, s_hi = sorted((want * lo, want * hi))
-    agree = n >= MIN_T_SEEDS or k == n
-    against = n >= MIN_T_SEEDS or k == 0
-    if s_lo > 0 and agree:
-        return SHOWN
-    if s_hi < 0 and against:
-        return CONTRADICTED
-    return EQUIVALENT if inside else INCONCLUSIVE
-
-
 # ----------------------------------------------------------------------------- comparisons
 def compare(rows: pd.DataFrame, metric: str, by: str, a, b, *, want=1, claim: str = "G",
             at: dict | None = None, pair: str = "seed", margin: float = MARGIN, names=None,
@@ -226,7 +141,7 @@ def compare(rows: pd.DataFrame, metric: str, by: str, a, b, *, want=1, claim: st
         out = decide(both.iloc[:, 0] - both.iloc[:, 1], want, margin if not log else math.log1p(margin))
         out["unit_n"] = f"{pair}s" if pair != "seed" else "seeds"
     else:
-        out = _unpaired(*[v.dropna() for v in values], want, margin)
+        out = decide_unpaired(*[v.dropna() for v in values], want, margin)
     out["margin"] = None if log else margin
     return _finish(out, contrast, metric, claim, stats, names, want, log, note)
 
@@ -295,28 +210,6 @@ def compare_outcomes(rows: pd.DataFrame, by: str, a, b, *, want=1, success: Sequ
     return replace(v, text=f"{label}: {counts} ({_counted(k, n, names, want, 'T')}; {out['test']}); "
                            f"outcomes {seen}{_where(at)}; {_train_words(stats, names)}"
                            f"{'; ' + note if note else ''}.")
-
-
-def _unpaired(va: pd.Series, vb: pd.Series, want, margin: float) -> dict:
-    """No pair has both sides: Welch's interval and the Mann-Whitney U test (two groups)."""
-    est = float(va.mean() - vb.mean())
-    ci = None
-    if len(va) >= 2 and len(vb) >= 2:
-        with quiet():
-            ci = ((est, est) if va.std() == 0 and vb.std() == 0 else
-                  tuple(map(float, scipy.stats.ttest_ind(va, vb, equal_var=False).confidence_interval(CI))))
-    side = {1: "greater", -1: "less"}.get(want, "two-sided")
-    p = scipy.stats.mannwhitneyu(va, vb, alternative=side).pvalue
-    against = scipy.stats.mannwhitneyu(va, vb, alternative={"greater": "less", "less": "greater"}.get(
-        side, "two-sided")).pvalue
-    inside = ci is not None and -margin < ci[0] and ci[1] < margin
-    if want == 0:
-        label = SHOWN if inside else INCONCLUSIVE
-    else:
-        label = (SHOWN if p < ALPHA else CONTRADICTED if against < ALPHA else
-                 EQUIVALENT if inside else INCONCLUSIVE)
-    return dict(label=label, estimate=est, ci=None if ci is None else list(ci), n=len(va) + len(vb),
-                k=None, test=f"Mann-Whitney U p={p:.2g}", unit_n=f"runs ({len(va)} vs {len(vb)})")
 
 
 # ----------------------------------------------------------------------------- words
