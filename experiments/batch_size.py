@@ -33,8 +33,8 @@ from bnexp.analysis import generic as A
 from bnexp.analysis.forest import paired_rows, plot_forest
 from bnexp.analysis.plots import PALETTE
 from bnexp.analysis.study import Study, StudyData
-from bnexp.analysis.verdicts import Shape, expect
-from common import run_study
+from bnexp.analysis.verdicts import Shape, compare, memorization_note, words
+from bnexp.analysis.run_study import run_study
 
 NBS = "norm.virtual_batch"
 BN = "ghost_bn"  # norm.name of the arms along the axis
@@ -88,13 +88,28 @@ def nbs(d: StudyData) -> list:
     return sorted(bn_rows(d.runs)[NBS].dropna().unique())
 
 
+def arm_names(runs: pd.DataFrame) -> pd.DataFrame:
+    """``runs`` with ``arm``: ``ghost_bn 2`` ... for BN along the axis, the norm name otherwise."""
+    return runs.assign(arm=[f"{n} {int(v)}" if n == BN else n for n, v in zip(runs["norm.name"], runs[NBS])])
+
+
+def _arm(a) -> str:
+    return f"{a[0]} {int(a[1])}" if a[0] == BN else a[0]
+
+
+def _words(a) -> str:
+    return f"BN at normalization batch {int(a[1])}" if a[0] == BN else words(a[0])
+
+
 def paired(runs: pd.DataFrame, a, b, metric: str = "test_err"):
     """``a - b`` of ``metric`` between two arms given as ``(norm.name, NBS or None)``, paired by
     seed: every arm of a seed shares its initialization (up to the norm layers) and batches."""
-    rows = runs.assign(arm=[f"{n} {int(v)}" if n == BN else n
-                            for n, v in zip(runs["norm.name"], runs[NBS])])
-    name = [f"{n} {int(v)}" if n == BN else n for n, v in (a, b)]
-    return A.paired_diff(rows, metric, "arm", *name)
+    return A.paired_diff(arm_names(runs), metric, "arm", _arm(a), _arm(b))
+
+
+def verdict(runs: pd.DataFrame, a, b, want, metric: str = "test_err"):
+    """The shape verdict of ``a - b`` (arms as in ``paired``), paired by seed."""
+    return compare(arm_names(runs), metric, "arm", _arm(a), _arm(b), want=want, names=(_words(a), _words(b)))
 
 
 def plot_paired(runs: pd.DataFrame, xs: list, metric: str = "test_err") -> Figure:
@@ -124,21 +139,21 @@ def statements(d: StudyData) -> list[str]:
 
 
 def bn_rises(d: StudyData):
-    """BN's error at NBS 2 and 4 above its error at 32 (paired by seed)."""
+    """BN's error at the smallest NBS above its error at 32 (paired by seed); 4 beside it."""
     xs = nbs(d)
     ref = min(xs, key=lambda x: abs(x - 32))
-    return expect([(paired(d.runs, (BN, x), (BN, ref)), +1) for x in xs if x <= 4] or
-                  [(paired(d.runs, (BN, xs[0]), (BN, ref)), +1)])
+    primary = memorization_note(verdict(d.runs, (BN, xs[0]), (BN, ref), +1))
+    return primary.also(*[verdict(d.runs, (BN, x), (BN, ref), +1) for x in xs[1:] if x <= 4])
 
 
 def levels_win_small(d: StudyData):
     xs = nbs(d)
-    return expect([(paired(d.runs, (n, None), (BN, xs[0])), -1) for n in ("gn", "ln")])
+    return verdict(d.runs, ("gn", None), (BN, xs[0]), -1).also(verdict(d.runs, ("ln", None), (BN, xs[0]), -1))
 
 
 def bn_wins_large(d: StudyData):
     xs = nbs(d)
-    return expect([(paired(d.runs, (BN, xs[-1]), (n, None)), -1) for n in ("gn", "ln")])
+    return verdict(d.runs, (BN, xs[-1]), ("gn", None), -1).also(verdict(d.runs, (BN, xs[-1]), ("ln", None), -1))
 
 
 def table_rows(d: StudyData) -> pd.DataFrame:
@@ -149,9 +164,9 @@ def table_rows(d: StudyData) -> pd.DataFrame:
 SOURCE = "Wu & He 2018, Group Normalization, Fig. 1"
 STUDY = Study(
     "batch_size", __doc__,
-    shapes=[Shape("BN's error rises at normalization batch 2-4 (against 32)", SOURCE, bn_rises),
-            Shape("GN and LN beat BN at the smallest normalization batch", SOURCE, levels_win_small),
-            Shape("BN beats GN and LN at the largest normalization batch", SOURCE, bn_wins_large)],
+    shapes=[Shape("BN's error rises at normalization batch 2-4 (against 32)", SOURCE, bn_rises, "G"),
+            Shape("GN and LN beat BN at the smallest normalization batch", SOURCE, levels_win_small, "G"),
+            Shape("BN beats GN and LN at the largest normalization batch", SOURCE, bn_wins_large, "G")],
     prepare=lambda d: replace(d, runs=A.with_error(d.runs)),
     figures=lambda d: {"test_err_paired": plot_paired(d.runs, nbs(d)),
                        "test_err_vs_normalization_batch": plot_vs_nbs(

@@ -27,11 +27,12 @@ from matplotlib.figure import Figure
 
 from bnexp.analysis import generic as A
 from bnexp.analysis.study import Study, StudyData
-from bnexp.analysis.verdicts import NOT_TESTED, Shape, Verdict, expect
-from common import run_study
+from bnexp.analysis.verdicts import MARGIN, Shape, compare, words
+from bnexp.analysis.run_study import run_study
 
 BATCH = "data.batch_size"
 NORMS = ("bn", "gn", "ln", "none")  # legend order
+FLAT = 0.02  # "stays flat": the interval of the change within +/- 2 points
 
 
 def arm_trained(runs: pd.DataFrame) -> pd.DataFrame:
@@ -71,36 +72,40 @@ def plot_vs_batch(runs: pd.DataFrame, metric: str = "test_err") -> Figure:
     return fig
 
 
-def ends(d: StudyData) -> tuple | Verdict:
-    """(smallest, largest) batch at which every arm trained, or a "not tested" verdict."""
-    xs = readable(d.runs)
-    if len(xs) < 2:
-        return Verdict(NOT_TESTED, reason=f"every arm trained at {len(xs)} batch size(s) only "
-                       f"({', '.join(map(str, xs)) or 'none'}); a comparison needs two")
+def ends(d: StudyData) -> tuple:
+    """(smallest, largest) batch of the sweep."""
+    xs = sorted(d.runs[BATCH].dropna().unique())
     return xs[0], xs[-1]
 
 
 def diff(d: StudyData, by: str, a, b, at: dict):
-    return A.welch_diff(d.runs, "test_err", by, a, b, at=at)  # other batches: other batch orders
+    return A.welch_diff(d.runs, "test_err", by, a, b, at=at)
+
+
+def verdict(d: StudyData, by: str, a, b, at: dict, want, margin: float = MARGIN):
+    """Paired by seed (a seed fixes the subset and the initialization of every arm; the batch
+    arms differ in batch order as well as size)."""
+    def name(v):
+        return f"batch {int(v)}" if by == BATCH else words(v)
+    return compare(d.runs, "test_err", by, a, b, at=at, want=want, margin=margin, names=(name(a), name(b)))
 
 
 def bn_rises(d: StudyData):
     xs = ends(d)
-    return xs if isinstance(xs, Verdict) else expect(
-        [(diff(d, BATCH, xs[0], xs[1], {"norm": "bn"}), +1)])
+    return verdict(d, BATCH, xs[0], xs[1], {"norm": "bn"}, +1)
 
 
 def gn_ln_flat(d: StudyData):
     xs = ends(d)
-    return xs if isinstance(xs, Verdict) else expect(
-        [(diff(d, BATCH, xs[0], xs[1], {"norm": n}), "flat") for n in ("gn", "ln")])
+    return verdict(d, BATCH, xs[0], xs[1], {"norm": "gn"}, 0, FLAT).also(
+        verdict(d, BATCH, xs[0], xs[1], {"norm": "ln"}, 0, FLAT))
 
 
 def gn_small_bn_large(d: StudyData):
     xs = ends(d)
-    return xs if isinstance(xs, Verdict) else expect(
-        [(diff(d, "norm", n, "bn", {BATCH: xs[0]}), -1) for n in ("gn", "ln")]
-        + [(diff(d, "norm", "bn", n, {BATCH: xs[1]}), -1) for n in ("gn", "ln")])
+    return verdict(d, "norm", "gn", "bn", {BATCH: xs[0]}, -1).also(
+        verdict(d, "norm", "ln", "bn", {BATCH: xs[0]}, -1),
+        *[verdict(d, "norm", "bn", n, {BATCH: xs[1]}, -1) for n in ("gn", "ln")])
 
 
 def statements(d: StudyData) -> list[str]:
@@ -128,18 +133,20 @@ def steps_note(curves: pd.DataFrame) -> str:
 SOURCE = "Wu & He 2018, Group Normalization, Fig. 1"
 STUDY = Study(
     "batch_size_true", __doc__,
-    shapes=[Shape("BN's error rises as the (true) batch shrinks", SOURCE, bn_rises),
-            Shape("GN's and LN's error stay flat across batch sizes", SOURCE, gn_ln_flat),
+    shapes=[Shape("BN's error rises as the (true) batch shrinks", SOURCE, bn_rises, "G"),
+            Shape("GN's and LN's error stay flat across batch sizes", SOURCE, gn_ln_flat, "G"),
             Shape("GN and LN win at the smallest batch, BN at the largest", SOURCE,
-                  gn_small_bn_large)],
+                  gn_small_bn_large, "G")],
+    converged=None,  # augmented images: the design does not memorize, no criterion is measured
     prepare=lambda d: replace(d, runs=A.with_error(d.runs)),
     figures=lambda d: {"test_err_vs_batch": plot_vs_batch(d.runs)},
     by=("norm", BATCH), metrics=("test_err", "test_err.precise", "train_loss", "gen_gap"),
     comparisons=statements,
     notes=lambda d: ("Error is 1 - accuracy with EMA statistics (`test_err.precise`: population "
-                     "statistics, BN only). Comparisons are made only at batch sizes where every "
-                     "arm trained; the batch arms differ in batch order as well as size, so their "
-                     "differences are Welch intervals, not paired." + steps_note(d.curves)))
+                     "statistics, BN only). The statements above compare only at batch sizes where "
+                     "every arm learned (Welch intervals); the verdicts compare the smallest and the "
+                     "largest batch, paired by seed (a seed fixes subset and initialization; the "
+                     "batch arms differ in batch order as well)." + steps_note(d.curves)))
 
 
 if __name__ == "__main__":

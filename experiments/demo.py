@@ -37,8 +37,8 @@ import pandas as pd
 
 from bnexp.analysis import generic as A
 from bnexp.analysis.study import Study, StudyData
-from bnexp.analysis.verdicts import NOT_TESTED, Shape, Verdict, expect, mean_diff, on_learned_runs
-from common import ROOT, run_study
+from bnexp.analysis.verdicts import Shape, compare, compare_outcomes, compare_value
+from bnexp.analysis.run_study import ROOT, run_study
 from lr_sensitivity import TARGET, learns_faster
 from stat_modes_vs_batch import plot_modes
 
@@ -115,28 +115,21 @@ def figures(d: StudyData) -> dict:
 
 
 def bn_ahead(d: StudyData):
-    return expect([(A.welch_diff(d.runs, "test_acc", "norm", "bn", other, at={BATCH: b}), +1)
-                   for b in sorted(d.runs[BATCH].dropna().unique()) for other in ("none", "dropout")])
+    parts = [compare(d.runs, "test_acc", "norm", "bn", other, want=+1, at={BATCH: b})
+             for b in sorted(d.runs[BATCH].dropna().unique()) for other in ("none", "dropout")]
+    return parts[0].also(*parts[1:])
 
 
 def bn_trains_where_others_do_not(d: StudyData):
-    """At the largest batch (lr 0.1 by the linear rule, the fewest steps), BN's final train-mode
-    accuracy above that of none and of dropout, paired by seed. Here an arm that did not train is
-    the evidence, not a reason to skip it: the claim is about training itself, so the training
-    check's flag is dropped before the comparison (BN must still have trained: it is the side
-    whose training the claim asserts)."""
+    """At the largest batch (lr 0.1 by the linear rule, the fewest steps): every BN seed learns
+    and no seed of none (and of dropout) does: a type T claim, the outcomes are the evidence."""
     batch = max(d.runs[BATCH].dropna())
-    runs, bn = d.runs, d.runs[(d.runs["norm"] == "bn") & (d.runs[BATCH] == batch)]
-    if "trained" in bn and bn["trained"].eq(False).any():
-        return Verdict(NOT_TESTED, reason=f"bn did not train at batch {batch:g}")
-    runs = runs.drop(columns=[c for c in ("trained",) if c in runs])
-    return expect([(A.paired_diff(runs, "train_acc", "norm", "bn", other, at={BATCH: batch}), +1)
-                   for other in ("none", "dropout")])
+    return compare_outcomes(d.runs, "norm", "bn", "none", at={BATCH: batch}).also(
+        compare_outcomes(d.runs, "norm", "bn", "dropout", at={BATCH: batch}))
 
 
 def bn_gap(d: StudyData):
-    bn = d.runs[(d.runs["norm"] == "bn") & (d.runs["status"] == "ok")]
-    return expect([(mean_diff(bn, "gen_gap", "gen_gap", "bn gen_gap"), +1)])
+    return compare_value(d.runs[d.runs["norm"] == "bn"], "gen_gap", 0.0, want=+1, name="BN's generalization gap")
 
 
 def beside_reference(runs, study_dir: Path) -> list[str]:
@@ -156,15 +149,13 @@ def beside_reference(runs, study_dir: Path) -> list[str]:
                     else "no committed run")
         out.append(f"{norm} at batch {batch:g}: yours {100 * row['mean']:.1f}% (n={int(row['count'])}), {ref_text}")
     return out
-@on_learned_runs
 def bn_faster(d: StudyData):
-    """BN vs none at each batch size (one lr per batch, by the linear rule: the demo has no lr
-    grid, so not each arm at its own best lr), paired by seed, on log2 steps to the target."""
-    parts = [learns_faster(d.runs, d.curves, "norm", "bn", "none", at={BATCH: b})
-             for b in sorted(d.runs[BATCH].dropna().unique())]
-    statuses = {p.status for p in parts}
-    status = statuses.pop() if len(statuses) == 1 else "partly"
-    return Verdict(status, "; ".join(p.evidence for p in parts), "; ".join(p.reason for p in parts if p.reason))
+    """BN vs none at batch 128 (the primary contrast; batch 8 beside it), one lr per batch by the
+    linear rule (the demo has no lr grid, so not each arm at its own best lr), paired by seed, on
+    log2 steps to the target."""
+    batches = sorted(d.runs[BATCH].dropna().unique(), reverse=True)
+    parts = [learns_faster(d.runs, d.curves, "norm", "bn", "none", at={BATCH: b}) for b in batches]
+    return parts[0].also(*parts[1:])
 
 
 def notes(d: StudyData) -> str:
@@ -189,14 +180,14 @@ def _notes(d: StudyData) -> str:
 SOURCE = "Ioffe & Szegedy 2015"
 STUDY = Study(
     "demo", __doc__,
-    shapes=[Shape("BN ahead of no normalization and of dropout at both batch sizes", SOURCE, bn_ahead),
+    shapes=[Shape("BN ahead of no normalization and of dropout at both batch sizes", SOURCE, bn_ahead, "G"),
             Shape("BN trains at the large batch's learning rate where no normalization and "
                   "dropout do not: higher final training accuracy at batch 128 (lr 0.1, the "
                   "fewest steps)", SOURCE + ", Sec. 3.3",
-                  bn_trains_where_others_do_not),
-            Shape("BN nets show a visible generalization gap (train - test > 0)", SOURCE, bn_gap),
+                  bn_trains_where_others_do_not, "T"),
+            Shape("BN nets show a visible generalization gap (train - test > 0)", SOURCE, bn_gap, "G"),
             Shape(f"BN learns faster: fewer steps than none to {TARGET:.0%} clean training accuracy, "
-                  "at each batch size", "the notes: 'speeding the learning process'", bn_faster)],
+                  "at each batch size", "the notes: 'speeding the learning process'", bn_faster, "D")],
     figures=figures, by=("norm", BATCH),
     metrics=("test_acc", "test_acc.precise", "test_acc.batch", "gen_gap"),
     comparisons=lambda d: statements(d.runs), notes=notes)

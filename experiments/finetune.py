@@ -40,9 +40,10 @@ import pandas as pd
 
 from bnexp.analysis import generic as A
 from bnexp.analysis.study import Study, StudyData, analyze
-from bnexp.analysis.verdicts import Shape, chance, expect
+from bnexp.analysis.convergence import chance
+from bnexp.analysis.verdicts import Shape, compare
 import finetune_source
-from common import run_study, study_dir, sweep
+from bnexp.analysis.run_study import run_study, study_dir, sweep
 
 MODE, BATCH = "finetune.bn", "data.batch_size"
 TARGET_ONLY = ("data.shift", "data.batch_size", "data.train_size", "finetune")
@@ -186,25 +187,34 @@ def first_epoch_loss(curves: pd.DataFrame, classes: float) -> str:
 
 
 def adapted_helps(d: StudyData):
+    """The source model scored with statistics re-estimated on the target against its source
+    statistics: the same weights (E), paired by seed."""
     long = d.extra["long"]
-    return expect([(A.paired_diff(long, "test_acc", "row", EVAL_ONLY["test_acc.before_finetune.adapted"],
-                                  EVAL_ONLY["test_acc.before_finetune"], at={BATCH: long[BATCH].max()}), +1)])
+    return compare(long, "test_acc", "row", EVAL_ONLY["test_acc.before_finetune.adapted"],
+                   EVAL_ONLY["test_acc.before_finetune"], at={BATCH: long[BATCH].max()}, want=+1, claim="E",
+                   names=("the source model with statistics re-estimated on the target",
+                          "with its source statistics"))
 
 
 def tiny_batch_train_hurts(d: StudyData):
+    """Fine-tuning with train-mode BN at the smallest batch against frozen and re-estimated
+    statistics: two trainings from the same source (G), paired by seed."""
     long = d.extra["long"]
     at = {BATCH: long[BATCH].min()}
-    return expect([(A.paired_diff(long, "test_acc", "row", ROWS["train"], ROWS[other], at=at), -1)
-                   for other in ("frozen_stats", "adapt")])
+    words = {"train": "fine-tuned with train-mode BN", "frozen_stats": "with frozen statistics",
+             "adapt": "with statistics re-estimated on the target (AdaBN) and frozen"}
+    parts = [compare(long, "test_acc", "row", ROWS["train"], ROWS[other], at=at, want=-1, runs=d.runs,
+                     names=(words["train"], words[other])) for other in ("frozen_stats", "adapt")]
+    return parts[0].also(*parts[1:])
 
 
 SOURCE = "Wu & Johnson 2021, Sec. 5; Li et al. 2016, AdaBN"
 STUDY = Study(
     "finetune", __doc__,
     shapes=[Shape("re-estimating the statistics on the target helps even without training", SOURCE,
-                  adapted_helps),
+                  adapted_helps, "E"),
             Shape("train-mode BN at a tiny fine-tune batch (2) hurts against frozen or "
-                  "re-estimated statistics", SOURCE, tiny_batch_train_hurts)],
+                  "re-estimated statistics", SOURCE, tiny_batch_train_hurts, "G")],
     prepare=prepare, figures=figures,
     table=lambda d: A.format_summary(A.summarize(d.extra["long"], ["row", BATCH], ["test_acc"]),
                                      ["row", BATCH], ["test_acc"]),

@@ -17,8 +17,8 @@ from __future__ import annotations
 
 from bnexp.analysis import generic as A
 from bnexp.analysis.study import Study, StudyData
-from bnexp.analysis.verdicts import Shape, expect
-from common import run_study
+from bnexp.analysis.verdicts import Shape, compare
+from bnexp.analysis.run_study import run_study
 
 
 def figures(d: StudyData) -> dict:
@@ -40,7 +40,8 @@ def precise_vs_ema(d: StudyData):
 STUDY = Study(
     "finetune_source", __doc__,
     shapes=[Shape("EMA and precise statistics within about a point of each other", "Wu & Johnson 2021",
-                  lambda d: expect([(precise_vs_ema(d), "flat")]))],
+                  lambda d: compare(A.eval_modes_long(d.runs, "test_acc"), "test_acc", "eval_mode", "precise",
+                                    "ema", want=0, claim="E", runs=d.runs), "E")],
     figures=figures, by=("source",), metrics=("test_acc", "test_acc.precise", "train_acc", "gen_gap"),
     table_rows=lambda d: d.runs.assign(source="clean"),
     comparisons=lambda d: A.sentence(precise_vs_ema(d)) + ".", arm=())

@@ -36,8 +36,8 @@ import pandas as pd
 
 from bnexp.analysis import generic as A
 from bnexp.analysis.study import Study, StudyData
-from bnexp.analysis.verdicts import NOT_SHOWN, SHOWN, Shape, Verdict, expect, mean_diff
-from common import run_study
+from bnexp.analysis.verdicts import CONTRADICTED, SHOWN, Shape, Verdict, compare_value
+from bnexp.analysis.run_study import run_study
 
 FREEZE = "norm.freeze_after"
 METRICS = ("max_abs_logit_diff", "test_acc.before", "test_acc.after", "images_per_s.before",
@@ -180,35 +180,53 @@ def notes(d: StudyData) -> str:
             + accuracy_note(d.runs))
 
 
+def _trained(d: StudyData) -> dict:
+    """The one arm's converged fraction and mean clean training accuracy (verdicts.json)."""
+    ok = d.runs[d.runs["status"] == "ok"]
+    return {"converged": {"BN net": float(ok["converged"].mean())},
+            "train_acc": {"BN net": round(float(ok["clean_train_acc"].mean()), 4)}}
+
+
 def exact(d: StudyData) -> Verdict:
+    """Every fold within the fp32 tolerance (the same weights, E): a count, no interval."""
     fused = d.extra["fused"]
-    evidence = (f"{int(fused['exact'].sum())} of {len(fused)} folds exact within the fp32 tolerance, "
-                f"largest max |logit diff| {fused['max_abs_logit_diff'].max():.1e}")
-    if fused["exact"].all():
-        return Verdict(SHOWN, evidence)
-    return Verdict(NOT_SHOWN, evidence, "some folds differ by more than fp32 rounding")
+    k, n = int(fused["exact"].sum()), len(fused)
+    label = SHOWN if k == n else CONTRADICTED
+    worst = float(fused["max_abs_logit_diff"].max())
+    return Verdict(label, "folded vs unfolded net", "max_abs_logit_diff", worst, None, n, k, **_trained(d),
+                   test="every fold within the fp32 tolerance" if k == n else "some folds outside it",
+                   budget="same weights, no training gate",
+                   text=f"{label}: {k} of {n} folds (runs x statistics) compute the unfolded net's logits "
+                        f"within the fp32 tolerance, largest max |logit difference| {worst:.1e}; "
+                        f"clean train accuracy {100 * d.runs['clean_train_acc'].mean():.1f}%.")
 
 
 def faster(d: StudyData) -> Verdict:
-    fused = d.extra["fused"]
-    return expect([(mean_diff(fused[fused["stats"] == s], "speedup", "speedup",
-                              f"speedup ({s})", "1", ref=1.0), +1)
-                   for s in sorted(fused["stats"].unique())])
+    """The speedup (unfolded / folded inference time) above 1, per statistics mode, paired by
+    seed over runs (E: the same weights)."""
+    fused = d.extra["fused"].assign(status="ok")
+    parts = [compare_value(fused[fused["stats"] == s], "speedup", 1.0, want=+1, claim="E", runs=d.runs,
+                           margin=0.0, name=f"inference speedup of the folded net ({s} statistics)")
+             for s in sorted(fused["stats"].unique())]
+    return parts[0].also(*parts[1:])
 
 
 def refused_batch_modes(d: StudyData) -> Verdict:
     refused = d.extra["refused"]
-    evidence = "refused: " + (", ".join(refused) or "none")
-    return Verdict(SHOWN if "batch" in refused else NOT_SHOWN, evidence,
-                   "" if "batch" in refused else "fuse_run did not refuse mode batch")
+    label = SHOWN if "batch" in refused else CONTRADICTED
+    return Verdict(label, "batch-statistic modes", "refused", n=len(refused), k=len(refused), **_trained(d),
+                   test="fuse_run asked once per mode", budget="same weights, no training gate",
+                   text=f"{label}: folding refused in {len(refused)} of {len(refused)} batch-statistic modes "
+                        f"asked ({', '.join(refused) or 'none'}) on one finished run; clean train accuracy "
+                        f"{100 * d.runs['clean_train_acc'].mean():.1f}%.")
 
 
 SOURCE = "Ioffe & Szegedy 2015, Alg. 2"
 STUDY = Study(
     "fusion", __doc__,
-    shapes=[Shape("the folded net computes the same function up to float rounding", SOURCE, exact),
-            Shape("the folded net infers faster", SOURCE, faster),
-            Shape("folding is not applicable to batch-statistic modes", SOURCE, refused_batch_modes)],
+    shapes=[Shape("the folded net computes the same function up to float rounding", SOURCE, exact, "E"),
+            Shape("the folded net infers faster", SOURCE, faster, "E"),
+            Shape("folding is not applicable to batch-statistic modes", SOURCE, refused_batch_modes, "E")],
     requires=lambda d: (d.runs["status"] == "ok").any(), prepare=prepare,
     figures=lambda d: figures(d.extra["fused"]),
     table=lambda d: table(d.extra["fused"], d.extra["refused"]),

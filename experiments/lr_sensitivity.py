@@ -24,9 +24,9 @@ import pandas as pd
 from bnexp.analysis import generic as A
 from bnexp.analysis.forest import plot_counts
 from bnexp.analysis.study import Study, StudyData
-from bnexp.analysis.verdicts import (CHANCE_MULTIPLE, NOT_SHOWN, NOT_TESTED, PARTLY, SHOWN, Shape, Verdict,
-                            chance, expect, learned, on_learned_runs)
-from common import run_study
+from bnexp.analysis.convergence import CHANCE_MULTIPLE, chance
+from bnexp.analysis.verdicts import Shape, compare, compare_outcomes
+from bnexp.analysis.run_study import run_study
 
 LR = "optim.lr"
 
@@ -82,43 +82,31 @@ def figures(d: StudyData) -> dict:
 
 
 def equal_at_small_lr(d: StudyData):
-    return expect([(A.welch_diff(d.runs, "test_acc", "norm", "bn", "none", at={LR: d.runs[LR].min()}),
-                    "flat")])
+    return compare(d.runs, "test_acc", "norm", "bn", "none", want=0, margin=0.02, at={LR: d.runs[LR].min()})
 
 
 def only_bn_at_high_lr(d: StudyData):
-    """At the largest lr, the docstring's shape: the BN net trains and the unnormalized one
-    diverges or stalls (the notes' "does not train at this learning rate"). Shown when every BN
-    seed also passed the training check (a finished model); partly when every BN seed learned
-    (finished, not stalled: train accuracy at least twice chance, as ``stability`` reads it) but
-    some had not flattened within the budget."""
-    arms = d.arms.set_index(["norm", LR])
-    top = d.runs[LR].max()
-    if ("bn", top) not in arms.index or ("none", top) not in arms.index:
-        return Verdict(NOT_TESTED, reason=f"no finished bn and none runs at lr {top:g}")
-    at_top, floor = d.runs[d.runs[LR] == top], CHANCE_MULTIPLE * chance(d.runs.iloc[0])
-    n_learned = learned(at_top).groupby(at_top["norm"]).sum().astype(int).to_dict()
-    bn, none = arms.loc[("bn", top)], arms.loc[("none", top)]
-    evidence = (f"at lr {top:g}: bn trained in {bn['trained']} of {bn['runs']} runs and learned "
-                f"(train accuracy >= {100 * floor:.0f}%) in {n_learned.get('bn', 0)}; none trained in "
-                f"{none['trained']} of {none['runs']} ({none['why not'] or 'all trained'}), learned "
-                f"in {n_learned.get('none', 0)}")
-    if n_learned.get("none", 0) == none["runs"]:
-        return Verdict(NOT_SHOWN, evidence, "the unnormalized net learned there too")
-    if bn["trained"] == bn["runs"]:
-        return Verdict(SHOWN, evidence)
-    if n_learned.get("bn", 0) == bn["runs"]:
-        return Verdict(PARTLY, evidence, "bn learned there in every seed, but not every seed's "
-                       f"loss had flattened ({bn['why not']})")
-    return Verdict(NOT_SHOWN, evidence, "bn did not learn there either")
+    """At the largest lr the docstring's shape: every BN seed learns (finished, train accuracy
+    at least twice chance) and no unnormalized seed does (diverged or stalled): a type T claim,
+    the per-seed outcomes compared as counts."""
+    return compare_outcomes(d.runs, "norm", "bn", "none", at={LR: d.runs[LR].max()})
+
+
+def best_by_train_loss(runs: pd.DataFrame) -> dict:
+    """Per norm, the learning rate of the lowest mean final training loss (eval mode) over
+    finished runs: the committed runs have no validation split, and the test set must not pick."""
+    ok = runs[runs["status"] == "ok"]
+    return ok.groupby(["norm", LR])["train_loss"].mean().groupby("norm").idxmin().map(lambda k: k[1]).to_dict()
 
 
 def bn_best(d: StudyData):
-    summary = A.summarize(d.runs, ["norm", LR], ["test_acc"])
-    best = best_lr(summary, "test_acc")
+    best = best_by_train_loss(d.runs)
     runs = d.runs.assign(arm=d.runs["norm"] + " at lr " + d.runs[LR].map("{:g}".format))
-    arms = {n: f"{n} at lr {best.loc[n, LR]:g}" for n in ("bn", "none")}
-    return expect([(A.welch_diff(runs, "test_acc", "arm", arms["bn"], arms["none"]), +1)])
+    arms = {n: f"{n} at lr {best[n]:g}" for n in ("bn", "none")}
+    return compare(runs, "test_acc", "arm", arms["bn"], arms["none"],
+                   names=(f"BN at lr {best['bn']:g}", f"no normalization at lr {best['none']:g}"),
+                   note="each arm's lr picked by its lowest final training loss (no validation split "
+                        "in these runs; the test set does not pick)")
 
 
 TARGET = 0.9  # the clean training accuracy whose first step "learns faster" compares
@@ -137,33 +125,35 @@ def log2_steps_to(runs: pd.DataFrame, curves: pd.DataFrame, target: float = TARG
     return np.log2(runs[col].astype(float).fillna(pd.Series(2.0 * budget, index=runs.index))).rename(STEPS)
 
 
-def learns_faster(runs: pd.DataFrame, curves: pd.DataFrame, arm: str, a: str, b: str, at=None):
-    """Claim type D (trajectories at matched steps). Primary contrast: ``a`` vs ``b`` of column
-    ``arm`` on log2 steps to ``TARGET`` clean training accuracy, paired by seed: ``a`` lower."""
+def learns_faster(runs: pd.DataFrame, curves: pd.DataFrame, arm: str, a: str, b: str, at=None,
+                  names=None, note: str = ""):
+    """Claim type D (trajectories at matched steps, no training gate). Primary contrast: ``a``
+    vs ``b`` of column ``arm`` on log2 steps to ``TARGET`` clean training accuracy, paired by
+    seed: ``a`` lower (the difference is a log2 ratio of steps, so no point margin applies)."""
     runs = runs.assign(**{STEPS: log2_steps_to(runs, curves).to_numpy()})
-    return expect([(A.paired_diff(runs, STEPS, arm, a, b, at=at), -1)])
+    return compare(runs, STEPS, arm, a, b, want=-1, claim="D", at=at, margin=0.0, names=names, note=note)
 
 
-@on_learned_runs
 def bn_faster(d: StudyData):
-    """BN and none each at its best lr (by mean test accuracy, as ``bn_best``), paired by seed;
-    a claim about trajectories, so read on the runs that learned when only unflattened losses
-    keep an arm out (``on_learned_runs``)."""
-    best = best_lr(A.summarize(d.runs, ["norm", LR], ["test_acc"]), "test_acc")
+    """BN and none each at its best lr (by lowest final training loss, as ``bn_best``), paired by
+    seed on log2 steps to the target."""
+    best = best_by_train_loss(d.runs)
     runs = d.runs.assign(arm=d.runs["norm"] + " at lr " + d.runs[LR].map("{:g}".format))
-    arms = {n: f"{n} at lr {best.loc[n, LR]:g}" for n in ("bn", "none")}
-    return learns_faster(runs, d.curves, "arm", arms["bn"], arms["none"])
+    arms = {n: f"{n} at lr {best[n]:g}" for n in ("bn", "none")}
+    return learns_faster(runs, d.curves, "arm", arms["bn"], arms["none"],
+                         names=(f"BN at lr {best['bn']:g}", f"no normalization at lr {best['none']:g}"),
+                         note="each arm's lr picked by its lowest final training loss")
 
 
 SOURCE = "Bjorck et al. 2018; Santurkar et al. 2018"
 STUDY = Study(
     "lr_sensitivity", __doc__,
-    shapes=[Shape("equal accuracy at the smallest learning rate", SOURCE, equal_at_small_lr),
-            Shape("only BN trains at the largest learning rate", SOURCE, only_bn_at_high_lr),
-            Shape("BN's best accuracy (at its best lr) is the best overall", SOURCE, bn_best),
+    shapes=[Shape("equal accuracy at the smallest learning rate", SOURCE, equal_at_small_lr, "G"),
+            Shape("only BN trains at the largest learning rate", SOURCE, only_bn_at_high_lr, "T"),
+            Shape("BN's best accuracy (at its best lr) is the best overall", SOURCE, bn_best, "G"),
             Shape(f"BN learns faster: at its best lr it reaches {TARGET:.0%} clean training accuracy in "
                   "fewer steps than none at its best lr", "the notes: 'speeding the learning process'",
-                  bn_faster)],
+                  bn_faster, "D")],
     figures=figures, by=("norm", LR), metrics=("test_acc", "train_acc", "train_loss"),
     comparisons=lambda d: statements(d.runs),
     notes=lambda d: (

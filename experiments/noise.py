@@ -45,9 +45,9 @@ from matplotlib.figure import Figure
 
 from bnexp.analysis import generic as A
 from bnexp.analysis.study import Study, StudyData
-from bnexp.analysis.verdicts import Shape, expect
+from bnexp.analysis.verdicts import Shape, compare, memorization_note, words
 from bnexp.analysis.plots import PALETTE
-from common import run_study
+from bnexp.analysis.run_study import run_study
 
 
 def noise_rows(probes: pd.DataFrame) -> pd.DataFrame:
@@ -205,28 +205,38 @@ def figures(d: StudyData) -> dict:
     return figs
 
 
+def arm_words(arm: str) -> str:
+    return f"ghost BN {arm.removeprefix('ghost_bn')}" if arm.startswith("ghost_bn") else words(arm)
+
+
+def verdict(d: StudyData, metric: str, a: str, b: str, want, **kw):
+    """Paired by seed: a seed fixes subset, init and batch order of every arm."""
+    return compare(d.runs, metric, "norm", a, b, want=want, names=(arm_words(a), arm_words(b)), **kw)
+
+
 def noise_grows(d: StudyData):
-    return expect([(A.welch_diff(d.runs, "noise", "norm", a, b), +1)
-                   for a, b in (("ghost_bn4", "ghost_bn16"), ("ghost_bn16", "ghost_bn64"),
-                                ("ghost_bn64", "bn"))])
+    """The measured noise of one arm against the next larger batch: a ratio (log, D)."""
+    pairs = (("ghost_bn4", "ghost_bn16"), ("ghost_bn16", "ghost_bn64"), ("ghost_bn64", "bn"))
+    parts = [verdict(d, "noise", a, b, +1, claim="D", log=True) for a, b in pairs]
+    return parts[0].also(*parts[1:])
 
 
 def more_noise_regularizes(d: StudyData):
-    return expect([(A.welch_diff(d.runs, "gen_gap", "norm", "ghost_bn16", "bn"), -1),
-                   (A.welch_diff(d.runs, "test_acc", "norm", "ghost_bn16", "bn"), +1)])
+    return memorization_note(verdict(d, "test_acc", "ghost_bn16", "bn", +1)).also(
+        verdict(d, "gen_gap", "ghost_bn16", "bn", -1))
 
 
 def too_much_hurts(d: StudyData):
-    return expect([(A.welch_diff(d.runs, "test_acc", "norm", "ghost_bn4", "ghost_bn16"), -1)])
+    return verdict(d, "test_acc", "ghost_bn4", "ghost_bn16", -1)
 
 
 SOURCE = "Hoffer et al. 2017; Santurkar et al. 2018; Luo et al. 2019"
 STUDY = Study(
     "noise", __doc__,
-    shapes=[Shape("batch-statistic noise grows as the normalization batch shrinks", SOURCE, noise_grows),
+    shapes=[Shape("batch-statistic noise grows as the normalization batch shrinks", SOURCE, noise_grows, "D"),
             Shape("more noise (ghost BN 16) regularizes more than BN: smaller gap, better test "
-                  "accuracy", SOURCE, more_noise_regularizes),
-            Shape("beyond a point (ghost BN 4) the noise hurts accuracy", SOURCE, too_much_hurts)],
+                  "accuracy", SOURCE, more_noise_regularizes, "G"),
+            Shape("beyond a point (ghost BN 4) the noise hurts accuracy", SOURCE, too_much_hurts, "G")],
     prepare=prepare, figures=figures, by=("norm",),
     metrics=("noise", "test_acc", "test_acc.precise", "train_acc", "gen_gap"),
     comparisons=lambda d: statements(d.runs),

@@ -36,8 +36,8 @@ from matplotlib.figure import Figure
 
 from bnexp.analysis import generic as A
 from bnexp.analysis.study import Study, StudyData
-from bnexp.analysis.verdicts import Shape, expect
-from common import run_study
+from bnexp.analysis.verdicts import Shape, compare, compare_recovery, words
+from bnexp.analysis.run_study import run_study
 
 NORMS = ("ghost_bn", "batch_renorm", "gn")
 BN = ("ghost_bn", "batch_renorm")  # the norms with batch statistics
@@ -226,50 +226,71 @@ def notes(d: StudyData) -> str:
 
 
 # ----------------------------------------------------------------------------- verdicts
+def _names(*arms) -> tuple:
+    return tuple(" ".join(words(w) for w in a.split(" / ")) if " / " in a else words(a) for a in arms)
+
+
 def ema_degrades(d: StudyData):
     noniid, _ = samplers(d.runs)
     at = {STATS: "ghost_bn / ema"}
-    return expect([(A.welch_diff(d.extra["long"], "test_acc", "sampler", s, "iid", at=at), -1)
-                   for s in noniid])
+    parts = [compare(d.extra["long"], "test_acc", "sampler", s, "iid", at=at, want=-1, runs=d.runs,
+                     names=(f"BN trained on {s} batches", "on i.i.d. batches")) for s in noniid]
+    return parts[0].also(*parts[1:])
 
 
 def gn_unaffected(d: StudyData):
     noniid, _ = samplers(d.runs)
     at = {STATS: "gn / ema"}
-    return expect([(A.welch_diff(d.extra["long"], "test_acc", "sampler", s, "iid", at=at), "flat")
-                   for s in noniid])
+    parts = [compare(d.extra["long"], "test_acc", "sampler", s, "iid", at=at, want=0, margin=0.02, runs=d.runs,
+                     names=(f"GN trained on {s} batches", "on i.i.d. batches")) for s in noniid]
+    return parts[0].also(*parts[1:])
+
+
+def by_seed(long: pd.DataFrame, stats: str, sampler: str) -> pd.Series:
+    rows = long[(long[STATS] == stats) & (long["sampler"] == sampler)]
+    return rows.groupby("seed")["test_acc"].mean()
 
 
 def recovered(d: StudyData):
+    """"Recover": per seed, the share of the accuracy BN with EMA statistics loses under the
+    batch structure (against i.i.d. training) that precise statistics (the same weights, E)
+    and batch renorm (another training) win back; "most" = at least half."""
     long, (noniid, _) = d.extra["long"], samplers(d.runs)
-    parts = [(A.paired_diff(long, "test_acc", STATS, "ghost_bn / precise", "ghost_bn / ema",
-                            at={"sampler": s}), +1) for s in noniid]  # the same models
-    parts += [(A.welch_diff(long, "test_acc", STATS, "batch_renorm / ema", "ghost_bn / ema",
-                            at={"sampler": s}), +1) for s in noniid]
-    return expect(parts)
+    base = by_seed(long, "ghost_bn / ema", "iid")
+    parts = []
+    for s in noniid:
+        hurt, runs = by_seed(long, "ghost_bn / ema", s), d.runs[d.runs["sampler"] == s]
+        parts += [compare_recovery(base, hurt, by_seed(long, "ghost_bn / precise", s), claim="E",
+                                   name=f"share of the {s} loss precise statistics recover",
+                                   runs=runs[runs["norm"] == "ghost_bn"]),
+                  compare_recovery(base, hurt, by_seed(long, "batch_renorm / ema", s), claim="G",
+                                   name=f"share of the {s} loss batch renorm recovers",
+                                   runs=runs[runs["norm"] == "batch_renorm"])]
+    return parts[0].also(*parts[1:])
 
 
 def fits_the_structure(d: StudyData):
-    """Structured test batches beat single-example scoring (ema) and i.i.d. test batches."""
+    """Structured test batches beat single-example scoring (ema) and i.i.d. test batches: the
+    same weights (E), paired by seed."""
     long, (noniid, _) = d.extra["long"], samplers(d.runs)
-    parts = [(A.paired_diff(long, "test_acc", STATS, "ghost_bn / batch_sampler", other,
-                            at={"sampler": s}), +1)
+    parts = [compare(long, "test_acc", STATS, "ghost_bn / batch_sampler", other, at={"sampler": s}, want=+1,
+                     claim="E", runs=d.runs, names=_names("ghost_bn / batch_sampler", other))
              for s in noniid for other in ("ghost_bn / ema", "ghost_bn / batch")]
-    return expect(parts)
+    return parts[0].also(*parts[1:])
 
 
 SOURCE = "Ioffe 2017, Batch Renormalization; Irpan 2017"
 STUDY = Study(
     "noniid", __doc__,
     shapes=[Shape("BN (ghost_bn) with EMA statistics degrades under P x K and class-sorted groups "
-                  "against i.i.d. batches", SOURCE, ema_degrades),
+                  "against i.i.d. batches", SOURCE, ema_degrades, "G"),
             Shape("GN is unaffected by the batch structure (within +/- 2 points of iid)", SOURCE,
-                  gn_unaffected),
+                  gn_unaffected, "G"),
             Shape("precise statistics and batch renorm recover accuracy over BN with EMA", SOURCE,
-                  recovered),
+                  recovered, "E"),
             Shape("BN fits the batch structure: test batches with the training sampler's "
                   "structure (batch_sampler) score above single examples (ema) and i.i.d. test "
-                  "batches", "Irpan 2017", fits_the_structure)],
+                  "batches", "Irpan 2017", fits_the_structure, "E")],
     prepare=prepare, figures=figures, table=table,
     comparisons=lambda d: statements(d.extra["long"]), notes=notes)
 

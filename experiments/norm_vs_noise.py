@@ -38,8 +38,8 @@ from bnexp.analysis import generic as A
 from bnexp.analysis.forest import paired_rows, plot_forest
 from bnexp.analysis.plots import PALETTE
 from bnexp.analysis.study import Study, StudyData
-from bnexp.analysis.verdicts import Shape, expect
-from common import run_study
+from bnexp.analysis.verdicts import Shape, compare, compare_recovery, words
+from bnexp.analysis.run_study import run_study
 
 NORMALIZATION, ADDED = "normalization", "added noise"
 HUES = ["no", "GNI 16", "ghost batch 16"]
@@ -183,20 +183,37 @@ def verdict_sentence(d: StudyData) -> str:
             f"{', '.join(norm) or 'no comparison'}")
 
 
+def verdict(d: StudyData, metric: str, a: str, b: str, want=-1):
+    """The shape verdict of ``diff``: paired by seed, 5 seeds (the t-interval decides)."""
+    return compare(d.runs, metric, "norm", a, b, want=want, names=(arm_words(a), arm_words(b)))
+
+
+def arm_words(arm: str) -> str:
+    base, _, gni = arm.partition("_gni")
+    if base.startswith("ghost_bn"):
+        return f"ghost BN {base.removeprefix('ghost_bn')}"
+    return words(base) + (f" + ghost noise injection {gni}" if gni else "")
+
+
 def pn_worse(d: StudyData):
-    return expect([(diff(d, ERR, "pn", "bn"), +1), (diff(d, GAP, "pn", "bn"), +1)])
+    return verdict(d, ERR, "pn", "bn", +1).also(verdict(d, GAP, "pn", "bn", +1))
 
 
 def injected_recovers(d: StudyData):
-    return expect([(diff(d, ERR, "ln_gni16", "ln"), -1), (diff(d, ERR, "pn_gni16", "pn"), -1)])
+    """Primary: the share of BN's advantage over PN (the same normalization without batch noise)
+    that injected noise wins back for PN; beside it, GNI against LN and PN alone."""
+    err = {a: g.groupby("seed")[ERR].mean() for a, g in d.runs[d.runs["status"] == "ok"].groupby("norm")}
+    share = compare_recovery(err["bn"], err["pn"], err["pn_gni16"], runs=d.runs[d.runs["norm"] == "pn_gni16"],
+                             name="share of BN's test-error advantage over PN that GNI 16 recovers for PN")
+    return share.also(verdict(d, ERR, "pn_gni16", "pn"), verdict(d, ERR, "ln_gni16", "ln"))
 
 
 def gni_beats_ghost(d: StudyData):
-    return expect([(diff(d, ERR, "bn_gni16", "ghost_bn16"), -1)])
+    return verdict(d, ERR, "bn_gni16", "ghost_bn16")
 
 
 def normalization_regularizes(d: StudyData):
-    return expect([(diff(d, ERR, "ln", "none"), -1), (diff(d, GAP, "ln", "none"), -1)])
+    return verdict(d, ERR, "ln", "none").also(verdict(d, GAP, "ln", "none"))
 
 
 def notes(d: StudyData) -> str:
@@ -212,12 +229,13 @@ def notes(d: StudyData) -> str:
 SOURCE_LUO, SOURCE_KOSSON = "Luo et al. 2019", "Kosson, Fan & Jaggi 2024"
 STUDY = Study(
     "norm_vs_noise", __doc__,
-    shapes=[Shape("PN generalizes worse than BN (higher test error and gap)", SOURCE_LUO, pn_worse),
+    shapes=[Shape("PN generalizes worse than BN (higher test error and gap)", SOURCE_LUO, pn_worse, "G"),
             Shape("noise injected into LN or PN (GNI 16) lowers their test error, recovering much "
-                  "of BN's benefit", SOURCE_KOSSON, injected_recovers),
-            Shape("GNI (on BN) beats ghost BN of the same ghost batch size", SOURCE_KOSSON, gni_beats_ghost),
+                  "of BN's benefit", SOURCE_KOSSON, injected_recovers, "G"),
+            Shape("GNI (on BN) beats ghost BN of the same ghost batch size", SOURCE_KOSSON, gni_beats_ghost, "G"),
             Shape("normalization without batch noise (LN) regularizes: lower test error and gap "
-                  "than none", "the seed notes' 'more convincing reason'", normalization_regularizes)],
+                  "than none", "the seed notes' 'more convincing reason'", normalization_regularizes,
+                  "G")],
     prepare=prepare, figures=figures, by=("norm",), arm=("norm",),
     metrics=(ERR, GAP, NOISE, "train_acc", "test_acc", "test_acc.precise"),
     comparisons=answer, notes=notes)

@@ -36,12 +36,13 @@ from bnexp import records
 from bnexp.analysis.forest import paired_rows, plot_forest
 from bnexp.analysis.report import Diff
 from bnexp.analysis.study import Study, StudyData
-from bnexp.analysis.verdicts import NOT_TESTED, Shape, Verdict, check_training, expect, mean_diff
-from common import run_study
+from bnexp.analysis.verdicts import MARGIN, Shape, compare, compare_value, memorization_note
+from bnexp.analysis.run_study import run_study
 
 NBS = "norm.virtual_batch"
 FREEZE = "norm.freeze_after"
 MODES = ("ema", "precise", "batch")
+FLAT = 0.02  # "flat", "close", "at least as good": within 2 points of error (2% for a loss)
 
 
 def mode_lines(runs: pd.DataFrame, metric: str = "test_err") -> pd.DataFrame:
@@ -176,66 +177,65 @@ def paired(long: pd.DataFrame, a: str, b: str, x) -> Diff:
     return A.paired_diff(long, "test_err", "eval_mode", a, b, at={NBS: x})
 
 
+def modes(d: StudyData, a: str, b: str, x, want, claim: str = "E", margin: float = MARGIN):
+    """The verdict of ``paired``: eval mode ``a`` against ``b`` at NBS ``x``."""
+    return compare(mode_lines(d.runs), "test_err", "eval_mode", a, b, at={NBS: x}, want=want,
+                   claim=claim, margin=margin, runs=d.runs)
+
+
+def nbs_lines(d: StudyData, mode: str, x, y, want, margin: float = MARGIN):
+    """Test error under ``mode`` at NBS ``x`` against NBS ``y``: the NBS arms share
+    initialization and batch order (the seed), so paired."""
+    return compare(mode_lines(d.runs), "test_err", NBS, x, y, at={"eval_mode": mode}, want=want,
+                   margin=margin, runs=d.runs, names=(f"NBS {x:g}", f"NBS {y:g}"))
+
+
 def population_flat_then_rising(d: StudyData):
-    """Precise error at NBS 2 and 4 above that at 16 (rising); 16 vs the largest flat. The NBS
-    arms share initialization and batch order (the seed): paired."""
-    long, xs = mode_lines(d.runs), nbs(d)
-    mid, at = nearest(xs, 16), {"eval_mode": "precise"}
-    small = [x for x in xs if x <= 4] or xs[:1]
-    return expect([(A.paired_diff(long, "test_err", NBS, x, mid, at=at), +1) for x in small]
-                  + [(A.paired_diff(long, "test_err", NBS, mid, xs[-1], at=at), "flat")])
+    """Precise error at the smallest NBS above that at 16 (rising); 4 vs 16 and 16 vs the
+    largest (flat) beside it."""
+    xs = nbs(d)
+    mid = nearest(xs, 16)
+    primary = memorization_note(nbs_lines(d, "precise", xs[0], mid, +1))
+    return primary.also(*[nbs_lines(d, "precise", x, mid, +1) for x in xs[1:] if x <= 4],
+                        nbs_lines(d, "precise", mid, xs[-1], 0, FLAT))
 
 
 def batch_flat_but_worse(d: StudyData):
-    """Batch-stat evaluation worse than precise where population statistics are good (NBS 16,
-    32), and flat from the smallest to the largest NBS."""
-    long, xs = mode_lines(d.runs), nbs(d)
-    mids = sorted({nearest(xs, 16), nearest(xs, 32)})
-    at = {"eval_mode": "batch"}
-    return expect([(paired(long, "batch", "precise", x), +1) for x in mids]
-                  + [(A.paired_diff(long, "test_err", NBS, xs[0], xs[-1], at=at), "flat")])
+    """Batch-stat evaluation worse than precise at NBS 16 (the same weights); at 32, and flat
+    from the smallest to the largest NBS, beside it."""
+    xs = nbs(d)
+    return modes(d, "batch", "precise", nearest(xs, 16), +1).also(
+        modes(d, "batch", "precise", nearest(xs, 32), +1), nbs_lines(d, "batch", xs[0], xs[-1], 0, FLAT))
 
 
 def ema_close(d: StudyData):
-    long, xs = mode_lines(d.runs), nbs(d)
-    return expect([(paired(long, "ema", "precise", x), "flat") for x in sorted({nearest(xs, 16), xs[-1]})])
+    xs = nbs(d)
+    return modes(d, "ema", "precise", nearest(xs, 16), 0, margin=FLAT).also(
+        modes(d, "ema", "precise", xs[-1], 0, margin=FLAT))
 
 
 def frozen_not_worse(d: StudyData):
-    long, xs = mode_lines(d.runs), nbs(d)
-    return expect([(paired(long, "frozen", "ema", x), "<=") for x in xs if x <= 4] or
-                  [(paired(long, "frozen", "ema", xs[0]), "<=")])
+    """FrozenBN's error not above its unfrozen twin's (EMA) by more than FLAT at the smallest
+    NBS: two trainings (G), paired by seed."""
+    xs = nbs(d)
+    return modes(d, "frozen", "ema", xs[0], "<=", claim="G", margin=FLAT).also(
+        *[modes(d, "frozen", "ema", x, "<=", claim="G", margin=FLAT) for x in xs[1:] if x <= 4])
 
 
 def frozen_loss_does_not_rise(d: StudyData):
     """Per NBS, the mean relative change of FrozenBN's training loss after the freeze is not
-    above FLAT_MARGIN (2%): the interval's top below it."""
-    loss = d.extra["freeze_loss"]
-    if loss.empty:
-        return Verdict(NOT_TESTED, reason="no finished FrozenBN run with epochs after its freeze")
-    return expect([(mean_diff(g, "rise", "relative rise of the training loss after the freeze",
-                              "frozen", where=f" at {NBS}={x:g}"), "<=")
-                   for x, g in loss.groupby(NBS)])
-
-
-def before_freeze(curves: pd.DataFrame, frozen_at: dict) -> pd.DataFrame:
-    """The epochs of each run that started before its freeze: after it, the train-mode loss is
-    measured with the frozen population statistics instead of batch statistics, so its level
-    steps (down, at small NBS) without the model learning more. The plateau check reads these."""
-    start = curves.sort_values("epoch").groupby("run")["step"].shift(1, fill_value=0)
-    at = curves["run"].map(lambda r: frozen_at.get(r)).astype(float)
-    return curves[~(start.reindex(curves.index) >= at)]
+    above FLAT (2%): a trajectory (D); the smallest NBS first."""
+    loss = d.extra["freeze_loss"].assign(status="ok")
+    parts = [compare_value(g, "rise", 0.0, want="<=", claim="D", margin=FLAT, runs=d.runs,
+                           name=f"FrozenBN's relative rise of the training loss after the freeze at NBS {x:g}")
+             for x, g in loss.groupby(NBS)]
+    return parts[0].also(*parts[1:])
 
 
 def prepare(d: StudyData) -> StudyData:
-    """Error columns; FrozenBN runs' training check redone on their epochs before the freeze
-    (``before_freeze``; whether the loss rises after it is a shape of its own); the loss around
-    each freeze (``loss_around_freeze``)."""
-    frozen_at = frozen_steps(d.study_dir)
-    runs = A.with_error(d.runs).drop(columns=["trained", "train_check"], errors="ignore")
-    runs, arms = check_training(runs, before_freeze(d.curves, frozen_at), A.swept_columns(runs))
-    d = replace(d, runs=runs, arms=arms)
-    d.extra["freeze_loss"] = loss_around_freeze(d.runs, d.curves, frozen_at)
+    """Error columns; the loss around each freeze (``loss_around_freeze``)."""
+    d = replace(d, runs=A.with_error(d.runs))
+    d.extra["freeze_loss"] = loss_around_freeze(d.runs, d.curves, frozen_steps(d.study_dir))
     return d
 
 
@@ -243,14 +243,14 @@ SOURCE = "Wu & Johnson 2021, Rethinking Batch in BatchNorm"
 STUDY = Study(
     "stat_modes_vs_batch", __doc__,
     shapes=[Shape("population-stat (precise) error rising at NBS 2-4 against 16 and flat from 16 "
-                  "to the largest NBS", SOURCE, population_flat_then_rising),
+                  "to the largest NBS", SOURCE, population_flat_then_rising, "G"),
             Shape("batch-stat evaluation flat across NBS but worse than population statistics",
-                  SOURCE, batch_flat_but_worse),
-            Shape("EMA close to precise (many steps per epoch)", SOURCE, ema_close),
+                  SOURCE, batch_flat_but_worse, "E"),
+            Shape("EMA close to precise (many steps per epoch)", SOURCE, ema_close, "E"),
             Shape("FrozenBN at least as good as batch-stat training (its EMA) at small NBS", SOURCE,
-                  frozen_not_worse),
+                  frozen_not_worse, "G"),
             Shape("FrozenBN's training loss does not rise after the freeze (mean relative change "
-                  "at most +2%)", SOURCE, frozen_loss_does_not_rise)],
+                  "at most +2%)", SOURCE, frozen_loss_does_not_rise, "D")],
     prepare=prepare, figures=figures, by=(FREEZE, NBS), metrics=tuple(f"test_err.{m}" for m in MODES),
     table_rows=labelled,
     comparisons=lambda d: statements(mode_lines(d.runs), NBS),

@@ -1,6 +1,10 @@
 """Shared test helpers: compose real configs through Hydra, keep torch small and quiet."""
 from __future__ import annotations
 
+import importlib.util
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -59,3 +63,27 @@ def norm_cfg():
         return NormConfig(**{**defaults, **overrides})
 
     return build
+
+
+EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
+
+
+def experiment(name: str):
+    """The module of ``experiments/<name>.py``, loaded by its file path (the scripts are not a
+    package: each runs as ``python experiments/<name>.py``, which puts its folder on the path, so
+    one script may import another by name). A sibling it imports that is not loaded yet is loaded
+    the same way first; nothing is added to ``sys.path``."""
+    if name in sys.modules and getattr(sys.modules[name], "__file__", "") == str(EXPERIMENTS / f"{name}.py"):
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, EXPERIMENTS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except ModuleNotFoundError as err:
+        del sys.modules[name]
+        if err.name and err.name != name and (EXPERIMENTS / f"{err.name}.py").exists():
+            experiment(err.name)
+            return experiment(name)
+        raise
+    return module

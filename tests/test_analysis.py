@@ -455,82 +455,7 @@ def test_summary_interval_is_the_t_interval_of_the_values():
 
 
 # ----------------------------------------------------------------------------- training check
-def test_loss_change_over_the_last_fifth():
-    from bnexp.analysis.verdicts import loss_change
-
-    assert loss_change([2.0, 1.0, 0.8, 0.78, 0.77]) == pytest.approx((0.78 - 0.77) / 0.78)  # 1 epoch
-    ten = [2.0, 1.5, 1.2, 1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4]  # window of 2 epochs
-    assert loss_change(ten) == pytest.approx((0.6 - 0.4) / 0.6)
-    assert loss_change([1.0, 1.5]) == pytest.approx(-0.5)  # rising
-    assert math.isnan(loss_change([1.0]))
-
-
-def test_a_memorized_training_set_is_flat_in_absolute_terms():
-    """A loss at weight decay's floor moves by large fractions of tiny values: flat when the
-    absolute move is below PLATEAU_MAX_ABS_CHANGE; a larger absolute fall still counts."""
-    from bnexp.analysis.verdicts import PLATEAU_MAX_ABS_CHANGE, loss_change, run_check
-
-    run = pd.Series({"status": "ok", "data.name": "fashion_mnist"})
-    memorized = [1.15, 0.53, 0.32, 0.16, 0.064, 0.018, 0.0096, 0.0070, 0.0058, 0.0057]  # measured shape
-    assert loss_change(memorized, absolute=True) == pytest.approx(0.0070 - 0.0057)
-    assert loss_change(memorized) > 0.05 and 0.0070 - 0.0057 < PLATEAU_MAX_ABS_CHANGE
-    curve = lambda losses, acc=0.99: pd.DataFrame({"epoch": range(len(losses)), "train_loss": losses,  # noqa: E731
-                                                   "train_acc": acc})
-    assert run_check(run, curve(memorized)) == ""
-    falling = [*memorized[:-3], 0.08, 0.06, 0.04]  # -50% and 0.04 nats over the last two epochs
-    assert "still falling" in run_check(run, curve(falling))
-    # ... unless the run has memorized its training set (verdicts.MEMORIZED): nothing left to learn
-    assert run_check(run, curve(falling, acc=1.0)) == ""
-    # memorized in eval mode (the summary's train_acc) while noisy train-mode accuracy stays below
-    assert run_check(pd.Series({**run, "train_acc": 1.0}), curve(falling, acc=0.99)) == ""
-    assert "still falling" in run_check(pd.Series({**run, "train_acc": 0.97}), curve(falling, acc=0.99))
-
-
-def _arm_runs(losses: dict, accs: dict, classes: int = 10):
-    runs, curves = [], []
-    for run, loss in losses.items():
-        arm, seed = run.split("-")
-        runs.append({"run": run, "status": "diverged" if arm == "div" else "ok", "arm": arm,
-                     "seed": int(seed), "data.name": "synthetic", "data.synthetic_classes": classes})
-        curves += [{"run": run, "epoch": e, "train_loss": v, "train_acc": accs[run]}
-                   for e, v in enumerate(loss)]
-    return pd.DataFrame(runs), pd.DataFrame(curves)
-
-
-def test_check_training_names_arms_that_did_not_train():
-    from bnexp.analysis.verdicts import check_training
-
-    flat, falling = [2.0, 1.0, 0.9, 0.899, 0.898], [2.0, 1.6, 1.3, 1.0, 0.7]
-    losses = {"ok-0": flat, "ok-1": flat, "slow-0": flat, "slow-1": falling,
-              "chance-0": flat, "div-0": flat}
-    accs = {"ok-0": 0.9, "ok-1": 0.8, "slow-0": 0.9, "slow-1": 0.9, "chance-0": 0.15, "div-0": 0.5}
-    runs, arms = check_training(*_arm_runs(losses, accs), ["arm"])
-    assert dict(zip(runs["run"], runs["trained"])) == {
-        "ok-0": True, "ok-1": True, "slow-0": True, "slow-1": False, "chance-0": False, "div-0": False}
-    arms = arms.set_index("arm")
-    assert (arms.loc["ok", "trained"], arms.loc["slow", "trained"], arms.loc["slow", "runs"]) == (2, 1, 2)
-    assert "still falling" in arms.loc["slow", "why not"]
-    assert "< 2 x chance" in arms.loc["chance", "why not"]  # 15% < 2 x 10%
-    assert arms.loc["div", "why not"] == "diverged"
-
-
-def test_a_memorized_run_trained_though_its_tiny_loss_still_falls():
-    """At >= MEMORIZED train-mode accuracy a falling loss is no reason; a rising one still is,
-    and just below MEMORIZED the falling loss counts again."""
-    from bnexp.analysis.verdicts import MEMORIZED, check_training
-
-    shrinking, rising = [1.0, 0.1, 0.03, 0.02, 0.01], [1.0, 0.1, 0.01, 0.01, 0.02]
-    losses = {"mem-0": shrinking, "mem-1": rising, "near-0": shrinking}
-    accs = {"mem-0": 1.0, "mem-1": 1.0, "near-0": MEMORIZED - 0.01}
-    runs, _ = check_training(*_arm_runs(losses, accs), ["arm"])
-    why = dict(zip(runs["run"], runs["train_check"]))
-    assert why["mem-0"] == ""
-    assert "rising" in why["mem-1"] and "still falling" in why["near-0"]
-
-
 def test_untrained_arms_are_not_compared():
-    from bnexp.analysis.verdicts import NOT_TESTED, expect
-
     rows = pd.DataFrame([{"arm": arm, "seed": s, "status": "ok", "test_acc": acc + 0.01 * s,
                           "trained": arm != "c"} for arm, acc in (("a", 0.9), ("b", 0.5), ("c", 0.1))
                          for s in range(3)])
@@ -538,28 +463,7 @@ def test_untrained_arms_are_not_compared():
     for text in (A.compare_statement(rows, "test_acc", "arm", "a", "c"),
                  A.paired_statement(rows, "test_acc", "arm", "a", "c")):
         assert "not compared, c did not train" in text and "beats" not in text
-    assert expect([(A.welch_diff(rows, "test_acc", "arm", "a", "c"), +1)]).status == NOT_TESTED
 
-
-# ----------------------------------------------------------------------------- verdicts
-def test_expect_reads_the_interval_not_the_mean():
-    from bnexp.analysis.verdicts import NOT_SHOWN, PARTLY, SHOWN, Shape, expect
-
-    def diff(mean, half):
-        return A.Diff("a", "b", "test_acc", mean=mean, lo=mean - half, hi=mean + half,
-                      count="n=3", method="95% t CI")
-
-    assert expect([(diff(0.05, 0.02), +1)]).status == SHOWN
-    covers = expect([(diff(0.05, 0.08), +1)])  # a "best" whose interval holds 0: not shown
-    assert covers.status == NOT_SHOWN and "holds 0" in covers.reason
-    assert expect([(diff(-0.05, 0.02), +1)]).reason.endswith("the opposite direction")
-    assert expect([(diff(0.05, 0.02), +1), (diff(0.0, 0.05), "flat")]).status == PARTLY
-    assert expect([(diff(0.001, 0.01), "flat")]).status == SHOWN
-    line = Shape("a beats b", "Someone 2020", lambda d: expect([(diff(0.05, 0.02), +1)])).line(None)
-    assert line == ("- **shown**: a beats b (Someone 2020). a - b on test_acc = +5.0 points "
-                    "[+3.0, +7.0] (n=3, 95% t CI).")
-    missing = Shape("x", "y", lambda d: d["nope"]).line({})
-    assert missing.startswith("- **not tested**: x (y).") and "nope" in missing
 
 
 # ----------------------------------------------------------------------------- one sweep, one folder
@@ -713,29 +617,6 @@ def test_line_bands_stay_within_the_values_a_loss_can_take():
     assert plots.value_range("train_loss") == (0.0, None) and plots.value_range("test_acc.ema") == (0.0, 1.0)
     # one error rate minus another (ema_vs_precise's excess_err) can be negative: its band too
     assert plots.value_range("excess_err") == (-1.0, 1.0) and plots.is_percent("excess_err")
-
-
-def test_on_learned_runs_reads_unflattened_arms_once_every_run_learned_and_says_so():
-    from bnexp.analysis.study import StudyData
-    from bnexp.analysis.verdicts import NOT_SHOWN, NOT_TESTED, PARTLY, Verdict, on_learned_runs
-
-    seen = []
-
-    def check(d):  # not tested while any run (or prepared frame) is untrained, else shown
-        seen.append((bool(d.runs["trained"].all()), bool(d.extra["m"]["trained"].all())))
-        ok = d.runs["trained"].all() and d.extra["m"]["trained"].all()
-        return Verdict("shown" if ok else NOT_TESTED, "numbers", "" if ok else "bn did not train")
-
-    def data(train_acc):
-        runs = pd.DataFrame({"run": ["a", "b"], "status": ["ok", "ok"], "data.name": "fashion_mnist",
-                             "train_acc": train_acc, "trained": [True, False]})
-        return StudyData(Path("."), "", runs, pd.DataFrame(), pd.DataFrame(), extra={"m": runs.copy()})
-
-    v = on_learned_runs(check)(data([0.9, 0.6]))  # both learned (chance 10%): read again
-    assert v.status == PARTLY and v.evidence == "numbers" and "bn did not train" in v.reason
-    assert seen == [(False, False), (True, True)]
-    assert on_learned_runs(check)(data([0.9, 0.15])).status == NOT_TESTED  # b below 2 x chance
-    assert on_learned_runs(lambda d: Verdict(NOT_SHOWN, "x"))(data([0.9, 0.6])).status == NOT_SHOWN
 
 
 CODE_V1 = '''"""Module docstring."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ast
 import csv
+import json
 import os
 import subprocess
 import sys
@@ -22,7 +23,7 @@ import pytest
 from omegaconf import OmegaConf, open_dict
 
 from bnexp.config import parse_config
-from conftest import compose_config
+from conftest import compose_config, experiment
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
@@ -185,23 +186,24 @@ def test_study_runs_end_to_end_at_smoke_scale(name, tmp_path):
         statuses = [row["status"] for row in csv.DictReader(f)]
     assert statuses and set(statuses) <= {"ok", "diverged"}, statuses
     assert " 0 failed, 0 incomplete, 0 pending" in report
-    assert "## Did every arm train?" in report
-    # one line per expected shape, label first, at the top (the labels: docs/../STUDIES.md)
-    verdicts = report.split("## Answer", 1)[1].strip().split("\n\n")[0].splitlines()
-    assert verdicts and all(v.startswith("- **") for v in verdicts), verdicts
-    assert report.splitlines().index("## Answer") < 15
+    assert "## What every arm reached" in report
+    from bnexp.analysis.verdicts import LABELS
+
+    verdicts = json.loads((study_dir / "verdicts.json").read_text())
+    assert len(verdicts) == len(experiment(name).STUDY.shapes)
+    assert all(v["label"] in LABELS and f"- **{v['label']}** — {v['shape']}" in report for v in verdicts)
+    assert report.splitlines().index("## Answer") < 15  # the answer first, as a paper opens
 
 
 # ------------------------------------------------------------------------------ one folder per sweep
 def test_two_sweeps_of_other_data_or_scale_get_their_own_folders_and_reports(tmp_path):
     """Two sweeps of one study, at two scales, land in ``<study>/<data>-<scale>/`` folders that
-    ``experiments/common.study_dir`` finds by composing the config, each with its own report of
+    ``bnexp.analysis.run_study.study_dir`` finds by composing the config, each with its own report of
     its own runs only."""
-    sys.path.insert(0, str(ROOT / "experiments"))
     import matplotlib
 
     matplotlib.use("Agg")
-    from common import study_dir
+    from bnexp.analysis.run_study import study_dir
 
     from bnexp.analysis.study import Study, analyze
 
@@ -245,10 +247,7 @@ def test_norm_vs_noise_small_grid_memorizes_real_data_and_probes_every_arm():
 
 
 @pytest.mark.parametrize("name", sorted(p.stem for p in (ROOT / "experiments").glob("*.py")))
-def test_every_experiment_script_imports(name, monkeypatch):
+def test_every_experiment_script_imports(name):
     """A script that cannot even be imported (a helper renamed in another script it imports from)
     fails here, not only in the slow end-to-end runs."""
-    import importlib
-
-    monkeypatch.syspath_prepend(str(ROOT / "experiments"))
-    importlib.import_module(name)
+    assert experiment(name).__name__ == name

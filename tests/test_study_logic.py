@@ -17,18 +17,17 @@ import pytest
 
 from bnexp import records
 from bnexp.training import fit as train
-from conftest import TINY, make_config
+from conftest import TINY, experiment, make_config
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
-import activations  # noqa: E402
-import bn_vs_dropout  # noqa: E402
-import ema_vs_precise  # noqa: E402
-import finetune  # noqa: E402
-import fusion  # noqa: E402
-import noise  # noqa: E402
-import stat_modes_vs_batch  # noqa: E402
-import batch_size_true  # noqa: E402
-import norm_vs_noise  # noqa: E402
+activations = experiment("activations")
+bn_vs_dropout = experiment("bn_vs_dropout")
+ema_vs_precise = experiment("ema_vs_precise")
+finetune = experiment("finetune")
+fusion = experiment("fusion")
+noise = experiment("noise")
+stat_modes_vs_batch = experiment("stat_modes_vs_batch")
+batch_size_true = experiment("batch_size_true")
+norm_vs_noise = experiment("norm_vs_noise")
 
 
 def test_precise_vs_n_reproduces_the_runs_own_precise_mode(tmp_path):
@@ -209,9 +208,9 @@ def test_finetune_cells_keep_diverged_runs_and_eval_only_rows_of_every_seed():
     assert (cell["n_diverged"], cell["test_acc.n"]) == (1, 1)
 
 
-def test_frozen_bn_loss_around_the_freeze_and_the_plateau_check_before_it():
+def test_frozen_bn_loss_around_the_freeze():
     """Epochs of 10 steps, frozen at step 30: epoch 2 (steps 20-30) is the last before, epochs
-    3-4 are after; the plateau check of a frozen run sees epochs 0-2 only, a plain run all."""
+    3-4 are after."""
     losses = {"frozen": [2.0, 1.0, 0.8, 0.6, 0.6], "plain": [2.0, 1.0, 0.8, 0.79, 0.79]}
     curves = pd.DataFrame([{"run": r, "epoch": e, "step": 10 * (e + 1), "train_loss": v}
                            for r, vs in losses.items() for e, v in enumerate(vs)])
@@ -224,8 +223,6 @@ def test_frozen_bn_loss_around_the_freeze_and_the_plateau_check_before_it():
     want = [{"run": "frozen", "before": 0.8, "after": 0.6}]
     assert loss[["run", "before", "after"]].to_dict("records") == want
     assert loss["rise"].iloc[0] == pytest.approx(-0.25)
-    kept = stat_modes_vs_batch.before_freeze(curves, frozen_at)
-    assert kept.groupby("run")["epoch"].max().to_dict() == {"frozen": 2, "plain": 4}
 
 
 def test_true_batch_compares_only_where_every_arm_trained():
@@ -270,10 +267,6 @@ def test_norm_vs_noise_verdict_names_the_explanation_whose_intervals_exclude_zer
 
 def test_finetune_first_epoch_loss_reads_the_largest_batch_first_epoch_per_mode():
     """Means and maxima over seeds of epoch 1's loss at the largest batch only, by hand."""
-    import math
-
-    import finetune
-
     rows = []
     for mode, losses in {"train": [0.2, 0.4], "frozen_stats": [9.0, 3.0]}.items():
         for seed, loss in enumerate(losses):
@@ -287,27 +280,26 @@ def test_finetune_first_epoch_loss_reads_the_largest_batch_first_epoch_per_mode(
     assert finetune.first_epoch_loss(pd.DataFrame(), 10) == ""
 
 
-@pytest.mark.parametrize("bn_acc, bn_trained, none_status, none_acc, verdict", [
-    (1.00, 3, "diverged", None, "shown"),     # BN finished, none diverged
-    (0.95, 0, "diverged", None, "partly"),    # BN learned (>= 2 x chance) but its loss still fell
-    (0.10, 0, "diverged", None, "not shown"),  # BN stalled at chance too
-    (1.00, 3, "ok", 0.90, "not shown"),       # the unnormalized net learned there as well
+@pytest.mark.parametrize("bn_acc, none_status, none_acc, verdict", [
+    (1.00, "diverged", None, "shown"),          # BN learned, none diverged in every seed
+    (0.95, "diverged", None, "shown"),          # not converged: a T claim reads the outcome only
+    (0.10, "diverged", None, "inconclusive"),   # BN stalled at chance too: no seed in the direction
+    (1.00, "ok", 0.90, "equivalent"),           # the unnormalized net learned there as well
+    (0.10, "ok", 0.90, "contradicted"),         # the other way round
 ])
-def test_lr_sensitivity_high_lr_shape_reads_learned_and_finished_apart(bn_acc, bn_trained, none_status,
-                                                                        none_acc, verdict):
-    """The shape at the largest lr: BN learns and none diverges or stalls (the docstring's
-    reading), graded shown / partly by whether BN's seeds also passed the plateau check."""
+def test_lr_sensitivity_high_lr_shape_reads_the_per_seed_outcome(bn_acc, none_status, none_acc, verdict):
+    """The shape at the largest lr is a T claim: learned / stalled / diverged per seed, counted."""
     from types import SimpleNamespace
 
-    import lr_sensitivity as L
+    from bnexp.analysis.convergence import check_training
 
-    runs = pd.DataFrame([{"norm": n, L.LR: 3.0, "seed": s, "data.name": "fashion_mnist",
+    L = experiment("lr_sensitivity")
+    runs = pd.DataFrame([{"run": f"{n}{s}", "norm": n, L.LR: 3.0, "seed": s, "data.name": "fashion_mnist",
                           "status": "ok" if n == "bn" else none_status,
                           "train_acc": bn_acc if n == "bn" else none_acc} for n in ("bn", "none") for s in range(3)])
-    arms = pd.DataFrame([{"norm": "bn", L.LR: 3.0, "runs": 3, "trained": bn_trained, "why not": "loss falling"},
-                         {"norm": "none", L.LR: 3.0, "runs": 3, "trained": 3 if none_acc else 0,
-                          "why not": "" if none_acc else "diverged"}])
-    assert L.only_bn_at_high_lr(SimpleNamespace(runs=runs, arms=arms)).status == verdict
+    runs, _ = check_training(runs, ["norm", L.LR])
+    v = L.only_bn_at_high_lr(SimpleNamespace(runs=runs))
+    assert v.label == verdict and v.n == 3 and "Fisher" in v.test
 
 
 def test_noise_figure_marks_arms_that_did_not_train_and_leaves_off_scale_points_out():

@@ -33,7 +33,8 @@ from bnexp.analysis.study import Study, StudyData, load, sweep_runs
 from bnexp.analysis.tables import (collect_probes, collect_runs, eval_modes_long, expected_run_names, flatten, mean_ci,
                      override_dirname, select, status_counts, summarize, sweep_definitions, swept_columns,
                      t_cdf, t_quantile, with_error)
-from bnexp.analysis.verdicts import Shape, Verdict, check_training, expect
+from bnexp.analysis.convergence import check_training
+from bnexp.analysis.verdicts import Shape, Verdict, compare, compare_outcomes, compare_value
 
 MAX_CURVE_GROUPS = 8  # more lines than this on one curve plot stop being readable
 MAX_PROBE_FIGURES = 4
@@ -216,8 +217,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 __all__ = ["LABELS", "LOWER_IS_BETTER", "Diff", "Shape", "Study", "StudyData", "Verdict", "analyze",
-           "check_training", "collect_probes", "curated_report", "collect_runs", "compare_statement", "default_axes",
-           "default_figures", "eval_modes_long", "expect", "expected_run_names", "flatten",
+           "check_training", "collect_probes", "collect_runs", "compare", "compare_outcomes",
+           "compare_statement", "compare_value", "curated_report", "default_axes",
+           "default_figures", "eval_modes_long", "expected_run_names", "flatten",
            "format_summary", "generic_statement", "is_percent", "knob_label", "label", "main",
            "markdown_table", "mean_ci", "override_dirname", "paired_diff", "paired_statement",
            "plot_bars", "plot_curves", "plot_heatmap", "plot_metric_vs", "plot_probe", "save_figure",

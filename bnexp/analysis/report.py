@@ -65,7 +65,7 @@ def write_report(study_dir, name: str, question: str, command: str, figures: lis
         lines += [_figure(*figures[0]), ""]
     lines += ["## Comparisons", "", statement, "", markdown_table(table), ""]
     if checks:
-        lines += ["## Did every arm train?", "", checks, ""]
+        lines += ["## What every arm reached", "", checks, ""]
     if figures[1:]:
         lines += ["## Other figures", "", *(x for f in figures[1:] for x in (_figure(*f), ""))]
     lines += ["## Methods", "", *methods(study_dir, command, runs, arm), ""]
@@ -86,8 +86,15 @@ def answer_lines(verdicts: list | None) -> list[str]:
     verdict has none, the contrast, the effect with its interval and k of n seeds)."""
     if not verdicts:
         return [f"No verdict yet ({PENDING})."]
-    return [v if isinstance(v, str) else f"- **{v.get('label', PENDING)}**: {v.get('text') or effect_text(v)}"
-            for v in verdicts]
+    return [v if isinstance(v, str) else _answer(v) for v in verdicts]
+
+
+def _answer(v: dict) -> str:
+    """``- **label** — shape (source; claim X). text``, the text without the label it opens with."""
+    label = v.get("label", PENDING)
+    text = (v.get("text") or effect_text(v)).removeprefix(f"{label}: ")
+    shape = f" — {v['shape']} ({v.get('source', '')}; claim {v.get('claim', '?')})." if v.get("shape") else ":"
+    return f"- **{label}**{shape} {text}"
 
 
 def effect_text(v: dict) -> str:

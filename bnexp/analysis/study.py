@@ -10,15 +10,19 @@ function), its figure recipes, the summary table's group keys and metrics, and i
    (``sweep_runs``: other data or scale, or runs of an earlier sweep, are excluded with a warning);
 2. write runs.csv, curves.csv (and probes.csv);
 3. the "no run yet" guard (``Study.requires``);
-4. the training check of every arm (``bnexp.analysis.verdicts.check_training``), before any comparison;
+4. what every run reached (``bnexp.analysis.convergence.check_training``: outcome, clean
+   training accuracy, converged); it gates nothing, every verdict reports it;
 5. ``Study.prepare``: derived columns and training-side steps (re-scoring, fusion);
-6. figures, summary table, comparisons, notes, one verdict line per expected shape -> report.md.
+6. figures, summary table, comparisons, notes; one verdict per expected shape
+   (``bnexp.analysis.verdicts``) -> verdicts.json and the answer at the top of report.md.
 
 Analysis side: never imports the training code (a script's ``prepare`` may, lazily).
 """
 from __future__ import annotations
 
+import json
 import logging
+import math
 import warnings
 from importlib import resources
 from collections.abc import Callable, Sequence
@@ -39,7 +43,8 @@ from bnexp.analysis.tables import (
     sweep_definitions,
     swept_columns,
 )
-from bnexp.analysis.verdicts import Shape, check_training, training_text
+from bnexp.analysis.convergence import CONVERGED, check_training, training_text
+from bnexp.analysis.verdicts import Shape
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +73,9 @@ class Study:
     training check; ``table(data)`` replaces the default table (``summarize`` of
     ``table_rows(data)``, else of the runs, over ``by`` and the ``metrics`` present);
     ``requires``: a column that must exist in the runs with a finished run, or a predicate;
-    ``arm``: the columns of one arm (default: the swept override keys but the seed).
+    ``arm``: the columns of one arm (default: the swept override keys but the seed);
+    ``converged``: the clean training accuracy at which a run counts as converged (None where the
+    design cannot memorize its training set and declares no criterion: ``convergence``).
     """
     name: str
     doc: str
@@ -83,6 +90,7 @@ class Study:
     table_rows: Callable[[StudyData], pd.DataFrame] | None = None
     requires: str | Callable[[StudyData], bool] = "test_acc"
     arm: Sequence[str] | None = None
+    converged: float | None = CONVERGED
 
     @property
     def question(self) -> str:
@@ -99,16 +107,32 @@ def analyze(study: Study, study_dir, command: str) -> Path:
                             data.runs[["run", "status"]], "No finished run yet.",
                             _excluded_note(data), runs=data.runs)
     arm = list(study.arm) if study.arm is not None else swept_columns(data.runs)
-    data.runs, data.arms = check_training(data.runs, data.curves, arm)
+    data.runs, data.arms = check_training(data.runs, arm, study.converged)
     data = study.prepare(data) if study.prepare else data
+    verdicts = write_verdicts(data.study_dir, [shape.verdict(data) for shape in study.shapes])
     figures = [save_figure(fig, data.study_dir / "figures", stem)[0]
                for stem, fig in study.figures(data).items()]
     statement = _paragraph(study.comparisons(data) if study.comparisons else "")
     notes = " ".join(t for t in (study.notes(data) if study.notes else "", _excluded_note(data),
                                  lr_choice.note(data.study_dir)) if t)
     return write_report(data.study_dir, study.name, study.question, data.command, figures,
-                        summary_table(study, data), statement, notes, training_text(data.arms),
-                        [shape.line(data) for shape in study.shapes], runs=data.runs, arm=arm)
+                        summary_table(study, data), statement, notes,
+                        training_text(data.arms, study.converged), verdicts, runs=data.runs, arm=arm)
+
+
+def write_verdicts(study_dir: Path, verdicts: list[dict]) -> list[dict]:
+    """Write ``<study_dir>/verdicts.json`` (one object per expected shape, the schema of
+    ``bnexp.analysis.verdicts``: NaN written as null); returns ``verdicts``."""
+    def clean(v):
+        if isinstance(v, float) and not math.isfinite(v):
+            return None
+        if isinstance(v, dict):
+            return {k: clean(x) for k, x in v.items()}
+        return [clean(x) for x in v] if isinstance(v, (list, tuple)) else v
+
+    verdicts = [clean(v) for v in verdicts]
+    (Path(study_dir) / "verdicts.json").write_text(json.dumps(verdicts, indent=1) + "\n")
+    return verdicts
 
 
 def load(study_dir, command: str) -> StudyData:

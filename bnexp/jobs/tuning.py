@@ -30,6 +30,9 @@ from __future__ import annotations
 
 import logging
 import math
+import shlex
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -179,3 +182,32 @@ def _naming(overrides: Sequence[str], spec: TuneSpec) -> dict:
     the study sweeps (a grid run records the swept value it got; every value belongs)."""
     return {k: v for k, v in map(_split, overrides)
             if k not in spec.exclude_keys and k not in spec.swept and not k.startswith("hydra.")}
+
+
+def sweep(name: str, overrides: Sequence[str], root: Path) -> None:
+    """Study ``name``'s sweep, run from ``root``: its lr grid and then one sweep per chosen lr
+    where it declares ``grid.tune``, else one ``bnexp -m study=<name>`` sweep. A sweep that exits
+    non-zero raises ``subprocess.CalledProcessError``."""
+    def launch(args: list[str]) -> None:
+        print("$ bnexp -m " + " ".join(shlex.quote(a) for a in args), flush=True)
+        subprocess.run([sys.executable, "-m", "bnexp", "-m", *args], cwd=root, check=True)
+
+    spec = read_spec(name, overrides, root)
+    if spec is not None:
+        run(spec, overrides, launch=launch)
+    else:
+        launch([f"study={name}", *overrides])
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """``python -m bnexp.jobs.tuning STUDY [override ...]``: ``sweep`` from the working folder
+    (the command the study scripts start, so that analysis/ imports nothing from jobs/)."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    try:
+        sweep(args[0], args[1:], Path.cwd())
+    except subprocess.CalledProcessError as err:
+        raise SystemExit(err.returncode) from None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,8 +1,16 @@
-"""Plumbing shared by the study scripts: run a study's sweep, then hand its folder to the analysis.
+"""The command line of every study script: run the study's sweep, then hand its folder to the analysis.
+
+Why here, on the analysis side, and not in ``bnexp.jobs``: the sweep runs in a child process
+(``python -m bnexp -m study=<name> ...``, the same command a person types), so this module
+imports nothing of jobs/ or training/; what it composes is only the config (Hydra), which the
+analysis may read.
 
 A study script is ``experiments/<name>.py``: its docstring states the question, the command and
 the expected outcome with its source; it declares ``STUDY = Study("<name>", __doc__, ...)``
 (``bnexp.analysis.study``: expected shapes, figure recipes, table, comparisons); and its last lines are::
+
+    from bnexp.analysis.run_study import run_study
+    ...
 
     if __name__ == "__main__":
         run_study(STUDY)
@@ -26,7 +34,7 @@ from typing import Callable, Sequence
 
 from bnexp.analysis.study import Study, analyze
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]  # the repository root, where sweeps run
 
 
 def study_dir(name: str, overrides: Sequence[str]) -> Path:
@@ -50,20 +58,10 @@ def sweep(name: str, overrides: Sequence[str]) -> str:
     study that declares ``grid.tune`` first runs its lr grid and then one sweep per chosen lr
     (``bnexp.jobs.tuning``); the lr grid's runs are skipped and resumed likewise.
     """
-    from bnexp.jobs import tuning
-
-    spec = tuning.read_spec(name, overrides, ROOT)
-    if spec is not None:
-        tuning.run(spec, overrides, launch=_bnexp)
-    else:
-        _bnexp([f"study={name}", *overrides])
+    # the grid and the sweeps run in a process of their own (bnexp.jobs.tuning): analysis/
+    # starts the jobs wing as a command, it never imports it
+    subprocess.run([sys.executable, "-m", "bnexp.jobs.tuning", name, *overrides], cwd=ROOT, check=True)
     return "bnexp -m " + " ".join(shlex.quote(a) for a in [f"study={name}", *overrides])
-
-
-def _bnexp(args: Sequence[str]) -> None:
-    """``bnexp -m args`` in the repository root, to the end; a non-zero exit raises."""
-    print("$ bnexp -m " + " ".join(shlex.quote(a) for a in args), flush=True)
-    subprocess.run([sys.executable, "-m", "bnexp", "-m", *args], cwd=ROOT, check=True)
 
 
 def run_study(study: Study, argv: Sequence[str] | None = None,
