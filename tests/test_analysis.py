@@ -455,15 +455,19 @@ def test_summary_interval_is_the_t_interval_of_the_values():
 
 
 # ----------------------------------------------------------------------------- training check
-def test_untrained_arms_are_not_compared():
-    rows = pd.DataFrame([{"arm": arm, "seed": s, "status": "ok", "test_acc": acc + 0.01 * s,
+def test_untrained_arms_are_compared_at_equal_budget():
+    """STUDIES.md retired "an arm that did not train is not compared": the difference is stated
+    (paired and Welch alike, with the interval an independent t computation gives) and marked
+    as read at equal budget, naming the arm."""
+    rows = pd.DataFrame([{"arm": arm, "seed": s, "status": "ok", "test_acc": acc + 0.01 * s * s,
                           "trained": arm != "c"} for arm, acc in (("a", 0.9), ("b", 0.5), ("c", 0.1))
                          for s in range(3)])
     assert "beats" in A.compare_statement(rows, "test_acc", "arm", "a", "b")
+    assert "equal budget" not in A.compare_statement(rows, "test_acc", "arm", "a", "b")
     for text in (A.compare_statement(rows, "test_acc", "arm", "a", "c"),
                  A.paired_statement(rows, "test_acc", "arm", "a", "c")):
-        assert "not compared, c did not train" in text and "beats" not in text
-
+        assert "a beats c" in text and "at equal budget: c did not learn in every seed" in text
+        assert "80.0" in text  # a - c = 0.8 in every seed
 
 
 # ----------------------------------------------------------------------------- one sweep, one folder

@@ -126,6 +126,11 @@ def test_not_tested_only_where_an_arm_has_no_finished_run():
     assert V.compare(failed, "test_acc", "arm", "a", "b").label == V.NOT_TESTED
     stalled = runs(0.02, train_acc=(1.0, 0.11))  # b stalled near chance: still compared
     assert V.compare(stalled, "test_acc", "arm", "a", "b").label == V.SHOWN_AT_BUDGET
+    # finished runs recorded before a metric existed: not tested, and the verdict says why
+    older = table.assign(test_acc=np.where(table["arm"] == "b", np.nan, table["test_acc"]))
+    v = V.compare(older, "test_acc", "arm", "a", "b")
+    assert v.label == V.NOT_TESTED and "3 finished runs did not record test_acc" in v.text
+    assert "no finished run" in V.compare(failed, "test_acc", "arm", "a", "b").text
 
 
 def test_recovers_most_is_a_fraction_of_the_loss():

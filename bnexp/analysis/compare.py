@@ -4,7 +4,7 @@ display tables (``format_summary``, ``markdown_table``) a report prints."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import pandas as pd
 import scipy.stats
@@ -20,7 +20,9 @@ LOWER_IS_BETTER = ("loss", "gap", "err", "time")  # metric names where smaller w
 class Diff:
     """``a - b`` of ``metric`` with its confidence interval ``[lo, hi]``: what a statement
     (one sentence) and a shape verdict (``bnexp.analysis.verdicts``) both read. ``missing`` says why there
-    is no number; ``untrained`` names the sides that did not train (they are not compared)."""
+    is no number; ``untrained`` names the sides with a seed that did not learn: they are compared
+    all the same, at equal budget, and the sentence says so (STUDIES.md retired the old rule that
+    an arm that did not train is not compared)."""
     a: object
     b: object
     metric: str
@@ -41,14 +43,14 @@ class Diff:
     @property
     def sign(self) -> int | None:
         """+1 / -1 when the interval lies above / below 0, 0 when it holds 0, None when there is
-        nothing to read (a side missing or untrained, or too few runs for an interval)."""
-        if self.missing or self.untrained or math.isnan(self.lo):
+        nothing to read (a side missing, or too few runs for an interval)."""
+        if self.missing or math.isnan(self.lo):
             return None
         return 1 if self.lo > 0 else -1 if self.hi < 0 else 0
 
     def numbers(self) -> str:
         """``a - b on m = +3.0 points [+1.2, +4.8] (paired by seed, n=3 pairs)``: the evidence."""
-        if self.missing or self.untrained:
+        if self.missing:
             return sentence(self)
         scale, unit = (100.0, " points") if is_percent(self.metric) else (1.0, "")
         fmt = "{:+.1f}" if scale != 1.0 else "{:+.3g}"
@@ -144,14 +146,13 @@ def paired_statement(runs: pd.DataFrame, metric: str, by: str, a, b, pair: str =
 
 
 def sentence(d: Diff) -> str:
-    """The sentence for ``d``: not compared (a side did not train), a side missing, who wins (by
-    the metric's direction), not distinguishable when the interval holds 0 (no "best" claim), or
-    no interval (too few runs)."""
-    scale, unit = (100.0, " points") if is_percent(d.metric) else (1.0, "")
+    """The sentence for ``d``: a side missing, who wins (by the metric's direction), not
+    distinguishable when the interval holds 0 (no "best" claim), or no interval (too few runs);
+    with a side that did not learn in every seed, marked "at equal budget"."""
     if d.untrained:
         names = " and ".join(map(str, d.untrained))
-        return (f"{d.a} vs {d.b} on {d.metric}{d.where}: not compared, {names} did not train "
-                f"({d.count})")
+        d = replace(d, notes=f"{d.notes}; at equal budget: {names} did not learn in every seed")
+    scale, unit = (100.0, " points") if is_percent(d.metric) else (1.0, "")
     if d.missing:
         return f"{d.a} vs {d.b} on {d.metric}{d.where}: {d.missing} ({d.count}{d.notes})"
     if math.isnan(d.half):

@@ -90,11 +90,16 @@ def answer_lines(verdicts: list | None) -> list[str]:
 
 
 def _answer(v: dict) -> str:
-    """``- **label** — shape (source; claim X). text``, the text without the label it opens with."""
+    """``- **label** — shape (source; claim X). text`` (the text without the label it opens with);
+    ``- **label**: ...`` for a verdict without a shape or a text (then its effect, ``effect_text``)."""
     label = v.get("label", PENDING)
-    text = (v.get("text") or effect_text(v)).removeprefix(f"{label}: ")
-    shape = f" — {v['shape']} ({v.get('source', '')}; claim {v.get('claim', '?')})." if v.get("shape") else ":"
-    return f"- **{label}**{shape} {text}"
+    if not v.get("text"):
+        return f"- **{label}**: {effect_text(v)}"
+    text = v["text"].removeprefix(f"{label}: ")
+    if not v.get("shape"):
+        return f"- **{label}**: {text}"
+    where = "; ".join(x for x in (v.get("source"), f"claim {v['claim']}" if v.get("claim") else "") if x)
+    return f"- **{label}** — {v['shape']}" + (f" ({where})" if where else "") + f". {text}"
 
 
 def effect_text(v: dict) -> str:

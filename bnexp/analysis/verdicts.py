@@ -132,9 +132,11 @@ def compare(rows: pd.DataFrame, metric: str, by: str, a, b, *, want=1, claim: st
               for s in sides]
     values = [np.log(v.where(v > 0)) if log else v for v in values]
     if not all(v.notna().any() for v in values):
-        missing = " and ".join(nm for nm, v in zip(names, values) if not v.notna().any())
-        return Verdict(NOT_TESTED, contrast, metric, text=f"not tested: {missing} has no finished run",
-                       **stats)
+        lacking = [(nm, len(side)) for nm, v, side in zip(names, values, sides) if not v.notna().any()]
+        why = "; ".join(f"{nm} has no finished run" if not count else
+                        f"{nm}'s {count} finished runs did not record {metric} (recorded before it existed)"
+                        for nm, count in lacking)
+        return Verdict(NOT_TESTED, contrast, metric, text=f"not tested: {why}", **stats)
     keyed = [v.groupby(s[pair]).mean() for v, s in zip(values, sides)] if pair in rows else []
     both = pd.concat(keyed, axis=1).dropna() if keyed else pd.DataFrame()
     if len(both):
