@@ -97,3 +97,18 @@ def prov(**kw) -> dict:
 def test_provenance_is_one_line_that_says_what_the_record_holds(kw, says):
     text = provenance.line(prov(**kw))
     assert says in text and "\n" not in text
+
+
+def test_code_checks_chain_from_the_runs_commit_through_identical_records():
+    """Runs at a; a checked identical to b, b to c: both checks vouch; a check from an unrelated
+    commit, or one with a differing record, does not, nor does anything chained after it."""
+    from bnexp.analysis import provenance
+
+    def check(a, b, same=True):
+        return {"from": a * 40, "to": b * 40, "runs": [{"identical": True}, {"identical": same}]}
+
+    checks = [check("b", "c"), check("x", "y"), check("a", "b"), check("c", "d", same=False),
+              check("d", "e")]
+    assert provenance._chained(checks, {"a" * 40}) == [checks[0], checks[2]]
+    assert provenance._chained(checks, {"z" * 40}) == []
+    assert provenance._chained(checks, {"x" * 40}) == [checks[1]]

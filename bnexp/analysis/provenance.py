@@ -331,15 +331,30 @@ def _code_checks(study_dir: Path, head: str, runs: list[str]) -> list[dict]:
     if not head or not at:
         return []
     out = []
-    for check in _checks(study_dir):
-        if not any(a and check["from"].startswith(a[:7]) for a in at) or not all(r["identical"] for r in check["runs"]):
-            continue
+    for check in _chained(_checks(study_dir), at):
         later = _changed_files([check["to"]], head) if check["to"] != head else {}
         # a move is reported on its own (``moves``): here it does not void an earlier check
         if later is None or _split(later, Path(study_dir).parent.name, moved_ok=True)[2]:
             continue
         out.append(check)
     return out
+
+
+def _chained(checks: list[dict], at: set[str]) -> list[dict]:
+    """The checks with identical records whose ``from`` is one of the commits ``at`` or the
+    ``to`` of another such check (identical records carry over: runs re-run identically at A, A
+    checked identical to B, B to C vouch for the runs at C), in file order."""
+    at, chosen, grew = set(at), [], True
+    while grew:
+        grew = False
+        for check in checks:
+            if check in chosen or not all(r["identical"] for r in check["runs"]):
+                continue
+            if any(a and check["from"].startswith(a[:7]) for a in at):
+                chosen.append(check)
+                at.add(check["to"])
+                grew = True
+    return [c for c in checks if c in chosen]
 
 
 def _code_checked(study_dir: Path, head: str, runs: list[str]) -> str:
