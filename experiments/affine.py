@@ -28,8 +28,8 @@ from bnexp import records
 from bnexp.analysis import generic as A
 from bnexp.analysis.plots import PALETTE
 from bnexp.analysis.study import Study, StudyData
-from bnexp.analysis.verdicts import Shape, expect
-from common import run_study
+from bnexp.analysis.run_study import run_study
+from bnexp.analysis.verdicts import Shape, compare
 
 AFFINE = "norm.affine"
 ORDER = ["both", "gamma", "beta", "none"]  # both learned, gamma only (no beta), beta only, neither
@@ -112,16 +112,26 @@ def norms(d: StudyData) -> list[str]:
     return [n for n in ("bn", "gn", "ln") if n in set(d.runs["norm"])]
 
 
+def costs(d: StudyData, a: str, b: str) -> list:
+    """Claim type G per norm (BN first, the primary): ``a`` vs ``b`` test error, paired by
+    seed, higher with ``a``."""
+    return [compare(d.runs, ERR, AFFINE, a, b, want=+1, at={"norm": n},
+                    names=(f"affine={a}", f"affine={b}")) for n in norms(d)]
+
+
 def removing_costs(d: StudyData):
-    """Claim type G (finished models). Primary contrast: affine=none vs both, per norm, paired
-    by seed, on test error (precise statistics for BN): higher without gamma and beta."""
-    return expect([(diff(d, "none", "both", n), +1) for n in norms(d)])
+    """Claim type G (finished models). Primary contrast: affine=none vs both with BN, paired by
+    seed, on test error (precise statistics for BN): higher without gamma and beta; GN and LN
+    beside it."""
+    first, *rest = costs(d, "none", "both")
+    return first.also(*rest)
 
 
 def beta_matters_more(d: StudyData):
-    """Claim type G. Primary contrast: gamma only (beta removed) vs beta only (gamma removed),
-    per norm, paired by seed, on test error: higher without beta."""
-    return expect([(diff(d, "gamma", "beta", n), +1) for n in norms(d)])
+    """Claim type G. Primary contrast: gamma only (beta removed) vs beta only (gamma removed)
+    with BN, paired by seed, on test error: higher without beta; GN and LN beside it."""
+    first, *rest = costs(d, "gamma", "beta")
+    return first.also(*rest)
 
 
 def answer(d: StudyData) -> list[str]:
@@ -147,10 +157,10 @@ def notes(d: StudyData) -> str:
 STUDY = Study(
     "affine", __doc__,
     shapes=[Shape("removing gamma and beta costs accuracy (higher test error with norm.affine=none "
-                  "than with both)", "the notes; Ioffe & Szegedy 2015, Sec. 3", removing_costs),
+                  "than with both)", "the notes; Ioffe & Szegedy 2015, Sec. 3", removing_costs, "G"),
             Shape("removing beta costs more than removing gamma (a positive gamma folds into the next "
                   "conv through the ReLU; beta moves the ReLU's threshold)", "STUDIES.md's argument",
-                  beta_matters_more)],
+                  beta_matters_more, "G")],
     prepare=prepare, figures=figures, by=("norm", AFFINE), arm=("norm", AFFINE),
     metrics=(ERR, "train_acc", "test_acc", "gamma.p50", "gamma.negative", "beta.mean_abs"),
     comparisons=answer, notes=notes)

@@ -32,8 +32,8 @@ from matplotlib.figure import Figure
 from bnexp.analysis import generic as A
 from bnexp.analysis.plots import PALETTE
 from bnexp.analysis.study import Study, StudyData
-from bnexp.analysis.verdicts import Shape, expect
-from common import run_study
+from bnexp.analysis.run_study import run_study
+from bnexp.analysis.verdicts import Shape, compare
 
 BN_MODES = ("ema", "precise", "batch", "batch_sorted", "adapted")
 SERIES = "statistics"  # column: "bn, ema", ..., "gn", "ln", "none"
@@ -122,28 +122,47 @@ def diff(d: StudyData, metric: str, a: str, b: str, severity: int | None = None,
     return A.paired_diff(rows, metric, SERIES, a, b)
 
 
+WORDS = {"bn, ema": "BN with EMA statistics", "bn, precise": "BN with precise statistics",
+         "bn, batch": "BN with test-batch statistics (i.i.d. stream)",
+         "bn, batch_sorted": "BN with test-batch statistics (class-sorted stream)",
+         "bn, adapted": "BN with AdaBN statistics", "gn": "GN", "ln": "LN", "none": "no normalization"}
+
+
+def verdict(d: StudyData, metric: str, a: str, b: str, want, claim: str, severity: int | None = None):
+    """``a - b`` between two statistics series on ``metric`` (``err`` at ``severity``, else mCE).
+    E (two BN modes: the same weights) pairs by run, with no training gate; G (different nets)
+    pairs by seed, the arms' training read from the runs."""
+    long = d.extra["long"]
+    rows = long[long["severity"] == severity] if severity is not None else long.drop_duplicates(["run", SERIES])
+    return compare(rows, metric, SERIES, a, b, want=want, claim=claim,
+                   pair="run" if claim == "E" else "seed", runs=d.runs, names=(WORDS[a], WORDS[b]),
+                   note=f"severity {severity}" if severity else "mean over corruptions and severities")
+
+
 def batch_recovers(d: StudyData):
     """Claim type E (same weights, different statistics; no training gate). Primary contrast:
-    BN's ``batch`` vs ``ema`` error at severity 5, paired by run; also AdaBN (``adapted``)."""
-    return expect([(diff(d, "err", "bn, batch", "bn, ema", 5, gate=False), -1),
-                   (diff(d, "err", "bn, adapted", "bn, ema", 5, gate=False), -1)])
+    BN's ``batch`` vs ``ema`` error at severity 5, paired by run: lower; AdaBN (``adapted``)
+    beside it."""
+    return verdict(d, "err", "bn, batch", "bn, ema", -1, "E", 5).also(
+        verdict(d, "err", "bn, adapted", "bn, ema", -1, "E", 5))
 
 
 def sorted_collapses(d: StudyData):
     """Claim type E. Primary contrast: BN's ``batch_sorted`` vs ``batch`` mCE, paired by run:
     higher on the class-sorted stream."""
-    return expect([(diff(d, MCE, "bn, batch_sorted", "bn, batch", gate=False), +1)])
+    return verdict(d, MCE, "bn, batch_sorted", "bn, batch", +1, "E")
 
 
 def group_norms_hold(d: StudyData):
-    """Claim type G (finished models of different arms). Primary contrast: GN's and LN's mCE vs
-    BN's on the class-sorted stream, paired by seed: lower."""
-    return expect([(diff(d, MCE, "gn", "bn, batch_sorted"), -1), (diff(d, MCE, "ln", "bn, batch_sorted"), -1)])
+    """Claim type G (finished models of different arms). Primary contrast: GN's mCE vs BN's on
+    the class-sorted stream, paired by seed: lower; LN's beside it."""
+    return verdict(d, MCE, "gn", "bn, batch_sorted", -1, "G").also(
+        verdict(d, MCE, "ln", "bn, batch_sorted", -1, "G"))
 
 
 def bn_more_robust(d: StudyData):
     """Claim type G. Primary contrast: BN (EMA statistics) vs none mCE, paired by seed: lower."""
-    return expect([(diff(d, MCE, "bn, ema", "none"), -1)])
+    return verdict(d, MCE, "bn, ema", "none", -1, "G")
 
 
 def answer(d: StudyData) -> list[str]:
@@ -180,13 +199,13 @@ STUDY = Study(
     "robustness", __doc__,
     shapes=[Shape("test-batch statistics (and AdaBN) recover much of the shift on an i.i.d. stream: "
                   "lower error than the EMA at severity 5", "Schneider et al. 2020; Tent (Wang et al. 2021)",
-                  batch_recovers),
+                  batch_recovers, "E"),
             Shape("test-batch statistics collapse on a class-sorted stream", "Niu et al. 2023 (SAR)",
-                  sorted_collapses),
+                  sorted_collapses, "E"),
             Shape("GN and LN hold up where BN's test-batch statistics on a sorted stream collapse",
-                  "Niu et al. 2023 (SAR)", group_norms_hold),
+                  "Niu et al. 2023 (SAR)", group_norms_hold, "G"),
             Shape("a BN net (its EMA statistics) is more robust than one without normalization",
-                  "the notes: 'normalized data makes the network a bit robust'", bn_more_robust)],
+                  "the notes: 'normalized data makes the network a bit robust'", bn_more_robust, "G")],
     requires=_has_corruptions, prepare=prepare, figures=figures, table=table, by=("norm",),
     arm=("norm",), metrics=tuple(f"{MCE}.{m}" for m in BN_MODES), comparisons=answer, notes=notes)
 

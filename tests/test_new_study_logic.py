@@ -1,17 +1,18 @@
-"""The smoothness, robustness and lr_sensitivity scripts' own numbers against hand computations."""
+"""The smoothness, robustness, affine and lr_sensitivity scripts' own numbers (and verdicts) against
+hand computations."""
 from __future__ import annotations
 
 import math
-import sys
-from pathlib import Path
 
 import pandas as pd
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
-import lr_sensitivity  # noqa: E402
-import robustness  # noqa: E402
-import smoothness  # noqa: E402
+from conftest import experiment
+
+affine = experiment("affine")
+lr_sensitivity = experiment("lr_sensitivity")
+robustness = experiment("robustness")
+smoothness = experiment("smoothness")
 
 
 def test_smoothness_per_run_averages_log10_over_probe_points_and_layers():
@@ -54,3 +55,61 @@ def test_steps_to_target_counts_a_run_that_never_reached_it_as_twice_its_budget(
     assert got == [6.0, math.log2(1280)]
     old = pd.DataFrame({"run": ["a"]})  # runs recorded before the metric: nothing to read
     assert math.isnan(lr_sensitivity.log2_steps_to(old, curves.drop(columns="train_acc.clean")).iloc[0])
+
+
+def _data(runs: pd.DataFrame, **extra):
+    from bnexp.analysis.study import StudyData
+
+    return StudyData(None, "cmd", runs, pd.DataFrame(), pd.DataFrame(), extra=extra)
+
+
+def test_smoothness_verdict_is_the_geometric_mean_ratio_of_bn_over_none_paired_by_seed():
+    """D claim, no training gate: unconverged arms still give ``shown`` (not "at equal budget"),
+    and the estimate is 10 ** (mean over seeds of the per-seed log10 difference)."""
+    bn_log, none_log = [0.0, 0.5, 1.0], [1.0, 1.4, 2.1]  # loss range, mean log10 per run
+    rows = [{"run": f"{n}{s}", "seed": s, "norm": n, "optim.lr": lr, "status": "ok", "converged": False,
+             "clean_train_acc": 0.5, "smoothness.loss_range.log": v}
+            for n, lr, vals in (("bn", 0.1, bn_log), ("none", 0.01, none_log)) for s, v in enumerate(vals)]
+    runs = pd.DataFrame(rows)
+    v = smoothness.smoother(_data(runs.assign(arm=[smoothness.arm_name(n, lr) for n, lr in
+                                                   zip(runs["norm"], runs["optim.lr"])])))
+    by_hand = 10 ** (sum(b - n for b, n in zip(bn_log, none_log)) / 3)
+    assert v.estimate == pytest.approx(by_hand) and v.estimate < 1
+    assert (v.label, v.n, v.k, v.budget) == ("shown", 3, 3, "matched steps, no training gate")
+    assert v.contrast == "bn lr 0.1 vs none lr 0.01"
+
+
+def test_robustness_verdicts_pair_modes_by_run_and_nets_by_seed():
+    """E (two BN modes of one run): paired by run, no gate; G (BN vs none): paired by seed, at
+    equal budget when an arm did not converge. Estimates against hand means of the differences."""
+    bn_ema, bn_batch, none = [0.6, 0.5, 0.7], [0.3, 0.35, 0.3], [0.9, 0.8, 0.95]
+    rows = []
+    for s in range(3):
+        rows.append({"run": f"b{s}", "seed": s, "norm": "bn", "status": "ok", "test_acc": 0.9,
+                     "converged": True, "clean_train_acc": 1.0,
+                     "mean_corrupt_err.ema": bn_ema[s], "corrupt_err.5.ema": bn_ema[s] + 0.1,
+                     "mean_corrupt_err.batch": bn_batch[s], "corrupt_err.5.batch": bn_batch[s] + 0.05})
+        rows.append({"run": f"n{s}", "seed": s, "norm": "none", "status": "ok", "test_acc": 0.8,
+                     "converged": False, "clean_train_acc": 0.9, "mean_corrupt_err.ema": none[s]})
+    d = robustness.prepare(_data(pd.DataFrame(rows)))
+    e = robustness.batch_recovers(d)
+    assert e.estimate == pytest.approx(sum(b + 0.05 - (m + 0.1) for b, m in zip(bn_batch, bn_ema)) / 3)
+    assert (e.label, e.n, e.budget) == ("shown", 3, "same weights, no training gate") and "runs" in e.text
+    assert "not tested" in e.text  # AdaBN beside it: no adapted scores here, the label unchanged
+    g = robustness.bn_more_robust(d)
+    assert g.estimate == pytest.approx(sum(b - n for b, n in zip(bn_ema, none)) / 3)
+    assert (g.label, g.budget) == ("shown at equal budget", "equal budget")
+
+
+def test_affine_verdict_decides_on_bn_and_reports_the_other_norms_beside_it():
+    errs = {("bn", "none"): [0.3, 0.32, 0.31], ("bn", "both"): [0.2, 0.21, 0.2],
+            ("gn", "none"): [0.2, 0.2, 0.2], ("gn", "both"): [0.25, 0.26, 0.24]}
+    rows = [{"run": f"{n}{a}{s}", "seed": s, "norm": n, "norm.affine": a, "status": "ok", "test_acc": 1 - e,
+             "converged": True, "clean_train_acc": 1.0} for (n, a), es in errs.items() for s, e in enumerate(es)]
+    d = _data(pd.DataFrame(rows))
+    d.study_dir = None
+    d.runs = d.runs.assign(**{affine.ERR: 1.0 - d.runs["test_acc"]})
+    v = affine.removing_costs(d)
+    bn = [x - y for x, y in zip(errs[("bn", "none")], errs[("bn", "both")])]
+    assert v.estimate == pytest.approx(sum(bn) / 3) and v.label == "shown" and v.budget == "at convergence"
+    assert "Also: contradicted" in v.text  # GN's contrast goes the other way, beside the primary
