@@ -55,7 +55,13 @@ WORDS = {"bn": "BN", "none": "no normalization", "ln": "LN", "gn": "GN", "pn": "
          "after_norm": "after the last BN", "before_norm": "before every BN",
          "classifier": "before the classifier",
          "test_err": "test error", "test_acc": "test accuracy", "gen_gap": "generalization gap",
-         "train_acc": "train accuracy", "train_loss": "training loss"}
+         "train_acc": "train accuracy", "train_loss": "training loss",
+         "err": "test error", "mean_corrupt_err": "mean corruption error",
+         "batch_sorted": "batch statistics of a class-sorted stream",
+         "smoothness.loss_range": "loss range along the gradient",
+         "smoothness.grad_change_max": "largest gradient change along the gradient",
+         "smoothness.beta": "effective beta-smoothness", "ics.l2": "internal covariate shift (l2)",
+         "log2_steps_to_target": "log2 of the steps to the target accuracy"}
 
 
 def words(x) -> str:
