@@ -45,10 +45,10 @@ CLAIMS = (
     Claim("finetune", "BN is fragile when fine-tuning", (("finetune", 1), ("finetune", 0))),
     Claim("fold", "BN folds into the conv", (("fusion", 0),)),
     Claim("smooth", "BN smooths the loss landscape (rather than reducing internal covariate shift)",
-          (("smoothness", 0),)),
-    Claim("shift", "BN makes nets robust to distribution shift", (("robustness", 0),)),
+          (("smoothness", 0), ("smoothness", 2))),
+    Claim("shift", "BN makes nets robust to distribution shift", (("robustness", 3), ("robustness", 0))),
     Claim("affine", "gamma and beta undo the normalization", (("affine", 0),)),
-    Claim("speed", "BN speeds learning", (("demo", 1), ("lr_sensitivity", 1))),
+    Claim("speed", "BN speeds learning", (("lr_sensitivity", 3), ("demo", 3))),
 )
 ORDER = ("demo", "stat_modes_vs_batch", "batch_size", "batch_size_true", "noniid", "bn_vs_dropout",
          "lr_sensitivity", "noise", "norm_vs_noise", "ema_vs_precise", "finetune", "fusion",
