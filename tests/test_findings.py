@@ -87,3 +87,22 @@ def test_studies_list_the_sweep_wall_time_and_what_was_not_run(results):
 def test_the_command_writes_results_readme(results, capsys):
     path = findings.main(["--results", str(results)])
     assert path == results / "README.md" and path.read_text().startswith("# What bnexp found (fashion_mnist-small)")
+
+
+@pytest.mark.parametrize("claim", findings.CLAIMS, ids=lambda c: c.key)
+def test_every_claim_points_at_a_declared_shape_of_its_study(claim):
+    """Each (study, index) of the scorecard names a shape its study script declares, and that
+    shape's sentence shares a key word with the claim (a guard against an index that drifted
+    when a study's shapes were reordered)."""
+    from conftest import experiment
+
+    keywords = {"norm_regularizes": ("regulariz", "narrows"), "noise_regularizes": ("noise",),
+                "larger_lr": ("learning rate",), "less_dropout": ("gap",), "accuracy": ("best", "ahead"),
+                "stable_inputs": ("distribution",), "small_batch": ("batch", "nbs"), "noniid": ("degrade", "i.i.d"),
+                "train_test": ("ema", "precise"), "finetune": ("fine-tune", "target"), "fold": ("fold", "fus"),
+                "smooth": ("gradient", "covariate"), "shift": ("robust", "shift"), "affine": ("gamma", "beta"),
+                "speed": ("faster",)}[claim.key]
+    for study, index in claim.answers:
+        shapes = experiment(study).STUDY.shapes
+        assert index < len(shapes), (study, index)
+        assert any(k in shapes[index].shape.lower() for k in keywords), (study, shapes[index].shape)
