@@ -43,6 +43,10 @@ def test_counts_say_k_of_n_and_mark_the_diverged(runs):
     labels = sorted(t.get_text() for t in ax.texts)
     assert labels.count("1/1") == 14 and labels.count("0/1") == 2  # none seed 0 untrained, pn seed 5 diverged
     assert any(p.get_hatch() for p in ax.patches)
+    # every run has a segment: the diverged pn seed 5 hatched xx, the stalled none seed 0 dotted
+    hatched = sorted((p.get_hatch(), round(p.get_height())) for p in ax.patches if p.get_hatch())
+    assert hatched == [("..", 1), ("xx", 1)]
+    assert {t.get_text() for t in ax.get_legend().get_texts()} >= {"diverged", "stalled"}
 
 
 @pytest.mark.parametrize("n", [3, 7, 8, 10])

@@ -109,25 +109,28 @@ def _spread(n: int) -> np.ndarray:
 def plot_counts(runs: pd.DataFrame, x: str, outcome: str, hue: str, title: str | None = None) -> Figure:
     """For a bimodal outcome (``outcome``: a boolean column, e.g. ``trained``): k of n runs per ``x``
     and ``hue`` as bars of k with n written on them, instead of a mean and a band across both groups.
-    Diverged runs count as not ``outcome`` and are drawn as a hatched segment inside the axes."""
+    The runs without ``outcome`` are drawn on top inside the axes: diverged ones hatched ``xx``,
+    the other finished ones (stalled) dotted, so every run of a group has its segment."""
     set_style()
     xs = sorted(runs[x].dropna().unique())
     hues = sorted(runs[hue].dropna().unique(), key=str)
     fig = Figure(figsize=(max(5.5, 0.5 * len(xs) * len(hues) + 2.5), 3.4))
     ax = fig.subplots()
-    width, marked = 0.8 / max(1, len(hues)), False
+    width, marked = 0.8 / max(1, len(hues)), set()
     for j, h in enumerate(hues):
         for i, v in enumerate(xs):
             g = runs[(runs[x] == v) & (runs[hue] == h)]
             k = int(g[outcome].eq(True).sum()) if outcome in g else 0
             div = int(g["status"].eq("diverged").sum()) if "status" in g else 0
+            rest = len(g) - k - div  # finished without the outcome: stalled (or failed)
             pos = i - 0.4 + width * (j + 0.5)
             ax.bar(pos, k, width * 0.9, color=PALETTE[j % len(PALETTE)], label=str(h) if i == 0 else None)
-            if div:
-                ax.bar(pos, div, width * 0.9, bottom=k, color="white", edgecolor="0.3", hatch="xx",
-                       label=None if marked else "diverged")
-                marked = True
-            ax.text(pos, k + div + 0.05, f"{k}/{len(g)}", ha="center", va="bottom", fontsize=7)
+            for n, hatch, name, bottom in ((div, "xx", "diverged", k), (rest, "..", "stalled", k + div)):
+                if n:
+                    ax.bar(pos, n, width * 0.9, bottom=bottom, color="white", edgecolor="0.3", hatch=hatch,
+                           label=None if name in marked else name)
+                    marked.add(name)
+            ax.text(pos, len(g) + 0.05, f"{k}/{len(g)}", ha="center", va="bottom", fontsize=7)
     ax.set_xticks(range(len(xs)), [f"{v:g}" if isinstance(v, float) else str(v) for v in xs])
     ax.set_xlabel(knob_label(x))
     ax.set_ylabel(f"runs ({outcome}: k of n)")
