@@ -10,7 +10,6 @@ import csv
 import re
 import statistics
 import subprocess
-import sys
 from pathlib import Path
 
 import pandas as pd
@@ -21,12 +20,10 @@ REFERENCE = ROOT / "results" / "demo" / "fashion_mnist-small"
 
 
 @pytest.fixture
-def demo(monkeypatch):
-    monkeypatch.syspath_prepend(str(ROOT / "experiments"))
-    sys.modules.pop("demo", None)
-    import demo
+def demo():
+    from conftest import experiment
 
-    return demo
+    return experiment("demo")
 
 
 def _git(*args) -> subprocess.CompletedProcess:
@@ -36,7 +33,7 @@ def _git(*args) -> subprocess.CompletedProcess:
 def test_make_demo_writes_only_to_an_ignored_folder(demo):
     recipe = re.search(r"(?ms)^demo:.*?(?=^\S)", (ROOT / "Makefile").read_text()).group(0)
     assert f"experiments/demo.py results_dir={demo.SCRATCH} $(ARGS)" in recipe
-    from common import study_dir
+    from bnexp.analysis.run_study import study_dir
 
     where = study_dir("demo", [f"results_dir={demo.SCRATCH}"])
     assert where == ROOT / "results" / "scratch" / "demo" / "fashion_mnist-small"
