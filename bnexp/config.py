@@ -486,3 +486,23 @@ def _positive(section_cfg, section: str, *keys: str, optional: bool = False) -> 
 def _range(key: str, value, lo, hi) -> None:
     if not isinstance(value, int) or not lo <= value <= hi:
         raise ConfigError(f"{key}={value!r} must be an integer in [{lo}, {hi}]")
+
+
+def config_diff(a: dict, b: dict, ignore=()) -> dict[str, tuple]:
+    """``{dotted key: (value in a, value in b)}`` for every leaf whose values differ between two
+    nested config dicts (a key missing on one side reads as None), leaving out ``ignore``'s keys
+    and everything under them. Tuples compare as lists (a parsed config against its YAML)."""
+    fa, fb = _flatten(a), _flatten(b)
+    ignored = tuple(ignore)
+    return {k: (fa.get(k), fb.get(k)) for k in sorted(set(fa) | set(fb))
+            if fa.get(k) != fb.get(k) and not any(k == i or k.startswith(i + ".") for i in ignored)}
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = list(value) if isinstance(value, tuple) else value
+    return out

@@ -70,8 +70,8 @@ def statements(runs: pd.DataFrame, metric: str = "test_acc") -> list[str]:
 
 def figures(d: StudyData) -> dict:
     # headline: seeds either train or do not at a given lr (bimodal), so counts, not a mean and a band
-    figs = {"trained_vs_lr": plot_counts(d.runs, LR, "trained", "norm",
-                                         title="seeds that trained (k of n) per learning rate; xx: diverged, dots: stalled"),
+    figs = {"trained_vs_lr": plot_counts(d.runs, LR, "trained", "norm", title="seeds that trained (k of n) per "
+                                         "learning rate; xx: diverged, dots: stalled"),
             "test_acc_vs_lr": A.plot_metric_vs(d.runs, LR, "test_acc", "norm", logx=10,
                                                title="final test accuracy; x = a run that diverged")}
     if "train_loss" in d.runs:  # does it train at all: a stalled run keeps the initial ~ln(classes)

@@ -25,6 +25,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import OmegaConf
 
 from bnexp import records, sweep
+from bnexp.config import config_diff
 from bnexp.training import progress
 
 log = logging.getLogger("bnexp")
@@ -163,20 +164,7 @@ def hydra_subdir() -> str | None:
 def config_drift(recorded: dict, current: dict, ignore=()) -> list[str]:
     """Dotted keys whose values differ between two configs, leaving out ``ignore`` (keys that
     do not change what a run computes: Hydra's override_dirname ``exclude_keys``)."""
-    a, b = _flatten(recorded), _flatten(current)
-    ignored = tuple(ignore)
-    return sorted(k for k in set(a) | set(b)
-                  if a.get(k) != b.get(k) and not any(k == i or k.startswith(i + ".") for i in ignored))
-
-
-def _flatten(tree: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict) and value:
-            out.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            out[prefix + key] = list(value) if isinstance(value, tuple) else value
-    return out
+    return sorted(config_diff(recorded, current, ignore))
 
 
 _watchdog: threading.Thread | None = None

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from bnexp import records
+from bnexp.config import config_diff
 
 log = logging.getLogger(__name__)
 
@@ -73,20 +74,7 @@ def safe_load(path: Path) -> dict:
 
 def config_changes(saved: dict, current: dict) -> list[str]:
     """``key (saved -> now)`` for each dotted key whose value differs, ``RESUME_IGNORES`` aside."""
-    a, b = _flatten(saved), _flatten(current)
-    keys = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k)
-                  and not any(k == i or k.startswith(i + ".") for i in RESUME_IGNORES))
-    return [f"{k} ({a.get(k)!r} -> {b.get(k)!r})" for k in keys]
-
-
-def _flatten(tree: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict) and value:
-            out.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            out[prefix + key] = list(value) if isinstance(value, tuple) else value
-    return out
+    return [f"{k} ({x!r} -> {y!r})" for k, (x, y) in sorted(config_diff(saved, current, RESUME_IGNORES).items())]
 
 
 def nonfinite_tensors(state: dict) -> list[str]:
