@@ -166,7 +166,7 @@ def _typed(df: pd.DataFrame) -> pd.DataFrame:
         values = df[col].dropna()
         if len(values) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
             df[col] = pd.to_numeric(df[col])
-    return df
+    return df.copy()  # one block per dtype again: column-by-column assignment fragments the frame
 
 
 def _equals(column: pd.Series, value) -> pd.Series:
