@@ -253,6 +253,10 @@ def test_plot_metric_vs_lines_bands_and_diverged_marks(runs, tmp_path):
     marks = [l for l in ax.get_lines() if l.get_marker() == "x" and len(l.get_xdata())]
     assert [list(m.get_xdata()) for m in marks] == [[8]]  # the one diverged run: none at batch 8
     assert len(ax.collections) == 2  # one CI band per norm
+    # every finished run drawn as a dot at its own value (the seeds behind the mean and band)
+    dots = [(x, y) for l in ax.get_lines() if l.get_marker() == "." for x, y in zip(l.get_xdata(), l.get_ydata())]
+    expected = [(b, 100 * a) for b in (8, 128) for n in ("bn", "none") for a in ok_accs(b, n)]
+    np.testing.assert_allclose(sorted(dots), sorted(expected))
     _saved(fig, tmp_path, "metric_vs")
 
 

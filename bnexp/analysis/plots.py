@@ -116,6 +116,7 @@ def plot_metric_vs(df: pd.DataFrame, x: str, y: str, hue: str | None = None, log
     for i, (color, value, g) in enumerate(_groups(stats, hue_col, hue_order)):
         g = g.assign(_x=g[x].map(xpos)).sort_values("_x")
         _line_band(ax, g["_x"], g, y, color, _fmt(value))
+        _run_points(ax, g, y, color)
         _mark_diverged(ax, g["_x"][g["n_diverged"] > 0], color, level=i)
         bad = _untrained(g)
         ax.plot(g["_x"][bad], g[f"{y}.mean"][bad] * (100.0 if is_percent(y) else 1.0), ls="none",
@@ -124,6 +125,15 @@ def plot_metric_vs(df: pd.DataFrame, x: str, y: str, hue: str | None = None, log
     _finish(ax, label(x) if x in ("epoch", "step") else knob_label(x), label(y), hue, title,
             diverged=bool(stats["n_diverged"].sum()), untrained="marker" if _untrained(stats).any() else "")
     return fig
+
+
+def _run_points(ax, g: pd.DataFrame, y: str, color) -> None:
+    """Every finished run's value as a small dot beside its group's mean: with few seeds, or
+    seeds that split into trained and stalled, the band alone hides where the runs are."""
+    scale = 100.0 if is_percent(y) else 1.0
+    for xv, values in zip(g["_x"], g.get(f"{y}.values", [()] * len(g))):
+        vals = [v * scale for v in (values if isinstance(values, tuple) else ()) if v == v]
+        ax.plot([xv] * len(vals), vals, ls="none", marker=".", ms=4, color=color, alpha=0.55, zorder=3)
 
 
 def plot_curves(curves: pd.DataFrame, x: str = "epoch", y: str = "test_acc", hue: str | None = None,
