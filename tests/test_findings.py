@@ -106,3 +106,11 @@ def test_every_claim_points_at_a_declared_shape_of_its_study(claim):
         shapes = experiment(study).STUDY.shapes
         assert index < len(shapes), (study, index)
         assert any(k in shapes[index].shape.lower() for k in keywords), (study, shapes[index].shape)
+
+
+def test_a_claim_headlines_a_shape_that_answers_before_one_not_tested(results):
+    """Normalization regularizes: norm_vs_noise's shape 3 is "not tested"; once bn_vs_dropout's
+    shape 0 (its next answer) has a label, the scorecard shows that one, with its study."""
+    write_study(results, "bn_vs_dropout", [verdict("bn_vs_dropout", "BN alone narrows the gap", "inconclusive")])
+    row = scorecard(findings.build("fashion_mnist-small", results))["Normalization regularizes"]
+    assert "**inconclusive**" in row and "(bn_vs_dropout/fashion_mnist-small/report.md)" in row

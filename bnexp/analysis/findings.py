@@ -100,8 +100,9 @@ def studies(results: Path, setting: str) -> dict[str, StudyRecord]:
 # ----------------------------------------------------------------------------- the scorecard
 def answer(claim: Claim, found: dict[str, StudyRecord]) -> tuple[dict | None, str, str]:
     """``(verdict, study, status)`` answering ``claim``: the first shape of ``claim.answers`` with a
-    verdict; else status ``verdicts pending`` (a study ran, no verdicts.json) or ``not run yet``."""
-    pending = ""
+    verdict that answers (a "not tested" one only when no other does); else status ``verdicts
+    pending`` (a study ran, no verdicts.json) or ``not run yet``."""
+    pending, untested = "", None
     for study, index in claim.answers:
         rec = found.get(study)
         if rec is None:
@@ -109,7 +110,12 @@ def answer(claim: Claim, found: dict[str, StudyRecord]) -> tuple[dict | None, st
         if rec.verdicts is None:
             pending = pending or study
         elif index < len(rec.verdicts):
-            return rec.verdicts[index], study, rec.verdicts[index].get("label", PENDING)
+            v = rec.verdicts[index]
+            if v.get("label") != "not tested":
+                return v, study, v.get("label", PENDING)
+            untested = untested or (v, study, "not tested")
+    if untested:
+        return untested
     return None, pending or claim.answers[0][0], PENDING if pending else "not run yet"
 
 
