@@ -34,7 +34,7 @@ from matplotlib.figure import Figure
 from bnexp.analysis import generic as A
 from bnexp import records
 from bnexp.analysis.forest import paired_rows, plot_forest
-from bnexp.analysis.report import Diff
+from bnexp.analysis.compare import Diff
 from bnexp.analysis.study import Study, StudyData
 from bnexp.analysis.verdicts import MARGIN, Shape, compare, compare_value, memorization_note
 from bnexp.analysis.run_study import run_study

@@ -23,7 +23,7 @@ from collections.abc import Sequence
 
 import pandas as pd
 
-from bnexp.analysis.report import markdown_table
+from bnexp.analysis.compare import markdown_table
 
 CONVERGED = 0.99  # clean training accuracy of a run that memorized its training set
 CHANCE_MULTIPLE = 2.0  # below this x chance a finished run "stalled"

@@ -27,8 +27,9 @@ from omegaconf import OmegaConf
 
 from bnexp.analysis.plots import (LABELS, is_percent, knob_label, label, plot_bars, plot_curves, plot_heatmap,
                                   plot_metric_vs, plot_probe, save_figure, set_style)
-from bnexp.analysis.report import (LOWER_IS_BETTER, Diff, compare_statement, format_summary, markdown_table,
-                                   paired_diff, paired_statement, sentence, welch_diff, write_report)
+from bnexp.analysis.compare import (LOWER_IS_BETTER, Diff, compare_statement, format_summary, markdown_table,
+                                   paired_diff, paired_statement, sentence, welch_diff)
+from bnexp.analysis.report import write_report
 from bnexp.analysis.study import Study, StudyData, load, sweep_runs
 from bnexp.analysis.tables import (collect_probes, collect_runs, eval_modes_long, expected_run_names, flatten, mean_ci,
                      override_dirname, select, status_counts, summarize, sweep_definitions, swept_columns,

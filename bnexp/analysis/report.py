@@ -16,21 +16,8 @@ from pathlib import Path
 import pandas as pd
 
 from bnexp.analysis import provenance
-# re-exported until the merge: other branches import these from bnexp.analysis.report
-from bnexp.analysis.compare import (  # noqa: F401
-    LOWER_IS_BETTER,
-    Diff,
-    compare_statement,
-    format_summary,
-    markdown_table,
-    paired_diff,
-    paired_statement,
-    sentence,
-    welch_diff,
-    welch_difference,
-)
+from bnexp.analysis.compare import markdown_table
 from bnexp.analysis.plots import is_percent
-from bnexp.analysis.provenance import ANALYSIS_CODE, CODE_CHECKS, code_of, same_code  # noqa: F401
 from bnexp.analysis.tables import collect_runs, status_counts, swept_columns
 
 PENDING = "verdicts pending"

@@ -34,7 +34,8 @@ from omegaconf import OmegaConf
 
 from bnexp import lr_choice
 from bnexp.analysis.plots import save_figure
-from bnexp.analysis.report import format_summary, write_report
+from bnexp.analysis.compare import format_summary
+from bnexp.analysis.report import write_report
 from bnexp.analysis.tables import (
     collect_probes,
     collect_runs,
