@@ -24,7 +24,7 @@ DATASETS = ("synthetic", "cifar10", "cifar100", "fashion_mnist", "mnist")  # = b
 SHIFTS = ("noise", "blur", "contrast", "brightness", "pixelate")  # = bnexp.data.corruptions.CORRUPTIONS
 SAMPLERS = ("iid", "pk", "sorted", "dirichlet")
 MODELS = ("vgg", "resnet")
-NORMS = ("bn", "none", "gn", "ln", "ghost_bn", "batch_renorm", "noisy_bn", "pn")
+NORMS = ("bn", "none", "gn", "ln", "ghost_bn", "batch_renorm", "noisy_bn", "pn", "pn_online")
 DROPOUT_PLACEMENTS = ("before_norm", "after_norm", "classifier")
 MODEL_INITS = ("kaiming", "lsuv")  # = bnexp.layers.init.INITS
 GHOST_UPDATES = ("step", "chunk")  # = bnexp.layers.batchnorms.GHOST_UPDATES
