@@ -31,7 +31,7 @@ GHOST_UPDATES = ("step", "chunk")  # = bnexp.layers.batchnorms.GHOST_UPDATES
 SCHEDULES = ("cosine", "step", "constant")
 EVAL_MODES = ("ema", "precise", "precise_bvar", "precise_sampler", "precise_sampler_bvar", "batch",
               "batch_sorted", "batch_sampler", "adapted")
-PROBES = ("noise", "forward_noise", "discrepancy", "calibration", "activations", "variance_shift",
+PROBES = ("noise", "forward_noise", "grad_noise", "discrepancy", "calibration", "activations", "variance_shift",
           "weight_norm", "smoothness", "ics")
 AFFINE = ("both", "gamma", "beta", "none")  # norm.affine: which of gamma, beta are learned
 FINETUNE_BN = ("train", "frozen_stats", "frozen_all", "adapt")
