@@ -10,8 +10,9 @@ ARGS ?=
 # `make studies`: every study in order at data=fashion_mnist scale=small (issue 26's re-runs; the
 # plan and its measured minutes: docs/compute_plan.md, `make plan`). Resumes: finished runs are
 # skipped, interrupted ones resume. One log per study in $(LOGS)/<study>.log, with its wall time.
-STUDIES ?= demo norm_vs_noise bn_vs_dropout lr_sensitivity batch_size batch_size_true \
-           stat_modes_vs_batch noise noniid activations ema_vs_precise fusion finetune_source finetune
+STUDIES ?= demo norm_vs_noise bn_vs_dropout lr_sensitivity batch_size_regime batch_size batch_size_true \
+           stat_modes_vs_batch noise noniid activations ema_vs_precise fusion finetune_source finetune \
+           smoothness robustness affine
 STUDY_ARGS ?= data=fashion_mnist scale=small launcher=joblib
 RESULTS ?= results
 LOGS ?= logs/studies

@@ -188,9 +188,14 @@ class OptimConfig:
     gamma: float
     label_smoothing: float
     grad_clip: Optional[float]
+    # end training after the first epoch whose clean training accuracy (train_acc.clean, recorded
+    # when eval.targets is on) is >= stop_at; optim.epochs is then the cap (None: train all epochs)
+    stop_at: Optional[float] = None
 
     def check(self) -> None:
         _choice("optim.name", self.name, ("sgd",))
+        _fail_if(self.stop_at is not None and not 0.0 < self.stop_at <= 1.0,
+                 f"optim.stop_at={self.stop_at} must be an accuracy in (0, 1] or null (train every epoch)")
         _fail_if(not self.lr > 0, f"optim.lr={self.lr} must be > 0")
         _positive(self, "optim", "ref_batch_size")
         _fail_if(not 0.0 <= self.momentum < 1.0, f"optim.momentum={self.momentum} must be in [0, 1)")
@@ -331,6 +336,9 @@ class Config:
         for section in SECTIONS:
             getattr(self, section).check()
         self.sampler.check_batch(self.data.batch_size)
+        _fail_if(self.optim.stop_at is not None and not self.eval.targets,
+                 f"optim.stop_at={self.optim.stop_at} reads train_acc.clean, which eval.targets=[] turns "
+                 "off: give eval.targets a level, or set optim.stop_at=null")
 
 
 SECTIONS = {

@@ -23,7 +23,9 @@ the smallest NBS, BN wins at the large ones.
 """
 from __future__ import annotations
 
+import json
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -82,6 +84,20 @@ def fit_note(runs: pd.DataFrame) -> str:
             "scale the nets fit their training set at every normalization batch, so the axis "
             "measures what the normalization batch does to generalization on a training set the "
             "nets memorize; Wu & He's ImageNet nets do not memorize theirs.")
+
+
+def regime_note(d: StudyData) -> str:
+    """The regime test's answer (experiments/batch_size_regime.py, same data and scale): its
+    verdicts.json's first shape, or where it stands when it has not run."""
+    other = Path(d.study_dir).parent.parent / "batch_size_regime" / Path(d.study_dir).name if d.study_dir else None
+    path = other / "verdicts.json" if other else None
+    if path is None or not path.is_file():
+        return (" The regime test (does the small-batch penalty appear once the net cannot memorize? "
+                "`make study S=batch_size_regime`) has no results at this data and scale yet.")
+    first = json.loads(path.read_text())[0]
+    return (f" **The regime test** (batch_size_regime, [report](../../batch_size_regime/{other.name}/report.md): "
+            f"ghost BN at normalization batch 2 vs 32 and GN on 20,000 augmented images the nets "
+            f"cannot memorize): {first['text']}")
 
 
 def nbs(d: StudyData) -> list:
@@ -180,7 +196,8 @@ STUDY = Study(
                      "poorly trained model and is missing where the model has no BN layer. GN, LN "
                      "and none do not depend on the normalization batch: one set of runs per seed, "
                      "drawn as levels; their flatness is by construction here, the true-batch "
-                     "design (batch_size_true) tests it. Differences are paired by seed." + fit_note(d.runs)))
+                     "design (batch_size_true) tests it. Differences are paired by seed." + fit_note(d.runs)
+                     + regime_note(d)))
 
 
 if __name__ == "__main__":

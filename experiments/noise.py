@@ -3,9 +3,13 @@
 Sweep (conf/study/noise.yaml): norm {bn, ghost_bn4, ghost_bn16, ghost_bn64, noisy_bn, none} x
 seeds {0, 1, 2} at an optimization batch of 128, without data augmentation (so that the gap
 shows the regularization). Ghost BN normalizes sub-batches of 4 / 16 / 64 images: smaller
-normalization batches, noisier statistics. noisy_bn is BN over the whole batch plus the noise of
-Santurkar et al.'s Algorithm 1 on its output (bnexp.layers.batchnorms.NoisyBatchNorm2d, preset
-conf/norm/noisy_bn.yaml): per channel and step a shift mu_t ~ U(-noise_mean, noise_mean) and a
+normalization batches, noisier statistics. noisy_bn is BN over the whole batch plus a noise on
+its output in the spirit of Santurkar et al. 2018 (Sec. 2.1: i.i.d. noise of non-zero mean and
+non-unit variance whose distribution changes at every step, injected after BN), not a
+replication of it: its magnitudes (noise_mean 0.5, noise_scale 1.25, jitter 0.1) and its
+granularity (per sample and channel, shared over H x W) are as recalled, not checked against
+their Appendix A.2.1, which could not be retrieved here (bnexp.layers.batchnorms.
+NoisyBatchNorm2d, preset conf/norm/noisy_bn.yaml). Per channel and step a shift mu_t ~ U(-noise_mean, noise_mean) and a
 scale sigma_t ~ U(1, noise_scale), and per sample a jitter around them, scale N(sigma_t,
 noise_mul^2) and shift N(mu_t, noise_add^2); y = scale * BN(x) + shift. The `noise` probe
 measures, once per epoch, per BN layer and per batch size B (4, 16, 64 and 128; full scale 2 ...
@@ -242,6 +246,9 @@ STUDY = Study(
     comparisons=lambda d: statements(d.runs),
     notes=lambda d: (
         "noise: see the module docstring of experiments/noise.py (unitless; 0 for none). "
+        "noisy_bn is a noisy BN in the spirit of Santurkar et al. 2018 (Sec. 2.1), not a "
+        "replication: its noise magnitudes and granularity are as recalled, not checked against "
+        "their Appendix A.2.1. "
         "Bars and bands are 95% t-intervals over seeds. The per-layer figure uses the norm=bn "
         "runs' last-epoch probe; the dashed line is the 1/sqrt(B) scaling of i.i.d. batches. "
         "Reading the result: where more noise narrows the gap but lowers train accuracy as "

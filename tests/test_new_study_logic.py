@@ -113,3 +113,22 @@ def test_affine_verdict_decides_on_bn_and_reports_the_other_norms_beside_it():
     bn = [x - y for x, y in zip(errs[("bn", "none")], errs[("bn", "both")])]
     assert v.estimate == pytest.approx(sum(bn) / 3) and v.label == "shown" and v.budget == "at convergence"
     assert "Also: contradicted" in v.text  # GN's contrast goes the other way, beside the primary
+
+
+def test_regime_verdicts_pair_ghost_bn_arms_by_seed_and_say_whether_the_nets_fit():
+    """batch_size_regime: NBS 2 - NBS 32 and GN - NBS 2 of test error, against hand means of the
+    per-seed differences; none of the arms converged, so both are at equal budget."""
+    regime = experiment("batch_size_regime")
+    err = {"ghost_bn2": [0.14, 0.15, 0.13], "ghost_bn32": [0.11, 0.12, 0.115], "gn": [0.125, 0.13, 0.12]}
+    rows = [{"run": f"{n}{s}", "seed": s, "norm": n, "status": "ok", "test_acc": 1 - e, "train_acc": 0.9,
+             "converged": False, "clean_train_acc": 0.9} for n, es in err.items() for s, e in enumerate(es)]
+    d = _data(pd.DataFrame(rows))
+    d.runs = d.runs.assign(test_err=1.0 - d.runs["test_acc"])
+    p = regime.penalty(d)
+    assert p.estimate == pytest.approx(sum(a - b for a, b in zip(err["ghost_bn2"], err["ghost_bn32"])) / 3)
+    assert (p.label, p.k, p.n) == ("shown at equal budget", 3, 3)
+    g = regime.gn_wins_small(d)
+    assert g.estimate == pytest.approx(sum(a - b for a, b in zip(err["gn"], err["ghost_bn2"])) / 3)
+    assert g.k == 3 and g.label == "shown at equal budget"
+    assert "No arm fits its training set" in regime.fit_note(d.runs)
+    assert "An arm fits" in regime.fit_note(d.runs.assign(train_acc=0.995))

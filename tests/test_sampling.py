@@ -225,3 +225,20 @@ def test_registry_names_match_the_config_tuple():
     assert isinstance(SAMPLERS, Registry) and SAMPLERS.names() == C.SAMPLERS
     with pytest.raises(ConfigError, match="sampler.name='foo' is not an option; allowed values: iid, pk"):
         build_sampler(SamplerConfig(name="foo", p=4, k=8, groups=1, alpha=0.1), imbalanced_labels(), BATCH, 0)
+
+
+def test_sorted_and_two_class_groups_put_every_class_16_times_in_every_batch():
+    """noniid's GN arms: sorted16g10 (p=1, 10 groups) and pk2x16g5 (p=2, 5 groups) draw batches of
+    the same class content, every one of 10 classes exactly 16 times, so a norm that normalizes
+    each sample on its own trains on the same batch distribution under both (noniid's notes)."""
+    labels = torch.arange(10).repeat_interleave(300)[torch.randperm(3000, generator=torch.Generator().manual_seed(0))]
+    for p, groups in ((1, 10), (2, 5)):
+        cfg = SamplerConfig(name="pk", p=p, k=16, groups=groups, alpha=0.1)
+        sampler = build_sampler(cfg, labels, 160, seed=0)
+        for epoch in range(2):
+            for batch in sampler.batches(epoch):
+                counts = torch.bincount(labels[batch], minlength=10)
+                assert counts.tolist() == [16] * 10
+                # the group structure differs: p classes per contiguous group of p * 16
+                per_group = [len(set(labels[g].tolist())) for g in batch.view(groups, -1)]
+                assert per_group == [p] * groups

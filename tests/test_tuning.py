@@ -152,3 +152,27 @@ def test_the_report_note_names_each_arms_lr_and_its_edge(tmp_path):
     assert "none at lr 0.003" in text and "low edge" in text and "bn at lr 0.1 (" in text
     assert "bn at lr 0.1 (grid 0.03, 0.1, 0.3; mean val_acc 0.800, 0.900, 0.700)" in text
     assert "(ln) at the study's lr" in text and lr_choice.note(tmp_path / "none") == ""
+
+
+def test_extra_launches_follow_the_chosen_ones_and_are_recorded_in_lr_choice(tmp_path, monkeypatch):
+    """grid.tune.extra: more launches of untuned arms (more seeds for a contrast), run after the
+    chosen-lr launches, recorded in lr_choice.json's sweeps and expanded by the analysis."""
+    spec = tuning.TuneSpec("norm_vs_noise", "norm", {"none": (0.01, 0.03)}, (100,), 50, ("none", "bn", "pn"),
+                           tmp_path / "norm_vs_noise" / "synthetic-smoke", (),
+                           extra=(("norm=pn,bn", "seed=5,6"),))
+    monkeypatch.setattr(tuning, "collect", lambda *_: {"none": {0.01: [ok(0.8)], 0.03: [ok(0.7)]}})
+    calls = []
+    out = tuning.run(spec, ["data=synthetic"], calls.append)
+    assert out["sweeps"] == [["norm=none", "optim.lr=0.01"], ["norm=bn,pn"], ["norm=pn,bn", "seed=5,6"]]
+    assert calls[1:] == [["study=norm_vs_noise", "data=synthetic", *s] for s in out["sweeps"]]  # after the grid
+
+
+@pytest.mark.parametrize("launch", [["norm=none", "seed=5"], ["seed=5"], ["norm=bn", "optim.lr=0.3"]])
+def test_an_extra_launch_of_a_tuned_arm_or_with_an_lr_is_one_clear_error(launch, tmp_path):
+    from bnexp.config import ConfigError
+
+    ov = ["data=synthetic", "scale=smoke", f"results_dir={tmp_path}",
+          "+grid.tune={arm: norm, lr: {none: [0.01, 0.03]}, seeds: [100], val_size: 50, extra: [["
+          + ",".join(f"'{o}'" for o in launch) + "]]}"]
+    with pytest.raises(ConfigError, match="grid.tune.extra launch"):
+        tuning.read_spec("norm_vs_noise", ov, ROOT)

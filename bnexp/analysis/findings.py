@@ -38,7 +38,8 @@ CLAIMS = (
     Claim("less_dropout", "BN reduces the need for dropout", (("bn_vs_dropout", 0),)),
     Claim("accuracy", "BN gives higher accuracy", (("lr_sensitivity", 2), ("demo", 0))),
     Claim("stable_inputs", "BN stabilises the distribution of layer inputs", (("activations", 0),)),
-    Claim("small_batch", "BN is fragile with small minibatches", (("batch_size", 0), ("stat_modes_vs_batch", 0))),
+    Claim("small_batch", "BN is fragile with small minibatches",
+          (("batch_size", 0), ("batch_size_regime", 0), ("stat_modes_vs_batch", 0))),
     Claim("noniid", "BN is fragile with non-i.i.d. minibatches", (("noniid", 0),)),
     Claim("train_test", "BN is fragile between train and test statistics",
           (("stat_modes_vs_batch", 2), ("ema_vs_precise", 0))),
@@ -50,7 +51,7 @@ CLAIMS = (
     Claim("affine", "gamma and beta undo the normalization", (("affine", 0),)),
     Claim("speed", "BN speeds learning", (("lr_sensitivity", 3), ("demo", 3))),
 )
-ORDER = ("demo", "stat_modes_vs_batch", "batch_size", "batch_size_true", "noniid", "bn_vs_dropout",
+ORDER = ("demo", "stat_modes_vs_batch", "batch_size", "batch_size_regime", "batch_size_true", "noniid", "bn_vs_dropout",
          "lr_sensitivity", "noise", "norm_vs_noise", "ema_vs_precise", "finetune", "fusion",
          "activations", "smoothness", "robustness", "affine")
 # Studies measured not to fit this machine's budget at scale=small (the numbers: their configs)

@@ -32,7 +32,7 @@ CODE = (":(top)bnexp", ":(top)conf", ":(top)experiments")  # where code that can
 ANALYSIS_CODE = ("bnexp/analysis/", "experiments/", "conf/hydra/help/", "bnexp/analysis.py",
                  "bnexp/plots.py", "bnexp/report.py", "bnexp/studies.py", "bnexp/tables.py", "bnexp/verdicts.py")
 # Studies whose runs start from another study's runs: that study's config is theirs too.
-STUDY_INPUTS = {"finetune": ("finetune_source",)}
+STUDY_INPUTS = {"finetune": ("finetune_source",), "batch_size": ("batch_size_regime",)}
 CODE_CHECKS = "code_checks.json"  # in results/, beside the study folders
 MOVED = "moved"  # a _changed_files value: renamed or not, the code differs in its imports only
 FILE = "provenance.json"
@@ -258,7 +258,8 @@ def _changed_since(runs: list[str], head: str, study: str = "") -> str:
     """Which code files changed between the runs' commits and the analysis code, and whether all
     of them are analysis-side or another study's config (then the numbers of the runs cannot have
     moved). A study's own configs are its own and those of the studies it reads the runs of
-    (``STUDY_INPUTS``: finetune starts from finetune_source's models)."""
+    (``STUDY_INPUTS``: finetune starts from finetune_source's models; batch_size states
+    batch_size_regime's answer)."""
     clean = sorted({r.removesuffix("-dirty") for r in runs if r != "unknown"} - {head})
     files = _changed_files(clean, head) if head and clean else None
     return _describe(". Changed since the runs", files, study) if files else ""

@@ -10,6 +10,7 @@ A study declares it in its conf/study/<name>.yaml (absent: the study runs as bef
         seeds: [100, 101]           # tuning seeds, apart from the study's seeds
         val_size: 500               # data.val_size of the grid runs (held out of the training subset)
         overrides: [model.dropout=0]  # optional: more overrides of the grid runs (fix a swept axis)
+        extra: [[norm=pn,bn, "seed=5,6,7,8,9"]]  # optional: more launches of untuned arms (more seeds)
 
 ``run`` then, for a study folder ``<results_dir>/<study>/<data>-<scale>``:
 
@@ -23,8 +24,9 @@ A study declares it in its conf/study/<name>.yaml (absent: the study runs as bef
    study folder, warning when an optimum sits at the grid's edge;
 3. launches the study's sweep once per chosen lr (``<arm key>=<arms at that lr> optim.lr=<lr>``)
    and once for the untuned arms (no lr override: their folder names are as without tuning).
-   ``lr_choice.json``'s ``sweeps`` lists these launches; the analysis reads them to know which
-   run folders make up the study (``bnexp.analysis.tables.expected_run_names``).
+   then each ``extra`` launch (untuned arms only: e.g. more seeds where a contrast between them
+   needs them). ``lr_choice.json``'s ``sweeps`` lists these launches; the analysis reads them to
+   know which run folders make up the study (``bnexp.analysis.tables.expected_run_names``).
 """
 from __future__ import annotations
 
@@ -60,6 +62,7 @@ class TuneSpec:
     exclude_keys: tuple  # override keys that do not name a run folder (hydra's exclude_keys)
     overrides: tuple = ()  # more overrides of the grid runs (grid.tune.overrides)
     swept: tuple = ()      # the keys the study's sweeper sweeps (a run records the value it got)
+    extra: tuple = ()      # more launches of untuned arms (grid.tune.extra), each a tuple of overrides
 
     @property
     def grid_dir(self) -> Path:
@@ -78,10 +81,10 @@ def read_spec(name: str, overrides: Sequence[str], root: Path) -> TuneSpec | Non
     if tune is None:
         return None
     tune = OmegaConf.to_container(tune, resolve=True)
-    unknown = set(tune) - {"arm", "lr", "seeds", "val_size", "overrides"}
+    unknown = set(tune) - {"arm", "lr", "seeds", "val_size", "overrides", "extra"}
     if unknown or not tune.get("arm") or not tune.get("lr") or not tune.get("seeds"):
         raise ConfigError(f"grid.tune of study {name} needs keys arm, lr (arm -> list of lrs), seeds, "
-                          f"val_size (and optionally overrides); got {sorted(tune)}")
+                          f"val_size (and optionally overrides, extra); got {sorted(tune)}")
     if not isinstance(tune.get("val_size"), int) or tune["val_size"] <= 0:
         raise ConfigError(f"grid.tune.val_size={tune.get('val_size')!r} must be a positive integer")
     key = tune["arm"]
@@ -89,12 +92,18 @@ def read_spec(name: str, overrides: Sequence[str], root: Path) -> TuneSpec | Non
     given = next((o.split("=", 1)[1] for o in overrides if _key(o) == key), None)
     arms = tuple(str(given if given is not None else swept if swept is not None else ",".join(tune["lr"])).split(","))
     path = Path(str(OmegaConf.select(cfg, "hydra.sweep.dir")))
+    extra = tuple(tuple(str(o) for o in launch) for launch in tune.get("extra") or ())
+    for launch in extra:
+        named = {a for o in launch if _key(o) == key for a in o.split("=", 1)[1].split(",")}
+        if not named or named & set(tune["lr"]) or any(_key(o) == "optim.lr" for o in launch):
+            raise ConfigError(f"grid.tune.extra launch {list(launch)} must name untuned arms with {key}=... "
+                              f"(not {sorted(set(tune['lr']))}, whose lr the grid chooses) and no optim.lr")
     return TuneSpec(name, key, {str(a): tuple(float(x) for x in v) for a, v in tune["lr"].items()},
                     tuple(int(s) for s in tune["seeds"]), tune["val_size"], arms,
                     path if path.is_absolute() else Path(root) / path,
                     tuple(cfg.hydra.job.config.override_dirname.exclude_keys),
                     tuple(str(o) for o in tune.get("overrides") or ()),
-                    tuple(OmegaConf.select(cfg, "hydra.sweeper.params", default=None) or ()))
+                    tuple(OmegaConf.select(cfg, "hydra.sweeper.params", default=None) or ()), extra)
 
 
 def grid_launches(spec: TuneSpec, overrides: Sequence[str]) -> list[list[str]]:
@@ -152,7 +161,7 @@ def run(spec: TuneSpec, overrides: Sequence[str], launch: Callable[[list[str]], 
     choice = lr_choice.choose_all(collect(spec, overrides))
     for line in lr_choice.edge_warnings(choice):
         log.warning(line)
-    sweeps = final_launches(spec, choice)
+    sweeps = final_launches(spec, choice) + [list(launch) for launch in spec.extra]
     out = {"study": spec.study, "arm_key": spec.arm_key, "seeds": list(spec.seeds),
            "val_size": spec.val_size, "grid_dir": spec.grid_dir.name, "rule": lr_choice.RULE,
            "arms": choice, "untuned": [a for a in spec.arms if a not in choice], "sweeps": sweeps}

@@ -179,8 +179,9 @@ class BatchRenorm2d(BatchNorm2d):
 
 
 class NoisyBatchNorm2d(BatchNorm2d):
-    """Noisy BN of Santurkar et al. 2018 ("How Does Batch Normalization Help Optimization?",
-    Appendix A, Algorithm 1): BN whose output gets a noise distribution that changes every step.
+    """Noisy BN in the spirit of Santurkar et al. 2018 ("How Does Batch Normalization Help
+    Optimization?", Sec. 2.1 and Appendix A.2.1), not a replication: BN whose output gets a noise
+    distribution that changes every step.
 
     At every train-mode forward (step t), per channel j: ``mu_t ~ U(-noise_mean, noise_mean)`` and
     ``sigma_t ~ U(1, noise_scale)``; then per sample i: scale ``s_ij ~ N(sigma_t, noise_mul^2)``
