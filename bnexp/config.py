@@ -24,14 +24,14 @@ DATASETS = ("synthetic", "cifar10", "cifar100", "fashion_mnist", "mnist")  # = b
 SHIFTS = ("noise", "blur", "contrast", "brightness", "pixelate")  # = bnexp.data.corruptions.CORRUPTIONS
 SAMPLERS = ("iid", "pk", "sorted", "dirichlet")
 MODELS = ("vgg", "resnet")
-NORMS = ("bn", "none", "gn", "ln", "ghost_bn", "batch_renorm", "noisy_bn", "pn")
+NORMS = ("bn", "none", "gn", "ln", "ghost_bn", "batch_renorm", "noisy_bn", "pn", "pn_online")
 DROPOUT_PLACEMENTS = ("before_norm", "after_norm", "classifier")
 MODEL_INITS = ("kaiming", "lsuv")  # = bnexp.layers.init.INITS
 GHOST_UPDATES = ("step", "chunk")  # = bnexp.layers.batchnorms.GHOST_UPDATES
 SCHEDULES = ("cosine", "step", "constant")
 EVAL_MODES = ("ema", "precise", "precise_bvar", "precise_sampler", "precise_sampler_bvar", "batch",
               "batch_sorted", "batch_sampler", "adapted")
-PROBES = ("noise", "forward_noise", "discrepancy", "calibration", "activations", "variance_shift",
+PROBES = ("noise", "forward_noise", "grad_noise", "discrepancy", "calibration", "activations", "variance_shift",
           "weight_norm", "smoothness", "ics")
 AFFINE = ("both", "gamma", "beta", "none")  # norm.affine: which of gamma, beta are learned
 FINETUNE_BN = ("train", "frozen_stats", "frozen_all", "adapt")

@@ -22,6 +22,7 @@ BN_LIKE = {
                      "renorm_d_ramp": 0.0, "virtual_batch": 3},
     "noisy_bn": {"noise_mul": 0.2, "noise_add": 0.2, "noise_mean": 0.5, "noise_scale": 1.5},
     "pn": {},
+    "pn_online": {},
 }
 
 

@@ -248,6 +248,26 @@ def test_norm_vs_noise_uses_precise_numbers_where_there_are_and_averages_the_noi
     assert (out.loc["a", "normalization"], out.loc["a", "added noise"]) == ("BN", "GNI 16")
 
 
+def test_norm_vs_noise_averages_the_gradient_noise_and_names_lrs_only_where_they_differ():
+    """grad_noise: the mean of grad_noise.batchmates over epochs, per run (other rows ignored);
+    the pn_online contrasts carry the two arms' learning rates, PN - BN at one lr none."""
+    from bnexp.analysis.study import StudyData
+
+    runs = pd.DataFrame({"run": ["p", "o", "b"], "norm": ["pn", "pn_online", "bn"], "seed": 0,
+                         "test_acc": [0.8, 0.7, 0.85], "gen_gap": [0.2, 0.3, 0.15], "optim.lr": [0.1, 0.01, 0.1]})
+    probes = pd.DataFrame({"run": ["p", "p", "p", "o", "o"],
+                           "name": ["grad_noise.batchmates", "grad_noise.batchmates", "grad_noise.sampling",
+                                    "grad_noise.batchmates", "forward_noise.ratio"],
+                           "layer": "model", "epoch": [0, 1, 0, 0, 0], "value": [0.02, 0.04, 0.9, 0.0, 0.0]})
+    out = norm_vs_noise.with_arms(runs, probes).set_index("run")
+    assert out.loc["p", "grad_noise"] == pytest.approx(0.03) and out.loc["o", "grad_noise"] == 0.0
+    assert math.isnan(out.loc["b", "grad_noise"]) and out.loc["o", "forward_noise"] == 0.0
+    assert out.loc["o", "normalization"] == "PN online"
+    d = StudyData(Path("."), "", out.reset_index(), pd.DataFrame(), pd.DataFrame())
+    assert norm_vs_noise.lr_words(d, "pn_online", "bn") == " (lr 0.01 for PN online, 0.1 for BN)"
+    assert norm_vs_noise.lr_words(d, "pn", "bn") == ""
+
+
 def test_norm_vs_noise_verdict_names_the_explanation_whose_intervals_exclude_zero():
     from bnexp.analysis.study import StudyData
 

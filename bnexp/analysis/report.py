@@ -23,6 +23,7 @@ from bnexp.analysis.tables import collect_runs, status_counts, swept_columns
 PENDING = "verdicts pending"
 # Settings in the words a reader knows (answer lines and methods); a value not here is shown as is.
 PLAIN = {"none": "no normalization", "bn": "BN", "ln": "LN", "gn": "GN", "pn": "population normalization (PN)",
+         "pn_online": "PN with an online backward (no batch-mates in the gradient either)",
          "ema": "EMA statistics", "precise": "precise statistics", "batch": "test-batch statistics",
          "adapted": "re-estimated statistics", "frozen": "frozen statistics", "dropout": "dropout"}
 

@@ -46,6 +46,7 @@ BUDGETS = {"T": "per-seed outcome", "E": "same weights, no training gate",
            "D": "matched steps, no training gate"}
 # Plain words for arms and metrics in a verdict's text (LABELS of plots for the rest).
 WORDS = {"bn": "BN", "none": "no normalization", "ln": "LN", "gn": "GN", "pn": "PN",
+         "pn_online": "PN with an online backward",
          "ema": "EMA statistics", "precise": "precise statistics", "batch": "batch statistics",
          "adapted": "re-estimated statistics", "frozen": "FrozenBN", "batch_renorm": "batch renorm",
          "ghost_bn": "ghost BN", "dropout": "dropout", "iid": "i.i.d. batches",

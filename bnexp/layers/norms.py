@@ -40,10 +40,12 @@ from bnexp.layers.batchnorms import (BatchNorm2d, BatchRenorm2d, GhostBatchNorm2
                          PopulationNorm2d)
 from bnexp.config import NormConfig
 from bnexp.layers.ghost_noise import GhostNoise, GhostNoiseGroupNorm
+from bnexp.layers.online_norm import OnlinePopulationNorm2d
 from bnexp.registry import Registry
 
 __all__ = ["NORMS", "BatchNorm2d", "BatchRenorm2d", "GhostBatchNorm2d", "NoisyBatchNorm2d",
-           "PopulationNorm2d", "GhostNoise", "GhostNoiseGroupNorm", "GroupNorm", "bn_layers", "group_count",
+           "PopulationNorm2d", "OnlinePopulationNorm2d", "GhostNoise", "GhostNoiseGroupNorm", "GroupNorm",
+           "bn_layers", "group_count",
            "group_norm", "fix_affine", "make_norm", "set_frozen", "set_plain", "set_progress"]
 
 
@@ -130,6 +132,11 @@ def _noisy_bn(cfg: NormConfig) -> Callable[[int], nn.Module]:
 @NORMS.register("pn")
 def _pn(cfg: NormConfig) -> Callable[[int], nn.Module]:
     return functools.partial(PopulationNorm2d, **_bn_kwargs(cfg))
+
+
+@NORMS.register("pn_online")
+def _pn_online(cfg: NormConfig) -> Callable[[int], nn.Module]:
+    return functools.partial(OnlinePopulationNorm2d, **_bn_kwargs(cfg))
 
 
 def make_norm(cfg: NormConfig) -> Callable[[int], nn.Module]:

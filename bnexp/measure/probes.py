@@ -30,6 +30,11 @@ Each row is long-format: ``step, epoch, layer, name, value`` (noise rows add ``b
 * ``forward_noise.ratio`` (per normalization position, whatever its norm): the noise batch-mates
   put into a fixed probe image's norm output, over ``noise_batches`` training batches; 0 for
   none/LN/PN, > 0 for batch statistics or ghost noise. Defined in ``bnexp.measure.forward_noise``.
+* ``grad_noise.batchmates`` / ``.sampling`` / ``.ratio`` (layer ``model``): the same probe images'
+  weight gradient across ``noise_batches`` training batches, the share of it that moves with the
+  batch-mates; beside it the minibatch sampling noise of the batch's mean-loss gradient, and their
+  ratio. 0 for none/LN/GN/pn_online, > 0 for BN, ghost BN and PN (whose backward is BN's).
+  Defined in ``bnexp.measure.grad_noise``.
 * ``smoothness.loss_range`` / ``.grad_change_max`` / ``.grad_change_min`` / ``.beta`` /
   ``.grad_norm`` (layer ``model``) and ``smoothness.loss`` (rows add ``eta``): the loss landscape
   along the gradient on a fixed probe batch (one training batch, drawn once), BN in train mode
@@ -59,6 +64,7 @@ from bnexp.config import ConfigError, ProbeConfig
 from bnexp.data.datasets import DataBundle, Split, seeded_generator
 from bnexp.measure import smoothness
 from bnexp.measure.forward_noise import forward_noise, probe_count
+from bnexp.measure.grad_noise import grad_noise
 from bnexp.measure.moments import bn_train_mode, collect_moments, input_batches, plain_statistics, preserved
 from bnexp.layers.norms import bn_layers
 from bnexp.registry import Registry
@@ -277,6 +283,19 @@ def _forward_noise(rec: Probes) -> list[dict]:
     probe = rec.images("forward-noise-probe", count, count)[0]
     return forward_noise(rec.model, probe, rec.images("forward-noise", size * rec.cfg.noise_batches, size),
                          rec.pipe)
+
+
+@PROBES.register("grad_noise")
+def _grad_noise(rec: Probes) -> list[dict]:
+    count, size = probe_count(rec.batch_size), rec.batch_size
+    probe = _labelled(rec, "forward-noise-probe", count, count)[0]  # forward_noise's probe images
+    return grad_noise(rec.model, probe, _labelled(rec, "grad-noise", size * rec.cfg.noise_batches, size))
+
+
+def _labelled(rec: Probes, tag: str, n: int, size: int) -> list:
+    """``Probes.images`` with the labels: ``(x, y)`` batches, drawn once (seeded)."""
+    return list(input_batches(rec.data.train, n, size, rec.pipe, rec.seed, f"probe-{tag}", augment=True,
+                              labels=True))
 
 
 @PROBES.register("discrepancy")
