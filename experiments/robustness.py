@@ -173,8 +173,8 @@ def bn_more_robust(d: StudyData):
 def answer(d: StudyData) -> list[str]:
     pairs = [("bn, batch", "bn, ema", 5), ("bn, adapted", "bn, ema", 5), ("bn, precise", "bn, ema", 5),
              ("bn, batch_sorted", "bn, batch", None), ("gn", "bn, batch_sorted", None),
-             ("ln", "bn, batch_sorted", None), ("bn, ema", "none", None), ("bn, ema", "gn", None), ("bn, ema", "ln", None),
-             ("bn, batch", "gn", None)]
+             ("ln", "bn, batch_sorted", None), ("bn, ema", "none", None), ("bn, ema", "gn", None),
+             ("bn, ema", "ln", None), ("bn, batch", "gn", None)]
     present = set(d.extra["long"][SERIES])
     return [A.sentence(diff(d, "err" if s else MCE, a, b, s)) + (f" (severity {s})" if s else "")
             for a, b, s in pairs if {a, b} <= present]
