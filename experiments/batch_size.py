@@ -87,17 +87,25 @@ def fit_note(runs: pd.DataFrame) -> str:
 
 
 def regime_note(d: StudyData) -> str:
-    """The regime test's answer (experiments/batch_size_regime.py, same data and scale): its
-    verdicts.json's first shape, or where it stands when it has not run."""
+    """The regime test's answer (experiments/batch_size_regime.py, same data and scale): each
+    shape of its verdicts.json, and whether its nets stayed below memorization (its report's
+    notes say so; stated here from its verdicts' clean training accuracies), or where it stands
+    when it has not run."""
     other = Path(d.study_dir).parent.parent / "batch_size_regime" / Path(d.study_dir).name if d.study_dir else None
     path = other / "verdicts.json" if other else None
     if path is None or not path.is_file():
         return (" The regime test (does the small-batch penalty appear once the net cannot memorize? "
                 "`make study S=batch_size_regime`) has no results at this data and scale yet.")
-    first = json.loads(path.read_text())[0]
-    return (f" **The regime test** (batch_size_regime, [report](../../batch_size_regime/{other.name}/report.md): "
-            f"ghost BN at normalization batch 2 vs 32 and GN on 20,000 augmented images the nets "
-            f"cannot memorize): {first['text']}")
+    shapes = json.loads(path.read_text())
+    fit = max((a for v in shapes for a in (v.get("train_acc") or {}).values() if a is not None), default=None)
+    regime = ("" if fit is None else
+              f" Its nets stayed below memorization (highest mean clean training accuracy {100 * fit:.1f}%)."
+              if fit < 0.99 else
+              f" One of its arms fits its training set ({100 * fit:.1f}% clean training accuracy): the "
+              "regime it wants is not reached.")
+    return (f" **The regime test** (batch_size_regime, [report](../../batch_size_regime/{other.name}/report.md):"
+            " ghost BN at normalization batch 2 vs 32 and GN, trained on augmented images the nets are "
+            "meant not to memorize)." + regime + " " + " ".join(v["text"] for v in shapes))
 
 
 def nbs(d: StudyData) -> list:

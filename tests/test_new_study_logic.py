@@ -130,5 +130,6 @@ def test_regime_verdicts_pair_ghost_bn_arms_by_seed_and_say_whether_the_nets_fit
     g = regime.gn_wins_small(d)
     assert g.estimate == pytest.approx(sum(a - b for a, b in zip(err["gn"], err["ghost_bn2"])) / 3)
     assert g.k == 3 and g.label == "shown at equal budget"
-    assert "No arm fits its training set" in regime.fit_note(d.runs)
-    assert "An arm fits" in regime.fit_note(d.runs.assign(train_acc=0.995))
+    assert "No run fits its training set" in regime.fit_note(d.runs) and regime.regime_holds(d.runs)
+    fits = d.runs.assign(**{"train_acc.precise": [0.995] + [0.9] * 8})  # one run memorizes (precise)
+    assert "A run fits" in regime.fit_note(fits) and regime.regime_holds(fits) is False

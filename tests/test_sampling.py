@@ -242,3 +242,8 @@ def test_sorted_and_two_class_groups_put_every_class_16_times_in_every_batch():
                 # the group structure differs: p classes per contiguous group of p * 16
                 per_group = [len(set(labels[g].tolist())) for g in batch.view(groups, -1)]
                 assert per_group == [p] * groups
+    # and for a seed the same examples in the same step: only the order inside a batch differs
+    one, two = (build_sampler(SamplerConfig(name="pk", p=p, k=16, groups=g, alpha=0.1), labels, 160, seed=3)
+                for p, g in ((1, 10), (2, 5)))
+    for epoch in range(3):
+        assert [sorted(b.tolist()) for b in one.batches(epoch)] == [sorted(b.tolist()) for b in two.batches(epoch)]

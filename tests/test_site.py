@@ -48,6 +48,12 @@ def tiny_results(root: Path) -> Path:
     write_report(study, "toy", "Does BN beat GN?", "bnexp -m study=toy", [study / "figures" / "bars.png"],
                  runs, "BN beats GN.", verdicts=verdicts, runs=runs)
     (study / "verdicts.json").write_text(json.dumps(verdicts))
+    # a second study whose report links to the first one's, as batch_size's links batch_size_regime's
+    other = root / "results" / "toy2" / "synthetic-smoke"
+    (other / "runs").mkdir(parents=True)
+    write_report(other, "toy2", "Does it hold?", "bnexp -m study=toy2", [], runs,
+                 "As [toy's report](../../toy/synthetic-smoke/report.md) says.", verdicts=verdicts, runs=runs)
+    (other / "verdicts.json").write_text(json.dumps(verdicts))
     return root / "results"
 
 
@@ -66,7 +72,7 @@ def built(tmp_path_factory):
 
 def test_the_site_is_offline_and_every_local_link_resolves(built):
     out, pages = built
-    assert [p.relative_to(out).as_posix() for p in pages] == ["index.html", "toy/index.html"]
+    assert [p.relative_to(out).as_posix() for p in pages] == ["index.html", "toy/index.html", "toy2/index.html"]
     for p in pages:
         text = p.read_text()
         assert "http://" not in text and "https://" not in text  # no CDN, nothing fetched
@@ -76,6 +82,7 @@ def test_the_site_is_offline_and_every_local_link_resolves(built):
     # the runs table: the settings that differ (norm, seed) side by side, a filter per setting, configs
     assert '<select class="filter" data-col="0">' in toy and ">gn</option>" in toy
     assert toy.count('href="configs/') == 4 and "BN beats GN by 10 points" in toy
+    assert 'href="../toy/index.html"' in (out / "toy2" / "index.html").read_text()  # report to report
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (Debian: apt-get install chromium)")

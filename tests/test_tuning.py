@@ -165,9 +165,14 @@ def test_extra_launches_follow_the_chosen_ones_and_are_recorded_in_lr_choice(tmp
     out = tuning.run(spec, ["data=synthetic"], calls.append)
     assert out["sweeps"] == [["norm=none", "optim.lr=0.01"], ["norm=bn,pn"], ["norm=pn,bn", "seed=5,6"]]
     assert calls[1:] == [["study=norm_vs_noise", "data=synthetic", *s] for s in out["sweeps"]]  # after the grid
+    # the analysis expands every launch as it ran, from any one launch's recorded task
+    from bnexp.analysis.tables import _launches
+    for task in calls[1:]:
+        assert _launches(spec.study_dir, task) == calls[1:]
 
 
-@pytest.mark.parametrize("launch", [["norm=none", "seed=5"], ["seed=5"], ["norm=bn", "optim.lr=0.3"]])
+@pytest.mark.parametrize("launch", [["norm=none", "seed=5"], ["seed=5"], ["norm=bn", "optim.lr=0.3"],
+                                    ["norm=pn", "bn", "seed=5"]])  # the unquoted YAML list norm=pn,bn
 def test_an_extra_launch_of_a_tuned_arm_or_with_an_lr_is_one_clear_error(launch, tmp_path):
     from bnexp.config import ConfigError
 

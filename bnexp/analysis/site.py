@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import html
+import re
 import shutil
 from pathlib import Path
 from urllib.parse import quote
@@ -106,7 +107,10 @@ def study_page(rec: findings.StudyRecord, out: Path) -> Path:
         for f in rec.folder.glob(pattern):
             (out / f.relative_to(rec.folder)).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy(f, out / f.relative_to(rec.folder))
-    report = (rec.folder / "report.md").read_text().replace("](../../", "](../")
+    # links between reports (../../<study>/<setting>/report.md) go to that study's page; other
+    # links that leave the study's folder (../../...) stay one level up, as the site mirrors it
+    report = re.sub(r"\]\(\.\./\.\./([\w-]+)/[\w.-]+/report\.md\)", r"](../\1/index.html)",
+                    (rec.folder / "report.md").read_text()).replace("](../../", "](../")
     body = markdown.markdown(report, extensions=["tables", "fenced_code"])
     body = body.replace("<table>", '<table class="sortable">')
     path = out / "index.html"

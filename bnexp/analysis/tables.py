@@ -217,11 +217,17 @@ override_dirname = sweep.override_dirname  # bnexp.analysis.generic's API has al
 
 def _launches(study_dir, task: list[str]) -> list[list[str]]:
     """The task overrides of each launch into ``study_dir``: ``[task]``, or with an
-    ``lr_choice.json`` one per entry of its ``sweeps`` (the keys those set replaced in ``task``)."""
+    ``lr_choice.json`` one per entry of its ``sweeps``: ``study=<name>``, its ``base`` (the
+    overrides every launch shared, recorded since grid.tune.extra) and the entry; from older
+    files, ``task`` less the keys any entry sets, and the entry."""
     path = Path(study_dir) / "lr_choice.json"
     if not path.exists():
         return [task]
-    sweeps = json.loads(path.read_text())["sweeps"]
+    choice = json.loads(path.read_text())
+    sweeps = choice["sweeps"]
+    if "base" in choice:
+        study = [t for t in task if t.split("=", 1)[0] == "study"]
+        return [study + list(choice["base"]) + list(extra) for extra in sweeps]
     touched = {line.split("=", 1)[0] for extra in sweeps for line in extra}
     base = [t for t in task if t.split("=", 1)[0].lstrip("+~") not in touched]
     return [base + list(extra) for extra in sweeps]

@@ -10,7 +10,7 @@ A study declares it in its conf/study/<name>.yaml (absent: the study runs as bef
         seeds: [100, 101]           # tuning seeds, apart from the study's seeds
         val_size: 500               # data.val_size of the grid runs (held out of the training subset)
         overrides: [model.dropout=0]  # optional: more overrides of the grid runs (fix a swept axis)
-        extra: [[norm=pn,bn, "seed=5,6,7,8,9"]]  # optional: more launches of untuned arms (more seeds)
+        extra: [["norm=pn,bn", "seed=5,6,7,8,9"]]  # optional: more launches of untuned arms (more seeds)
 
 ``run`` then, for a study folder ``<results_dir>/<study>/<data>-<scale>``:
 
@@ -95,9 +95,11 @@ def read_spec(name: str, overrides: Sequence[str], root: Path) -> TuneSpec | Non
     extra = tuple(tuple(str(o) for o in launch) for launch in tune.get("extra") or ())
     for launch in extra:
         named = {a for o in launch if _key(o) == key for a in o.split("=", 1)[1].split(",")}
-        if not named or named & set(tune["lr"]) or any(_key(o) == "optim.lr" for o in launch):
+        if (not named or named & set(tune["lr"]) or any(_key(o) == "optim.lr" for o in launch)
+                or any("=" not in o for o in launch)):
             raise ConfigError(f"grid.tune.extra launch {list(launch)} must name untuned arms with {key}=... "
-                              f"(not {sorted(set(tune['lr']))}, whose lr the grid chooses) and no optim.lr")
+                              f"(not {sorted(set(tune['lr']))}, whose lr the grid chooses), no optim.lr, and every "
+                              "entry a key=value override (quote a comma list: \"norm=pn,bn\")")
     return TuneSpec(name, key, {str(a): tuple(float(x) for x in v) for a, v in tune["lr"].items()},
                     tuple(int(s) for s in tune["seeds"]), tune["val_size"], arms,
                     path if path.is_absolute() else Path(root) / path,
@@ -162,12 +164,13 @@ def run(spec: TuneSpec, overrides: Sequence[str], launch: Callable[[list[str]], 
     for line in lr_choice.edge_warnings(choice):
         log.warning(line)
     sweeps = final_launches(spec, choice) + [list(launch) for launch in spec.extra]
+    base = _without(overrides, (spec.arm_key, "optim.lr"))
     out = {"study": spec.study, "arm_key": spec.arm_key, "seeds": list(spec.seeds),
            "val_size": spec.val_size, "grid_dir": spec.grid_dir.name, "rule": lr_choice.RULE,
-           "arms": choice, "untuned": [a for a in spec.arms if a not in choice], "sweeps": sweeps}
+           "arms": choice, "untuned": [a for a in spec.arms if a not in choice], "sweeps": sweeps,
+           "base": base}  # every launch ran `study=<name> *base *sweep` (the analysis expands that)
     spec.study_dir.mkdir(parents=True, exist_ok=True)
     records.write_json_atomic(spec.study_dir / CHOICE_FILE, out)
-    base = _without(overrides, (spec.arm_key, "optim.lr"))
     for extra in sweeps:
         launch([f"study={spec.study}", *base, *extra])
     return out

@@ -171,7 +171,7 @@ def fit(cfg: Config, run_dir: Path, provenance: dict | None = None) -> dict:
     bar = RunProgress(run.cfg.progress, run.cfg.optim.epochs, len(run.sampler), run.cfg.data.batch_size)
     diverged_at = None
     for epoch in range(progress.start_epoch, run.cfg.optim.epochs):
-        if stopped_early(run.cfg.optim.stop_at, progress.history):  # checked first: a resumed run too
+        if stop_reached(run.cfg.optim.stop_at, progress.history):  # checked first: a resumed run too
             break
         diverged_at = run_epoch(run, progress, epoch, bar)
         if diverged_at:
@@ -182,13 +182,21 @@ def fit(cfg: Config, run_dir: Path, provenance: dict | None = None) -> dict:
         bar.close()
 
 
-def stopped_early(stop_at: Optional[float], history: list) -> Optional[dict]:
+def stop_reached(stop_at: Optional[float], history: list) -> Optional[dict]:
     """``{"epoch", "step", "train_acc.clean"}`` of the first epoch row whose clean training
     accuracy is >= ``stop_at`` (optim.stop_at; None: never, or no stop_at)."""
     if stop_at is None:
         return None
     row = next((r for r in history if (r.get("train_acc.clean") or 0.0) >= stop_at), None)
     return None if row is None else {k: row[k] for k in ("epoch", "step", "train_acc.clean")}
+
+
+def stop_record(cfg: Config, history: list) -> dict:
+    """The summary's ``stop_at_reached`` (the first epoch row at optim.stop_at, None: never or no
+    stop_at) and ``stopped_early`` (True when training ended there, before optim.epochs)."""
+    reached = stop_reached(cfg.optim.stop_at, history)
+    return {"stop_at_reached": reached,
+            "stopped_early": reached is not None and reached["epoch"] + 1 < cfg.optim.epochs}
 
 
 def set_up(cfg: Config, run_dir: Path) -> Session:
@@ -310,7 +318,8 @@ def summarize(run: Session, progress: Progress, diverged_at: Optional[dict],
     if final:
         metrics.update(targets.steps_to(progress.history, cfg.eval.targets))
     if final and not math.isfinite(metrics.get("test_loss") or 0.0):
-        diverged_at = {"epoch": cfg.optim.epochs - 1, "step": progress.step,
+        diverged_at = {"epoch": progress.history[-1]["epoch"] if progress.history else cfg.optim.epochs - 1,
+                       "step": progress.step,
                        "reason": "non-finite outputs in the final evaluation (test_loss)"}
         log.warning("%s: run diverged", diverged_at["reason"])
     status = "diverged" if diverged_at else "ok"
@@ -326,10 +335,7 @@ def summarize(run: Session, progress: Progress, diverged_at: Optional[dict],
         # the step before which FrozenBN re-estimated and froze the statistics (None: it did not)
         "frozen_at_step": run.freeze_at if run.freeze_at is not None and progress.step > run.freeze_at else None,
         "error": None, "diverged_at": diverged_at,
-        # optim.stop_at: the epoch row at which training stopped (None: every epoch was trained)
-        "stopped_early": (stopped_early(cfg.optim.stop_at, progress.history)
-                          if cfg.optim.stop_at is not None and len(progress.history) < cfg.optim.epochs else None),
-        "steps": progress.step,
+        **stop_record(cfg, progress.history), "steps": progress.step,
         "resumed": progress.resumed, "finetune": run.tuned.info if run.tuned else None,
         # norm.groups as each GroupNorm width used it (the largest divisor <= norm.groups)
         "norm_groups_used": groups_used(run.model),
