@@ -96,8 +96,10 @@ class Verdict:
     def also(self, *others: Verdict) -> Verdict:
         """This verdict with the texts of secondary contrasts appended (they do not change the
         label: one primary contrast per shape)."""
-        extra = " ".join(f"Also: {o.text}" for o in others if o.text)
-        return replace(self, text=f"{self.text} {extra}".strip())
+        def sentence(text: str) -> str:  # every part ends as a sentence before the next "Also:"
+            return text if not text or text.endswith((".", "!", "?")) else text + "."
+        extra = " ".join(f"Also: {sentence(o.text)}" for o in others if o.text)
+        return replace(self, text=f"{sentence(self.text) if extra else self.text} {extra}".strip())
 
 
 @dataclass(frozen=True)
