@@ -115,10 +115,32 @@ def analyze(study: Study, study_dir, command: str) -> Path:
                for stem, fig in study.figures(data).items()]
     statement = _paragraph(study.comparisons(data) if study.comparisons else "")
     notes = " ".join(t for t in (study.notes(data) if study.notes else "", _excluded_note(data),
-                                 lr_choice.note(data.study_dir)) if t)
+                                 lr_choice.note(data.study_dir) or _lr_note(data.runs, arm)) if t)
     return write_report(data.study_dir, study.name, study.question, data.command, figures,
                         summary_table(study, data), statement, notes,
                         training_text(data.arms, study.converged), verdicts, runs=data.runs, arm=arm)
+
+
+def _lr_note(runs: pd.DataFrame, arm: list) -> str:
+    """How the learning rates of a study without ``lr_choice.json`` were set: an axis of its sweep,
+    one lr for every arm, or one per arm from its config; set by hand either way, never chosen on
+    the test set."""
+    if "optim.lr" not in runs or runs["optim.lr"].dropna().empty:
+        return ""
+    lrs = sorted(runs["optim.lr"].dropna().unique())
+    if "optim.scale_lr" in runs and runs["optim.scale_lr"].astype(str).str.lower().eq("true").any():
+        return (f"Learning rate: optim.lr {', '.join(f'{x:g}' for x in lrs)} scaled by the linear rule "
+                "(x data.batch_size / optim.ref_batch_size), set by hand, not tuned.")
+    if "optim.lr" in arm:
+        return (f"Learning rates: an axis of the sweep ({', '.join(f'{x:g}' for x in lrs)}), set in the "
+                "study's config, not tuned.")
+    if len(lrs) == 1:
+        return f"Learning rate: {lrs[0]:g} for every arm (the study's optim.lr, set by hand, not tuned)."
+    per = runs.dropna(subset=["optim.lr"]).groupby(arm, dropna=False)["optim.lr"].agg(
+        lambda v: ", ".join(f"{x:g}" for x in sorted(v.unique())))
+    text = "; ".join(f"{' / '.join(map(str, k)) if isinstance(k, tuple) else k} {v}" for k, v in per.items())
+    return (f"Learning rates per arm, set in the study's config (by hand or the linear scaling rule, "
+            f"not tuned on data): {text}.")
 
 
 def write_verdicts(study_dir: Path, verdicts: list[dict]) -> list[dict]:
