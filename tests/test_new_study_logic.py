@@ -133,3 +133,34 @@ def test_regime_verdicts_pair_ghost_bn_arms_by_seed_and_say_whether_the_nets_fit
     assert "No run fits its training set" in regime.fit_note(d.runs) and regime.regime_holds(d.runs)
     fits = d.runs.assign(**{"train_acc.precise": [0.995] + [0.9] * 8})  # one run memorizes (precise)
     assert "A run fits" in regime.fit_note(fits) and regime.regime_holds(fits) is False
+
+
+def _smooth_runs(bn_cos, none_cos, bn_l2, none_l2):
+    """Two arms x 3 seeds of smoothness's per-run table (lrs 0.01 and 0.3)."""
+    rows = []
+    for seed in range(3):
+        for norm, lr, cos, l2 in (("bn", 0.3, bn_cos[seed], bn_l2[seed]), ("none", 0.01, none_cos[seed], none_l2[seed]),
+                                  ("bn", 0.01, none_cos[seed], none_l2[seed])):
+            rows.append({"run": f"{norm}{lr}{seed}", "seed": seed, "norm": norm, "optim.lr": lr, "status": "ok",
+                         "arm": smoothness.arm_name(norm, lr), "ics.cos": cos, "ics.l2.log": math.log10(l2),
+                         "train_acc": 1.0})
+    return pd.DataFrame(rows)
+
+
+def test_smoothness_ratio_sentence_is_the_ratio_of_geometric_means_paired_by_seed():
+    # l2 ratios per seed bn / none: 0.5, 0.25, 1.0 -> log10 mean = mean(-0.301, -0.602, 0) = -0.301
+    runs = _smooth_runs([0.9] * 3, [0.99] * 3, [1.0, 1.0, 2.0], [2.0, 4.0, 2.0])
+    d = _data(runs)
+    text = smoothness.ratio_sentence(d, "ics.l2", "bn lr 0.3", "none lr 0.01")
+    assert text.startswith("ICS, l2 (mean over layers): bn lr 0.3 / none lr 0.01 = 0.5x [")
+    assert "not distinguishable" in text  # 3 seeds, spread 0.3 decades: the interval holds 1
+
+
+def test_smoothness_ics_cosine_beside_l2_reads_bn_turning_more_as_not_lower_shift():
+    """BN's cosine 0.05 below none's in every seed: 'BN's ICS is not lower' holds in cosine
+    (shown), while BN's l2 is half of none's (the primary, l2 at each arm's lr: contradicted)."""
+    runs = _smooth_runs([0.93, 0.94, 0.92], [0.98, 0.99, 0.97], [1.0, 1.1, 0.9], [2.0, 2.2, 1.8])
+    v = smoothness.ics_not_lower(_data(runs))
+    assert v.label == "contradicted"  # none's l2 is 2x BN's, every seed
+    assert "shown" in v.text.split("Also:")[1] and "ics.cos" in v.text.split("Also:")[1]
+    assert "bn lr 0.3 - none lr 0.01 = -0.050" in smoothness.cos_sentence(_data(runs), "bn lr 0.3", "none lr 0.01")
