@@ -112,7 +112,7 @@ def statements(d: StudyData) -> list[str]:
     xs = readable(d.runs)
     left = sorted(set(d.runs[BATCH].dropna()) - set(xs))
     out = [f"batch sizes at which every arm trained (compared): {', '.join(map(str, xs)) or 'none'}; "
-           f"not compared: {', '.join(map(str, left)) or 'none'}"]
+           f"not compared: {', '.join(map(str, left)) or 'none'}", *fit_statements(d.runs)]
     if len(xs) < 2:
         return out
     norms = [n for n in NORMS if n in set(d.runs["norm"])]
@@ -121,6 +121,57 @@ def statements(d: StudyData) -> list[str]:
     out += [A.sentence(diff(d, "norm", n, "bn", {BATCH: b})) for b in (xs[0], xs[-1])
             for n in ("gn", "ln") if n in norms]
     return out
+
+
+REACHED = "stop_at_reached.step"  # optim.stop_at (issue 26's design): the step at 99% clean train
+
+
+def fit_steps(runs: pd.DataFrame) -> pd.DataFrame:
+    """Per (norm, batch), where the runs trained with ``optim.stop_at``: finished runs, how many
+    reached the target, and the median step at which they did (reached runs only)."""
+    if REACHED not in runs or "optim.stop_at" not in runs or runs["optim.stop_at"].isna().all():
+        return pd.DataFrame()
+    ok = runs[runs["status"].isin(("ok", "diverged"))]
+    return (ok.assign(reached=ok[REACHED].notna())
+              .groupby(["norm", BATCH])
+              .agg(runs=("run", "size"), reached=("reached", "sum"), median_steps=(REACHED, "median"))
+              .reset_index())
+
+
+def fit_statements(runs: pd.DataFrame) -> list[str]:
+    """One line per norm: in how many runs each batch reached the stop_at target, and the median
+    steps it took."""
+    t = fit_steps(runs)
+    if not len(t):
+        return []
+    target = runs["optim.stop_at"].dropna().iloc[0]
+    out = []
+    for norm in [n for n in NORMS if n in set(t["norm"])]:
+        g = t[t["norm"] == norm].sort_values(BATCH)
+        parts = [f"batch {int(r[BATCH])}: {int(r['reached'])} of {int(r['runs'])}"
+                 + (f", median {r['median_steps']:,.0f} steps" if r["reached"] else "")
+                 for _, r in g.iterrows()]
+        out.append(f"{words(norm)} reached {100 * target:.0f}% clean training accuracy at "
+                   + "; ".join(parts))
+    return out
+
+
+def plot_fit_steps(runs: pd.DataFrame) -> Figure:
+    """Steps to the stop_at target against the batch (log2 x, log y), per norm (runs that reached it)."""
+    reached = runs[runs[REACHED].notna()].assign(steps_to_fit=lambda r: r[REACHED].astype(float))
+    order = [n for n in NORMS if n in set(reached["norm"])]
+    fig = A.plot_metric_vs(reached, BATCH, "steps_to_fit", "norm", logx=2, hue_order=order,
+                           title="steps to the stop_at target (clean training accuracy), runs that reached it")
+    fig.axes[0].set_yscale("log")
+    fig.axes[0].set_ylabel("optimizer steps to the target")
+    return fig
+
+
+def figures(d: StudyData) -> dict:
+    figs = {"test_err_vs_batch": plot_vs_batch(d.runs)}
+    if len(fit_steps(d.runs)) and d.runs[REACHED].notna().any():
+        figs["steps_to_fit_vs_batch"] = plot_fit_steps(d.runs)
+    return figs
 
 
 def steps_note(curves: pd.DataFrame) -> str:
@@ -139,7 +190,7 @@ STUDY = Study(
                   gn_small_bn_large, "G")],
     converged=None,  # augmented images: the design does not memorize, no criterion is measured
     prepare=lambda d: replace(d, runs=A.with_error(d.runs)),
-    figures=lambda d: {"test_err_vs_batch": plot_vs_batch(d.runs)},
+    figures=figures,
     by=("norm", BATCH), metrics=("test_err", "test_err.precise", "train_loss", "gen_gap"),
     comparisons=statements,
     notes=lambda d: ("Error is 1 - accuracy with EMA statistics (`test_err.precise`: population "

@@ -112,3 +112,20 @@ def test_code_checks_chain_from_the_runs_commit_through_identical_records():
     assert provenance._chained(checks, {"a" * 40}) == [checks[0], checks[2]]
     assert provenance._chained(checks, {"z" * 40}) == []
     assert provenance._chained(checks, {"x" * 40}) == [checks[1]]
+
+
+def test_a_check_chains_across_commits_that_change_only_what_cannot_move_the_numbers(repo):
+    """Runs at `after`; a later commit adds analysis code and a comment only; a check from that
+    commit vouches for the runs (identical records carry over), while from `before` the real
+    change to bnexp/core.py breaks the bridge."""
+    root, git, before, after = repo
+    (root / "bnexp/analysis").mkdir()
+    (root / "bnexp/analysis/report.py").write_text("X = 1\n")
+    (root / "bnexp/core.py").write_text("K = 2  # a comment\n")
+    git("add", "-A")
+    git("commit", "-qm", "analysis only")
+    later = git("rev-parse", "HEAD").strip()
+    check = {"from": later, "to": "e" * 40, "runs": [{"identical": True}]}
+    assert provenance._chained([check], {after}, "demo") == [check]
+    assert provenance._chained([check], {before}, "demo") == []
+    assert provenance._chained([check], {after}) == []  # no study named: exact commits only

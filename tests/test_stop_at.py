@@ -36,6 +36,12 @@ def test_a_run_stops_after_the_first_epoch_at_the_level_and_matches_the_full_run
     for a, b in zip(got, rows):  # the same training up to the stop (the schedule runs over the cap)
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-6)
         assert a["train_acc.clean"] == b["train_acc.clean"]
+    # the analysis table reads where each run reached the level (NaN: never, or no stop_at)
+    from bnexp.analysis.tables import collect_runs
+    by = collect_runs(tmp_path)[0].set_index("run")
+    assert by.loc["short", "stop_at_reached.step"] == rows[first]["step"] == by.loc["short", "steps"]
+    assert by.loc["short", "stopped_early"] == True  # noqa: E712 (a numpy bool)
+    assert by.loc["full", "steps"] == rows[-1]["step"] and by.loc["full", "stop_at_reached.step"] != by.loc["full", "stop_at_reached.step"]
 
 
 def test_a_level_reached_only_in_the_last_epoch_or_never_trains_every_epoch(tmp_path):

@@ -334,3 +334,18 @@ def test_noise_figure_marks_arms_that_did_not_train_and_leaves_off_scale_points_
     assert drawn["noisy_bn (did not train)"].lines[0].get_markerfacecolor() == "white"
     assert drawn["bn"].lines[0].get_markerfacecolor() != "white"
     assert any("off scale: none 30.1" in t.get_text() for t in ax.texts)
+
+
+def test_batch_size_true_counts_the_runs_that_reached_stop_at_and_their_median_steps():
+    bst = experiment("batch_size_true")
+    runs = pd.DataFrame({
+        "run": list("abcdef"), "status": ["ok", "ok", "ok", "ok", "diverged", "ok"],
+        "norm": ["bn", "bn", "bn", "none", "none", "none"], "data.batch_size": [8, 8, 8, 128, 128, 8],
+        "optim.stop_at": 0.99, "stop_at_reached.step": [100.0, 300.0, None, 50.0, None, 900.0]})
+    t = bst.fit_steps(runs).set_index(["norm", "data.batch_size"])
+    assert (t.loc[("bn", 8), "runs"], t.loc[("bn", 8), "reached"], t.loc[("bn", 8), "median_steps"]) == (3, 2, 200.0)
+    assert (t.loc[("none", 128), "runs"], t.loc[("none", 128), "reached"]) == (2, 1)  # a diverged run counts
+    lines = bst.fit_statements(runs)
+    assert lines[0] == "BN reached 99% clean training accuracy at batch 8: 2 of 3, median 200 steps"
+    assert lines[1].endswith("batch 8: 1 of 1, median 900 steps; batch 128: 1 of 2, median 50 steps")
+    assert bst.fit_statements(runs.drop(columns="stop_at_reached.step")) == []  # records before stop_at

@@ -332,7 +332,7 @@ def _code_checks(study_dir: Path, head: str, runs: list[str]) -> list[dict]:
     if not head or not at:
         return []
     out = []
-    for check in _chained(_checks(study_dir), at):
+    for check in _chained(_checks(study_dir), at, Path(study_dir).parent.name):
         later = _changed_files([check["to"]], head) if check["to"] != head else {}
         # a move is reported on its own (``moves``): here it does not void an earlier check
         if later is None or _split(later, Path(study_dir).parent.name, moved_ok=True)[2]:
@@ -341,21 +341,39 @@ def _code_checks(study_dir: Path, head: str, runs: list[str]) -> list[dict]:
     return out
 
 
-def _chained(checks: list[dict], at: set[str]) -> list[dict]:
+def _chained(checks: list[dict], at: set[str], study: str = "") -> list[dict]:
     """The checks with identical records whose ``from`` is one of the commits ``at`` or the
     ``to`` of another such check (identical records carry over: runs re-run identically at A, A
-    checked identical to B, B to C vouch for the runs at C), in file order."""
+    checked identical to B, B to C vouch for the runs at C), in file order. For ``study``, a
+    check also chains from a commit ``at`` whose code differs from its ``from`` only where
+    ``study``'s numbers cannot move (``_bridges``: analysis code, other studies' configs,
+    comments)."""
     at, chosen, grew = set(at), [], True
     while grew:
         grew = False
         for check in checks:
             if check in chosen or not all(r["identical"] for r in check["runs"]):
                 continue
-            if any(a and check["from"].startswith(a[:7]) for a in at):
+            if any(a and (check["from"].startswith(a[:7]) or _bridges(a, check["from"], study)) for a in at):
                 chosen.append(check)
                 at.add(check["to"])
                 grew = True
     return [c for c in checks if c in chosen]
+
+
+_BRIDGES: dict = {}
+
+
+def _bridges(a: str, b: str, study: str) -> bool:
+    """Nothing that differs between commits ``a`` and ``b`` can move ``study``'s numbers: only
+    analysis code, other studies' configs, comments and docstrings (``_split``)."""
+    if not study or not a or not b or a.endswith("-dirty"):
+        return False
+    key = (a, b, study)
+    if key not in _BRIDGES:
+        files = _changed_files([a], b)
+        _BRIDGES[key] = files is not None and not _split(files, study)[2]
+    return _BRIDGES[key]
 
 
 def _code_checked(study_dir: Path, head: str, runs: list[str]) -> str:

@@ -24,7 +24,9 @@ from omegaconf import OmegaConf, open_dict
 from bnexp import records, sweep
 
 STATUS_ORDER = ("done", "diverged", "failed", "incomplete", "pending")
-SUMMARY_SCALARS = ("wall_time_s", "train_images_per_s", "git_commit", "device", "precision")
+SUMMARY_SCALARS = ("wall_time_s", "train_images_per_s", "git_commit", "device", "precision", "steps",
+                   "stopped_early")
+REACHED = "stop_at_reached"  # the summary's first epoch row at optim.stop_at (None: never, or no stop_at)
 
 
 # ----------------------------------------------------------------------------- reading runs
@@ -49,6 +51,9 @@ def collect_runs(study_dir) -> tuple[pd.DataFrame, pd.DataFrame]:
         metrics = dict(summary.get("metrics") or {})
         metric_keys.update(dict.fromkeys(metrics))
         scalars = {k: summary.get(k) for k in SUMMARY_SCALARS if k not in overrides}
+        if REACHED in summary:  # optim.stop_at: where the run reached it (NaN: it never did)
+            reached = summary[REACHED] or {}
+            scalars.update({f"{REACHED}.{k}": reached.get(k) for k in ("epoch", "step")})
         config = flatten(summary.get("config") or _read_hydra_config(run_dir))
         # the summary's device/precision say what ran (cpu, bf16), the config's what was asked (auto)
         config = {k: v for k, v in config.items()
