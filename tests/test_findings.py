@@ -100,7 +100,7 @@ def test_every_claim_points_at_a_declared_shape_of_its_study(claim):
                 "larger_lr": ("learning rate",), "less_dropout": ("gap",), "accuracy": ("best", "ahead"),
                 "stable_inputs": ("distribution",), "small_batch": ("batch", "nbs"), "noniid": ("degrade", "i.i.d"),
                 "train_test": ("ema", "precise"), "finetune": ("fine-tune", "target"), "fold": ("fold", "fus"),
-                "smooth": ("gradient", "covariate"), "shift": ("robust", "shift"), "affine": ("gamma", "beta"),
+                "smooth": ("gradient", "one lr"), "ics": ("covariate",), "shift": ("robust", "shift"), "affine": ("gamma", "beta"),
                 "speed": ("faster",)}[claim.key]
     for study, index in claim.answers:
         shapes = experiment(study).STUDY.shapes

@@ -151,6 +151,11 @@ def test_ratios_compare_on_the_log_scale():
     v = V.compare(t, "shift", "arm", "a", "b", want=-1, claim="D", log=True)
     ratio = np.exp(np.mean(np.log(t[t.arm == "a"]["shift"].values) - np.log(t[t.arm == "b"]["shift"].values)))
     assert v.label == V.SHOWN and v.estimate == pytest.approx(ratio) and v.budget == V.BUDGETS["D"]
+    # the scorecard and reports print it as a ratio, unsigned (not "+0.0019" as if a - b)
+    from bnexp.analysis.report import effect
+    row = {**V.asdict(v), "metric": "shift"}
+    assert v.ratio and effect(row).startswith(f"ratio {ratio:.3g} [{v.ci[0]:.3g}, {v.ci[1]:.3g}] on shift")
+    assert not V.compare(t, "shift", "arm", "a", "b", want=-1).ratio
 
 
 # ----------------------------------------------------------------------------- convergence

@@ -45,8 +45,9 @@ CLAIMS = (
           (("stat_modes_vs_batch", 2), ("ema_vs_precise", 0))),
     Claim("finetune", "BN is fragile when fine-tuning", (("finetune", 1), ("finetune", 0))),
     Claim("fold", "BN folds into the conv", (("fusion", 0),)),
-    Claim("smooth", "BN smooths the loss landscape (rather than reducing internal covariate shift)",
-          (("smoothness", 0), ("smoothness", 2))),
+    Claim("smooth", "BN smooths the loss landscape", (("smoothness", 0), ("smoothness", 1))),
+    Claim("ics", "BN does not reduce internal covariate shift (Santurkar et al.; the notes: it "
+          "resolves it)", (("smoothness", 2),)),
     Claim("shift", "BN makes nets robust to distribution shift", (("robustness", 3), ("robustness", 0))),
     Claim("affine", "gamma and beta undo the normalization", (("affine", 0),)),
     Claim("speed", "BN speeds learning", (("lr_sensitivity", 3), ("demo", 3))),

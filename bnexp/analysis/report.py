@@ -105,7 +105,9 @@ def effect(v: dict) -> str:
     est, ci = v.get("estimate"), v.get("ci")
     if est is None or (isinstance(est, float) and math.isnan(est)):
         return "no estimate"
-    text = fmt.format(est * scale) + unit
+    if v.get("ratio"):  # a / b (log-scale comparisons): no sign, no unit
+        scale, unit, fmt = 1.0, "", "{:.3g}"
+    text = ("ratio " if v.get("ratio") else "") + fmt.format(est * scale) + unit
     if ci:
         text += f" [{fmt.format(ci[0] * scale)}, {fmt.format(ci[1] * scale)}]"
     if v.get("metric"):

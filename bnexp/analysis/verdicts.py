@@ -92,6 +92,7 @@ class Verdict:
     test: str = ""
     budget: str = ""
     text: str = ""
+    ratio: bool = False  # ``estimate`` and ``ci`` are a ratio a / b (``compare(log=True)``), not a - b
 
     def also(self, *others: Verdict) -> Verdict:
         """This verdict with the texts of secondary contrasts appended (they do not change the
@@ -246,7 +247,7 @@ def _finish(out: dict, contrast: str, metric: str, claim: str, stats: dict, name
              f"{_unconverged(stats, names) if budget == 'equal budget' and claim == 'G' else ''}"
              f"{'; ' + note if note else ''}.")
     return Verdict(label, contrast, metric, est, ci, int(out["n"]), out["k"], stats["converged"],
-                   stats["train_acc"], out["test"], budget, text)
+                   stats["train_acc"], out["test"], budget, text, ratio=bool(log))
 
 
 def _direction(want) -> str:
