@@ -198,14 +198,13 @@ STUDY = Study(
                       "steps and lr for every arm")},
     by=("norm", NBS), metrics=("test_err", "test_err.precise", "train_loss", "gen_gap"),
     table_rows=table_rows,
-    comparisons=statements,
+    comparisons=lambda d: [regime_note(d).strip(), *statements(d)],  # the regime test's answer first
     notes=lambda d: ("Error is 1 - accuracy with EMA statistics; `test_err.precise` (population "
                      "statistics recomputed after training) separates a poor EMA estimate from a "
                      "poorly trained model and is missing where the model has no BN layer. GN, LN "
                      "and none do not depend on the normalization batch: one set of runs per seed, "
                      "drawn as levels; their flatness is by construction here, the true-batch "
-                     "design (batch_size_true) tests it. Differences are paired by seed." + fit_note(d.runs)
-                     + regime_note(d)))
+                     "design (batch_size_true) tests it. Differences are paired by seed." + fit_note(d.runs)))
 
 
 if __name__ == "__main__":

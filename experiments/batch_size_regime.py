@@ -91,6 +91,8 @@ STUDY = Study(
         title="test error, paired by seed (below 0: the first arm is better)")},
     by=("norm",), metrics=("test_err", "test_err.precise", "train_acc", "train_loss", "gen_gap"),
     converged=None,
+    comparisons=lambda d: [f"{what}: " + A.sentence(A.paired_diff(d.runs, "test_err", "norm", a, b))
+                           for a, b, what in CONTRASTS if {a, b} <= set(d.runs["norm"])],
     notes=lambda d: ("Error is 1 - accuracy with EMA statistics; `test_err.precise` recomputes the "
                      "population statistics after training. Differences are paired by seed (the "
                      "arms of a seed share initialization and batch order)." + fit_note(d.runs)))
