@@ -184,10 +184,10 @@ def test_an_extra_launch_of_a_tuned_arm_or_with_an_lr_is_one_clear_error(launch,
 
 
 def test_norm_vs_noise_small_tunes_the_arms_without_bn_layers_and_gives_pn_and_bn_ten_seeds(tmp_path):
-    """The issue-26 design: none, none + GNI, LN and PN online tuned on a bracketing grid (>= 3
+    """The issue-26 design: none, none + GNI, LN, LN + GNI and PN online tuned on a bracketing grid (>= 3
     lrs), every BN-layer arm at BN's lr, and the extra launch adds 5 seeds to PN and BN only."""
     spec = tuning.read_spec("norm_vs_noise", ["data=fashion_mnist", "scale=small", f"results_dir={tmp_path}"], ROOT)
-    assert set(spec.lrs) == {"none", "none_gni16", "ln", "pn_online"}
+    assert set(spec.lrs) == {"none", "none_gni16", "ln", "ln_gni16", "pn_online"}
     assert all(len(lrs) >= 3 and min(lrs) < max(lrs) for lrs in spec.lrs.values())
     assert {"pn", "bn", "ghost_bn16", "bn_gni16", "pn_gni16"} <= set(spec.arms) - set(spec.lrs)
     (launch,) = spec.extra
