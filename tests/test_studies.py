@@ -235,14 +235,14 @@ def test_norm_vs_noise_small_grid_memorizes_real_data_and_probes_every_arm():
     """scale=small: every arm on a Fashion-MNIST subset without augmentation (memorizing must be
     possible), 5 seeds, the forward_noise probe on, and every arm's preset parses."""
     axes, _ = sweep_axes("norm_vs_noise", "small", ["data=fashion_mnist", "scale=small"])
-    assert set(axes["norm"]) == {"none", "ln", "pn", "bn", "ghost_bn16", "none_gni16", "ln_gni16",
-                                 "pn_gni16", "bn_gni16"} and len(axes["seed"]) == 5
+    assert set(axes["norm"]) == {"none", "ln", "pn", "pn_online", "bn", "ghost_bn16", "none_gni16",
+                                 "ln_gni16", "pn_gni16", "bn_gni16"} and len(axes["seed"]) == 5
     for norm in axes["norm"]:
         parsed = parse(compose_config(["study=norm_vs_noise", "data=fashion_mnist", "scale=small",
                                        f"norm={norm}"]))
         assert parsed.data.name == "fashion_mnist" and not parsed.data.augment
         assert parsed.data.train_size and parsed.data.train_size <= 10000
-        assert parsed.probes.enabled and "forward_noise" in parsed.probes.names
+        assert parsed.probes.enabled and {"forward_noise", "grad_noise"} <= set(parsed.probes.names)
         assert (parsed.norm.ghost_noise == 16) == norm.endswith("_gni16")
 
 

@@ -75,7 +75,7 @@ def test_tuning_end_to_end_on_tiny_runs(tmp_path):
     spec = tuning.read_spec("norm_vs_noise", overrides, ROOT)
     assert spec.arm_key == "norm" and "none" in spec.lrs and spec.arms[0] == "none"
     spec = dataclasses.replace(spec, lrs={"none": (0.003, 0.05, 0.3), "bn": (0.1,)}, seeds=(7,),
-                               val_size=60, arms=("none", "bn", "ln"))
+                               val_size=60, arms=("none", "bn", "ln"), extra=())
     calls = []
     out = tuning.run(spec, overrides, launcher(calls))
     assert len(calls) == 2 + len(out["sweeps"])  # one grid sweep per tuned arm, then the final ones
@@ -181,3 +181,17 @@ def test_an_extra_launch_of_a_tuned_arm_or_with_an_lr_is_one_clear_error(launch,
           + ",".join(f"'{o}'" for o in launch) + "]]}"]
     with pytest.raises(ConfigError, match="grid.tune.extra launch"):
         tuning.read_spec("norm_vs_noise", ov, ROOT)
+
+
+def test_norm_vs_noise_small_tunes_the_arms_without_bn_layers_and_gives_pn_and_bn_ten_seeds(tmp_path):
+    """The issue-26 design: none, none + GNI, LN, LN + GNI and PN online tuned on a bracketing grid (>= 3
+    lrs), every BN-layer arm at BN's lr, and the extra launch adds 5 seeds to PN and BN only."""
+    spec = tuning.read_spec("norm_vs_noise", ["data=fashion_mnist", "scale=small", f"results_dir={tmp_path}"], ROOT)
+    assert set(spec.lrs) == {"none", "none_gni16", "ln", "ln_gni16", "pn_online"}
+    assert all(len(lrs) >= 3 and min(lrs) < max(lrs) for lrs in spec.lrs.values())
+    assert {"pn", "bn", "ghost_bn16", "bn_gni16", "pn_gni16"} <= set(spec.arms) - set(spec.lrs)
+    (launch,) = spec.extra
+    extra = dict(o.split("=", 1) for o in launch)
+    assert set(extra["norm"].split(",")) == {"pn", "bn"}
+    study_seeds = {0, 1, 2, 3, 4}
+    assert len(study_seeds | {int(s) for s in extra["seed"].split(",")}) == 10

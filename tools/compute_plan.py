@@ -36,10 +36,10 @@ TOTAL_BUDGET_MIN = 8 * 60
 PLAN = {
     "demo": dict(runs=2 * 3 * 5, grid=2 * 3 * 2 * 2, scored=4,
                  why="batch 8,128 x bn,none,dropout x 5 seeds; none and dropout tuned: 3 lrs x 2 seeds x 2 batches"),
-    "norm_vs_noise": dict(runs=10 * 5 + 2 * 5, grid=5 * 3 * 2, scored=6,
-                          why="10 arms (pn_online added) x 5 seeds, pn and bn 5 more (10: grid.tune.extra, "
-                              "which needs bn untuned); none, none_gni16, ln, pn_online (and bn) tuned: 3 lrs "
-                              "x 2 seeds (design held back at 2d84e32)"),
+    "norm_vs_noise": dict(runs=10 * 5 + 2 * 5, grid=(2 * 4 + 3 * 3) * 2, scored=4, train_factor=2.0,
+                          why="10 arms (pn_online added) x 5 seeds, pn and bn 5 more (10: grid.tune.extra); "
+                              "none, none_gni16 (4 lrs), ln, ln_gni16, pn_online (3) tuned on 2 seeds; 60 epochs (2x) so "
+                              "that none fits"),
     "bn_vs_dropout": dict(runs=2 * 4 * 3 * 4, grid=3 * 2, scored=None,
                           why="4 seeds (5: 70 min); none tuned at p=0 only (grid.tune.overrides), 3 lrs x 2 seeds"),
     "lr_sensitivity": dict(runs=10 * 2 * 3, grid=0, scored=None,
