@@ -701,16 +701,23 @@ def test_a_code_check_counts_from_the_rerun_commit_when_nothing_later_is_trainin
              "runs": [{"study": "toy", "overrides": ["norm=bn", "seed=0"], "identical": True}]}
     checks = tmp_path / "results" / provenance.CODE_CHECKS
 
-    def cited(later: dict, *rows) -> str:
+    def cited(later: dict, *rows, between: dict | None = None) -> str:
+        """``later``: what changed from a check's ``to`` to HEAD; ``between``: from the runs'
+        commits to a check's ``from`` (default: the same as ``later``)."""
         checks.write_text(json.dumps(list(rows)))
-        monkeypatch.setattr(provenance, "_changed_files", lambda commits, against: later)
+        provenance._BRIDGES.clear()
+        monkeypatch.setattr(provenance, "_changed_files", lambda commits, against: (
+            later if between is None or against == "c" * 40 else between))
         return provenance._code_checked(study, "c" * 40, ["abc123"])
 
     assert cited({"bnexp/analysis/plots.py": True}, check) == (
         ". Code checked from aaaaaaa to bbbbbbb (a knob, default off): the same configs run at both "
         "commits, fp32 here, gave identical records (toy: norm=bn seed=0)")
     assert cited({"bnexp/training/fit.py": True}, check) == ""  # a training-side change after the check
-    assert cited({}, {**check, "from": "d" * 40}) == ""  # not from the re-run's commit
+    # from another commit: only across a stretch where nothing can move the numbers (a bridge)
+    assert cited({}, {**check, "from": "d" * 40}, between={"bnexp/training/fit.py": True}) == ""
+    assert cited({}, {**check, "from": "d" * 40}, between={"bnexp/analysis/plots.py": True}).startswith(
+        ". Code checked from ddddddd to bbbbbbb")
     # from the runs' own commit (here abc123): a check that needs no re-run of the study
     assert cited({}, {**check, "from": "abc123" + "0" * 34}).startswith(". Code checked from abc1230 to bbbbbbb")
     assert cited({}, {**check, "runs": [{**check["runs"][0], "identical": False}]}) == ""
