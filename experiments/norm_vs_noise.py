@@ -270,7 +270,23 @@ def notes(d: StudyData) -> str:
             "mean over normalization positions and epochs); grad_noise: grad_noise.batchmates, mean "
             "over epochs (bnexp/measure/grad_noise.py). Intervals: 95% t over seeds; "
             "differences paired by seed. Train accuracy at the end: "
-            + ", ".join(f"{k} {v:.1f}%" for k, v in fit.items()) + "." + lr_notes(d))
+            + ", ".join(f"{k} {v:.1f}%" for k, v in fit.items()) + "." + backward_words(d) + lr_notes(d))
+
+
+def backward_words(d: StudyData) -> str:
+    """What PN - BN holds fixed, measured: PN's forward has no batch-mates, but its backward is
+    train-mode BN's, through the batch statistics; the grad_noise probe says how much of BN's
+    gradient noise that carries (PN online's is 0 by construction)."""
+    if GRAD not in d.runs:
+        return ""
+    g = d.runs[d.runs["status"] == "ok"].groupby("norm")[GRAD].mean()
+    if not {"pn", "bn"} <= set(g.dropna().index):
+        return ""
+    online = f", PN online's {g['pn_online']:.3f}" if "pn_online" in g and pd.notna(g["pn_online"]) else ""
+    return (f" PN's backward is train-mode BN's (through the batch statistics), so PN - BN does not "
+            f"remove all batch noise: PN's measured gradient noise is {g['pn']:.3f} against BN's "
+            f"{g['bn']:.3f} ({g['bn'] / g['pn']:.0f}x less than BN's){online}; PN online - BN is the "
+            "contrast with no batch-mates in either pass, at PN online's own lr.")
 
 
 def lr_notes(d: StudyData) -> str:
