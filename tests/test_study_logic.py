@@ -349,3 +349,21 @@ def test_batch_size_true_counts_the_runs_that_reached_stop_at_and_their_median_s
     assert lines[0] == "BN reached 99% clean training accuracy at batch 8: 2 of 3, median 200 steps"
     assert lines[1].endswith("batch 8: 1 of 1, median 900 steps; batch 128: 1 of 2, median 50 steps")
     assert bst.fit_statements(runs.drop(columns="stop_at_reached.step")) == []  # records before stop_at
+
+
+@pytest.mark.parametrize("gaps, systematic", [([-0.6, -0.5, -0.3, -0.4], True), ([-0.6, 0.5, -0.3, 0.4], False)])
+def test_noniid_gn_sorting_calls_a_one_signed_gap_systematic_and_a_mixed_one_rounding(gaps, systematic):
+    """GN under sorted16g10 vs pk2x16g5, paired by seed: the hand interval of the gaps decides."""
+    from bnexp.analysis.study import StudyData
+    from scipy import stats
+
+    nn = experiment("noniid")
+    rows = [{"run": f"{s}{seed}", "norm": "gn", "sampler": s, "status": "ok", "seed": seed,
+             "test_acc": 0.85 + (g / 100 if s == "sorted16g10" else 0.0), "train_acc.train_mode": 0.995}
+            for seed, g in enumerate(gaps) for s in ("pk2x16g5", "sorted16g10")]
+    text = nn.gn_sorting(StudyData(None, "cmd", pd.DataFrame(rows), pd.DataFrame(), pd.DataFrame()))
+    mean = sum(gaps) / len(gaps)
+    half = stats.t.ppf(0.975, len(gaps) - 1) * pd.Series(gaps).std() / len(gaps) ** 0.5
+    assert f"{mean:+.1f} points [{mean - half:+.1f}, {mean + half:+.1f}]" in text
+    assert ("a systematic effect" in text) is systematic
+    assert ("consistent with the rounding explanation" in text) is (not systematic)
