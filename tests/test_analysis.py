@@ -706,8 +706,9 @@ def test_a_code_check_counts_from_the_rerun_commit_when_nothing_later_is_trainin
         commits to a check's ``from`` (default: the same as ``later``)."""
         checks.write_text(json.dumps(list(rows)))
         provenance._BRIDGES.clear()
-        monkeypatch.setattr(provenance, "_changed_files", lambda commits, against: (
-            later if between is None or against == "c" * 40 else between))
+        monkeypatch.setattr(provenance, "_changed_files", lambda commits, against: later)
+        monkeypatch.setattr(provenance, "_only_harmless", lambda a, b, study: not provenance._split(
+            later if between is None else between, study)[2])
         return provenance._code_checked(study, "c" * 40, ["abc123"])
 
     assert cited({"bnexp/analysis/plots.py": True}, check) == (

@@ -366,14 +366,28 @@ _BRIDGES: dict = {}
 
 def _bridges(a: str, b: str, study: str) -> bool:
     """Nothing that differs between commits ``a`` and ``b`` can move ``study``'s numbers: only
-    analysis code, other studies' configs, comments and docstrings (``_split``)."""
-    if not study or not a or not b or a.endswith("-dirty"):
-        return False
+    analysis code, other studies' configs, comments and docstrings (``_split``'s rule; a moved or
+    added file on the training side breaks the bridge). Stops at the first training-side file,
+    so a long stretch of history costs one ``git diff``."""
+    if not study or not a or not b or a.endswith("-dirty") or a == b:
+        return bool(study) and a == b and bool(a)
     key = (a, b, study)
     if key not in _BRIDGES:
-        files = _changed_files([a], b)
-        _BRIDGES[key] = files is not None and not _split(files, study)[2]
+        _BRIDGES[key] = _only_harmless(a, b, study)
     return _BRIDGES[key]
+
+
+def _only_harmless(a: str, b: str, study: str) -> bool:
+    out = _git("diff", "-M", "--name-status", a, b, "--", *CODE)
+    if out is None:
+        return False
+    for status, *paths in (row.split("\t") for row in out.splitlines()):
+        old, new = paths[0], paths[-1]
+        if status.startswith("D") or not _split({new: True}, study)[2]:
+            continue  # removed, or analysis code / another study's config
+        if not status.startswith("M") or not same_code(new, a, b, old):
+            return False
+    return True
 
 
 def _code_checked(study_dir: Path, head: str, runs: list[str]) -> str:
