@@ -36,10 +36,9 @@ TOTAL_BUDGET_MIN = 8 * 60
 PLAN = {
     "demo": dict(runs=2 * 3 * 5, grid=2 * 3 * 2 * 2, scored=4,
                  why="batch 8,128 x bn,none,dropout x 5 seeds; none and dropout tuned: 3 lrs x 2 seeds x 2 batches"),
-    "norm_vs_noise": dict(runs=10 * 5 + 2 * 5, grid=(2 * 4 + 3 * 3) * 2, scored=4, train_factor=2.0,
-                          why="10 arms (pn_online added) x 5 seeds, pn and bn 5 more (10: grid.tune.extra); "
-                              "none, none_gni16 (4 lrs), ln, ln_gni16, pn_online (3) tuned on 2 seeds; 60 epochs (2x) so "
-                              "that none fits"),
+    "norm_vs_noise": dict(runs=10 * 5 + 2 * 5, grid=(2 * 4 + 3 * 3) * 2, scored=None, reuse=True,
+                          why="re-run done (ea95878, 45 min measured): 10 arms x 5 seeds, pn and bn 10; "
+                              "5 arms tuned; 60 epochs"),
     "bn_vs_dropout": dict(runs=2 * 4 * 3 * 4, grid=3 * 2, scored=None,
                           why="4 seeds (5: 70 min); none tuned at p=0 only (grid.tune.overrides), 3 lrs x 2 seeds"),
     "lr_sensitivity": dict(runs=10 * 2 * 3, grid=0, scored=None,
@@ -59,7 +58,8 @@ PLAN = {
                                "between arms; test set left at 5,000 (its 'other' is the precise re-scoring)"),
     "fusion": dict(runs=12, grid=0, scored=None, test_size=5000, reuse=True, why="as committed"),
     "finetune_source": dict(runs=3, grid=0, scored=None, reuse=True, why="as committed"),
-    "finetune": dict(runs=36, grid=0, scored=None, why="as committed; finetune.seed decoupled (same count)"),
+    "finetune": dict(runs=36, grid=0, scored=None, reuse=True,
+                     why="re-run done (27140ab, 23 min measured with its 3 sources): finetune.seed decoupled"),
 }
 
 
