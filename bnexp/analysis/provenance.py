@@ -369,8 +369,8 @@ def _bridges(a: str, b: str, study: str) -> bool:
     analysis code, other studies' configs, comments and docstrings (``_split``'s rule; a moved or
     added file on the training side breaks the bridge). Stops at the first training-side file,
     so a long stretch of history costs one ``git diff``."""
-    if not study or not a or not b or a.endswith("-dirty") or a == b:
-        return bool(study) and a == b and bool(a)
+    if not (study and a and b) or a.endswith("-dirty"):
+        return False
     key = (a, b, study)
     if key not in _BRIDGES:
         _BRIDGES[key] = _only_harmless(a, b, study)
