@@ -14,6 +14,7 @@ STUDIES ?= demo norm_vs_noise bn_vs_dropout lr_sensitivity batch_size_regime bat
            stat_modes_vs_batch noise noniid activations ema_vs_precise fusion finetune_source finetune \
            smoothness robustness affine
 STUDY_ARGS ?= data=fashion_mnist scale=small launcher=joblib
+DEMO_ARGS ?= launcher=joblib
 RESULTS ?= results
 LOGS ?= logs/studies
 
@@ -55,10 +56,13 @@ study: $(STAMP)  ## make study S=<name> ARGS="..."
 studies: $(STAMP)  ## every study in order at scale=small, resuming; logs in logs/studies/ (docs/compute_plan.md)
 	$(BIN)/python -m bnexp.data.files fetch fashion_mnist
 	@mkdir -p $(LOGS)
+	@# the demo pins data and scale itself and is run as `make demo` runs it (launcher=joblib
+	@# only), so its folder names, and thus the skip of finished runs, match the reference's
 	@set -e; for s in $(STUDIES); do \
 	  echo "== $$s  (log: $(LOGS)/$$s.log)"; start=$$(date +%s); \
-	  echo "# $$(date -u +%FT%TZ) $(BIN)/python experiments/$$s.py $(STUDY_ARGS) results_dir=$(RESULTS) $(ARGS)" >> $(LOGS)/$$s.log; \
-	  $(BIN)/python experiments/$$s.py $(STUDY_ARGS) results_dir=$(RESULTS) $(ARGS) >> $(LOGS)/$$s.log 2>&1 \
+	  args="$(STUDY_ARGS)"; [ $$s = demo ] && args="$(DEMO_ARGS)"; \
+	  echo "# $$(date -u +%FT%TZ) $(BIN)/python experiments/$$s.py $$args results_dir=$(RESULTS) $(ARGS)" >> $(LOGS)/$$s.log; \
+	  $(BIN)/python experiments/$$s.py $$args results_dir=$(RESULTS) $(ARGS) >> $(LOGS)/$$s.log 2>&1 \
 	    || { echo "   $$s failed: see $(LOGS)/$$s.log (re-run resumes)"; exit 1; }; \
 	  echo "# $$(date -u +%FT%TZ) $$s done in $$(( ($$(date +%s) - start) / 60 )) min" | tee -a $(LOGS)/$$s.log; \
 	done
