@@ -220,6 +220,13 @@ def test_two_sweeps_of_other_data_or_scale_get_their_own_folders_and_reports(tmp
         assert folder == tmp_path / "finetune_source" / f"synthetic-{scale}"
         report = analyze(Study("finetune_source", "Toy question."), folder, "cmd").read_text()
         assert "**Runs.** 2 done" in report, report[:600]
+        # a prepare step that sets a run apart (lr_sensitivity's longer budget) leaves Methods
+        # and provenance describing every run of the folder
+        def apart(data):
+            data.extra["apart"], data.runs = data.runs.iloc[1:], data.runs.iloc[:1]
+            return data
+        report = analyze(Study("finetune_source", "Toy question.", prepare=apart), folder, "cmd").read_text()
+        assert "2 seed(s) per arm" in report and "(2 runs)" in report, report[:900]
         assert pd_runs(folder) == {"scale_name": {scale}, "n": 2}
         folders.append(folder)
     assert folders[0] != folders[1]

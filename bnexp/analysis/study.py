@@ -109,7 +109,8 @@ def analyze(study: Study, study_dir, command: str) -> Path:
                             _excluded_note(data), runs=data.runs)
     arm = list(study.arm) if study.arm is not None else swept_columns(data.runs)
     data.runs, data.arms = check_training(data.runs, arm, study.converged)
-    data = study.prepare(data) if study.prepare else data
+    checked = data.runs  # every run of the folder: Methods and provenance describe them all, even
+    data = study.prepare(data) if study.prepare else data  # where prepare sets some apart
     verdicts = write_verdicts(data.study_dir, [shape.verdict(data) for shape in study.shapes])
     figures = [save_figure(fig, data.study_dir / "figures", stem)[0]
                for stem, fig in study.figures(data).items()]
@@ -118,7 +119,7 @@ def analyze(study: Study, study_dir, command: str) -> Path:
                                  lr_choice.note(data.study_dir) or _lr_note(data.runs, arm)) if t)
     return write_report(data.study_dir, study.name, study.question, data.command, figures,
                         summary_table(study, data), statement, notes,
-                        training_text(data.arms, study.converged), verdicts, runs=data.runs, arm=arm)
+                        training_text(data.arms, study.converged), verdicts, runs=checked, arm=arm)
 
 
 def _lr_note(runs: pd.DataFrame, arm: list) -> str:
