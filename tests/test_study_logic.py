@@ -367,3 +367,33 @@ def test_noniid_gn_sorting_calls_a_one_signed_gap_systematic_and_a_mixed_one_rou
     assert f"{mean:+.1f} points [{mean - half:+.1f}, {mean + half:+.1f}]" in text
     assert ("a systematic effect" in text) is systematic
     assert ("consistent with the rounding explanation" in text) is (not systematic)
+
+
+def test_bn_vs_dropout_bn_vs_none_reads_the_gap_and_test_accuracy_at_p0():
+    """BN against none at p = 0: the gap (primary, lower is the claim) and test accuracy, paired
+    by seed, each difference the hand mean of the per-seed differences; the dropout runs and the
+    other placements (the same net at p = 0) do not enter."""
+    from bnexp.analysis.study import StudyData
+
+    rows = []
+    for seed, (gap_bn, gap_none, acc_bn, acc_none) in enumerate(
+            [(0.10, 0.16, 0.85, 0.83), (0.11, 0.15, 0.86, 0.83), (0.09, 0.17, 0.85, 0.82),
+             (0.12, 0.16, 0.84, 0.83), (0.10, 0.18, 0.86, 0.81)]):
+        for norm, gap, acc in (("bn", gap_bn, acc_bn), ("none", gap_none, acc_none)):
+            for place in ("before_norm", "after_norm"):
+                for p, shift in ((0.0, 0.0), (0.5, 0.3)):  # p = 0.5 rows would move the means
+                    rows.append({"run": f"{norm}-{place}-{p}-{seed}", "seed": seed, "norm": norm,
+                                 "status": "ok", bn_vs_dropout.P: p, bn_vs_dropout.PLACE: place,
+                                 "gen_gap": gap + shift, "test_acc": acc - shift, "train_acc": 1.0,
+                                 "clean_train_acc": 1.0, "converged": seed > 0 or norm == "bn"})
+    v = bn_vs_dropout.bn_narrows_gap(StudyData(Path("."), "", pd.DataFrame(rows), pd.DataFrame(),
+                                               pd.DataFrame()))
+    gap = (0.10 + 0.11 + 0.09 + 0.12 + 0.10 - 0.16 - 0.15 - 0.17 - 0.16 - 0.18) / 5 * 100  # -6.0
+    acc = (0.85 + 0.86 + 0.85 + 0.84 + 0.86 - 0.83 - 0.83 - 0.82 - 0.83 - 0.81) / 5 * 100  # +2.8
+    # none's seed 0 did not converge: the label is the equal-budget one, and says so
+    assert v.label == "shown at equal budget" and f"difference {gap:+.1f} points" in v.text
+    assert "Also: " in v.text and f"difference {acc:+.1f} points" in v.text.split("Also: ")[1]
+    assert "test accuracy" in v.text.split("Also: ")[1] and "5 of 5 seeds" in v.text
+    every = pd.DataFrame(rows).assign(converged=True)  # every seed of both arms converged
+    v = bn_vs_dropout.bn_narrows_gap(StudyData(Path("."), "", every, pd.DataFrame(), pd.DataFrame()))
+    assert v.label == "shown" and f"difference {gap:+.1f} points" in v.text
