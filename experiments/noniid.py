@@ -186,29 +186,84 @@ def gn_sorting(d: StudyData) -> str:
     should be the trajectories' sensitivity to rounding, of either sign; a paired interval that
     excludes 0 says it is not. Measured over the study's seeds and, when run, more in
     ``<study_dir>-gn_seeds``: per sampler the runs whose last-epoch train-mode accuracy reached
-    99%, and the paired test-accuracy difference."""
+    99%, and the paired test-accuracy difference; then, when run, the same pair at
+    precision=fp32 (``<study_dir>-gn_fp32``), which tells reduced-precision sums from the rest."""
     runs = _gn_pairs(d)
     if runs is None:
         return ""
+    mean, lo, hi, n, lower, counts = paired_gap(runs)
+    fp32 = _gn_fp32_runs(d)
+    checked = fp32 is not None and fp32["sampler"].nunique() == 2
+    reading = (f" The interval excludes 0 and {lower} of {n} seeds go the same way: a systematic "
+               "effect of the order inside the batch, which a per-sample norm should not have and "
+               "rounding alone would not give one sign."
+               + ("" if checked else " Not explained yet; one candidate is the reduced-precision "
+                  "(bf16) sums of the weight gradient over same-class blocks, to be checked by the "
+                  "same pair at precision=fp32.")
+               if (hi < 0 or lo > 0) else
+               " The interval holds 0: consistent with the rounding explanation.")
+    text = (f" **GN under class-sorted groups.** {SAME_PROCESS} Measured over {n} seeds "
+            f"({runs.attrs['where']}, precision {_precision(runs)}): {counts}; test accuracy "
+            f"{GN_PAIR[1]} - {GN_PAIR[0]} {mean:+.1f} points [{lo:+.1f}, {hi:+.1f}] (paired by seed, "
+            "95% t-interval)." + reading)
+    return text + (fp32_sentence((mean, lo, hi), fp32) if checked else "")
+
+
+def paired_gap(runs: pd.DataFrame) -> tuple:
+    """``(mean, lo, hi, n, seeds lower, counts)``: test accuracy sorted16g10 - pk2x16g5 in points,
+    paired by seed, with its 95% t-interval; ``counts`` says per sampler how many runs reached 99%
+    train-mode accuracy in the last epoch."""
     fit = runs.assign(fit=runs["train_acc.train_mode"] >= 0.99).groupby("sampler")["fit"].agg(["sum", "count"])
     seeds = runs.pivot_table(index="seed", columns="sampler", values="test_acc").reindex(columns=GN_PAIR).dropna()
     diff = 100 * (seeds[GN_PAIR[1]] - seeds[GN_PAIR[0]])
     half = stats.t.ppf(0.975, len(diff) - 1) * diff.std(ddof=1) / len(diff) ** 0.5 if len(diff) > 1 else float("nan")
     counts = "; ".join(f"{s}: {int(fit.loc[s, 'sum'])} of {int(fit.loc[s, 'count'])} runs at >= 99% train-mode "
                        "accuracy in the last epoch" for s in GN_PAIR if s in fit.index)
-    lo, hi = diff.mean() - half, diff.mean() + half
-    lower = int((diff < 0).sum())
-    reading = (f" The interval excludes 0 and {lower} of {len(diff)} seeds go the same way: a systematic "
-               "effect of the order inside the batch, which a per-sample norm should not have and "
-               "rounding alone would not give one sign. Not explained yet; one candidate is the "
-               "reduced-precision (bf16) sums of the weight gradient over same-class blocks, to be "
-               "checked by the same pair at precision=fp32."
-               if (hi < 0 or lo > 0) else
-               " The interval holds 0: consistent with the rounding explanation.")
-    return (f" **GN under class-sorted groups.** {SAME_PROCESS} Measured over {len(diff)} seeds "
-            f"({runs.attrs['where']}): {counts}; test accuracy {GN_PAIR[1]} - {GN_PAIR[0]} "
-            f"{diff.mean():+.1f} points [{lo:+.1f}, {hi:+.1f}] (paired by seed, 95% t-interval)."
-            + reading)
+    return diff.mean(), diff.mean() - half, diff.mean() + half, len(diff), int((diff < 0).sum()), counts
+
+
+def fp32_sentence(bf16: tuple, fp32: pd.DataFrame) -> str:
+    """The same pair at precision=fp32 beside the reduced-precision gap ``bf16 = (mean, lo, hi)``,
+    and what the two together say about the bf16 explanation."""
+    mean, lo, hi, n, lower, counts = paired_gap(fp32)
+    gap_bf16 = bf16[1] > 0 or bf16[2] < 0
+    gap_fp32 = lo > 0 or hi < 0
+    if gap_bf16 and not gap_fp32:
+        reading = ("the gap is gone in fp32, so the reduced-precision sums explain it (bf16 autocast "
+                   "rounds differently when a block of 16 images of one class is summed)")
+    elif gap_bf16 and gap_fp32 and (mean < 0) == (bf16[0] < 0):
+        reading = ("the gap stays, with the same sign, in fp32: reduced precision does not explain "
+                   "it; something in the order of a batch still reaches GN's training")
+    elif not gap_fp32:
+        reading = "neither interval excludes 0 in a way the other contradicts: rounding, in both"
+    else:
+        reading = "fp32 shows a gap that the reduced-precision runs do not: not explained"
+    return (f" The same pair at precision=fp32 (`{GN_FP32.lstrip('-')}`, {n} seeds): {counts}; "
+            f"{GN_PAIR[1]} - {GN_PAIR[0]} {mean:+.1f} points [{lo:+.1f}, {hi:+.1f}], {lower} of {n} "
+            f"seeds lower. So {reading}.")
+
+
+def _precision(runs: pd.DataFrame) -> str:
+    """The precision the runs trained at (``precision_used`` where recorded, else the setting)."""
+    for col in ("precision_used", "precision"):
+        if col in runs and runs[col].notna().any():
+            return "/".join(sorted(map(str, runs[col].dropna().unique())))
+    return "as recorded"
+
+
+GN_FP32 = "-gn_fp32"  # sibling folder: the GN pair at precision=fp32 (the bf16 explanation's check)
+
+
+def _gn_fp32_runs(d: StudyData) -> pd.DataFrame | None:
+    """GN's finished runs of the pair in ``<study_dir>-gn_fp32`` (None: not run)."""
+    where = Path(str(d.study_dir) + GN_FP32) if d.study_dir else None
+    if where is None or not where.is_dir():
+        return None
+    runs, curves = collect_runs(where)
+    if runs.empty:
+        return None
+    runs = with_train_mode_acc(runs, curves)
+    return runs[(runs["norm"] == "gn") & runs["sampler"].isin(GN_PAIR) & (runs["status"] == "ok")]
 
 
 GN_PAIR = ("pk2x16g5", "sorted16g10")

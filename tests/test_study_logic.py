@@ -367,3 +367,22 @@ def test_noniid_gn_sorting_calls_a_one_signed_gap_systematic_and_a_mixed_one_rou
     assert f"{mean:+.1f} points [{mean - half:+.1f}, {mean + half:+.1f}]" in text
     assert ("a systematic effect" in text) is systematic
     assert ("consistent with the rounding explanation" in text) is (not systematic)
+
+
+@pytest.mark.parametrize("fp32_gaps, reading", [([0.3, -0.2, 0.2, -0.4, 0.2], "the reduced-precision sums explain it"),
+                                                ([-1.0, -1.2, -0.8, -1.1, -0.9], "reduced precision does not explain")])
+def test_noniid_fp32_check_says_whether_bf16_explains_the_gn_gap(fp32_gaps, reading):
+    """The fp32 pair's paired interval (by hand) beside a bf16 gap that excludes 0: gone in fp32
+    means bf16 explains it; the same sign in fp32 means it does not."""
+    from scipy import stats
+
+    nn = experiment("noniid")
+    rows = pd.DataFrame([{"run": f"{s}{seed}", "norm": "gn", "sampler": s, "status": "ok", "seed": seed,
+                          "test_acc": 0.85 + (g / 100 if s == "sorted16g10" else 0.0),
+                          "train_acc.train_mode": 0.995 if s == "pk2x16g5" or seed else 0.98}
+                         for seed, g in enumerate(fp32_gaps) for s in nn.GN_PAIR])
+    text = nn.fp32_sentence((-1.1, -2.1, -0.1), rows)
+    mean = sum(fp32_gaps) / 5
+    half = stats.t.ppf(0.975, 4) * pd.Series(fp32_gaps).std() / 5 ** 0.5
+    assert f"{mean:+.1f} points [{mean - half:+.1f}, {mean + half:+.1f}]" in text and reading in text
+    assert "sorted16g10: 4 of 5 runs at >= 99%" in text and "(`gn_fp32`, 5 seeds)" in text
