@@ -369,20 +369,41 @@ def test_noniid_gn_sorting_calls_a_one_signed_gap_systematic_and_a_mixed_one_rou
     assert ("consistent with the rounding explanation" in text) is (not systematic)
 
 
-@pytest.mark.parametrize("fp32_gaps, reading", [([0.3, -0.2, 0.2, -0.4, 0.2], "the reduced-precision sums explain it"),
-                                                ([-1.0, -1.2, -0.8, -1.1, -0.9], "reduced precision does not explain")])
+BF16_GAPS = [-1.0, -1.2, -0.9, -1.1, -1.0]
+
+
+def _gn_pair_rows(gaps, precision="bf16", late=()):
+    nn = experiment("noniid")
+    return pd.DataFrame([{"run": f"{s}{seed}", "norm": "gn", "sampler": s, "status": "ok", "seed": seed,
+                          "precision": precision, "test_acc": 0.85 + (g / 100 if s == "sorted16g10" else 0.0),
+                          "train_acc.train_mode": 0.98 if (s, seed) in late else 0.995}
+                         for seed, g in enumerate(gaps) for s in nn.GN_PAIR])
+
+
+@pytest.mark.parametrize("fp32_gaps, reading", [
+    ([0.3, -0.2, 0.2, -0.4, 0.2], "the reduced-precision sums explain it"),
+    ([-1.0, -1.3, -0.8, -1.1, -0.9], "reduced precision does not explain it"),
+    ([1.0, 1.3, 0.8, 1.1, 0.9], "a gap of the other sign"),
+    ([-3.0, 1.0, -2.0, 0.5, -1.5], "inconclusive"),
+    ([0.3], "too few to read")])
 def test_noniid_fp32_check_says_whether_bf16_explains_the_gn_gap(fp32_gaps, reading):
-    """The fp32 pair's paired interval (by hand) beside a bf16 gap that excludes 0: gone in fp32
-    means bf16 explains it; the same sign in fp32 means it does not."""
+    """The fp32 pair beside a bf16 gap that excludes 0: its own paired interval and its change
+    from bf16 on the shared seeds (both by hand) decide the reading."""
     from scipy import stats
 
     nn = experiment("noniid")
-    rows = pd.DataFrame([{"run": f"{s}{seed}", "norm": "gn", "sampler": s, "status": "ok", "seed": seed,
-                          "test_acc": 0.85 + (g / 100 if s == "sorted16g10" else 0.0),
-                          "train_acc.train_mode": 0.995 if s == "pk2x16g5" or seed else 0.98}
-                         for seed, g in enumerate(fp32_gaps) for s in nn.GN_PAIR])
-    text = nn.fp32_sentence((-1.1, -2.1, -0.1), rows)
-    mean = sum(fp32_gaps) / 5
-    half = stats.t.ppf(0.975, 4) * pd.Series(fp32_gaps).std() / 5 ** 0.5
-    assert f"{mean:+.1f} points [{mean - half:+.1f}, {mean + half:+.1f}]" in text and reading in text
+    text = nn.fp32_sentence(_gn_pair_rows(BF16_GAPS), _gn_pair_rows(fp32_gaps, "fp32", late={("sorted16g10", 0)}))
+    assert reading in text
+    if len(fp32_gaps) < 2:
+        return
+    def interval(xs):
+        m, h = sum(xs) / len(xs), stats.t.ppf(0.975, len(xs) - 1) * pd.Series(xs).std() / len(xs) ** 0.5
+        return f"{m:+.1f} points [{m - h:+.1f}, {m + h:+.1f}]"
+    change = [f - b for f, b in zip(fp32_gaps, BF16_GAPS)]
+    assert interval(fp32_gaps) in text and f"fp32 minus bf16 on the 5 seeds both have: {interval(change)}" in text
     assert "sorted16g10: 4 of 5 runs at >= 99%" in text and "(`gn_fp32`, 5 seeds)" in text
+
+
+def test_noniid_fp32_runs_that_did_not_train_at_fp32_are_not_read():
+    nn = experiment("noniid")
+    assert "not read" in nn.fp32_sentence(_gn_pair_rows(BF16_GAPS), _gn_pair_rows(BF16_GAPS, "bf16"))
