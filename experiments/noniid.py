@@ -30,6 +30,7 @@ most of the i.i.d. accuracy.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -185,30 +186,141 @@ def gn_sorting(d: StudyData) -> str:
     one training process up to floating-point summation order (see ``SAME_PROCESS``), so a gap
     should be the trajectories' sensitivity to rounding, of either sign; a paired interval that
     excludes 0 says it is not. Measured over the study's seeds and, when run, more in
-    ``<study_dir>-gn_seeds``: per sampler the runs whose last-epoch train-mode accuracy reached
-    99%, and the paired test-accuracy difference."""
+    ``<study_dir>-gn_seeds`` (pooled only where scored on the same test set): per sampler the
+    runs whose last-epoch train-mode accuracy reached 99%, and the paired test-accuracy
+    difference; then, when run, the same pair at precision=fp32 (``<study_dir>-gn_fp32``), which
+    tells reduced-precision sums from the rest (``fp32_sentence``)."""
     runs = _gn_pairs(d)
     if runs is None:
         return ""
+    gap = paired_gap(runs)
+    fp32 = _gn_fp32_runs(d)
+    checked = fp32 is not None and fp32["sampler"].nunique() == 2
+    reading = (f" The interval excludes 0 and {gap.agree} of {gap.n} seeds go its way: a systematic "
+               "effect of the order inside the batch, which a per-sample norm should not have and "
+               "rounding differences of either sign would not give."
+               + ("" if checked else " Not explained yet; one candidate is the reduced-precision "
+                  "(bf16) sums of the weight gradient over same-class blocks, to be checked by the "
+                  "same pair at precision=fp32.")
+               if gap.excludes_0 else " The interval holds 0: consistent with the rounding explanation.")
+    text = (f" **GN under class-sorted groups.** {SAME_PROCESS} Measured over {gap.n} seeds "
+            f"({runs.attrs['where']}; precision {_precision(runs)}): {gap.counts}; test accuracy "
+            f"{GN_PAIR[1]} - {GN_PAIR[0]} {gap.mean:+.1f} points [{gap.lo:+.1f}, {gap.hi:+.1f}] "
+            "(paired by seed, 95% t-interval)." + reading)
+    return text + (fp32_sentence(runs, fp32) if checked else "")
+
+
+@dataclass(frozen=True)
+class Gap:
+    """Test accuracy sorted16g10 - pk2x16g5 in points, paired by seed (``by_seed``), its mean and
+    95% t-interval, how many seeds share the mean's sign, and per sampler how many runs reached
+    99% train-mode accuracy in the last epoch (``counts``, in words)."""
+    by_seed: pd.Series
+    counts: str
+
+    @property
+    def n(self) -> int:
+        return len(self.by_seed)
+
+    @property
+    def mean(self) -> float:
+        return float(self.by_seed.mean())
+
+    @property
+    def half(self) -> float:
+        n = self.n
+        return float(stats.t.ppf(0.975, n - 1) * self.by_seed.std(ddof=1) / n ** 0.5) if n > 1 else float("nan")
+
+    @property
+    def lo(self) -> float:
+        return self.mean - self.half
+
+    @property
+    def hi(self) -> float:
+        return self.mean + self.half
+
+    @property
+    def excludes_0(self) -> bool:
+        return self.n > 1 and (self.lo > 0 or self.hi < 0)
+
+    @property
+    def agree(self) -> int:
+        return int((self.by_seed.apply(_sign) == _sign(self.mean)).sum())
+
+
+def _sign(x: float) -> int:
+    return (x > 0) - (x < 0)
+
+
+def paired_gap(runs: pd.DataFrame) -> Gap:
+    """The ``Gap`` of GN's runs under the two samplers (seeds with both only)."""
     fit = runs.assign(fit=runs["train_acc.train_mode"] >= 0.99).groupby("sampler")["fit"].agg(["sum", "count"])
     seeds = runs.pivot_table(index="seed", columns="sampler", values="test_acc").reindex(columns=GN_PAIR).dropna()
-    diff = 100 * (seeds[GN_PAIR[1]] - seeds[GN_PAIR[0]])
-    half = stats.t.ppf(0.975, len(diff) - 1) * diff.std(ddof=1) / len(diff) ** 0.5 if len(diff) > 1 else float("nan")
     counts = "; ".join(f"{s}: {int(fit.loc[s, 'sum'])} of {int(fit.loc[s, 'count'])} runs at >= 99% train-mode "
                        "accuracy in the last epoch" for s in GN_PAIR if s in fit.index)
-    lo, hi = diff.mean() - half, diff.mean() + half
-    lower = int((diff < 0).sum())
-    reading = (f" The interval excludes 0 and {lower} of {len(diff)} seeds go the same way: a systematic "
-               "effect of the order inside the batch, which a per-sample norm should not have and "
-               "rounding alone would not give one sign. Not explained yet; one candidate is the "
-               "reduced-precision (bf16) sums of the weight gradient over same-class blocks, to be "
-               "checked by the same pair at precision=fp32."
-               if (hi < 0 or lo > 0) else
-               " The interval holds 0: consistent with the rounding explanation.")
-    return (f" **GN under class-sorted groups.** {SAME_PROCESS} Measured over {len(diff)} seeds "
-            f"({runs.attrs['where']}): {counts}; test accuracy {GN_PAIR[1]} - {GN_PAIR[0]} "
-            f"{diff.mean():+.1f} points [{lo:+.1f}, {hi:+.1f}] (paired by seed, 95% t-interval)."
-            + reading)
+    return Gap(100 * (seeds[GN_PAIR[1]] - seeds[GN_PAIR[0]]), counts)
+
+
+def fp32_sentence(low: pd.DataFrame, fp32: pd.DataFrame) -> str:
+    """The same pair at precision=fp32 beside the reduced-precision runs ``low``, and what the two
+    say about the bf16 explanation: the fp32 gap on its own, and its change from the low-precision
+    gap over the seeds both have (paired). "Explained" needs the low-precision gap to exclude 0,
+    the fp32 one to hold 0 and the change to exclude 0 towards 0; a gap that stays with its sign
+    rules precision out; anything else is said as it is."""
+    if "precision" in fp32 and set(fp32["precision"].dropna()) - {"fp32"}:
+        return (f" The `{GN_FP32.lstrip('-')}` runs did not all train at fp32 "
+                f"({', '.join(sorted(map(str, fp32['precision'].dropna().unique())))}): not read.")
+    base, check = paired_gap(low), paired_gap(fp32)
+    if check.n < 2:
+        return f" The same pair at precision=fp32 has {check.n} seed(s) with both samplers: too few to read."
+    both = check.by_seed.index.intersection(base.by_seed.index)
+    change = Gap(check.by_seed[both] - base.by_seed[both], "")
+    said = (f" The same pair at precision=fp32 (`{GN_FP32.lstrip('-')}`, {check.n} seeds): {check.counts}; "
+            f"{GN_PAIR[1]} - {GN_PAIR[0]} {check.mean:+.1f} points [{check.lo:+.1f}, {check.hi:+.1f}], "
+            f"{check.agree} of {check.n} seeds its way; fp32 minus {_precision(low)} on the {change.n} "
+            f"seeds both have: {change.mean:+.1f} points [{change.lo:+.1f}, {change.hi:+.1f}].")
+    toward_0 = change.excludes_0 and (change.mean > 0) == (base.mean < 0)
+    if base.excludes_0 and check.excludes_0 and (check.mean < 0) == (base.mean < 0):
+        reading = ("the gap stays, with its sign, in fp32: reduced precision does not explain it; "
+                   "something in the order of a batch still reaches GN's training")
+    elif base.excludes_0 and not check.excludes_0 and toward_0:
+        reading = ("the gap is gone in fp32 and shrank in every sense the seeds can show: the "
+                   "reduced-precision sums explain it")
+    elif base.excludes_0 and check.excludes_0:
+        reading = "fp32 shows a gap of the other sign: neither rounding nor precision explains the pair"
+    elif base.excludes_0:
+        reading = ("fp32 shows no gap, but not one shown smaller than the reduced-precision one: "
+                   "inconclusive (more seeds would tell)")
+    elif check.excludes_0:
+        reading = "fp32 shows a gap the reduced-precision runs do not: not explained"
+    else:
+        reading = "neither precision shows a gap: rounding, in both"
+    return f"{said} So {reading}."
+
+
+def _precision(runs: pd.DataFrame) -> str:
+    """The precision the runs trained at (the recorded, resolved ``precision``)."""
+    if "precision" in runs and runs["precision"].notna().any():
+        return "/".join(sorted(map(str, runs["precision"].dropna().unique())))
+    return "as recorded"
+
+
+GN_FP32 = "-gn_fp32"  # sibling folder: the GN pair at precision=fp32 (the bf16 explanation's check)
+
+
+def _gn_fp32_runs(d: StudyData) -> pd.DataFrame | None:
+    """GN's finished runs of the pair in ``<study_dir>-gn_fp32`` (None: not run). Produced by
+    ``bnexp -m study=noniid data=fashion_mnist scale=small launcher=joblib norm=gn
+    sampler=pk2x16g5,sorted16g10 seed=0,1,2,3,4 precision=fp32
+    hydra.sweep.dir=results/noniid/fashion_mnist-small-gn_fp32``."""
+    where = Path(str(d.study_dir) + GN_FP32) if d.study_dir else None
+    if where is None or not where.is_dir():
+        return None
+    runs, curves = collect_runs(where)
+    if runs.empty:
+        return None
+    runs = with_train_mode_acc(runs, curves)
+    return runs[(runs["norm"] == "gn") & runs["sampler"].isin(GN_PAIR) & (runs["status"] == "ok")]
 
 
 GN_PAIR = ("pk2x16g5", "sorted16g10")
@@ -232,11 +344,18 @@ def _gn_pairs(d: StudyData) -> pd.DataFrame | None:
         more, curves = collect_runs(extra)
         more = with_train_mode_acc(more, curves)
         more = more[(more["norm"] == "gn") & more["sampler"].isin(GN_PAIR) & (more["status"] == "ok")]
+    skipped = ""
+    if len(more) and "data.test_size" in more and "data.test_size" in gn:
+        same = more["data.test_size"].fillna(-1).isin(set(gn["data.test_size"].fillna(-1)))
+        if not same.all():
+            skipped = f"; `{extra.name}`'s runs not pooled: scored on another test set"
+        more = more[same]
     runs = pd.concat([gn, more], ignore_index=True).drop_duplicates(subset=["sampler", "seed"], keep="first")
     if runs["sampler"].nunique() < 2:
         return None
-    runs.attrs["where"] = (f"{gn['seed'].nunique()} of the study, {more['seed'].nunique()} more in `{extra.name}`"
-                           if len(more) else "the study's")
+    added = runs["seed"].nunique() - gn["seed"].nunique()
+    runs.attrs["where"] = (f"{gn['seed'].nunique()} of the study, {added} more in `{extra.name}`"
+                           if added > 0 else "the study's") + skipped
     return runs
 
 

@@ -397,3 +397,43 @@ def test_bn_vs_dropout_bn_vs_none_reads_the_gap_and_test_accuracy_at_p0():
     every = pd.DataFrame(rows).assign(converged=True)  # every seed of both arms converged
     v = bn_vs_dropout.bn_narrows_gap(StudyData(Path("."), "", every, pd.DataFrame(), pd.DataFrame()))
     assert v.label == "shown" and f"difference {gap:+.1f} points" in v.text
+
+
+BF16_GAPS = [-1.0, -1.2, -0.9, -1.1, -1.0]
+
+
+def _gn_pair_rows(gaps, precision="bf16", late=()):
+    nn = experiment("noniid")
+    return pd.DataFrame([{"run": f"{s}{seed}", "norm": "gn", "sampler": s, "status": "ok", "seed": seed,
+                          "precision": precision, "test_acc": 0.85 + (g / 100 if s == "sorted16g10" else 0.0),
+                          "train_acc.train_mode": 0.98 if (s, seed) in late else 0.995}
+                         for seed, g in enumerate(gaps) for s in nn.GN_PAIR])
+
+
+@pytest.mark.parametrize("fp32_gaps, reading", [
+    ([0.3, -0.2, 0.2, -0.4, 0.2], "the reduced-precision sums explain it"),
+    ([-1.0, -1.3, -0.8, -1.1, -0.9], "reduced precision does not explain it"),
+    ([1.0, 1.3, 0.8, 1.1, 0.9], "a gap of the other sign"),
+    ([-3.0, 1.0, -2.0, 0.5, -1.5], "inconclusive"),
+    ([0.3], "too few to read")])
+def test_noniid_fp32_check_says_whether_bf16_explains_the_gn_gap(fp32_gaps, reading):
+    """The fp32 pair beside a bf16 gap that excludes 0: its own paired interval and its change
+    from bf16 on the shared seeds (both by hand) decide the reading."""
+    from scipy import stats
+
+    nn = experiment("noniid")
+    text = nn.fp32_sentence(_gn_pair_rows(BF16_GAPS), _gn_pair_rows(fp32_gaps, "fp32", late={("sorted16g10", 0)}))
+    assert reading in text
+    if len(fp32_gaps) < 2:
+        return
+    def interval(xs):
+        m, h = sum(xs) / len(xs), stats.t.ppf(0.975, len(xs) - 1) * pd.Series(xs).std() / len(xs) ** 0.5
+        return f"{m:+.1f} points [{m - h:+.1f}, {m + h:+.1f}]"
+    change = [f - b for f, b in zip(fp32_gaps, BF16_GAPS)]
+    assert interval(fp32_gaps) in text and f"fp32 minus bf16 on the 5 seeds both have: {interval(change)}" in text
+    assert "sorted16g10: 4 of 5 runs at >= 99%" in text and "(`gn_fp32`, 5 seeds)" in text
+
+
+def test_noniid_fp32_runs_that_did_not_train_at_fp32_are_not_read():
+    nn = experiment("noniid")
+    assert "not read" in nn.fp32_sentence(_gn_pair_rows(BF16_GAPS), _gn_pair_rows(BF16_GAPS, "bf16"))
