@@ -30,6 +30,7 @@ and worse at batch 8, where test batches of 8 are noisy (Wu & Johnson 2021).
 """
 from __future__ import annotations
 
+import shutil
 import sys
 from pathlib import Path
 
@@ -38,7 +39,7 @@ import pandas as pd
 from bnexp.analysis import generic as A
 from bnexp.analysis.study import Study, StudyData
 from bnexp.analysis.verdicts import Shape, compare, compare_outcomes, compare_value
-from bnexp.analysis.run_study import ROOT, run_study
+from bnexp.analysis.run_study import ROOT, run_study, study_dir
 from lr_sensitivity import TARGET, learns_faster
 from stat_modes_vs_batch import plot_modes
 
@@ -193,8 +194,32 @@ STUDY = Study(
     comparisons=lambda d: statements(d.runs), notes=notes)
 
 
+GRID = "-lr_grid"  # bnexp.jobs.tuning.GRID_SUFFIX: the lr grid's sibling folder
+
+
+def reuse_reference_grid(argv: list[str], reference: Path = REFERENCE) -> Path | None:
+    """Copy the committed reference's lr-grid runs into the folder this demo's grid would use,
+    when that folder does not exist yet, so that ``make demo`` chooses none's and dropout's lr
+    from the reference's finished validation runs (the tuning skips finished runs) instead of
+    training 24 more. Returns the folder copied to (None: nothing copied). A reference re-run
+    (``make study S=demo``, whose folder is the reference) runs its grid itself."""
+    if "--analyze-only" in argv:
+        return None
+    mine = study_dir("demo", [a for a in argv if "=" in a])
+    grid, source = mine.with_name(mine.name + GRID), reference / (mine.name + GRID)
+    if mine.resolve() == (reference / mine.name).resolve() or grid.exists() or not source.is_dir():
+        return None
+    shutil.copytree(source, grid)
+    print(f"demo: none's and dropout's lr come from the committed reference's lr grid ({len(list((grid / 'runs').iterdir()))} "
+          f"validation runs, copied to {grid.relative_to(ROOT) if grid.is_relative_to(ROOT) else grid}); "
+          "`make study S=demo` re-runs that grid", flush=True)
+    return grid
+
+
 def main(argv: list[str]) -> Path:
-    report = run_study(STUDY, with_data(with_launcher(argv)))
+    argv = with_data(with_launcher(argv))
+    reuse_reference_grid(argv)
+    report = run_study(STUDY, argv)
     print(f"figures: {report.parent / 'figures'}  (main one: {FIGURE}.png)")
     mine = beside_reference(pd.read_csv(report.parent / "runs.csv"), report.parent)
     if mine:
