@@ -72,3 +72,28 @@ def test_each_arm_is_put_beside_the_committed_reference(demo, tmp_path):
     # the reference folder is not compared with itself; another data/scale has no reference
     assert demo.beside_reference(ref, REFERENCE) == []
     assert demo.beside_reference(ref, tmp_path / "synthetic-smoke") == []
+
+
+def test_make_demo_reuses_the_reference_lr_grid_once_and_never_into_the_reference(demo, tmp_path):
+    """The committed grid runs are copied into the newcomer's grid folder (file for file) when it
+    does not exist; an existing folder is left alone, and a run into the reference itself (`make
+    study S=demo`) copies nothing."""
+    reference = tmp_path / "ref"
+    run = reference / "fashion_mnist-small-lr_grid" / "runs" / "norm=none,optim.lr=0.03,seed=100"
+    run.mkdir(parents=True)
+    (run / "summary.json").write_text('{"status": "ok"}')
+    argv = [f"results_dir={tmp_path / 'scratch'}", "launcher=joblib"]
+    grid = demo.reuse_reference_grid(argv, reference)
+    assert grid == tmp_path / "scratch" / "demo" / "fashion_mnist-small-lr_grid"
+    copied = grid / "runs" / run.name / "summary.json"
+    assert copied.read_text() == (run / "summary.json").read_text()
+    copied.write_text("mine")
+    assert demo.reuse_reference_grid(argv, reference) is None and copied.read_text() == "mine"
+    assert demo.reuse_reference_grid([*argv, "--analyze-only"], reference) is None
+    # a run into the reference itself: its grid folder is the source, nothing is copied
+    own = [f"results_dir={tmp_path}"]
+    (tmp_path / "demo").mkdir()
+    (reference / "fashion_mnist-small-lr_grid").rename(tmp_path / "demo" / "fashion_mnist-small-lr_grid")
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    assert demo.reuse_reference_grid(own, tmp_path / "demo") is None
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
