@@ -2,13 +2,14 @@
 
 The peak learning rate of SGD (momentum 0.9, cosine schedule, batch 128) is swept on a log grid
 from 0.001 up to where training without normalization breaks, for the same network with BN and
-without normalization. A run whose loss becomes non-finite is kept as a result (status
+without normalization. A second launch (``grid.extra``) trains both at one small lr for longer,
+so that "equal at small lr" is read between nets that trained. A run whose loss becomes non-finite is kept as a result (status
 ``diverged``) and drawn as an ``x`` at its learning rate.
 
 Run::
 
     make study S=lr_sensitivity ARGS="data=synthetic scale=smoke"   # 7 rates: 42 runs
-    make study S=lr_sensitivity ARGS="data=fashion_mnist scale=small launcher=joblib"  # 48 runs
+    make study S=lr_sensitivity ARGS="data=fashion_mnist scale=small launcher=joblib"  # 110 runs
     make study S=lr_sensitivity                                     # CIFAR-10: 8 rates, 48 runs
 
 Expected (Bjorck et al. 2018, "Understanding Batch Normalization"; Santurkar et al. 2018, "How
@@ -68,6 +69,18 @@ def statements(runs: pd.DataFrame, metric: str = "test_acc") -> list[str]:
     return out
 
 
+def long_statements(d: StudyData, metric: str = "test_acc") -> list[str]:
+    """BN against none at the longer budget (``grid.extra``), with each arm's train accuracy."""
+    long = d.extra.get(LONG)
+    if long is None or long.empty or not {"bn", "none"} <= set(long["norm"]):
+        return []
+    lr, epochs = long[LR].min(), long[EPOCHS].max()
+    fit = long[long["status"] == "ok"].groupby("norm")["train_acc"].mean() * 100
+    return [f"At lr {lr:g} for {epochs:g} epochs: " + A.compare_statement(
+        A.summarize(long, ["norm", LR], [metric]), metric, "norm", "bn", "none", at={LR: lr})
+        + f" (train accuracy BN {fit.get('bn', float('nan')):.1f}%, none {fit.get('none', float('nan')):.1f}%)"]
+
+
 def figures(d: StudyData) -> dict:
     # headline: seeds either train or do not at a given lr (bimodal), so counts, not a mean and a band
     figs = {"trained_vs_lr": plot_counts(d.runs, LR, "trained", "norm", title="seeds that trained (k of n) per "
@@ -81,8 +94,33 @@ def figures(d: StudyData) -> dict:
     return figs
 
 
+EPOCHS = "optim.epochs"
+LONG = "long"  # StudyData.extra's key: the runs of grid.extra's longer budget at one small lr
+
+
+def prepare(d: StudyData) -> StudyData:
+    """Sets the runs of the longer budget (``grid.extra``: more epochs at one small lr, so that
+    "equal at small lr" is read between nets that trained) apart in ``d.extra[LONG]``; every
+    figure, table and the other shapes read the grid, whose runs share one budget."""
+    if EPOCHS in d.runs and d.runs[EPOCHS].nunique() > 1:
+        grid = d.runs[EPOCHS] == d.runs[EPOCHS].min()
+        d.extra[LONG] = d.runs[~grid].copy()
+        d.runs = d.runs[grid].copy()
+    return d
+
+
 def equal_at_small_lr(d: StudyData):
-    return compare(d.runs, "test_acc", "norm", "bn", "none", want=0, margin=0.02, at={LR: d.runs[LR].min()})
+    """Primary: BN against none at the longer budget's lr, where both can train (a claim about
+    converged nets); also at the grid's smallest lr, at the grid's budget (too few steps to
+    train there: an equal-budget reading). Without the longer runs, the grid's smallest lr."""
+    small = compare(d.runs, "test_acc", "norm", "bn", "none", want=0, margin=0.02, at={LR: d.runs[LR].min()},
+                    note=f"the grid's budget, {d.runs[EPOCHS].max():g} epochs" if EPOCHS in d.runs else "")
+    long = d.extra.get(LONG)
+    if long is None or long.empty:
+        return small
+    lr, epochs = long[LR].min(), long[EPOCHS].max()
+    return compare(long, "test_acc", "norm", "bn", "none", want=0, margin=0.02, at={LR: lr},
+                   note=f"the longer budget, {epochs:g} epochs (grid.extra)").also(small)
 
 
 def only_bn_at_high_lr(d: StudyData):
@@ -148,14 +186,15 @@ def bn_faster(d: StudyData):
 SOURCE = "Bjorck et al. 2018; Santurkar et al. 2018"
 STUDY = Study(
     "lr_sensitivity", __doc__,
-    shapes=[Shape("equal accuracy at the smallest learning rate", SOURCE, equal_at_small_lr, "G"),
+    shapes=[Shape("equal accuracy at a small learning rate, once both nets have trained", SOURCE,
+                  equal_at_small_lr, "G"),
             Shape("only BN trains at the largest learning rate", SOURCE, only_bn_at_high_lr, "T"),
             Shape("BN's best accuracy (at its best lr) is the best overall", SOURCE, bn_best, "G"),
             Shape(f"BN learns faster: at its best lr it reaches {TARGET:.0%} clean training accuracy in "
                   "fewer steps than none at its best lr", "the notes: 'speeding the learning process'",
                   bn_faster, "D")],
-    figures=figures, by=("norm", LR), metrics=("test_acc", "train_acc", "train_loss"),
-    comparisons=lambda d: statements(d.runs),
+    figures=figures, by=("norm", LR), metrics=("test_acc", "train_acc", "train_loss"), prepare=prepare,
+    comparisons=lambda d: statements(d.runs) + long_statements(d),
     notes=lambda d: (
         "Means and intervals use the runs that finished; the `diverged` column counts the "
         "others (their loss became non-finite), drawn as x marks above their learning rate. "

@@ -367,3 +367,31 @@ def test_noniid_gn_sorting_calls_a_one_signed_gap_systematic_and_a_mixed_one_rou
     assert f"{mean:+.1f} points [{mean - half:+.1f}, {mean + half:+.1f}]" in text
     assert ("a systematic effect" in text) is systematic
     assert ("consistent with the rounding explanation" in text) is (not systematic)
+
+
+def test_lr_sensitivity_reads_equal_at_small_lr_on_the_longer_budget_and_keeps_it_out_of_the_grid():
+    """grid.extra's longer runs are set apart (the grid's table and figures keep one budget); the
+    primary contrast is BN - none at their lr (hand-paired mean), the grid's smallest lr follows."""
+    from bnexp.analysis.study import StudyData
+
+    lrs = experiment("lr_sensitivity")
+    rows = []
+    for seed, jitter in enumerate([0.0, 0.002, -0.001, 0.001, -0.002]):
+        for norm in ("bn", "none"):
+            for lr, epochs, acc in ((0.001, 20, {"bn": 0.60, "none": 0.30}), (0.01, 20, {"bn": 0.85, "none": 0.80}),
+                                    (0.01, 80, {"bn": 0.900, "none": 0.896})):
+                rows.append({"run": f"{norm}-{lr}-{epochs}-{seed}", "seed": seed, "norm": norm, "status": "ok",
+                             lrs.LR: lr, lrs.EPOCHS: epochs, "test_acc": acc[norm] + (jitter if norm == "bn" else 0),
+                             "train_acc": 1.0, "clean_train_acc": 1.0, "converged": epochs == 80})
+    d = lrs.prepare(StudyData(Path("."), "", pd.DataFrame(rows), pd.DataFrame(), pd.DataFrame()))
+    assert set(d.runs[lrs.EPOCHS]) == {20} and len(d.runs) == 20 and set(d.extra[lrs.LONG][lrs.EPOCHS]) == {80}
+    v = lrs.equal_at_small_lr(d)
+    long_diff = 100 * (0.900 - 0.896)  # jitters sum to 0 over the seeds
+    assert v.label == "shown" and f"difference {long_diff:+.1f} points" in v.text
+    assert "80 epochs" in v.text.split("Also: ")[0]
+    also = v.text.split("Also: ")[1]
+    assert "learning rate 0.001" in also and f"difference {100 * (0.60 - 0.30):+.1f} points" in also
+    assert "At lr 0.01 for 80 epochs" in lrs.long_statements(d)[0]
+    # without the longer runs: the grid's smallest lr, as before
+    grid_only = lrs.prepare(StudyData(Path("."), "", d.runs.copy(), pd.DataFrame(), pd.DataFrame()))
+    assert lrs.LONG not in grid_only.extra and "learning rate 0.001" in lrs.equal_at_small_lr(grid_only).text
