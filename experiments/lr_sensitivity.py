@@ -3,8 +3,8 @@
 The peak learning rate of SGD (momentum 0.9, cosine schedule, batch 128) is swept on a log grid
 from 0.001 up to where training without normalization breaks, for the same network with BN and
 without normalization. A second launch (``grid.extra``) trains both at one small lr for longer,
-so that "equal at small lr" is read between nets that trained. A run whose loss becomes non-finite is kept as a result (status
-``diverged``) and drawn as an ``x`` at its learning rate.
+so that "equal at small lr" is read between nets that trained. A run whose loss becomes
+non-finite is kept as a result (status ``diverged``) and drawn as an ``x`` at its learning rate.
 
 Run::
 
