@@ -2,14 +2,15 @@
 
 The peak learning rate of SGD (momentum 0.9, cosine schedule, batch 128) is swept on a log grid
 from 0.001 up to where training without normalization breaks, for the same network with BN and
-without normalization. A run whose loss becomes non-finite is kept as a result (status
-``diverged``) and drawn as an ``x`` at its learning rate.
+without normalization. A second launch (``grid.extra``) trains both at one small lr for longer,
+so that "equal at small lr" is read between nets that trained. A run whose loss becomes
+non-finite is kept as a result (status ``diverged``) and drawn as an ``x`` at its learning rate.
 
 Run::
 
-    make study S=lr_sensitivity ARGS="data=synthetic scale=smoke"   # 7 rates: 42 runs
-    make study S=lr_sensitivity ARGS="data=fashion_mnist scale=small launcher=joblib"  # 48 runs
-    make study S=lr_sensitivity                                     # CIFAR-10: 8 rates, 48 runs
+    make study S=lr_sensitivity ARGS="data=synthetic scale=smoke"   # 7 rates: 42 + 6 runs
+    make study S=lr_sensitivity ARGS="data=fashion_mnist scale=small launcher=joblib"  # 100 + 10 runs
+    make study S=lr_sensitivity                                     # CIFAR-10: 8 rates, 48 + 6 runs
 
 Expected (Bjorck et al. 2018, "Understanding Batch Normalization"; Santurkar et al. 2018, "How
 Does Batch Normalization Help Optimization?"): at small learning rates both train alike; only
@@ -68,6 +69,19 @@ def statements(runs: pd.DataFrame, metric: str = "test_acc") -> list[str]:
     return out
 
 
+def long_statements(d: StudyData, metric: str = "test_acc") -> list[str]:
+    """BN against none at the longer budget (``grid.extra``), with each arm's train accuracy."""
+    long = d.extra.get(LONG)
+    if long is None or long.empty or not {"bn", "none"} <= set(long["norm"]):
+        return []
+    lr, epochs = long[LR].min(), long[EPOCHS].max()
+    col = "clean_train_acc" if "clean_train_acc" in long else "train_acc"
+    fit = long[long["status"] == "ok"].groupby("norm")[col].mean() * 100
+    return [f"At lr {lr:g} for {epochs:g} epochs: " + A.compare_statement(
+        A.summarize(long, ["norm", LR], [metric]), metric, "norm", "bn", "none", at={LR: lr})
+        + f" (clean train accuracy BN {fit.get('bn', float('nan')):.1f}%, none {fit.get('none', float('nan')):.1f}%)"]
+
+
 def figures(d: StudyData) -> dict:
     # headline: seeds either train or do not at a given lr (bimodal), so counts, not a mean and a band
     figs = {"trained_vs_lr": plot_counts(d.runs, LR, "trained", "norm", title="seeds that trained (k of n) per "
@@ -81,8 +95,49 @@ def figures(d: StudyData) -> dict:
     return figs
 
 
+EPOCHS = "optim.epochs"
+LONG = "long"  # StudyData.extra's key: the runs of grid.extra's longer budget at one small lr
+
+
+def prepare(d: StudyData) -> StudyData:
+    """Sets the runs of the longer budget (``grid.extra``: more epochs at one small lr, so that
+    "equal at small lr" is read between nets that trained) apart in ``d.extra[LONG]``; every
+    figure, table and the other shapes read the grid, whose runs share one budget."""
+    long = is_long(d.runs)
+    if long.any():
+        d.extra[LONG] = d.runs[long].copy()
+        d.runs = d.runs[~long].copy()
+    return d
+
+
+def is_long(runs: pd.DataFrame) -> pd.Series:
+    """The runs of grid.extra's longer budget: ``optim.epochs`` at the scale's ``long_epochs``
+    and ``optim.lr`` at its ``long_lr`` (recorded per run as ``grid.<scale>.*``), apart from the
+    grid's own budget. Records without those columns: none."""
+    out = pd.Series(False, index=runs.index)
+    if EPOCHS not in runs or "scale_name" not in runs:
+        return out
+    for scale, rows in runs.groupby("scale_name"):
+        cols = [f"grid.{scale}.{k}" for k in ("long_epochs", "long_lr", "epochs")]
+        if all(c in rows for c in cols):
+            long_epochs, long_lr, epochs = (rows[c].iloc[0] for c in cols)
+            out[rows.index] = ((rows[EPOCHS] == long_epochs) & np.isclose(rows[LR], long_lr)
+                               & (long_epochs != epochs))
+    return out
+
+
 def equal_at_small_lr(d: StudyData):
-    return compare(d.runs, "test_acc", "norm", "bn", "none", want=0, margin=0.02, at={LR: d.runs[LR].min()})
+    """Primary: BN against none at the longer budget's lr, where both can train (a claim about
+    converged nets); also at the grid's smallest lr, at the grid's budget (too few steps to
+    train there: an equal-budget reading). Without the longer runs, the grid's smallest lr."""
+    small = compare(d.runs, "test_acc", "norm", "bn", "none", want=0, margin=0.02, at={LR: d.runs[LR].min()},
+                    note=f"the grid's budget, {d.runs[EPOCHS].max():g} epochs" if EPOCHS in d.runs else "")
+    long = d.extra.get(LONG)
+    if long is None or long.empty:
+        return small
+    lr, epochs = long[LR].min(), long[EPOCHS].max()
+    return compare(long, "test_acc", "norm", "bn", "none", want=0, margin=0.02, at={LR: lr},
+                   note=f"the longer budget, {epochs:g} epochs (grid.extra)").also(small)
 
 
 def only_bn_at_high_lr(d: StudyData):
@@ -148,25 +203,33 @@ def bn_faster(d: StudyData):
 SOURCE = "Bjorck et al. 2018; Santurkar et al. 2018"
 STUDY = Study(
     "lr_sensitivity", __doc__,
-    shapes=[Shape("equal accuracy at the smallest learning rate", SOURCE, equal_at_small_lr, "G"),
+    shapes=[Shape("equal accuracy at a learning rate small for BN (none's best), once both nets have trained",
+                  SOURCE,
+                  equal_at_small_lr, "G"),
             Shape("only BN trains at the largest learning rate", SOURCE, only_bn_at_high_lr, "T"),
             Shape("BN's best accuracy (at its best lr) is the best overall", SOURCE, bn_best, "G"),
             Shape(f"BN learns faster: at its best lr it reaches {TARGET:.0%} clean training accuracy in "
                   "fewer steps than none at its best lr", "the notes: 'speeding the learning process'",
                   bn_faster, "D")],
-    figures=figures, by=("norm", LR), metrics=("test_acc", "train_acc", "train_loss"),
-    comparisons=lambda d: statements(d.runs),
+    figures=figures, by=("norm", LR), metrics=("test_acc", "train_acc", "train_loss"), prepare=prepare,
+    comparisons=lambda d: statements(d.runs) + long_statements(d),
     notes=lambda d: (
         "Means and intervals use the runs that finished; the `diverged` column counts the "
         "others (their loss became non-finite), drawn as x marks above their learning rate. "
         "A run can also fail without diverging: it stalls near chance with a finite loss, "
         "which the training-loss figure shows (a flat line at ln(classes)); both count as "
         "'does not train at this learning rate'. At a learning rate too small for the "
-        "number of steps, both networks stall alike. The six runs of each arm at its best lr "
-        "(BN at 0.1, none at 0.01) were re-made from their recorded overrides on a later CPU "
-        "(fp32, 1 thread; bnexp-reproduce) so that they record the steps to the target accuracy: "
-        "their test accuracies moved by 0.1-0.3 points from the first runs', the machine's "
-        "float kernels, not the code (the code check in results/code_checks.json)."))
+        "number of steps, both networks stall alike." + long_note(d)))
+
+
+def long_note(d: StudyData) -> str:
+    """What the longer-budget runs are, where there are any."""
+    long = d.extra.get(LONG)
+    if long is None or long.empty:
+        return ""
+    return (f" The {len(long)} runs at lr {long[LR].min():g} for {long[EPOCHS].max():g} epochs "
+            "(grid.extra) are read apart from the grid: the first shape's primary contrast and the "
+            "last comparison; every figure and the table show the grid's budget.")
 
 
 if __name__ == "__main__":

@@ -437,3 +437,39 @@ def test_noniid_fp32_check_says_whether_bf16_explains_the_gn_gap(fp32_gaps, read
 def test_noniid_fp32_runs_that_did_not_train_at_fp32_are_not_read():
     nn = experiment("noniid")
     assert "not read" in nn.fp32_sentence(_gn_pair_rows(BF16_GAPS), _gn_pair_rows(BF16_GAPS, "bf16"))
+
+
+def test_lr_sensitivity_reads_equal_at_small_lr_on_the_longer_budget_and_keeps_it_out_of_the_grid():
+    """grid.extra's longer runs are set apart (the grid's table and figures keep one budget); the
+    primary contrast is BN - none at their lr (hand-paired mean), the grid's smallest lr follows."""
+    from bnexp.analysis.study import StudyData
+
+    lrs = experiment("lr_sensitivity")
+    rows = []
+    for seed, jitter in enumerate([0.0, 0.002, -0.001, 0.001, -0.002]):
+        for norm in ("bn", "none"):
+            for lr, epochs, acc in ((0.001, 20, {"bn": 0.60, "none": 0.30}), (0.01, 20, {"bn": 0.85, "none": 0.80}),
+                                    (0.01, 80, {"bn": 0.900, "none": 0.896})):
+                rows.append({"run": f"{norm}-{lr}-{epochs}-{seed}", "seed": seed, "norm": norm, "status": "ok",
+                             lrs.LR: lr, lrs.EPOCHS: epochs, "test_acc": acc[norm] + (jitter if norm == "bn" else 0),
+                             "train_acc": 1.0, "clean_train_acc": 1.0, "converged": epochs == 80,
+                             "scale_name": "small", "grid.small.epochs": 20, "grid.small.long_epochs": 80,
+                             "grid.small.long_lr": 0.01})
+    d = lrs.prepare(StudyData(Path("."), "", pd.DataFrame(rows), pd.DataFrame(), pd.DataFrame()))
+    assert set(d.runs[lrs.EPOCHS]) == {20} and len(d.runs) == 20 and set(d.extra[lrs.LONG][lrs.EPOCHS]) == {80}
+    v = lrs.equal_at_small_lr(d)
+    long_diff = 100 * (0.900 - 0.896)  # jitters sum to 0 over the seeds
+    assert v.label == "shown" and f"difference {long_diff:+.1f} points" in v.text
+    assert "80 epochs" in v.text.split("Also: ")[0]
+    also = v.text.split("Also: ")[1]
+    assert "learning rate 0.001" in also and f"difference {100 * (0.60 - 0.30):+.1f} points" in also
+    assert "At lr 0.01 for 80 epochs" in lrs.long_statements(d)[0] and "10 runs at lr 0.01" in lrs.long_note(d)
+    # the long runs are told by the recorded grid.<scale>.long_* settings, not by having more
+    # epochs: a grid run at more epochs (a command-line optim.epochs) stays in the grid
+    more = pd.DataFrame(rows).assign(**{lrs.EPOCHS: lambda r: r[lrs.EPOCHS].replace(20, 120),
+                                        "grid.small.epochs": 120})
+    assert lrs.is_long(more).sum() == 10 and set(more[lrs.is_long(more)][lrs.EPOCHS]) == {80}
+    assert not lrs.is_long(pd.DataFrame(rows).drop(columns="grid.small.long_epochs")).any()
+    # without the longer runs: the grid's smallest lr, as before
+    grid_only = lrs.prepare(StudyData(Path("."), "", d.runs.copy(), pd.DataFrame(), pd.DataFrame()))
+    assert lrs.LONG not in grid_only.extra and "learning rate 0.001" in lrs.equal_at_small_lr(grid_only).text

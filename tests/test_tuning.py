@@ -195,3 +195,22 @@ def test_norm_vs_noise_small_tunes_the_arms_without_bn_layers_and_gives_pn_and_b
     assert set(extra["norm"].split(",")) == {"pn", "bn"}
     study_seeds = {0, 1, 2, 3, 4}
     assert len(study_seeds | {int(s) for s in extra["seed"].split(",")}) == 10
+
+
+def test_grid_extra_launches_run_after_an_untuned_study_and_override_the_keys_they_name(tmp_path, monkeypatch):
+    """grid.extra (a study without grid.tune): each launch runs after the study's sweep, its keys
+    replacing the command line's; interpolations resolve per scale; a malformed one is one error."""
+    from bnexp.config import ConfigError
+
+    ov = ["data=synthetic", "scale=smoke", f"results_dir={tmp_path}", "optim.epochs=3",
+          "++grid.extra=[['optim.lr=0.02', 'optim.epochs=${grid.${scale_name}.epochs}']]"]
+    assert tuning.read_extra("lr_sensitivity", ov) == [["optim.lr=0.02", "optim.epochs=4"]]
+    calls = []
+    monkeypatch.setattr(tuning.subprocess, "run", lambda cmd, **kw: calls.append(cmd[4:]))
+    tuning.sweep("lr_sensitivity", ov, ROOT)
+    assert calls == [["study=lr_sensitivity", *ov],
+                     ["study=lr_sensitivity", *[o for o in ov if not o.startswith("optim.epochs")],
+                      "optim.lr=0.02", "optim.epochs=4"]]
+    assert tuning.read_extra("batch_size", ov[:3]) == []  # declares none
+    with pytest.raises(ConfigError, match="grid.extra of study lr_sensitivity"):
+        tuning.read_extra("lr_sensitivity", [*ov[:4], "++grid.extra=[optim.lr]"])

@@ -209,6 +209,30 @@ def sweep(name: str, overrides: Sequence[str], root: Path) -> None:
         run(spec, overrides, launch=launch)
     else:
         launch([f"study={name}", *overrides])
+        for extra in read_extra(name, overrides):
+            launch([f"study={name}", *_without(overrides, [_key(o) for o in extra]), *extra])
+
+
+def read_extra(name: str, overrides: Sequence[str]) -> list[list[str]]:
+    """Study ``name``'s ``grid.extra`` under ``overrides``: more launches into the study's folder
+    after its sweep (for instance a longer budget at one lr), each a list of ``key=value``
+    overrides, interpolations resolved; they override the study's sweep axes and the command
+    line's keys they name. ``[]`` where it declares none (a study with ``grid.tune`` declares
+    them as ``grid.tune.extra``). Raises ``ConfigError`` for a malformed declaration."""
+    from hydra import compose, initialize_config_module
+    from omegaconf import OmegaConf
+
+    with initialize_config_module(config_module="bnexp.conf", version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[f"study={name}", *overrides])
+    extra = OmegaConf.select(cfg, "grid.extra")
+    if extra is None:
+        return []
+    launches = OmegaConf.to_container(extra, resolve=True)
+    if (not isinstance(launches, list) or not all(isinstance(x, list) and x for x in launches)
+            or any("=" not in str(o) for x in launches for o in x)):
+        raise ConfigError(f"grid.extra of study {name} must be a list of launches, each a list of "
+                          f"key=value overrides (quote a comma list: \"norm=bn,none\"); got {launches}")
+    return [[str(o) for o in x] for x in launches]
 
 
 def main(argv: Sequence[str] | None = None) -> None:
