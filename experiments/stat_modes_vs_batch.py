@@ -97,7 +97,26 @@ def steps_note(runs: pd.DataFrame, curves: pd.DataFrame) -> str:
     memory = f" BN momentum {momentum.iloc[0]:g} makes the EMA average over about " \
         f"{1 / momentum.iloc[0]:.0f} steps." if len(momentum) else ""
     steps, epochs = int(first.max()), int(runs["optim.epochs"].max())
-    return f"Training took {steps} steps per epoch for {epochs} epochs.{memory}"
+    return f"Training took {steps} steps per epoch for {epochs} epochs.{memory}{ghost_update_note(runs)}"
+
+
+def ghost_update_note(runs: pd.DataFrame) -> str:
+    """Which running-statistics update the ghost BN runs used (``norm.ghost_update``) and what
+    the other one would make of the EMA: one update per chunk (Hoffer et al.'s bigBatch code) is
+    an effective momentum of 1 - (1 - m)^chunks per step."""
+    if "norm.ghost_update" not in runs or "norm.momentum" not in runs or NBS not in runs:
+        return ""
+    used = sorted(runs["norm.ghost_update"].dropna().unique())
+    m, batch = float(runs["norm.momentum"].dropna().iloc[0]), int(runs["data.batch_size"].max())
+    smallest = int(runs[NBS].dropna().min())
+    chunk = 1 - (1 - m) ** (batch // smallest)
+    how = {"step": "once per step with the chunks' size-weighted average (norm.ghost_update=step)",
+           "chunk": "once per chunk, in order (norm.ghost_update=chunk, as Hoffer et al.'s code)"}
+    return (f" Ghost BN's running statistics were updated {' and '.join(how.get(u, u) for u in used)}"
+            + (f"; the per-chunk update of Hoffer et al.'s code (norm.ghost_update=chunk) makes the"
+               f" effective momentum 1 - (1 - {m:g})^{batch // smallest} = {chunk:.3f} per step at NBS"
+               f" {smallest}, so its EMA would hold little more than the step's last chunks"
+               if used == ["step"] else "") + ".")
 
 
 # ----------------------------------------------------------------------------- FrozenBN's loss

@@ -367,3 +367,15 @@ def test_noniid_gn_sorting_calls_a_one_signed_gap_systematic_and_a_mixed_one_rou
     assert f"{mean:+.1f} points [{mean - half:+.1f}, {mean + half:+.1f}]" in text
     assert ("a systematic effect" in text) is systematic
     assert ("consistent with the rounding explanation" in text) is (not systematic)
+
+
+def test_stat_modes_names_the_ghost_update_used_and_the_per_chunk_momentum():
+    """The report says which running-statistics update the ghost BN runs used; for the per-step
+    one it gives the per-chunk alternative's effective momentum, 1 - 0.9^(128 / 2) by hand."""
+    runs = pd.DataFrame({"norm.virtual_batch": [2, 128], "norm.momentum": 0.1, "data.batch_size": 128,
+                         "norm.ghost_update": "step"})
+    text = stat_modes_vs_batch.ghost_update_note(runs)
+    assert "once per step" in text and f"= {1 - 0.9 ** 64:.3f} per step at NBS 2" in text
+    chunked = stat_modes_vs_batch.ghost_update_note(runs.assign(**{"norm.ghost_update": "chunk"}))
+    assert "once per chunk" in chunked and "effective momentum" not in chunked
+    assert stat_modes_vs_batch.ghost_update_note(runs.drop(columns="norm.ghost_update")) == ""
