@@ -14,7 +14,7 @@ per-epoch training loss around ``frozen_at_step``).
 Run::
 
     make study S=stat_modes_vs_batch ARGS="data=synthetic scale=smoke"   # 24 runs, a few CPU minutes
-    make study S=stat_modes_vs_batch ARGS="data=fashion_mnist scale=small launcher=joblib"  # 42 runs
+    make study S=stat_modes_vs_batch ARGS="data=fashion_mnist scale=small launcher=joblib"  # 70 runs
     make study S=stat_modes_vs_batch                                    # CIFAR-10: 42 runs, one GPU
 
 Expected (Wu & Johnson 2021, "Rethinking 'Batch' in BatchNorm", Sec. 3-4): the error with
@@ -104,10 +104,13 @@ def ghost_update_note(runs: pd.DataFrame) -> str:
     """Which running-statistics update the ghost BN runs used (``norm.ghost_update``) and what
     the other one would make of the EMA: one update per chunk (Hoffer et al.'s bigBatch code) is
     an effective momentum of 1 - (1 - m)^chunks per step."""
-    if "norm.ghost_update" not in runs or "norm.momentum" not in runs or NBS not in runs:
+    if "norm.ghost_update" not in runs or NBS not in runs or runs["norm.ghost_update"].dropna().empty:
         return ""
     used = sorted(runs["norm.ghost_update"].dropna().unique())
-    m, batch = float(runs["norm.momentum"].dropna().iloc[0]), int(runs["data.batch_size"].max())
+    momenta = runs["norm.momentum"].dropna() if "norm.momentum" in runs else pd.Series(dtype=float)
+    if momenta.empty:  # null momentum: a cumulative average, which the update count does not reweigh
+        return f" Ghost BN's running statistics were updated per {' and '.join(used)} (cumulative average)."
+    m, batch = float(momenta.iloc[0]), int(runs["data.batch_size"].max())
     smallest = int(runs[NBS].dropna().min())
     chunk = 1 - (1 - m) ** (batch // smallest)
     how = {"step": "once per step with the chunks' size-weighted average (norm.ghost_update=step)",

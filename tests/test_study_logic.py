@@ -379,3 +379,7 @@ def test_stat_modes_names_the_ghost_update_used_and_the_per_chunk_momentum():
     chunked = stat_modes_vs_batch.ghost_update_note(runs.assign(**{"norm.ghost_update": "chunk"}))
     assert "once per chunk" in chunked and "effective momentum" not in chunked
     assert stat_modes_vs_batch.ghost_update_note(runs.drop(columns="norm.ghost_update")) == ""
+    # a null momentum (cumulative average) and records without the setting
+    cumulative = stat_modes_vs_batch.ghost_update_note(runs.assign(**{"norm.momentum": None}))
+    assert "cumulative average" in cumulative and "effective momentum" not in cumulative
+    assert stat_modes_vs_batch.ghost_update_note(runs.assign(**{"norm.ghost_update": None})) == ""
