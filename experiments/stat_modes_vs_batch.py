@@ -14,7 +14,7 @@ per-epoch training loss around ``frozen_at_step``).
 Run::
 
     make study S=stat_modes_vs_batch ARGS="data=synthetic scale=smoke"   # 24 runs, a few CPU minutes
-    make study S=stat_modes_vs_batch ARGS="data=fashion_mnist scale=small launcher=joblib"  # 42 runs
+    make study S=stat_modes_vs_batch ARGS="data=fashion_mnist scale=small launcher=joblib"  # 70 runs
     make study S=stat_modes_vs_batch                                    # CIFAR-10: 42 runs, one GPU
 
 Expected (Wu & Johnson 2021, "Rethinking 'Batch' in BatchNorm", Sec. 3-4): the error with
@@ -97,7 +97,29 @@ def steps_note(runs: pd.DataFrame, curves: pd.DataFrame) -> str:
     memory = f" BN momentum {momentum.iloc[0]:g} makes the EMA average over about " \
         f"{1 / momentum.iloc[0]:.0f} steps." if len(momentum) else ""
     steps, epochs = int(first.max()), int(runs["optim.epochs"].max())
-    return f"Training took {steps} steps per epoch for {epochs} epochs.{memory}"
+    return f"Training took {steps} steps per epoch for {epochs} epochs.{memory}{ghost_update_note(runs)}"
+
+
+def ghost_update_note(runs: pd.DataFrame) -> str:
+    """Which running-statistics update the ghost BN runs used (``norm.ghost_update``) and what
+    the other one would make of the EMA: one update per chunk (Hoffer et al.'s bigBatch code) is
+    an effective momentum of 1 - (1 - m)^chunks per step."""
+    if "norm.ghost_update" not in runs or NBS not in runs or runs["norm.ghost_update"].dropna().empty:
+        return ""
+    used = sorted(runs["norm.ghost_update"].dropna().unique())
+    momenta = runs["norm.momentum"].dropna() if "norm.momentum" in runs else pd.Series(dtype=float)
+    if momenta.empty:  # null momentum: a cumulative average, which the update count does not reweigh
+        return f" Ghost BN's running statistics were updated per {' and '.join(used)} (cumulative average)."
+    m, batch = float(momenta.iloc[0]), int(runs["data.batch_size"].max())
+    smallest = int(runs[NBS].dropna().min())
+    chunk = 1 - (1 - m) ** (batch // smallest)
+    how = {"step": "once per step with the chunks' size-weighted average (norm.ghost_update=step)",
+           "chunk": "once per chunk, in order (norm.ghost_update=chunk, as Hoffer et al.'s code)"}
+    return (f" Ghost BN's running statistics were updated {' and '.join(how.get(u, u) for u in used)}"
+            + (f"; the per-chunk update of Hoffer et al.'s code (norm.ghost_update=chunk) makes the"
+               f" effective momentum 1 - (1 - {m:g})^{batch // smallest} = {chunk:.3f} per step at NBS"
+               f" {smallest}, so its EMA would hold little more than the step's last chunks"
+               if used == ["step"] else "") + ".")
 
 
 # ----------------------------------------------------------------------------- FrozenBN's loss

@@ -473,3 +473,19 @@ def test_lr_sensitivity_reads_equal_at_small_lr_on_the_longer_budget_and_keeps_i
     # without the longer runs: the grid's smallest lr, as before
     grid_only = lrs.prepare(StudyData(Path("."), "", d.runs.copy(), pd.DataFrame(), pd.DataFrame()))
     assert lrs.LONG not in grid_only.extra and "learning rate 0.001" in lrs.equal_at_small_lr(grid_only).text
+
+
+def test_stat_modes_names_the_ghost_update_used_and_the_per_chunk_momentum():
+    """The report says which running-statistics update the ghost BN runs used; for the per-step
+    one it gives the per-chunk alternative's effective momentum, 1 - 0.9^(128 / 2) by hand."""
+    runs = pd.DataFrame({"norm.virtual_batch": [2, 128], "norm.momentum": 0.1, "data.batch_size": 128,
+                         "norm.ghost_update": "step"})
+    text = stat_modes_vs_batch.ghost_update_note(runs)
+    assert "once per step" in text and f"= {1 - 0.9 ** 64:.3f} per step at NBS 2" in text
+    chunked = stat_modes_vs_batch.ghost_update_note(runs.assign(**{"norm.ghost_update": "chunk"}))
+    assert "once per chunk" in chunked and "effective momentum" not in chunked
+    assert stat_modes_vs_batch.ghost_update_note(runs.drop(columns="norm.ghost_update")) == ""
+    # a null momentum (cumulative average) and records without the setting
+    cumulative = stat_modes_vs_batch.ghost_update_note(runs.assign(**{"norm.momentum": None}))
+    assert "cumulative average" in cumulative and "effective momentum" not in cumulative
+    assert stat_modes_vs_batch.ghost_update_note(runs.assign(**{"norm.ghost_update": None})) == ""
