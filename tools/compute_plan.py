@@ -29,6 +29,11 @@ EVAL_SPEEDUP = 3.0  # test images per second / training images per second (forwa
 FULL_TEST = 10_000
 BUDGET_MIN = 60  # per study, wall-clock on 2 cores
 TOTAL_BUDGET_MIN = 8 * 60
+# A run on a CPU with AVX512-BF16 (precision=auto: bf16) against one on an AVX2-only CPU (fp32),
+# same design: measured 2026-12-05 from the re-runs, batch_size 72 s a run (bf16, 63 runs in 38
+# min) against the plan's 140 s from its fp32 runs (0.51), bn_vs_dropout 56 s against ~150 s
+# (0.4). So each row is shown on both kinds of CPU: the committed runs' own, and the other.
+BF16_VS_FP32 = 0.5
 
 # study -> the re-run's design: runs of the new sweep, lr-grid runs, scored epochs (None: as
 # now; eval.score_every sets it), test_size (default: all 10,000), train_factor (default 1),
@@ -39,27 +44,32 @@ PLAN = {
     "norm_vs_noise": dict(runs=10 * 5 + 2 * 5, grid=(2 * 4 + 3 * 3) * 2, scored=None, reuse=True,
                           why="re-run done (ea95878, 45 min measured): 10 arms x 5 seeds, pn and bn 10; "
                               "5 arms tuned; 60 epochs"),
-    "bn_vs_dropout": dict(runs=2 * 4 * 3 * 4, grid=3 * 2, scored=None,
-                          why="4 seeds (5: 70 min); none tuned at p=0 only (grid.tune.overrides), 3 lrs x 2 seeds"),
-    "lr_sensitivity": dict(runs=10 * 2 * 3, grid=0, scored=None,
-                           why="lr grid + 0.005, 0.02 around none's optimum, x bn,none x 3 seeds (no verdict "
-                               "rests on a between-arm t-interval at one lr)"),
-    "batch_size": dict(runs=9 * 5, grid=0, scored=6, why="5 seeds"),
-    "batch_size_true": dict(runs=60, grid=0, scored=8,
-                            why="3 seeds (4: 69 min); to come: no augmentation, until 99% train (cap 2x): "
-                                "un-augmented 1,000 images memorize well before today's 77 epochs, so today's "
-                                "train time is the estimate"),
-    "stat_modes_vs_batch": dict(runs=42, grid=0, scored=8, why="3 seeds as committed, test every 5th epoch"),
+    "bn_vs_dropout": dict(runs=2 * 4 * 3 * 5, grid=3 * 2, scored=None, reuse=True,
+                          why="re-run done (34c8f5c, 59 min measured): 5 seeds, 120 epochs with a 5-epoch "
+                              "warmup, none tuned at p=0 (3 lrs x 2 seeds)"),
+    # the 10 runs of grid.extra train 4x the grid's epochs: 40 run-equivalents
+    "lr_sensitivity": dict(runs=10 * 2 * 5 + 10 * 4, grid=0, scored=None,
+                           why="lr grid + 0.005, 0.02 around none's optimum, x bn,none x 5 seeds, and bn,none at "
+                               "lr 0.01 for 80 epochs x 5 seeds (grid.extra; priced as 40 grid runs)"),
+    "batch_size": dict(runs=9 * 5, grid=3 * 3 * 2, scored=6, reuse=True,
+                       why="re-run done (dcbfa2a, 38 min measured): 5 seeds; GN, LN, none tuned"),
+    "batch_size_true": dict(runs=4 * 5 * 5, grid=3 * 3 * 2, scored=1,
+                            why="5 seeds; GN, LN, none tuned at batch 128; no augmentation, until 99% train "
+                                "(cap 2x): un-augmented 1,000 images memorize well before today's 77 epochs, "
+                                "so today's train time is the estimate"),
+    "stat_modes_vs_batch": dict(runs=70, grid=0, scored=2, why="5 seeds, test after epochs 20 and 40 (084647d)"),
     "noise": dict(runs=30, grid=0, scored=None, why="5 seeds already; every epoch scored (its probes ride on it)"),
-    "noniid": dict(runs=27, grid=0, scored=10, why="3 seeds as committed; per-epoch test curves every 4th epoch"),
+    "noniid": dict(runs=45, grid=0, scored=4,
+                   why="5 seeds, test every 10th epoch; the GN pair at fp32 x 5 seeds (results/noniid/"
+                       "<data>-<scale>-gn_fp32, a sweep of its own) adds ~25 run-equivalents"),
     "activations": dict(runs=10, grid=0, scored=None, reuse=True, why="as committed (all 10,000 test images already)"),
     "ema_vs_precise": dict(runs=4, grid=0, scored=None, test_size=5000, reuse=True,
                            why="as committed: its question is precise vs EMA within a run, not a t-interval "
                                "between arms; test set left at 5,000 (its 'other' is the precise re-scoring)"),
     "fusion": dict(runs=12, grid=0, scored=None, test_size=5000, reuse=True, why="as committed"),
-    "finetune_source": dict(runs=3, grid=0, scored=None, reuse=True, why="as committed"),
-    "finetune": dict(runs=36, grid=0, scored=None, reuse=True,
-                     why="re-run done (27140ab, 23 min measured with its 3 sources): finetune.seed decoupled"),
+    "finetune_source": dict(runs=2, grid=0, scored=None, why="seeds 3, 4 (0-2 committed)"),
+    "finetune": dict(runs=24, grid=0, scored=None,
+                     why="seeds 3, 4 (0-2 re-run at 27140ab, 23 min with their sources): 5 seeds"),
 }
 
 
@@ -74,7 +84,8 @@ def measured(study: str) -> dict:
     modes = runs["eval.modes"].iloc[0].count(",") + 1 if "eval.modes" in runs else 4
     return {"n": len(runs), "wall": wall.mean(), "train": train.mean(), "other": (wall - train).mean(),
             "scored": scored.mean(), "test_size": FULL_TEST if pd.isna(test) or test is None else int(test),
-            "modes": modes, "eval_ips": EVAL_SPEEDUP * runs["train_images_per_s"].mean()}
+            "modes": modes, "eval_ips": EVAL_SPEEDUP * runs["train_images_per_s"].mean(),
+            "precision": "bf16" if "precision" in runs and (runs["precision"] == "bf16").mean() > 0.5 else "fp32"}
 
 
 def estimate(m: dict, plan: dict) -> float:
@@ -91,10 +102,14 @@ def table() -> pd.DataFrame:
         m = measured(study)
         per_run = estimate(m, plan)
         runs = plan["runs"] + plan["grid"]
+        minutes = runs * per_run / 120
+        bf16 = m["precision"] == "bf16"
         rows.append({"study": study, "committed runs": m["n"], "committed min": m["wall"] * m["n"] / 120,
                      "new runs": plan["runs"], "grid runs": plan["grid"], "s/run": per_run,
-                     "min (2 jobs)": runs * per_run / 120, "reused": bool(plan.get("reuse")),
-                     "design": plan["why"]})
+                     "measured on": m["precision"], "min (2 jobs)": minutes,
+                     "min (bf16 CPU)": minutes if bf16 else minutes * BF16_VS_FP32,
+                     "min (fp32 CPU)": minutes / BF16_VS_FP32 if bf16 else minutes,
+                     "reused": bool(plan.get("reuse")), "design": plan["why"]})
     return pd.DataFrame(rows)
 
 
@@ -104,12 +119,14 @@ def main() -> int:
     print("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
     for _, r in t.iterrows():
         print("| " + " | ".join(f"{v:.0f}" if isinstance(v, float) else str(v) for v in r) + " |")
-    total = t.loc[~t["reused"], "min (2 jobs)"].sum()
-    print(f"\ntotal re-run (reused studies not counted; fresh they add "
-          f"{t.loc[t['reused'], 'min (2 jobs)'].sum():.0f} min): {total:.0f} min ({total / 60:.1f} h) "
-          f"against {TOTAL_BUDGET_MIN / 60:.0f} h; over "
-          f"{BUDGET_MIN} min: {', '.join(t.loc[t['min (2 jobs)'] > BUDGET_MIN, 'study']) or 'none'}")
-    return 0 if total <= TOTAL_BUDGET_MIN else 1
+    for cpu in ("bf16", "fp32"):
+        col = f"min ({cpu} CPU)"
+        total = t.loc[~t["reused"], col].sum()
+        print(f"\non a {cpu} CPU: re-runs left {total:.0f} min ({total / 60:.1f} h; reused studies not "
+              f"counted, fresh they add {t.loc[t['reused'], col].sum():.0f} min) against "
+              f"{TOTAL_BUDGET_MIN / 60:.0f} h for all; over {BUDGET_MIN} min: "
+              f"{', '.join(t.loc[t[col] > BUDGET_MIN, 'study']) or 'none'}")
+    return 0 if t.loc[~t["reused"], "min (bf16 CPU)"].sum() <= TOTAL_BUDGET_MIN else 1
 
 
 if __name__ == "__main__":
