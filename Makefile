@@ -42,7 +42,7 @@ test-all: $(STAMP)  ## every test, the slow end-to-end studies included
 data: $(STAMP)  ## get Fashion-MNIST: torchvision download, else apt-get install dataset-fashion-mnist
 	$(BIN)/python -m bnexp.data.files fetch fashion_mnist
 
-demo: $(STAMP)  ## the quick tour on real Fashion-MNIST (fetched first): 18 runs, ~8 min on 2 cores, into results/scratch/demo/ beside the committed results/demo/
+demo: $(STAMP)  ## the quick tour on real Fashion-MNIST (fetched first): 30 runs, ~8 min on 2 cores, into results/scratch/demo/ beside the committed results/demo/
 	@# get the data first (a no-op when it is here); when it cannot be had, demo.py falls back
 	@# to the offline synthetic images and says so in the terminal and the report. Your runs go
 	@# to the git-ignored results/scratch/ (the committed results/demo/ is the reference they are

@@ -39,8 +39,9 @@ BF16_VS_FP32 = 0.5
 # now; eval.score_every sets it), test_size (default: all 10,000), train_factor (default 1),
 # reuse (conf unchanged: the committed runs are skipped as finished, 0 minutes), why.
 PLAN = {
-    "demo": dict(runs=2 * 3 * 5, grid=2 * 3 * 2 * 2, scored=4,
-                 why="batch 8,128 x bn,none,dropout x 5 seeds; none and dropout tuned: 3 lrs x 2 seeds x 2 batches"),
+    "demo": dict(runs=2 * 3 * 5, grid=2 * 4 * 2 * 2, scored=4, reuse=True,
+                 why="re-run done (12 + 2 min measured): batch 8,128 x bn,none,dropout x 5 seeds; none and "
+                     "dropout tuned: 4 lrs x 2 seeds x 2 batches"),
     "norm_vs_noise": dict(runs=10 * 5 + 2 * 5, grid=(2 * 4 + 3 * 3) * 2, scored=None, reuse=True,
                           why="re-run done (ea95878, 45 min measured): 10 arms x 5 seeds, pn and bn 10; "
                               "5 arms tuned; 60 epochs"),
@@ -67,9 +68,10 @@ PLAN = {
                            why="as committed: its question is precise vs EMA within a run, not a t-interval "
                                "between arms; test set left at 5,000 (its 'other' is the precise re-scoring)"),
     "fusion": dict(runs=12, grid=0, scored=None, test_size=5000, reuse=True, why="as committed"),
-    "finetune_source": dict(runs=2, grid=0, scored=None, why="seeds 3, 4 (0-2 committed)"),
-    "finetune": dict(runs=24, grid=0, scored=None,
-                     why="seeds 3, 4 (0-2 re-run at 27140ab, 23 min with their sources): 5 seeds"),
+    "finetune_source": dict(runs=5, grid=0, scored=None, reuse=True, why="5 seeds (3, 4 added at 32766f6)"),
+    "finetune": dict(runs=60, grid=0, scored=None, reuse=True,
+                     why="re-run done: seeds 0-2 at 27140ab (23 min with their sources), 3-4 at 32766f6 "
+                         "(9 min with theirs)"),
 }
 
 
