@@ -203,8 +203,8 @@ def bn_faster(d: StudyData):
 SOURCE = "Bjorck et al. 2018; Santurkar et al. 2018"
 STUDY = Study(
     "lr_sensitivity", __doc__,
-    shapes=[Shape("equal accuracy at a learning rate small for BN (none's best), once both nets have trained",
-                  SOURCE,
+    shapes=[Shape("equal accuracy at a small learning rate (read between trained nets where the longer "
+                  "budget ran)", SOURCE,
                   equal_at_small_lr, "G"),
             Shape("only BN trains at the largest learning rate", SOURCE, only_bn_at_high_lr, "T"),
             Shape("BN's best accuracy (at its best lr) is the best overall", SOURCE, bn_best, "G"),
