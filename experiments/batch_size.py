@@ -186,6 +186,15 @@ def table_rows(d: StudyData) -> pd.DataFrame:
 
 
 SOURCE = "Wu & He 2018, Group Normalization, Fig. 1"
+def lr_words(runs) -> str:
+    """The figure title's lrs: one for every arm, or BN's beside the tuned ones (lr_choice.json)."""
+    lrs = runs.groupby("norm")["optim.lr"].first()
+    bn = sorted({lr for n, lr in lrs.items() if str(n).startswith("ghost_bn")})
+    other = ", ".join(f"{n} {lr:g}" for n, lr in lrs.items() if not str(n).startswith("ghost_bn"))
+    return (f"lr {lrs.iloc[0]:g} for every arm" if lrs.nunique() == 1
+            else f"lr: BN {', '.join(f'{x:g}' for x in bn)}, {other} (tuned)")
+
+
 STUDY = Study(
     "batch_size", __doc__,
     shapes=[Shape("BN's error rises at normalization batch 2-4 (against 32)", SOURCE, bn_rises, "G"),
@@ -194,8 +203,7 @@ STUDY = Study(
     prepare=lambda d: replace(d, runs=A.with_error(d.runs)),
     figures=lambda d: {"test_err_paired": plot_paired(d.runs, nbs(d)),
                        "test_err_vs_normalization_batch": plot_vs_nbs(
-        d.runs, title=f"optimization batch {int(d.runs['data.batch_size'].iloc[0])}, the same "
-                      "steps and lr for every arm")},
+        d.runs, title=f"batch {int(d.runs['data.batch_size'].iloc[0])}, equal steps\n" + lr_words(d.runs))},
     by=("norm", NBS), metrics=("test_err", "test_err.precise", "train_loss", "gen_gap"),
     table_rows=table_rows,
     comparisons=lambda d: [regime_note(d).strip(), *statements(d)],  # the regime test's answer first
