@@ -129,3 +129,16 @@ def test_a_check_chains_across_commits_that_change_only_what_cannot_move_the_num
     assert provenance._chained([check], {after}, "demo") == [check]
     assert provenance._chained([check], {before}, "demo") == []
     assert provenance._chained([check], {after}) == []  # no study named: exact commits only
+
+
+def test_arms_table_reads_an_unset_setting_as_a_dash():
+    """stat_modes_vs_batch's Arms table printed ``nan`` for the runs without a freeze (null)."""
+    import numpy as np
+    import pandas as pd
+    from bnexp.analysis.report import arms_table
+    runs = pd.DataFrame({"norm.freeze_after": [0.9, 0.9, np.nan, np.nan], "status": ["ok", "ok", "ok", "failed"],
+                         "optim.lr": [0.1] * 4, "train_acc": [1.0, 0.98, 0.96, np.nan]})
+    t = arms_table(runs, ["norm.freeze_after"]).set_index("norm.freeze_after")
+    assert list(t.index) == ["0.9", "-"]
+    assert t.loc["-", "seeds"] == "1 of 2 finished"
+    assert t.loc["-", "train acc (%)"] == "96.0" and t.loc["0.9", "train acc (%)"] == "99.0"

@@ -181,3 +181,17 @@ def test_shape_declares_its_claim_type_and_writes_the_schema(tmp_path):
             "converged", "train_acc", "test", "budget", "text"}
     assert keys <= set(got[0]) and json.loads((tmp_path / "verdicts.json").read_text()) == got
     assert got[0]["label"] in V.LABELS and got[0]["claim"] == "G"
+
+
+def test_memorization_note_only_where_every_arm_converged_and_the_effect_is_under_a_point():
+    from dataclasses import replace
+
+    from bnexp.analysis.verdicts import MEMORIZATION, Verdict, memorization_note
+    base = Verdict("equivalent", metric="test_err", estimate=-0.001, converged={"a": 1.0, "b": 1.0},
+                   text="NBS 2 above NBS 16, difference -0.1 points.")
+    noted = memorization_note(base).text
+    assert noted == "NBS 2 above NBS 16, difference -0.1 points; " + MEMORIZATION + "."
+    assert "batch_size_regime" in noted  # where the question is asked on data the net cannot memorize
+    assert memorization_note(replace(base, estimate=0.012)).text == base.text          # a point or more
+    assert memorization_note(replace(base, converged={"a": 1.0, "b": 0.8})).text == base.text  # one arm short
+    assert memorization_note(replace(base, metric="gen_gap")).text == base.text         # not test error

@@ -171,7 +171,9 @@ def arms_table(runs: pd.DataFrame, arm: list[str]) -> pd.DataFrame:
     for key, g in runs.groupby(arm, dropna=False, sort=True):
         key = key if isinstance(key, tuple) else (key,)
         ok = g[g["status"] == "ok"]
-        row = {k: PLAIN.get(str(v), str(v)) if k in ("norm.name", "norm") else str(v) for k, v in zip(arm, key)}
+        # an unset setting (freeze_after: null) reads "-", as in the convergence table, not "nan"
+        row = {k: "-" if pd.isna(v) else PLAIN.get(str(v), str(v)) if k in ("norm.name", "norm") else str(v)
+               for k, v in zip(arm, key)}
         if "optim.lr" in g and "optim.lr" not in arm:
             row["lr"] = ", ".join(f"{x:g}" for x in sorted(g["optim.lr"].dropna().unique()))
         row["seeds"] = f"{len(ok)} of {len(g)} finished"

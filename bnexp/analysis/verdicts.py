@@ -335,7 +335,9 @@ def _where(at: dict | None) -> str:
 
 # ----------------------------------------------------------------------------- the scale finding
 MEMORIZATION = ("in the memorization regime of scale=small (a few thousand un-augmented images, "
-                "100% clean training accuracy) the normalization batch moves test error by under a point")
+                "100% clean training accuracy) the normalization batch moves test error by under a point; "
+                "batch_size_regime asks the same question on 20,000 augmented images the net cannot "
+                "memorize")
 
 
 def memorization_note(v: Verdict) -> Verdict:
