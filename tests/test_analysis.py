@@ -751,3 +751,22 @@ def test_report_reads_like_a_paper_and_remakes_byte_for_byte(study, runs):
     assert json.loads((study / "provenance.json").read_text())["runs_at"]["abc123"] > 0
     assert str(study) not in text and str(Path.home()) not in text
     assert make() == first
+
+
+@pytest.mark.parametrize("lrs, crowded", [
+    ([0.001, 0.003, 0.005, 0.01, 0.02, 0.03, 0.1, 0.3, 1.0, 3.0], True),  # lr_sensitivity's grid: 0.02 / 0.03 touch
+    ([0.001, 0.01, 0.1, 1.0], False)])                                       # one label per decade
+def test_lr_tick_labels_turn_only_where_neighbours_would_overlap(lrs, crowded):
+    """lr_sensitivity's test_acc_vs_lr printed "0.0030.005" and "0.020.03" on its log axis."""
+    runs = pd.DataFrame({"optim.lr": lrs * 2, "status": "ok", "test_acc": np.linspace(0.5, 0.9, 2 * len(lrs))})
+    fig = A.plot_metric_vs(runs, "optim.lr", "test_acc", logx=10)
+    ax = fig.axes[0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == [f"{v:g}" for v in lrs]
+    assert {t.get_rotation() for t in ax.get_xticklabels()} == ({35.0} if crowded else {0.0})
+    # the rule, computed apart: the narrowest neighbour gap on the log axis, in points, against
+    # the pair's label width (0.6 em a character at 10 pt, 4 pt apart)
+    width_pt = ax.get_position().width * fig.get_figwidth() * 72
+    logs = np.log10(lrs)
+    gaps = np.diff(logs) / (logs[-1] - logs[0]) * width_pt * 0.9
+    need = [0.6 * 10 * (len(f"{a:g}") + len(f"{b:g}")) / 2 + 4 for a, b in zip(lrs, lrs[1:])]
+    assert any(g < n for g, n in zip(gaps, need)) == crowded

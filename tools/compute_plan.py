@@ -49,16 +49,18 @@ PLAN = {
                           why="re-run done (34c8f5c, 59 min measured): 5 seeds, 120 epochs with a 5-epoch "
                               "warmup, none tuned at p=0 (3 lrs x 2 seeds)"),
     # the 10 runs of grid.extra train 4x the grid's epochs: 40 run-equivalents
-    "lr_sensitivity": dict(runs=10 * 2 * 5 + 10 * 4, grid=0, scored=None,
-                           why="lr grid + 0.005, 0.02 around none's optimum, x bn,none x 5 seeds, and bn,none at "
+    "lr_sensitivity": dict(runs=10 * 2 * 5 + 10 * 4, grid=0, scored=None, reuse=True,
+                           why="re-run done (c046ba8, 49 min measured): lr grid + 0.005, 0.02 around none's optimum, x bn,none x 5 seeds, and bn,none at "
                                "lr 0.01 for 80 epochs x 5 seeds (grid.extra; priced as 40 grid runs)"),
-    "batch_size": dict(runs=9 * 5, grid=3 * 3 * 2, scored=6, reuse=True,
-                       why="re-run done (dcbfa2a, 38 min measured): 5 seeds; GN, LN, none tuned"),
+    "batch_size": dict(runs=9 * 5, grid=(4 + 4 + 3) * 2, scored=6, reuse=True,
+                       why="re-run done (dcbfa2a, 38 min measured): 5 seeds; GN, LN, none tuned; GN's and "
+                           "LN's grids widened at f4df02a (4 grid runs, 3 min): both choices stay, bracketed"),
     "batch_size_true": dict(runs=4 * 5 * 5, grid=3 * 3 * 2, scored=1,
                             why="5 seeds; GN, LN, none tuned at batch 128; no augmentation, until 99% train "
                                 "(cap 2x): un-augmented 1,000 images memorize well before today's 77 epochs, "
                                 "so today's train time is the estimate"),
-    "stat_modes_vs_batch": dict(runs=70, grid=0, scored=2, why="5 seeds, test after epochs 20 and 40 (084647d)"),
+    "stat_modes_vs_batch": dict(runs=70, grid=0, scored=2, reuse=True,
+                                why="re-run done (32654c8, 50 min measured): 5 seeds, test after epochs 20 and 40"),
     "noise": dict(runs=30, grid=0, scored=None, why="5 seeds already; every epoch scored (its probes ride on it)"),
     "noniid": dict(runs=45, grid=0, scored=4,
                    why="5 seeds, test every 10th epoch; the GN pair at fp32 x 5 seeds (results/noniid/"

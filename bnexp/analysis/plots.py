@@ -350,7 +350,29 @@ def _x_axis(ax, xs: list, xpos: dict, logx) -> None:
         ax.set_xscale("log", base=base)
         ax.minorticks_off()
     if len(xs) <= 12:
-        ax.set_xticks([xpos[v] for v in xs], [_fmt(v) for v in xs])
+        labels = [_fmt(v) for v in xs]
+        crowded = _ticks_crowded(ax, [xpos[v] for v in xs], labels, log=bool(base))
+        ax.set_xticks([xpos[v] for v in xs], labels, rotation=35 if crowded else 0,
+                      ha="right" if crowded else "center")
+
+
+def _ticks_crowded(ax, positions: list, labels: list, log: bool, fontsize_pt: float = 10.0) -> bool:
+    """Whether two neighbouring tick labels would overlap when set flat: the narrowest gap
+    between tick positions (on the axis' log or linear scale, as a fraction of the axis width)
+    against the wider label of the pair (~0.6 em per character)."""
+    pts = [np.log10(p) if log else float(p) for p in positions]
+    span = max(pts) - min(pts) if len(pts) > 1 else 0.0
+    if span <= 0:
+        return False
+    fig = ax.get_figure()
+    width_pt = ax.get_position().width * fig.get_figwidth() * 72
+    order = np.argsort(pts)
+    for a, b in zip(order[:-1], order[1:]):
+        gap_pt = (pts[b] - pts[a]) / span * width_pt * 0.9  # matplotlib pads the data range ~5% per side
+        need_pt = 0.6 * fontsize_pt * (len(labels[a]) + len(labels[b])) / 2 + 4
+        if gap_pt < need_pt:
+            return True
+    return False
 
 
 def _log_base(xs: list, logx):
