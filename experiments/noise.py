@@ -105,6 +105,7 @@ def plot_vs_noise(runs: pd.DataFrame, metrics: tuple = ("test_acc", "gen_gap")) 
         lo, hi = _y_range(normed, metric, scale)
         inside = (stats[f"{metric}.mean"].mul(scale).between(lo, hi) if np.isfinite(lo) and np.isfinite(hi)
                   else pd.Series(True, index=stats.index))
+        labels = []
         for i, (color, (k, s)) in enumerate(zip(PALETTE * 2, stats.iterrows())):
             if not inside[k]:
                 continue
@@ -114,12 +115,12 @@ def plot_vs_noise(runs: pd.DataFrame, metrics: tuple = ("test_acc", "gen_gap")) 
             face = "white" if untrained[k] else color
             ax.errorbar(x, y, xerr=xerr, yerr=yerr, fmt="o", color=color, mfc=face, mec=color, capsize=2,
                         label=s["norm"] + (" (did not train)" if untrained[k] else ""))
-            ax.annotate(s["norm"], (x, y), textcoords="offset points", fontsize=7,
-                        xytext=(4, 5 if i % 2 else -10))  # alternate sides: neighbours overlap
+            labels.append((s["norm"], x, y))
         line = normed[~untrained[normed.index]]  # the trend through the arms that trained
         ax.plot(line["noise.mean"], line[f"{metric}.mean"] * scale, color="0.6", lw=0.8, zorder=0)
         if np.isfinite(lo) and np.isfinite(hi):
             ax.set_ylim(lo, hi)
+        A.label_points(ax, labels)  # after the limits: each label beside its point, none on another
         outside = stats[~inside]
         if len(outside):
             ax.text(0.02, 0.02, "off scale: " + "; ".join(

@@ -770,3 +770,29 @@ def test_lr_tick_labels_turn_only_where_neighbours_would_overlap(lrs, crowded):
     gaps = np.diff(logs) / (logs[-1] - logs[0]) * width_pt * 0.9
     need = [0.6 * 10 * (len(f"{a:g}") + len(f"{b:g}")) / 2 + 4 for a, b in zip(lrs, lrs[1:])]
     assert any(g < n for g, n in zip(gaps, need)) == crowded
+
+
+def test_point_labels_do_not_overlap_and_each_names_its_own_point():
+    """noise's test_acc_vs_noise printed "ghost_bn16ghost_bn4" where two arms' labels met."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.text import Text
+
+    fig = Figure(figsize=(5.6, 3.6))  # a panel of noise's figure
+    ax = fig.subplots()
+    pts = [("bn", 0.026, 84.0), ("ghost_bn64", 0.037, 84.1), ("ghost_bn16", 0.072, 84.3),
+           ("ghost_bn4", 0.137, 84.8), ("far", 0.33, 82.3)]
+    ax.plot([p[1] for p in pts], [p[2] for p in pts], "o")
+    ax.set_xlim(0, 0.35), ax.set_ylim(80, 86)
+    anns = A.label_points(ax, pts)
+    assert [a.get_text() for a in anns] == [p[0] for p in pts]
+    assert [tuple(a.xy) for a in anns] == [(p[1], p[2]) for p in pts]  # anchored at its own point
+    r = FigureCanvasAgg(fig).get_renderer()
+    for a in anns:
+        a.update_positions(r)
+    boxes = [Text.get_window_extent(a, r) for a in anns]  # the texts (an annotation's own box holds its leader)
+    assert all(b.y0 > 100 for b in boxes)  # in display space (pixels), not the raw offsets (-24..18)
+    assert not any(boxes[i].overlaps(boxes[j]) for i in range(len(boxes)) for j in range(i))
+    # a label left on its usual spot (right-above) has no leader line; a moved one has one
+    assert anns[-1].arrow_patch is None and anns[-1].xyann == (4, 5)
+    assert all((a.arrow_patch is None) == (a.xyann == (4, 5)) for a in anns)

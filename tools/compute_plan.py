@@ -61,7 +61,8 @@ PLAN = {
                                 "so today's train time is the estimate"),
     "stat_modes_vs_batch": dict(runs=70, grid=0, scored=2, reuse=True,
                                 why="re-run done (32654c8, 50 min measured): 5 seeds, test after epochs 20 and 40"),
-    "noise": dict(runs=30, grid=0, scored=None, why="5 seeds already; every epoch scored (its probes ride on it)"),
+    "noise": dict(runs=30, grid=0, scored=None, reuse=True,
+                  why="re-run done (1e69ec8, 28 min measured): 5 seeds, all 10,000 test images every epoch"),
     "noniid": dict(runs=45, grid=0, scored=4,
                    why="5 seeds, test every 10th epoch; the GN pair at fp32 x 5 seeds (results/noniid/"
                        "<data>-<scale>-gn_fp32, a sweep of its own) adds ~25 run-equivalents"),

@@ -25,7 +25,7 @@ import matplotlib
 import pandas as pd
 from omegaconf import OmegaConf
 
-from bnexp.analysis.plots import (LABELS, is_percent, knob_label, label, plot_bars, plot_curves, plot_heatmap,
+from bnexp.analysis.plots import (LABELS, is_percent, knob_label, label, label_points, plot_bars, plot_curves, plot_heatmap,
                                   plot_metric_vs, plot_probe, save_figure, set_style)
 from bnexp.analysis.compare import (LOWER_IS_BETTER, Diff, compare_statement, format_summary, markdown_table,
                                    paired_diff, paired_statement, sentence, welch_diff)

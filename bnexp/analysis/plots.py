@@ -356,6 +356,46 @@ def _x_axis(ax, xs: list, xpos: dict, logx) -> None:
                       ha="right" if crowded else "center")
 
 
+
+# label offsets (points) tried in order: right-above, right-below, left-above, left-below, then
+# further out; every spot but the first gets a leader line to its point
+LABEL_SPOTS = ((4, 5, "left"), (8, -14, "left"), (-8, 8, "right"), (-8, -14, "right"),
+               (10, 18, "left"), (10, -24, "left"), (-10, 18, "right"), (-10, -24, "right"))
+
+
+def label_points(ax, points: list, fontsize: float = 7) -> list:
+    """Annotate each ``(text, x, y)`` of ``points`` beside its point, at the first of
+    ``LABEL_SPOTS`` whose box overlaps no label placed before it and no other point (the last
+    spot where all do);
+    returns the annotations. Needs the axes' limits set: boxes are measured on a drawn canvas."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    fig = ax.get_figure()
+    renderer = (fig.canvas if isinstance(fig.canvas, FigureCanvasAgg) else FigureCanvasAgg(fig)).get_renderer()
+    from matplotlib.text import Text
+    from matplotlib.transforms import Bbox
+
+    def marker(x, y):  # the point itself, ~5 px each side: a label should not cover another point
+        px, py = ax.transData.transform((x, y))
+        return Bbox.from_extents(px - 5, py - 5, px + 5, py + 5)
+
+    placed, boxes = [], []
+    for i, (text, x, y) in enumerate(points):
+        others = [marker(ox, oy) for j, (_, ox, oy) in enumerate(points) if j != i]
+        for dx, dy, ha in LABEL_SPOTS:
+            far = (dx, dy, ha) != LABEL_SPOTS[0]  # moved off its usual spot: a leader line says whose it is
+            ann = ax.annotate(text, (x, y), textcoords="offset points", xytext=(dx, dy), fontsize=fontsize, ha=ha,
+                              arrowprops=dict(arrowstyle="-", lw=0.5, color="0.45", shrinkA=0, shrinkB=3)
+                              if far else None)
+            ann.update_positions(renderer)  # where the offset puts the text, as a draw would
+            box = Text.get_window_extent(ann, renderer).expanded(1.05, 1.1)  # the text, not its leader
+            if not any(box.overlaps(b) for b in boxes + others) or (dx, dy, ha) == LABEL_SPOTS[-1]:
+                break
+            ann.remove()
+        placed.append(ann)
+        boxes.append(box)
+    return placed
+
 def _ticks_crowded(ax, positions: list, labels: list, log: bool, fontsize_pt: float = 10.0) -> bool:
     """Whether two neighbouring tick labels would overlap when set flat: the narrowest gap
     between tick positions (on the axis' log or linear scale, as a fraction of the axis width)
