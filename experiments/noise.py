@@ -106,7 +106,7 @@ def plot_vs_noise(runs: pd.DataFrame, metrics: tuple = ("test_acc", "gen_gap")) 
         inside = (stats[f"{metric}.mean"].mul(scale).between(lo, hi) if np.isfinite(lo) and np.isfinite(hi)
                   else pd.Series(True, index=stats.index))
         labels = []
-        for i, (color, (k, s)) in enumerate(zip(PALETTE * 2, stats.iterrows())):
+        for color, (k, s) in zip(PALETTE * 2, stats.iterrows()):
             if not inside[k]:
                 continue
             x, y = s["noise.mean"], s[f"{metric}.mean"] * scale

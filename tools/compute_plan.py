@@ -48,10 +48,12 @@ PLAN = {
     "bn_vs_dropout": dict(runs=2 * 4 * 3 * 5, grid=3 * 2, scored=None, reuse=True,
                           why="re-run done (34c8f5c, 59 min measured): 5 seeds, 120 epochs with a 5-epoch "
                               "warmup, none tuned at p=0 (3 lrs x 2 seeds)"),
-    # the 10 runs of grid.extra train 4x the grid's epochs: 40 run-equivalents
-    "lr_sensitivity": dict(runs=10 * 2 * 5 + 10 * 4, grid=0, scored=None, reuse=True,
-                           why="re-run done (c046ba8, 49 min measured): lr grid + 0.005, 0.02 around none's optimum, x bn,none x 5 seeds, and bn,none at "
-                               "lr 0.01 for 80 epochs x 5 seeds (grid.extra; priced as 40 grid runs)"),
+    # the committed runs hold the 10 runs of grid.extra (4x the grid's epochs): their mean time per
+    # run already prices them, so the 110 runs count once (before the re-run: 100 + 10 x 4)
+    "lr_sensitivity": dict(runs=10 * 2 * 5 + 10, grid=0, scored=None, reuse=True,
+                           why="re-run done (c046ba8, 49 min measured): lr grid + 0.005, 0.02 around none's "
+                               "optimum, x bn,none x 5 seeds, and bn,none at lr 0.01 for 80 epochs x 5 seeds "
+                               "(grid.extra; priced as 40 grid runs)"),
     "batch_size": dict(runs=9 * 5, grid=(4 + 4 + 3) * 2, scored=6, reuse=True,
                        why="re-run done (dcbfa2a, 38 min measured): 5 seeds; GN, LN, none tuned; GN's and "
                            "LN's grids widened at f4df02a (4 grid runs, 3 min): both choices stay, bracketed"),

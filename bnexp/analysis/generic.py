@@ -25,8 +25,8 @@ import matplotlib
 import pandas as pd
 from omegaconf import OmegaConf
 
-from bnexp.analysis.plots import (LABELS, is_percent, knob_label, label, label_points, plot_bars, plot_curves, plot_heatmap,
-                                  plot_metric_vs, plot_probe, save_figure, set_style)
+from bnexp.analysis.plots import (LABELS, is_percent, knob_label, label, label_points, plot_bars, plot_curves,
+                                  plot_heatmap, plot_metric_vs, plot_probe, save_figure, set_style)
 from bnexp.analysis.compare import (LOWER_IS_BETTER, Diff, compare_statement, format_summary, markdown_table,
                                    paired_diff, paired_statement, sentence, welch_diff)
 from bnexp.analysis.report import write_report
@@ -221,7 +221,7 @@ __all__ = ["LABELS", "LOWER_IS_BETTER", "Diff", "Shape", "Study", "StudyData", "
            "check_training", "collect_probes", "collect_runs", "compare", "compare_outcomes",
            "compare_statement", "compare_value", "curated_report", "default_axes",
            "default_figures", "eval_modes_long", "expected_run_names", "flatten",
-           "format_summary", "generic_statement", "is_percent", "knob_label", "label", "main",
+           "format_summary", "generic_statement", "is_percent", "knob_label", "label", "label_points", "main",
            "markdown_table", "mean_ci", "override_dirname", "paired_diff", "paired_statement",
            "plot_bars", "plot_curves", "plot_heatmap", "plot_metric_vs", "plot_probe", "save_figure",
            "select", "sentence", "set_style", "status_counts", "summarize", "sweep_command",
