@@ -381,12 +381,15 @@ def figures(d: StudyData) -> dict:
     figs = {f"test_acc_by_sampler_and_eval_mode_{n}": bars(long, n)
             for n in BN if (long["norm"] == n).any()}
     _, names = samplers(d.runs)
+    # x = epoch, not step: a sampler's steps per epoch differ between seeds (16-18 batches of 160
+    # from a seed's 3,000 images), so per step each point would average a different subset of the
+    # seeds (a zigzag with bands from one or two runs); every seed is scored at the same epochs
     for sampler in names if len(d.curves) else []:
-        steps = by_stats(d.curves[d.curves["sampler"] == sampler])
-        steps = steps[steps[STATS].isin(CURVES)]
+        epochs = by_stats(d.curves[d.curves["sampler"] == sampler])
+        epochs = epochs[epochs[STATS].isin(CURVES)]
         figs[f"test_acc_curves_{sampler}"] = A.plot_curves(
-            steps, "step", "test_acc", STATS, hue_order=[c for c in CURVES if c in set(steps[STATS])],
-            title=f"test accuracy during training, sampler={sampler} (mean, 95% CI)")
+            epochs, "epoch", "test_acc", STATS, hue_order=[c for c in CURVES if c in set(epochs[STATS])],
+            title=f"test accuracy, sampler={sampler} (mean, 95% CI)", legend_outside=True)
     return figs
 
 

@@ -23,6 +23,7 @@ import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
 import yaml  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: E402
 
 from bnexp.analysis import generic as A  # noqa: E402
 from bnexp import records  # noqa: E402
@@ -290,6 +291,19 @@ def test_plot_curves_joins_the_scored_epochs_only():
     line = A.plot_curves(curves, y="test_acc", hue="norm").axes[0].get_lines()[0]
     np.testing.assert_allclose(line.get_xdata(), [1, 3])
     np.testing.assert_allclose(line.get_ydata(), [55.0, 80.0])
+
+
+def test_plot_curves_legend_outside_sits_right_of_the_axes():
+    """legend_outside puts even a short legend beside the axes (bands that fill the plot leave
+    matplotlib's 'best' only spots on the data); the default keeps a short legend inside."""
+    curves = pd.DataFrame({"run": list("aabb"), "epoch": [1, 2] * 2, "norm": ["bn"] * 2 + ["gn"] * 2,
+                           "test_acc": [0.5, 0.6, 0.55, 0.7]})
+    for outside in (False, True):
+        fig = A.plot_curves(curves, y="test_acc", hue="norm", legend_outside=outside)
+        renderer = FigureCanvasAgg(fig).get_renderer()
+        ax = fig.axes[0]
+        legend, axes = ax.get_legend().get_window_extent(renderer), ax.get_window_extent(renderer)
+        assert (legend.x0 >= axes.x1) == outside, (legend, axes)
 
 
 def test_plot_bars_heights_and_error_bars(runs, tmp_path):

@@ -489,3 +489,22 @@ def test_stat_modes_names_the_ghost_update_used_and_the_per_chunk_momentum():
     cumulative = stat_modes_vs_batch.ghost_update_note(runs.assign(**{"norm.momentum": None}))
     assert "cumulative average" in cumulative and "effective momentum" not in cumulative
     assert stat_modes_vs_batch.ghost_update_note(runs.assign(**{"norm.ghost_update": None})) == ""
+
+
+def test_noniid_curves_are_drawn_per_epoch_so_seeds_with_different_steps_per_epoch_average():
+    """A sampler's steps per epoch differ between seeds (16-18 batches from a seed's 3,000
+    images): per step each point would hold one seed. Per epoch every point is the seeds' mean."""
+    from bnexp.analysis.study import StudyData
+
+    nn = experiment("noniid")
+    rows = [{"run": f"gn{seed}", "norm": "gn", "sampler": "iid", "status": "ok", "seed": seed,
+             "epoch": epoch, "step": epoch * per_epoch, "test_acc": acc, "test_acc.ema": acc}
+            for seed, per_epoch, accs in ((0, 16, (0.70, 0.80)), (1, 18, (0.74, 0.86)))
+            for epoch, acc in zip((4, 8), accs)]
+    curves = pd.DataFrame(rows)
+    runs = curves.groupby("run").last().reset_index()
+    d = StudyData(None, "cmd", runs, curves, pd.DataFrame(), extra={"long": pd.DataFrame({"norm": []})})
+    ax = nn.figures(d)["test_acc_curves_iid"].axes[0]
+    line = next(l for l in ax.get_lines() if l.get_label() == "gn / ema")
+    assert list(line.get_xdata()) == [4, 8] and ax.get_xlabel().lower().startswith("epoch")
+    assert line.get_ydata() == pytest.approx([72.0, 83.0])

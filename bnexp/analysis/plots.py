@@ -137,8 +137,11 @@ def _run_points(ax, g: pd.DataFrame, y: str, color) -> None:
 
 
 def plot_curves(curves: pd.DataFrame, x: str = "epoch", y: str = "test_acc", hue: str | None = None,
-                ci: float = 0.95, hue_order=None, title: str | None = None) -> Figure:
-    """Per-epoch (or per-step) curves: mean over runs with CI band, one line per ``hue`` value."""
+                ci: float = 0.95, hue_order=None, title: str | None = None,
+                legend_outside: bool = False) -> Figure:
+    """Per-epoch (or per-step) curves: mean over runs with CI band, one line per ``hue`` value.
+    ``legend_outside``: the legend to the right of the axes even when it is short, for curves
+    whose bands fill the plot (matplotlib's 'best' then lands on the data)."""
     set_style()
     fig = Figure()
     ax = fig.subplots()
@@ -148,7 +151,7 @@ def plot_curves(curves: pd.DataFrame, x: str = "epoch", y: str = "test_acc", hue
     for color, value, g in _groups(stats, hue_col, hue_order):
         g = g.sort_values(x)
         _line_band(ax, g[x], g, y, color, _fmt(value), marker=None)
-    _finish(ax, label(x), label(y), hue, title, diverged=False)
+    _finish(ax, label(x), label(y), hue, title, diverged=False, legend_outside=legend_outside)
     return fig
 
 
@@ -434,7 +437,8 @@ def _untrained(stats: pd.DataFrame) -> pd.Series:
     return stats["n_untrained"].fillna(0).astype(int) > 0
 
 
-def _finish(ax, xlabel, ylabel, hue, title, diverged, untrained: str = "") -> None:
+def _finish(ax, xlabel, ylabel, hue, title, diverged, untrained: str = "",
+            legend_outside: bool = False) -> None:
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     if title:
@@ -450,7 +454,7 @@ def _finish(ax, xlabel, ylabel, hue, title, diverged, untrained: str = "") -> No
                                 label=UNTRAINED_LABEL, transform=ax.transAxes))
     handles, _ = ax.get_legend_handles_labels()
     if hue or diverged or untrained:
-        _legend(ax, knob_label(hue) if hue else None, many=len(handles) > 4)
+        _legend(ax, knob_label(hue) if hue else None, many=len(handles) > 4 or legend_outside)
 
 
 def _legend(ax, title, many: bool) -> None:
