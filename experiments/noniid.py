@@ -291,11 +291,23 @@ def fp32_sentence(low: pd.DataFrame, fp32: pd.DataFrame) -> str:
     elif base.excludes_0:
         reading = ("fp32 shows no gap, but not one shown smaller than the reduced-precision one: "
                    "inconclusive (more seeds would tell)")
+    elif check.excludes_0 and not change.excludes_0 and (check.mean < 0) == (base.mean < 0):
+        reading = (f"the gap has the same sign at both precisions and does not change between them "
+                   f"(the change holds 0); fp32's runs scatter less and show it, {_precision(low)}'s "
+                   "hold it within their spread: reduced precision does not explain it, and it is "
+                   f"small ({check.mean:+.1f} points at fp32, {base.mean:+.1f} at {_precision(low)}; "
+                   f"with {check.n} seeds, {check.agree} of {check.n} its way is a sign test p of "
+                   f"{_sign_p(check.agree, check.n):.2g})")
     elif check.excludes_0:
         reading = "fp32 shows a gap the reduced-precision runs do not: not explained"
     else:
         reading = "neither precision shows a gap: rounding, in both"
     return f"{said} So {reading}."
+
+
+def _sign_p(agree: int, n: int) -> float:
+    """Two-sided sign test: ``agree`` of ``n`` seeds on one side."""
+    return float(stats.binomtest(agree, n, 0.5).pvalue)
 
 
 def _precision(runs: pd.DataFrame) -> str:
