@@ -3,16 +3,18 @@
 Design (b) of STUDIES.md (conf/study/batch_size_true.yaml), the companion of batch_size's
 per-worker design: the batch itself, for the optimization and for BN alike, is {2, 4, 8, 16, 32,
 128}, with the linear scaling rule (lr = 0.1 x batch / 128, Goyal et al. 2017) after a one-epoch
-linear warmup, and equal epochs, so batch 2 takes 64x the steps of batch 128; norms bn, gn (8
-groups), ln and none. Equal epochs tie the batch to the step count and the lr, so the
-comparison is read only where every arm converged: a batch size at which some arm did not train
-(training loss not flat, or train-mode accuracy near chance) is marked in the figure and left
-out of every comparison.
+linear warmup; norms bn, gn (8 groups), ln and none. At full and smoke scale every run trains for
+equal epochs, so batch 2 takes 64x the steps of batch 128. At small scale (issue 26) the 1,000
+training images are not augmented and each run trains until its clean training accuracy reaches
+99% (``optim.stop_at``, capped at 154 epochs), its steps recorded, so the arms are compared at
+convergence; GN, LN and none train at their own lr, chosen on a validation split at batch 128
+and scaled like BN's (grid.tune). A batch size at which some arm did not train (train-mode
+accuracy near chance, or diverged) is marked in the figure and left out of every comparison.
 
 Run::
 
     make study S=batch_size_true ARGS="data=synthetic scale=smoke"                    # 48 runs
-    make study S=batch_size_true ARGS="data=fashion_mnist scale=small launcher=joblib"  # 72 runs
+    make study S=batch_size_true ARGS="data=fashion_mnist scale=small launcher=joblib"  # 100 + 20 grid runs
     make study S=batch_size_true                                                      # CIFAR-10: 72 runs
 
 Expected (Wu & He 2018, "Group Normalization", Fig. 1): BN's error rises as the batch shrinks to
@@ -26,6 +28,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from bnexp.analysis import generic as A
+from bnexp.analysis.convergence import CONVERGED
 from bnexp.analysis.study import Study, StudyData
 from bnexp.analysis.verdicts import MARGIN, Shape, compare, words
 from bnexp.analysis.run_study import run_study
@@ -49,12 +52,30 @@ def readable(runs: pd.DataFrame) -> list:
                   if bool(g["trained"].all()) and set(g["norm"]) == present)
 
 
+def budget_title(runs: pd.DataFrame) -> str:
+    """What the runs trained for, from their records: until ``optim.stop_at`` (capped at
+    ``optim.epochs``) or equal epochs, and each norm's base lr under the linear scaling rule."""
+    def one(col):
+        values = runs[col].dropna().unique() if col in runs else []
+        return values[0] if len(values) == 1 else None
+    stop, epochs, warmup, ref = (one(c) for c in ("optim.stop_at", "optim.epochs", "optim.warmup_epochs",
+                                                  "optim.ref_batch_size"))
+    budget = (f"until {stop:.0%} clean train accuracy (cap {epochs:.0f} epochs)" if stop
+              else f"equal epochs ({epochs:.0f})" if epochs else "")
+    lrs = runs.groupby("norm")["optim.lr"].agg(lambda s: s.iloc[0] if s.nunique() == 1 else float("nan")) \
+        if "optim.lr" in runs else pd.Series(dtype=float)
+    order = [n for n in NORMS if n in lrs.index]
+    named = ", ".join(f"{n} {lrs[n]:g}" for n in order if pd.notna(lrs[n]))
+    lr = (f"lr = base x batch / {ref or 128:.0f} ({named})" if named else "") + \
+        (f" after {warmup:.0f} warmup epoch{'s' if warmup != 1 else ''}" if warmup else "")
+    return "\n".join(t for t in (budget, lr.strip()) if t)
+
+
 def plot_vs_batch(runs: pd.DataFrame, metric: str = "test_err") -> Figure:
     """``metric`` against the batch (log2 x), a line with CI band per norm; an open red circle on
     each (norm, batch) that did not train, and the batch sizes not compared shaded grey."""
     order = [n for n in NORMS if n in set(runs["norm"])]
-    fig = A.plot_metric_vs(runs, BATCH, metric, "norm", logx=2, hue_order=order,
-                           title="equal epochs, lr = 0.1 x batch / 128 after 1 warmup epoch")
+    fig = A.plot_metric_vs(runs, BATCH, metric, "norm", logx=2, hue_order=order, title=budget_title(runs))
     ax = fig.axes[0]
     stats = A.summarize(runs, ["norm", BATCH], [metric]).merge(arm_trained(runs), on=["norm", BATCH])
     bad = stats[~stats["trained"].astype(bool)]
@@ -188,7 +209,10 @@ STUDY = Study(
             Shape("GN's and LN's error stay flat across batch sizes", SOURCE, gn_ln_flat, "G"),
             Shape("GN and LN win at the smallest batch, BN at the largest", SOURCE,
                   gn_small_bn_large, "G")],
-    converged=None,  # augmented images: the design does not memorize, no criterion is measured
+    # small (issue 26): un-augmented, each run trains until 99% clean training accuracy (optim.stop_at),
+    # so the default criterion applies; smoke / full (augmented, equal epochs) rarely reach it, and
+    # their verdicts then read at equal budget, as before
+    converged=CONVERGED,
     prepare=lambda d: replace(d, runs=A.with_error(d.runs)),
     figures=figures,
     by=("norm", BATCH), metrics=("test_err", "test_err.precise", "train_loss", "gen_gap"),

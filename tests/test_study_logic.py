@@ -514,3 +514,16 @@ def test_noniid_curves_are_drawn_per_epoch_so_seeds_with_different_steps_per_epo
     line = next(l for l in ax.get_lines() if l.get_label() == "gn / ema")
     assert list(line.get_xdata()) == [4, 8] and ax.get_xlabel().lower().startswith("epoch")
     assert line.get_ydata() == pytest.approx([72.0, 83.0])
+
+
+def test_batch_size_true_title_reads_the_budget_and_each_norms_lr_from_the_records():
+    """The figure's title comes from the runs: until stop_at (capped) or equal epochs, and each
+    norm's own base lr (the tuned ones differ from BN's), not a fixed 'equal epochs, lr 0.1'."""
+    bst = experiment("batch_size_true")
+    runs = pd.DataFrame({"norm": ["bn", "bn", "ln", "none"], "optim.lr": [0.1, 0.1, 0.03, 0.01],
+                         "optim.stop_at": 0.99, "optim.epochs": 154, "optim.warmup_epochs": 1,
+                         "optim.ref_batch_size": 128})
+    assert bst.budget_title(runs) == ("until 99% clean train accuracy (cap 154 epochs)\n"
+                                      "lr = base x batch / 128 (bn 0.1, ln 0.03, none 0.01) after 1 warmup epoch")
+    equal = runs.assign(**{"optim.stop_at": None, "optim.epochs": 15, "optim.warmup_epochs": 0})
+    assert bst.budget_title(equal) == "equal epochs (15)\nlr = base x batch / 128 (bn 0.1, ln 0.03, none 0.01)"
