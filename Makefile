@@ -16,6 +16,11 @@ STUDIES ?= demo norm_vs_noise bn_vs_dropout lr_sensitivity batch_size_regime bat
 STUDY_ARGS ?= data=fashion_mnist scale=small launcher=joblib
 DEMO_ARGS ?= launcher=joblib
 RESULTS ?= results
+# noniid's GN pair at fp32 (does reduced precision explain GN's class-sorted gap?), a sweep of its
+# own that noniid's report reads; run before noniid's own sweep so that its analysis sees it.
+# Empty it (NONIID_FP32=) to skip; its folder assumes the default STUDY_ARGS' data and scale.
+NONIID_FP32 ?= norm=gn sampler=pk2x16g5,sorted16g10 seed=0,1,2,3,4 precision=fp32 \
+               hydra.sweep.dir=$(RESULTS)/noniid/fashion_mnist-small-gn_fp32
 LOGS ?= logs/studies
 
 .PHONY: help setup test test-all data demo study studies plan smoke bench lint gpu-check site findings clean
@@ -62,6 +67,10 @@ studies: $(STAMP)  ## every study in order at scale=small, resuming; logs in log
 	  echo "== $$s  (log: $(LOGS)/$$s.log)"; start=$$(date +%s); \
 	  args="$(STUDY_ARGS)"; [ $$s = demo ] && args="$(DEMO_ARGS)"; \
 	  echo "# $$(date -u +%FT%TZ) $(BIN)/python experiments/$$s.py $$args results_dir=$(RESULTS) $(ARGS)" >> $(LOGS)/$$s.log; \
+	  if [ $$s = noniid ] && [ -n "$(NONIID_FP32)" ]; then \
+	    $(BIN)/python -m bnexp -m study=noniid $$args $(NONIID_FP32) >> $(LOGS)/$$s.log 2>&1 \
+	      || { echo "   noniid's fp32 GN pair failed: see $(LOGS)/$$s.log (re-run resumes)"; exit 1; }; \
+	  fi; \
 	  $(BIN)/python experiments/$$s.py $$args results_dir=$(RESULTS) $(ARGS) >> $(LOGS)/$$s.log 2>&1 \
 	    || { echo "   $$s failed: see $(LOGS)/$$s.log (re-run resumes)"; exit 1; }; \
 	  echo "# $$(date -u +%FT%TZ) $$s done in $$(( ($$(date +%s) - start) / 60 )) min" | tee -a $(LOGS)/$$s.log; \

@@ -57,17 +57,18 @@ PLAN = {
     "batch_size": dict(runs=9 * 5, grid=(4 + 4 + 3) * 2, scored=6, reuse=True,
                        why="re-run done (dcbfa2a, 38 min measured): 5 seeds; GN, LN, none tuned; GN's and "
                            "LN's grids widened at f4df02a (4 grid runs, 3 min): both choices stay, bracketed"),
-    "batch_size_true": dict(runs=4 * 5 * 5, grid=3 * 3 * 2, scored=1,
-                            why="5 seeds; GN, LN, none tuned at batch 128; no augmentation, until 99% train "
-                                "(cap 2x): un-augmented 1,000 images memorize well before today's 77 epochs, "
-                                "so today's train time is the estimate"),
+    "batch_size_true": dict(runs=4 * 5 * 5, grid=(3 + 4 + 3) * 2, scored=1, reuse=True,
+                            why="re-run done (1560657, 30 min measured beside a fresh clone's test and demo): "
+                                "5 seeds; GN, LN, none tuned at batch 128; no augmentation, until 99% clean "
+                                "train (cap 154 epochs): every run reached it, 22-44 s a run"),
     "stat_modes_vs_batch": dict(runs=70, grid=0, scored=2, reuse=True,
                                 why="re-run done (32654c8, 50 min measured): 5 seeds, test after epochs 20 and 40"),
     "noise": dict(runs=30, grid=0, scored=None, reuse=True,
                   why="re-run done (1e69ec8, 28 min measured): 5 seeds, all 10,000 test images every epoch"),
-    "noniid": dict(runs=45, grid=0, scored=4,
-                   why="5 seeds, test every 10th epoch; the GN pair at fp32 x 5 seeds (results/noniid/"
-                       "<data>-<scale>-gn_fp32, a sweep of its own) adds ~25 run-equivalents"),
+    "noniid": dict(runs=45, grid=0, scored=4, reuse=True,
+                   why="re-run done (7e407a6, 52 min of runs over two sessions, 139 s a run): 5 seeds, test "
+                       "every 4th epoch; the GN pair at fp32 x 5 seeds (results/noniid/<data>-<scale>-gn_fp32, "
+                       "a sweep of its own) 10 runs, 12 min"),
     "activations": dict(runs=10, grid=0, scored=None, reuse=True, why="as committed (all 10,000 test images already)"),
     "ema_vs_precise": dict(runs=4, grid=0, scored=None, test_size=5000, reuse=True,
                            why="as committed: its question is precise vs EMA within a run, not a t-interval "
