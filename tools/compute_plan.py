@@ -121,7 +121,33 @@ def table() -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def measured_minutes(data: str = "fashion_mnist-small") -> pd.DataFrame:
+    """Per study, the committed runs' own time: the sum of every finished run's ``wall_time_s``
+    over the study's folder and its siblings (``-lr_grid``, ``-gn_fp32``, ...) / 2 jobs, read
+    from the runs' summary.json. What a fresh ``make studies`` costs on the CPU kind they ran on
+    (runs timed beside other work count as measured, so this is an upper bound)."""
+    import json
+    rows = []
+    for study_dir in sorted((ROOT / "results").iterdir()):
+        for folder in sorted(study_dir.glob(f"{data}*")):
+            walls = [json.loads(f.read_text()).get("wall_time_s") or 0.0
+                     for f in folder.glob("runs/*/summary.json")]
+            if walls:
+                rows.append({"study": study_dir.name, "folder": folder.name, "runs": len(walls),
+                             "min (2 jobs)": sum(walls) / 120})
+    return pd.DataFrame(rows)
+
+
 def main() -> int:
+    m = measured_minutes()
+    per_study = m.groupby("study")["min (2 jobs)"].sum()
+    print("measured, the committed runs (sum of wall_time_s / 2 jobs, grids and sibling sweeps included):")
+    print("| study | runs | min |\n|---|---|---|")
+    for study, g in m.groupby("study"):
+        print(f"| {study} | {g['runs'].sum()} | {g['min (2 jobs)'].sum():.0f} |")
+    print(f"\nall studies: {per_study.sum():.0f} min ({per_study.sum() / 60:.1f} h) against "
+          f"{TOTAL_BUDGET_MIN / 60:.0f} h; over {BUDGET_MIN} min: "
+          f"{', '.join(per_study[per_study > BUDGET_MIN].index) or 'none'}\n")
     t = table()
     cols = list(t.columns)
     print("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
