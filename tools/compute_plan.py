@@ -70,10 +70,12 @@ PLAN = {
                        "every 4th epoch; the GN pair at fp32 x 5 seeds (results/noniid/<data>-<scale>-gn_fp32, "
                        "a sweep of its own) 10 runs, 12 min"),
     "activations": dict(runs=10, grid=0, scored=None, reuse=True, why="as committed (all 10,000 test images already)"),
-    "ema_vs_precise": dict(runs=4, grid=0, scored=None, test_size=5000, reuse=True,
-                           why="as committed: its question is precise vs EMA within a run, not a t-interval "
-                               "between arms; test set left at 5,000 (its 'other' is the precise re-scoring)"),
-    "fusion": dict(runs=12, grid=0, scored=None, test_size=5000, reuse=True, why="as committed"),
+    "ema_vs_precise": dict(runs=5, grid=0, scored=None,
+                           why="5 seeds on all 10,000 test images (its verdicts are t-intervals over seeds; "
+                               "committed: 4 seeds on 5,000)"),
+    "fusion": dict(runs=8, grid=0, scored=None, test_size=5000,
+                   why="seeds 3, 4 added to the committed 0-2 (the speedup's verdict is a t-interval over "
+                       "seeds; no verdict reads test accuracy, so the test set stays at 5,000)"),
     "finetune_source": dict(runs=5, grid=0, scored=None, reuse=True, why="5 seeds (3, 4 added at 32766f6)"),
     "finetune": dict(runs=60, grid=0, scored=None, reuse=True,
                      why="re-run done: seeds 0-2 at 27140ab (23 min with their sources), 3-4 at 32766f6 "
