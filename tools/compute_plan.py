@@ -70,12 +70,12 @@ PLAN = {
                        "every 4th epoch; the GN pair at fp32 x 5 seeds (results/noniid/<data>-<scale>-gn_fp32, "
                        "a sweep of its own) 10 runs, 12 min"),
     "activations": dict(runs=10, grid=0, scored=None, reuse=True, why="as committed (all 10,000 test images already)"),
-    "ema_vs_precise": dict(runs=5, grid=0, scored=None,
-                           why="5 seeds on all 10,000 test images (its verdicts are t-intervals over seeds; "
-                               "committed: 4 seeds on 5,000)"),
-    "fusion": dict(runs=8, grid=0, scored=None, test_size=5000,
-                   why="seeds 3, 4 added to the committed 0-2 (the speedup's verdict is a t-interval over "
-                       "seeds; no verdict reads test accuracy, so the test set stays at 5,000)"),
+    "ema_vs_precise": dict(runs=5, grid=0, scored=None, reuse=True,
+                           why="re-run done (a578de5, 40 min measured with the precise re-scoring): 5 seeds "
+                               "on all 10,000 test images (committed before: 4 seeds on 5,000), 666-818 s a run"),
+    "fusion": dict(runs=8, grid=0, scored=None, test_size=5000, reuse=True,
+                   why="seeds 3, 4 added (bd7cfea, 23 min measured, 10 of them folding and timing): 5 seeds; "
+                       "no verdict reads test accuracy, so the test set stays at 5,000"),
     "finetune_source": dict(runs=5, grid=0, scored=None, reuse=True, why="5 seeds (3, 4 added at 32766f6)"),
     "finetune": dict(runs=60, grid=0, scored=None, reuse=True,
                      why="re-run done: seeds 0-2 at 27140ab (23 min with their sources), 3-4 at 32766f6 "
