@@ -195,7 +195,7 @@ def exact(d: StudyData) -> Verdict:
     worst = float(fused["max_abs_logit_diff"].max())
     return Verdict(label, "folded vs unfolded net", "max_abs_logit_diff", worst, None, n, k, **_trained(d),
                    test="every fold within the fp32 tolerance" if k == n else "some folds outside it",
-                   budget="same weights, no training gate",
+                   budget="same weights, no training gate", unit="folds",
                    text=f"{label}: {k} of {n} folds (runs x statistics) compute the unfolded net's logits "
                         f"within the fp32 tolerance, largest max |logit difference| {worst:.1e}; "
                         f"clean train accuracy {100 * d.runs['clean_train_acc'].mean():.1f}%.")

@@ -195,3 +195,14 @@ def test_memorization_note_only_where_every_arm_converged_and_the_effect_is_unde
     assert memorization_note(replace(base, estimate=0.012)).text == base.text          # a point or more
     assert memorization_note(replace(base, converged={"a": 1.0, "b": 0.8})).text == base.text  # one arm short
     assert memorization_note(replace(base, metric="gen_gap")).text == base.text         # not test error
+
+
+def test_a_count_says_what_it_counts():
+    """A verdict counts seeds unless it says otherwise: fusion's exactness counts folds (runs x
+    statistics), and the scorecard must not call 30 folds '30 seeds'."""
+    from bnexp.analysis.report import effect
+    paired = {**V.asdict(V.Verdict("shown", "a vs b", "test_err", 0.01, [0.0, 0.02], 5, 5)), "metric": "test_err"}
+    assert effect(paired).endswith(", 5 of 5 seeds")
+    folds = V.asdict(V.Verdict("shown", "folded vs unfolded", "max_abs_logit_diff", 2e-5, None, 30, 30, unit="folds"))
+    assert effect(folds).endswith(", 30 of 30 folds")
+    assert effect({k: x for k, x in folds.items() if k != "unit"}).endswith("30 of 30 seeds")  # older verdicts.json

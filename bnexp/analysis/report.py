@@ -113,7 +113,7 @@ def effect(v: dict) -> str:
     if v.get("metric"):
         text += f" on {v['metric']}"
     if v.get("n"):
-        text += f", {v.get('k', '?')} of {v['n']} seeds"
+        text += f", {v.get('k', '?')} of {v['n']} {v.get('unit') or 'seeds'}"
     return text
 
 

@@ -93,6 +93,7 @@ class Verdict:
     budget: str = ""
     text: str = ""
     ratio: bool = False  # ``estimate`` and ``ci`` are a ratio a / b (``compare(log=True)``), not a - b
+    unit: str = "seeds"  # what ``n`` and ``k`` count: seeds (paired), or folds, runs where a verdict counts those
 
     def also(self, *others: Verdict) -> Verdict:
         """This verdict with the texts of secondary contrasts appended (they do not change the
